@@ -1,0 +1,51 @@
+"""Project exceptions: each carries a short title and one line a user can act on."""
+
+from __future__ import annotations
+
+
+class LtmError(Exception):
+    """Base of every error ltm-tui reports to a user as one line, never a traceback."""
+
+    title = "error"
+
+    def __init__(self, message: str, *, title: str | None = None) -> None:
+        super().__init__(message)
+        if title is not None:
+            self.title = title
+
+    @property
+    def message(self) -> str:
+        return str(self.args[0]) if self.args else self.title
+
+    def one_line(self) -> str:
+        return f"{self.title}: {self.message}"
+
+
+class CorpusError(LtmError):
+    """A corpus file cannot be read: names the file and the reason."""
+
+    title = "corpus"
+
+
+class BatteryError(LtmError):
+    """A scene battery is malformed: names the file, line and field."""
+
+    title = "battery"
+
+
+class ModelError(LtmError):
+    """A base model cannot be loaded (unknown, not available offline, bad flags)."""
+
+    title = "model"
+
+
+class StoreError(LtmError):
+    """The results database cannot be opened or written."""
+
+    title = "store"
+
+
+class JobError(LtmError):
+    """A job cannot be queued, moved to a state, or run."""
+
+    title = "job"
