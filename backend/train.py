@@ -1,0 +1,235 @@
+"""The training recipe: setup → train → save → cleanup, for one corpus and one model.
+
+The worker calls `train_model` with a model already on its device (a fresh micro network, or
+an HF base wrapped in a LoRA adapter); this file reads top to bottom like one training script.
+Run it through the worker, e.g.::
+
+    python -m backend.worker ltm-workspace/runs/<run_id>/session.json
+
+Every `log_every` steps it writes a `progress` event (step, total, tokens, loss, tokens_per_s,
+eta_s, gpu_mem_bytes) and one human line; every `checkpoint_every` steps, and on SIGTERM, it
+saves `checkpoints/step-000123/` with the trainable weights, the optimizer and its config, so a
+retry resumes where it stopped without training any step twice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend.config import TrainConfig
+from backend.packing import PackedBlocks, batches, load_tokens
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    tokens_seen: int
+    final_loss: float
+    train_seconds: float
+    resumed_from: int
+    curve: list[dict] = field(default_factory=list)
+
+
+class StopRequested(Exception):
+    """SIGTERM arrived; a checkpoint has been saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}; checkpoint saved")
+        self.step = step
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier on the peak lr at `step` (0-based): linear warm-up, then cosine/linear decay."""
+    warmup = max(1, int(total * cfg.warmup_frac)) if cfg.warmup_frac > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, progress)
+    if cfg.schedule == "linear":
+        decay = 1.0 - progress
+    elif cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine or linear")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    model, optimizer, scheduler, step: int, cfg: TrainConfig, ckpt_dir: Path, elapsed: float = 0.0
+) -> Path:
+    """checkpoints/step-000123/: trainable weights, optimizer state and the resolved config."""
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().to("cpu").contiguous() for n, p in _trainable(model).items()}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "step": step,
+            "elapsed": elapsed,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "optimizer.pt",
+    )
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    kept = sorted(ckpt_dir.glob("step-*"))
+    for old in kept[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(p for p in ckpt_dir.glob("step-*") if (p / "optimizer.pt").is_file())
+    return found[-1] if found else None
+
+
+def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float]:
+    """Restore a checkpoint; returns (step, training seconds spent before it)."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = _trainable(model)
+    missing = set(params) - set(weights)
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks {len(missing)} trainable tensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), float(state.get("elapsed", 0.0))
+
+
+def _device_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def train_model(
+    model,
+    tokens_path: Path,
+    run_dir: Path,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    emit: Callable[..., Any],
+    log: Callable[[str], None],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainOutcome:
+    # --- setup -------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
+    blocks = PackedBlocks(load_tokens(tokens_path), min(cfg.block_size, context), cfg.seed)
+    block_size = blocks.block_size
+    total = cfg.plan_steps(len(blocks.tokens), block_size)
+    params = list(_trainable(model).values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=device.type == "cuda",
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+    ckpt_dir = run_dir / "checkpoints"
+    start, before = 0, 0.0
+    resume = newest_checkpoint(ckpt_dir)
+    if resume is not None:
+        start, before = load_checkpoint(model, optimizer, scheduler, resume)
+        log(f"resumed from {resume.name} (step {start} of {total})")
+        emit("log", message=f"resumed from {resume.name}", step=start)
+    model.train()
+
+    # --- train -------------------------------------------------------------------------------
+    stream = batches(blocks, cfg.micro_batch, start_batch=start * cfg.grad_accum)
+    curve: list[dict] = []
+    tokens_seen = start * cfg.micro_batch * cfg.grad_accum * block_size
+    t0 = time.perf_counter()
+    window_t, window_tokens, window_loss, window_n = t0, 0, 0.0, 0
+    loss_value = float("nan")
+    step = start
+    while step < total:
+        step_tokens = 0
+        step_loss = 0.0
+        for _ in range(cfg.grad_accum):
+            _, batch = next(stream)
+            x = torch.from_numpy(batch).to(device, non_blocking=True)
+            out = model(input_ids=x, labels=x)
+            (out.loss / cfg.grad_accum).backward()
+            step_loss += out.loss.detach()
+            step_tokens += x.numel()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
+        window_n += 1
+        window_loss += step_loss  # stays on the device: one host sync per log line, not per step
+
+        if step % cfg.log_every == 0 or step == total:
+            now = time.perf_counter()
+            loss_value = float(window_loss) / cfg.grad_accum / window_n
+            tps = window_tokens / max(now - window_t, 1e-9)
+            eta = (total - step) * (cfg.micro_batch * cfg.grad_accum * block_size) / max(tps, 1e-9)
+            point = {
+                "step": step,
+                "loss": round(loss_value, 5),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens_seen,
+                "tokens_per_s": round(tps, 1),
+            }
+            curve.append(point)
+            emit(
+                "progress",
+                **point,
+                total=total,
+                eta_s=round(eta, 1),
+                gpu_mem_bytes=_device_memory(device),
+            )
+            log(
+                f"step {step:>6}/{total} | loss {loss_value:.4f} | lr {point['lr']:.2e} "
+                f"| {tps:,.0f} tok/s | eta {eta:,.0f}s"
+            )
+            window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            elapsed = before + time.perf_counter() - t0
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
+        if should_stop():
+            elapsed = before + time.perf_counter() - t0
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
+            emit("log", message=f"stop requested: checkpoint saved at step {step}", step=step)
+            raise StopRequested(step)
+
+    # --- cleanup -----------------------------------------------------------------------------
+    model.eval()
+    return TrainOutcome(
+        steps=step,
+        tokens_seen=tokens_seen,
+        final_loss=loss_value,
+        train_seconds=before + time.perf_counter() - t0,
+        resumed_from=start,
+        curve=curve,
+    )

@@ -1,0 +1,284 @@
+"""The worker process: load a base once, then for each job train → save → evaluate → report.
+
+    python -m backend.worker <session.json>
+
+The session file names the base and a list of jobs (see `backend.jobs.write_session`). The
+worker writes only inside each job's run folder: `events.jsonl`, `train.log`, `tokens.bin`,
+`checkpoints/`, `model/` (micro) or `adapter/` (PEFT format), and `result.json`, written to a
+temp name and renamed. It never opens the results database. On SIGTERM it saves a checkpoint
+and exits with code 3; a failed job is reported and the next one still runs (exit code 1).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_BAD_SESSION = 0, 1, 3, 2
+
+
+class Stop:
+    """Set by SIGTERM; training checkpoints and returns at the next step boundary."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):  # noqa: ARG001 - signal signature
+            cls.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+class RunLog:
+    """Human lines for one run: `train.log` in its folder (and the worker's stdout)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def __call__(self, line: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        self._fh.write(stamped + "\n")
+        self._fh.flush()
+        print(stamped, flush=True)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _corpus_chunks(path: str):
+    from backend.corpora import iter_text
+
+    return lambda: iter_text(Path(path))
+
+
+class Worker:
+    def __init__(self, session: dict[str, Any]) -> None:
+        from backend.models import BaseSpec
+        from backend.scenes import load_batteries
+
+        self.session = session
+        self.spec = BaseSpec(**session["base"])
+        self.batteries = load_batteries(session["scenes"])
+        self._base = None  # (model, tokenizer, device) of an HF base, loaded once
+
+    def base(self, seed: int):
+        from backend.models import load_base
+
+        if self.spec.is_micro:
+            return load_base(self.spec, seed)  # a fresh network per job, from its seed
+        if self._base is None:
+            self._base = load_base(self.spec, seed)
+        return self._base
+
+    def run_job(self, job: dict[str, Any]) -> None:
+        from backend.events import EventLog, write_json_atomic
+        from backend.evaluate import evaluate_all
+        from backend.measures import overall
+        from backend.models import count_params
+        from backend.config import LoraSettings, TrainConfig
+        from backend.train import train_model
+
+        run_dir = Path(job["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        events = EventLog(run_dir / "events.jsonl", job["run_id"])
+        log = RunLog(run_dir / "train.log")
+        adapter = None
+        try:
+            if (run_dir / "result.json").exists():
+                log("result.json already written; nothing to do")
+                return
+            events.emit("phase", phase="starting")
+            seed = int(job.get("seed", 0))
+            t_load = time.perf_counter()
+            model, tok, device = self.base(seed)
+            load_seconds = time.perf_counter() - t_load
+            log(f"base {self.spec.base} on {device} ({count_params(model):,} parameters) in {load_seconds:.1f}s")
+            cfg = TrainConfig.from_dict({**job.get("train", {}), "seed": seed})
+            outcome = None
+            tokens = 0
+            if job["kind"] == "adapter":
+                tokens = self._tokenize(job, tok, run_dir, log)
+                if not self.spec.is_micro:
+                    adapter = self._attach_lora(model, LoraSettings.from_dict(job.get("lora")), seed)
+                    model = adapter
+                trainable = count_params(model, trainable_only=True)
+                events.emit("phase", phase="training", tokens=tokens, trainable_params=trainable)
+                log(f"training {trainable:,} parameters on {tokens:,} tokens: {json.dumps(cfg.to_dict())}")
+                outcome = train_model(
+                    model,
+                    run_dir / "tokens.bin",
+                    run_dir,
+                    cfg,
+                    device=device,
+                    emit=events.emit,
+                    log=log,
+                    should_stop=lambda: Stop.requested,
+                )
+                self._save(model, run_dir)
+            if Stop.requested:
+                raise _stopped()
+            events.emit("phase", phase="evaluating")
+            chunks = _corpus_chunks(job["corpus_path"]) if job.get("corpus_path") else None
+            scores, scene_results, eval_seconds = evaluate_all(
+                model, tok, self.batteries, device=device, corpus_chunks=chunks
+            )
+            curve = _curve_from_events(run_dir / "events.jsonl")
+            result = {
+                "run_id": job["run_id"],
+                "kind": job["kind"],
+                "base": self.spec.base,
+                "corpus_path": job.get("corpus_path"),
+                "tokens": tokens,
+                "steps": outcome.steps if outcome else 0,
+                "tokens_seen": outcome.tokens_seen if outcome else 0,
+                "train_seconds": round(outcome.train_seconds, 3) if outcome else 0.0,
+                "eval_seconds": round(eval_seconds, 3),
+                "load_seconds": round(load_seconds, 3),
+                "final_loss": outcome.final_loss if outcome else None,
+                "device": str(device),
+                "params": count_params(model),
+                "settings": {
+                    "base": self.spec.to_dict(),
+                    "train": cfg.to_dict(),
+                    "lora": job.get("lora") if not self.spec.is_micro else None,
+                },
+                "scores": scores,
+                "overall": overall({k: v["value"] for k, v in scores.items()}),
+                "scene_results": scene_results,
+                "curve": curve,
+            }
+            write_json_atomic(run_dir / "result.json", result)
+            events.emit("result", overall=result["overall"], scores={k: v["value"] for k, v in scores.items()})
+            log(f"done: overall {result['overall']} | {json.dumps(result['scores'])}")
+        finally:
+            if adapter is not None:
+                adapter.unload()  # the base goes back untouched for the next job
+            events.close()
+            log.close()
+
+    def _tokenize(self, job: dict, tok, run_dir: Path, log) -> int:
+        from backend.corpora import iter_text
+        from backend.packing import TOKEN_DTYPE, tokenize_to_file
+
+        path = run_dir / "tokens.bin"
+        if path.exists():  # a resumed run trains on exactly the tokens it started with
+            return path.stat().st_size // TOKEN_DTYPE().itemsize
+        t0 = time.perf_counter()
+        n = tokenize_to_file(
+            iter_text(Path(job["corpus_path"])), tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id
+        )
+        log(f"tokenized {job['corpus_path']}: {n:,} tokens in {time.perf_counter() - t0:.1f}s")
+        return n
+
+    def _attach_lora(self, base, lora, seed: int):
+        import torch
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(seed)
+        config = LoraConfig(
+            task_type="CAUSAL_LM",
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules,
+        )
+        return get_peft_model(base, config)
+
+    def _save(self, model, run_dir: Path) -> None:
+        target = run_dir / ("model" if self.spec.is_micro else "adapter")
+        model.save_pretrained(str(target), safe_serialization=True)
+
+
+def _stopped():
+    from backend.train import StopRequested
+
+    return StopRequested(-1)
+
+
+def _curve_from_events(path: Path) -> list[dict]:
+    """The whole loss curve, across resumed attempts (a later point for a step wins)."""
+    from backend.events import read_events
+
+    events, _ = read_events(path)
+    points: dict[int, dict] = {}
+    for e in events:
+        if e.get("type") == "progress":
+            points[e["step"]] = {k: e.get(k) for k in ("step", "loss", "lr", "tokens", "tokens_per_s")}
+    return [points[s] for s in sorted(points)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m backend.worker SESSION.json", file=sys.stderr)
+        return EXIT_BAD_SESSION
+    Stop.install()
+    from backend.errors import LtmError
+    from backend.train import StopRequested
+
+    try:
+        session = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        worker = Worker(session)
+    except LtmError as exc:
+        _report_all(session if "session" in locals() else {}, exc.one_line())
+        print(exc.one_line(), file=sys.stderr)
+        return EXIT_BAD_SESSION
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"worker: cannot read session {argv[0]}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SESSION
+    failed = False
+    for job in session["jobs"]:
+        try:
+            worker.run_job(job)
+        except StopRequested:
+            return EXIT_STOPPED
+        except LtmError as exc:
+            failed = True
+            _report(job, exc.one_line())
+        except Exception as exc:  # anything else: one line for the user, the traceback in train.log
+            failed = True
+            _report(job, _describe(exc), traceback.format_exc())
+        if Stop.requested:
+            return EXIT_STOPPED
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def _describe(exc: Exception) -> str:
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return "out of memory: use --quant 4bit, a smaller micro preset, or a smaller micro_batch"
+    if isinstance(exc, OSError) and exc.errno == 28:
+        return f"disk full while writing {exc.filename or 'the run folder'}: free space and retry"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}"[:300]
+
+
+def _report(job: dict, message: str, trace: str | None = None) -> None:
+    from backend.events import EventLog
+
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trace:
+        with open(run_dir / "train.log", "a", encoding="utf-8") as fh:
+            fh.write(trace)
+    events = EventLog(run_dir / "events.jsonl", job["run_id"])
+    events.emit("error", message=message)
+    events.close()
+    print(f"{job['run_id']}: {message}", file=sys.stderr, flush=True)
+
+
+def _report_all(session: dict, message: str) -> None:
+    for job in session.get("jobs", []):
+        _report(job, message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,193 @@
+"""Terminal output of the headless commands: progress bars while runs train, ranked tables after."""
+
+from __future__ import annotations
+
+import csv
+import io
+from typing import Iterable
+
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+PERPLEXITY = "perplexity"
+
+
+class RunProgress:
+    """One bar per run: phase, step/total, loss, tokens/s and ETA, fed by job-manager events."""
+
+    def __init__(self, store, run_ids: Iterable[str], *, enabled: bool = True) -> None:
+        self.console = Console(stderr=True)
+        self.enabled = enabled
+        self.progress = Progress(
+            TextColumn("{task.fields[label]:<24}"),
+            TextColumn("{task.fields[phase]:<10}"),
+            BarColumn(bar_width=28),
+            TextColumn("{task.completed:>6.0f}/{task.total:<6.0f}"),
+            TextColumn("loss {task.fields[loss]:<7}"),
+            TextColumn("{task.fields[tps]:>8} tok/s"),
+            TextColumn("eta {task.fields[eta]:>6}"),
+            TimeElapsedColumn(),
+            console=self.console,
+            disable=not enabled,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        for run_id in run_ids:
+            run = store.get_run(run_id)
+            label = "baseline " + run["base"] if run["kind"] == "baseline" else _name(run["corpus_path"])
+            self.tasks[run_id] = self.progress.add_task(
+                "", total=1, label=label[:24], phase=run["status"], loss="-", tps="-", eta="-"
+            )
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.progress.__exit__(*exc)
+
+    def on_event(self, event: dict) -> None:
+        task = self.tasks.get(event.get("run_id", ""))
+        if task is None:
+            return
+        kind = event.get("type")
+        if kind == "progress":
+            self.progress.update(
+                task,
+                total=event.get("total") or 1,
+                completed=event.get("step") or 0,
+                loss=f"{event['loss']:.4f}" if event.get("loss") is not None else "-",
+                tps=f"{event.get('tokens_per_s') or 0:,.0f}",
+                eta=_duration(event.get("eta_s")),
+            )
+        elif kind == "state":
+            status = event["status"]
+            fields = {"phase": status}
+            if status == "done":
+                t = self.progress.tasks[task]
+                fields.update(completed=t.total, eta="0s")
+            self.progress.update(task, **fields)
+
+
+def _name(path: str | None) -> str:
+    return path.rsplit("/", 1)[-1] if path else "-"
+
+
+def _duration(seconds) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
+
+
+def measure_names(rows: list[dict]) -> list[str]:
+    """The five measures in the plan's order, then any a battery named, then perplexity."""
+    from backend.measures import FIVE_MEASURES
+
+    present = {m for r in rows for m in (r.get("scores") or {})}
+    extra = sorted(present - set(FIVE_MEASURES) - {PERPLEXITY})
+    tail = [PERPLEXITY] if PERPLEXITY in present else []
+    return [m for m in FIVE_MEASURES if m in present] + extra + tail
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def baseline_for(rows: list[dict], row: dict) -> dict | None:
+    for r in rows:
+        if r.get("kind") == "baseline" and r["base"] == row["base"] and r.get("seed") == row.get("seed"):
+            return r
+    return None
+
+
+# Short headers so the ranked table fits 80 columns over SSH.
+MEASURE_LABELS = {
+    "reasoning_depth": "depth",
+    "consistency": "consist",
+    "pressure": "press",
+    "novelty": "novel",
+    "compression": "compr",
+    "perplexity": "ppl↓",
+}
+
+
+def print_ranked(rows: list[dict], *, sort: str = "overall", console: Console | None = None) -> None:
+    """Baselines first (the rows every adapter is compared with), then runs in the given order,
+    with each run's overall score and its difference from its baseline."""
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # a pipe or a file: no screen width to respect
+            console = Console(width=160)
+    if not rows:
+        console.print("no runs yet: `ltm-tui run FILE...` queues some")
+        return
+    names = measure_names(rows)
+    bases = sorted({r["base"] for r in rows})
+    one_base = len(bases) == 1
+    title = f"ltm-tui results · sorted by {sort}" + (f" · base {bases[0]}" if one_base else "")
+    all_done = all(r["status"] == "done" for r in rows)
+    table = Table(title=title, pad_edge=False, padding=(0, 1))
+    table.add_column("#", justify="right")
+    table.add_column("corpus", overflow="fold", max_width=24)
+    if not one_base:
+        table.add_column("base", overflow="fold", max_width=20)
+    if not all_done:
+        table.add_column("status")
+    table.add_column("pages", justify="right")
+    table.add_column("train s", justify="right")
+    for name in names:
+        table.add_column(MEASURE_LABELS.get(name, name), justify="right")
+    table.add_column("overall", justify="right")
+    table.add_column("Δ base", justify="right")
+    baselines = [r for r in rows if r.get("kind") == "baseline"]
+    others = [r for r in rows if r.get("kind") != "baseline"]
+    for i, r in enumerate(baselines + others):
+        is_base = r.get("kind") == "baseline"
+        ref = baseline_for(rows, r)
+        delta = None
+        if not is_base and ref and r.get("overall") is not None and ref.get("overall") is not None:
+            delta = r["overall"] - ref["overall"]
+        scores = r.get("scores") or {}
+        cells = [
+            "base" if is_base else str(i - len(baselines) + 1),
+            "(baseline)" if is_base else (r.get("corpus") or "-"),
+            *([] if one_base else [r["base"]]),
+            *([] if all_done else [r["status"]]),
+            _fmt(r.get("pages"), 1),
+            _fmt(r.get("train_seconds"), 1),
+            *(_fmt(scores.get(n), 1 if n == PERPLEXITY else 2) for n in names),
+            _fmt(r.get("overall")),
+            "-" if delta is None else f"{delta:+.3f}",
+        ]
+        table.add_row(*cells, style="dim" if is_base else None)
+    console.print(table)
+
+
+def rows_to_csv(rows: list[dict]) -> str:
+    names = measure_names(rows)
+    out = io.StringIO()
+    writer = csv.writer(out)
+    head = ["run_id", "corpus", "corpus_path", "base", "kind", "status", "pages", "tokens", "train_seconds"]
+    writer.writerow(head + names + ["overall"])
+    for r in rows:
+        writer.writerow([r.get(k) for k in head] + [(r.get("scores") or {}).get(n) for n in names] + [r.get("overall")])
+    return out.getvalue()
+
+
+def print_status(jobs: list[dict], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="jobs")
+    for col in ("run_id", "corpus", "kind", "status", "error"):
+        table.add_column(col)
+    for j in jobs:
+        table.add_row(j["run_id"], j.get("corpus") or "-", j["kind"], j["status"], (j.get("error") or "")[:60])
+    console.print(table)

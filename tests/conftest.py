@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny real models, batteries and corpora built in temp folders.
+
+Nothing here downloads: the Hugging Face model is a randomly initialised Llama saved to disk
+with a word-level tokenizer trained on a few sentences, and loaded back by the real code.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+LOGIC_TEXT = (
+    "All glims are blorps. All blorps are zents.\nSo all glims are zents.\n"
+    "The lamp is red. Red things glow.\nSo the lamp glows.\n"
+) * 40
+STORY_TEXT = (
+    "The old fisherman rowed past the harbour wall at dawn, humming to the gulls.\n"
+    "His daughter mended nets and counted the boats coming home.\n"
+) * 40
+
+
+@pytest.fixture
+def tiny_battery(tmp_path: Path) -> Path:
+    """Two batteries on the LOGIC_TEXT world: choice scenes and held-out perplexity."""
+    folder = tmp_path / "battery"
+    folder.mkdir()
+    (folder / "depth.yaml").write_text(
+        textwrap.dedent(
+            """\
+            battery: depth
+            description: chains taught by the logic text
+            metric: reasoning_depth
+            scenes:
+              - id: d1
+                kind: choice
+                context: All glims are blorps. All blorps are zents.
+                prompt: So all glims are
+                choices: [zents., blorps., lamps.]
+                answer: 0
+                depth: 2
+              - id: d2
+                kind: choice
+                context: The lamp is red. Red things glow.
+                prompt: So the lamp
+                choices: [glows., rowed., hums.]
+                answer: glows.
+                depth: 1
+              - id: g1
+                kind: generate
+                prompt: All glims are
+                max_new_tokens: 12
+                checks:
+                  - max_words: 8
+            """
+        ),
+        encoding="utf-8",
+    )
+    (folder / "heldout.yaml").write_text(
+        textwrap.dedent(
+            """\
+            battery: heldout
+            description: text in the logic world's style
+            metric: perplexity
+            scenes:
+              - id: p1
+                kind: perplexity
+                text: All blorps are zents. So all glims are zents.
+            """
+        ),
+        encoding="utf-8",
+    )
+    return folder
+
+
+@pytest.fixture
+def corpora(tmp_path: Path) -> dict[str, Path]:
+    folder = tmp_path / "corpora"
+    folder.mkdir()
+    logic = folder / "logic.txt"
+    logic.write_text(LOGIC_TEXT, encoding="utf-8")
+    story = folder / "story.txt"
+    story.write_text(STORY_TEXT, encoding="utf-8")
+    return {"logic": logic, "story": story}
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_model(tmp_path_factory) -> Path:
+    """A 2-layer Llama with random weights and a word-level tokenizer, saved as a real HF folder."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"])
+    raw.train_from_iterator([LOGIC_TEXT, STORY_TEXT, "zents blorps lamps glows rowed hums"], trainer)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>"
+    )
+    tok.save_pretrained(folder)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,  # bitsandbytes packs CPU 4-bit weights in blocks of 64 inputs
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+    """Run the real `ltm-tui` entry point in a subprocess."""
+    import subprocess
+
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "ltm_tui.cli", *args],
+        cwd=cwd or REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )

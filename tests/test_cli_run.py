@@ -1,0 +1,141 @@
+"""End to end: the real `ltm-tui` entry point, real worker subprocesses, a real DuckDB file."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from tests.conftest import cli
+
+TINY = ["--preset", "tiny", "--steps", "40", "--block-size", "64", "--micro-batch", "8",
+        "--min-train-tokens", "0", "--epochs", "50", "--quiet"]
+RESULT_KEYS = {"run_id", "corpus", "corpus_path", "base", "status", "pages", "tokens",
+               "train_seconds", "scores", "overall"}
+
+
+def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, corpora, tiny_battery):
+    ws = tmp_path / "ws"
+    done = cli("run", str(corpora["logic"]), str(corpora["story"]), "--scenes", str(tiny_battery),
+               "--workspace", str(ws), *TINY)
+    assert done.returncode == 0, done.stderr
+    assert "logic.txt" in done.stdout and "(baseline)" in done.stdout
+
+    res = cli("results", "--format", "json", "--workspace", str(ws))
+    assert res.returncode == 0, res.stderr
+    rows = json.loads(res.stdout)
+    assert len(rows) == 3
+    assert all(RESULT_KEYS <= set(r) for r in rows)
+    by_corpus = {r["corpus"]: r for r in rows}
+    baseline = by_corpus[None]
+    assert baseline["tokens"] == 0 and baseline["train_seconds"] == 0
+    logic = by_corpus["logic.txt"]
+    assert logic["status"] == "done" and logic["base"] == "micro:tiny"
+    assert logic["tokens"] == len(corpora["logic"].read_bytes()) + 2  # bytes + BOS + EOS
+    assert logic["train_seconds"] > 0 and logic["pages"] > 0
+    assert set(logic["scores"]) == {"reasoning_depth", "perplexity"}
+    # what the logic corpus teaches, its model knows better than the untrained base
+    assert logic["scores"]["perplexity"] < baseline["scores"]["perplexity"] / 2
+    assert logic["scores"]["perplexity"] < by_corpus["story.txt"]["scores"]["perplexity"]
+
+    asc = json.loads(cli("results", "--format", "json", "--sort", "perplexity", "--asc", "--workspace", str(ws)).stdout)
+    assert [r["scores"]["perplexity"] for r in asc] == sorted(r["scores"]["perplexity"] for r in rows)
+
+    out = tmp_path / "ltm_results_table.csv"
+    exp = cli("export", "--csv", str(out), "--workspace", str(ws))
+    assert exp.returncode == 0, exp.stderr
+    table = list(csv.DictReader(out.open(encoding="utf-8")))
+    assert {r["corpus"] for r in table} == {"", "logic.txt", "story.txt"}
+    assert "reasoning_depth" in table[0] and "overall" in table[0]
+
+    run_dir = ws / "runs" / logic["run_id"]
+    assert (run_dir / "model" / "model.safetensors").is_file()
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    assert {"phase", "progress", "result"} <= {e["type"] for e in events}
+    assert all({"ts", "run_id", "type"} <= set(e) for e in events)
+    result = json.loads((run_dir / "result.json").read_text())
+    assert result["settings"]["train"]["max_steps"] == 40 and result["steps"] == 40
+
+    # a second batch on the same base and battery reuses the finished baseline
+    again = cli("run", str(corpora["logic"]), "--scenes", str(tiny_battery), "--workspace", str(ws), *TINY)
+    assert again.returncode == 0, again.stderr
+    rows = json.loads(cli("results", "--format", "json", "--workspace", str(ws)).stdout)
+    assert sum(r["corpus"] is None for r in rows) == 1 and len(rows) == 4
+
+
+def test_bad_inputs_end_in_one_line_and_good_files_finish(tmp_path, corpora, tiny_battery):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "empty.txt").write_bytes(b"")
+    (bad / "binary.txt").write_bytes(bytes(range(256)) * 40)
+    (bad / "broken.pdf").write_bytes(b"%PDF-1.4\n1 0 obj\n<< /Type /Catalog")
+    missing = tmp_path / "nowhere.txt"
+    ws = tmp_path / "ws"
+    done = cli("run", str(corpora["logic"]), str(bad / "empty.txt"), str(bad / "binary.txt"),
+               str(bad / "broken.pdf"), str(missing), "--scenes", str(tiny_battery),
+               "--workspace", str(ws), *TINY)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    err_lines = [ln for ln in done.stderr.splitlines() if ln.startswith("ltm-tui: corpus")]
+    assert len(err_lines) == 4, done.stderr
+    for name in ("empty.txt", "binary.txt", "broken.pdf", "nowhere.txt"):
+        assert sum(name in ln for ln in err_lines) == 1
+    rows = json.loads(cli("results", "--format", "json", "--workspace", str(ws)).stdout)
+    assert {r["corpus"]: r["status"] for r in rows} == {"logic.txt": "done", None: "done"}
+
+
+def test_malformed_battery_names_file_line_and_field(tmp_path, corpora):
+    scenes = tmp_path / "scenes"
+    scenes.mkdir()
+    (scenes / "oops.yaml").write_text(
+        "battery: oops\ndescription: x\nmetric: pressure\nscenes:\n"
+        "  - id: a\n    kind: choice\n    prompt: p\n    choices: [x, y]\n    answer: z\n"
+    )
+    done = cli("run", str(corpora["logic"]), "--scenes", str(scenes), "--workspace", str(tmp_path / "ws"), *TINY)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    line = done.stderr.strip().splitlines()[-1]
+    assert "oops.yaml:9" in line and "answer" in line
+
+
+@pytest.mark.parametrize("quant", [None, "4bit"], ids=["lora", "qlora"])
+def test_run_hf_model_with_lora_and_qlora(tmp_path, corpora, tiny_battery, tiny_hf_model, quant):
+    ws = tmp_path / "ws"
+    args = ["run", str(corpora["logic"]), "--base", str(tiny_hf_model), "--scenes", str(tiny_battery),
+            "--workspace", str(ws), "--steps", "6", "--block-size", "32", "--micro-batch", "4",
+            "--grad-accum", "1", "--lr", "1e-2", "--lora-r", "4", "--quiet", "--format", "json"]
+    if quant:
+        args += ["--quant", quant]
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    run = next(r for r in rows if r["corpus"] == "logic.txt")
+    assert run["status"] == "done" and run["tokens"] > 0
+    assert run["base"] == str(tiny_hf_model) + (" (4bit)" if quant else "")
+    assert "reasoning_depth" in run["scores"]
+    adapter = ws / "runs" / run["run_id"] / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 4 and config["peft_type"] == "LORA"
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+    # the saved adapter loads back with PEFT as it is
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_hf_model), adapter)
+    assert any("lora_A" in n for n, _ in model.named_parameters())
+
+
+def test_unknown_model_is_one_line(tmp_path, corpora, tiny_battery):
+    done = cli("run", str(corpora["logic"]), "--base", "no-such-org/no-such-model", "--scenes",
+               str(tiny_battery), "--workspace", str(tmp_path / "ws"), "--steps", "2", "--quiet")
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert "no-such-org/no-such-model is not available offline" in done.stderr
+
+
+def test_results_rejects_unknown_sort_column(tmp_path):
+    done = cli("results", "--sort", "overall; DROP TABLE runs", "--workspace", str(tmp_path / "ws"))
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr and "sort" in done.stderr.lower()

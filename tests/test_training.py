@@ -1,0 +1,166 @@
+"""Packing, the schedule, the training recipe (checkpoint, resume) and scoring on tiny real models."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.config import TrainConfig
+from backend.evaluate import LoglikRequest, encode_pair, loglikelihoods, text_loss
+from backend.models import ByteTokenizer, build_micro
+from backend.packing import PackedBlocks, batches, load_tokens, real_token_share, tokenize_to_file
+from backend.train import lr_factor, newest_checkpoint, train_model
+
+CPU = torch.device("cpu")
+
+
+def _tokens(tmp_path, text: str):
+    tok = ByteTokenizer()
+    path = tmp_path / "tokens.bin"
+    n = tokenize_to_file([text[i : i + 7] for i in range(0, len(text), 7)], tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    return path, n
+
+
+def test_tokenize_streams_exact_bytes_across_chunks(tmp_path):
+    text = "Все глимы — блорпы. All glims are blorps.\n" * 50
+    path, n = _tokens(tmp_path, text)
+    ids = load_tokens(path)
+    assert n == len(text.encode("utf-8")) + 2
+    assert ids[0] == ByteTokenizer.bos_id and ids[-1] == ByteTokenizer.eos_id
+    assert ByteTokenizer().decode(ids[1:-1].tolist()) == text
+
+
+def test_packing_has_no_padding_and_covers_every_block(tmp_path):
+    rng = np.random.default_rng(0)
+    path, n = _tokens(tmp_path, " ".join(f"w{int(i)}" for i in rng.integers(0, 10_000, 700)))
+    blocks = PackedBlocks(load_tokens(path), block_size=64, seed=1)
+    assert blocks.blocks_per_epoch == n // 64
+    seen = []
+    for index, batch in batches(blocks, micro_batch=8):
+        if index >= -(-blocks.blocks_per_epoch // 8):
+            break
+        assert batch.shape[1] == 64
+        assert real_token_share(batch, ByteTokenizer.pad_id) == 1.0
+        seen.append(batch)
+    rows = np.concatenate(seen)
+    assert len(rows) == blocks.blocks_per_epoch  # every block once per epoch, none twice
+    assert len({r.tobytes() for r in rows}) == len(rows)
+
+
+def test_packing_resumes_at_the_same_batch(tmp_path):
+    path, _ = _tokens(tmp_path, "the quick brown fox " * 200)
+    blocks = PackedBlocks(load_tokens(path), block_size=32, seed=3)
+    first = [b for _, b in zip(range(12), batches(blocks, 4))]
+    resumed = [b for _, b in zip(range(5), batches(blocks, 4, start_batch=7))]
+    for a, b in zip(first[7:], resumed):
+        assert np.array_equal(a[1], b[1])
+
+
+def test_short_corpus_trains_as_one_block(tmp_path):
+    path, n = _tokens(tmp_path, "short text, twenty-ish")
+    blocks = PackedBlocks(load_tokens(path), block_size=256)
+    assert blocks.block_size == n and blocks.blocks_per_epoch == 1
+
+
+def test_schedule_warms_up_then_decays_to_floor():
+    cfg = TrainConfig(warmup_frac=0.1, min_lr_ratio=0.1, schedule="cosine")
+    factors = [lr_factor(s, 100, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+    assert factors[-1] == pytest.approx(0.1, abs=0.01)
+    linear = TrainConfig(warmup_frac=0.0, min_lr_ratio=0.0, schedule="linear")
+    assert lr_factor(50, 100, linear) == pytest.approx(0.5)
+
+
+def test_plan_steps_respects_epochs_floor_and_cap():
+    cfg = TrainConfig(micro_batch=4, grad_accum=2, epochs=2, min_train_tokens=0)
+    assert cfg.plan_steps(n_tokens=8 * 64 * 10, block_size=64) == 20
+    cfg.min_train_tokens = 8 * 64 * 50
+    assert cfg.plan_steps(n_tokens=8 * 64 * 10, block_size=64) == 50
+    cfg.max_steps = 7
+    assert cfg.plan_steps(n_tokens=8 * 64 * 10, block_size=64) == 7
+
+
+def _tiny_cfg(**over):
+    base = dict(block_size=32, micro_batch=4, lr=3e-3, epochs=1, min_train_tokens=0, max_steps=12,
+                checkpoint_every=4, log_every=2, seed=0)
+    return TrainConfig(**{**base, **over})
+
+
+def test_training_lowers_the_loss_and_writes_events(tmp_path):
+    path, _ = _tokens(tmp_path, "All glims are blorps. " * 120)
+    model = build_micro("tiny", 0, CPU)
+    events = []
+    out = train_model(model, path, tmp_path, _tiny_cfg(max_steps=30, epochs=10), device=CPU,
+                      emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
+    progress = [e for e in events if e["type"] == "progress"]
+    assert out.steps == 30 and len(progress) == 15
+    assert progress[-1]["loss"] < progress[0]["loss"] - 1.0
+    assert {"step", "total", "tokens", "loss", "tokens_per_s", "eta_s", "gpu_mem_bytes"} <= set(progress[0])
+    ckpt = newest_checkpoint(tmp_path / "checkpoints")
+    assert ckpt.name == "step-000028"  # every 4 steps, the last two kept
+    assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 2
+    assert json.loads((ckpt / "config.json").read_text())["max_steps"] == 30
+
+
+def test_stop_then_resume_equals_uninterrupted(tmp_path):
+    text = "Red things glow. The lamp is red. " * 80
+    straight_dir, resumed_dir = tmp_path / "a", tmp_path / "b"
+    straight_dir.mkdir(); resumed_dir.mkdir()
+    path, _ = _tokens(tmp_path, text)
+    cfg = _tiny_cfg(checkpoint_every=0)
+
+    straight = build_micro("tiny", 0, CPU)
+    train_model(straight, path, straight_dir, cfg, device=CPU, emit=lambda *a, **k: None, log=lambda s: None)
+
+    from backend.train import StopRequested
+
+    first = build_micro("tiny", 0, CPU)
+    calls = {"n": 0}
+
+    def stop_after_five():
+        calls["n"] += 1
+        return calls["n"] == 5
+
+    with pytest.raises(StopRequested):
+        train_model(first, path, resumed_dir, cfg, device=CPU, emit=lambda *a, **k: None,
+                    log=lambda s: None, should_stop=stop_after_five)
+    assert newest_checkpoint(resumed_dir / "checkpoints").name == "step-000005"
+    second = build_micro("tiny", 0, CPU)  # a fresh process would rebuild from the seed
+    out = train_model(second, path, resumed_dir, cfg, device=CPU, emit=lambda *a, **k: None, log=lambda s: None)
+    assert out.resumed_from == 5 and out.steps == 12
+    for (name, a), (_, b) in zip(straight.named_parameters(), second.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
+def test_loglikelihood_matches_a_hand_computation():
+    torch.manual_seed(0)
+    model = build_micro("tiny", 0, CPU).eval()
+    tok = ByteTokenizer()
+    context, continuation = "All glims are", " zents."
+    ctx, cont = encode_pair(tok, context, continuation)
+    assert ctx == list(b"All glims are") and cont == list(b" zents.")
+    ids = torch.tensor([ctx + cont])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    expected = sum(logp[len(ctx) - 1 + i, t].item() for i, t in enumerate(cont))
+    reqs = [LoglikRequest(context, continuation), LoglikRequest("x", " y"), LoglikRequest("All glims are ", "zents.")]
+    got = loglikelihoods(model, tok, reqs, device=CPU, batch_size=2)
+    assert got[0][0] == pytest.approx(expected, abs=1e-4)
+    # lm-eval moves a context's trailing space into the continuation: same numbers
+    assert got[2][0] == pytest.approx(expected, abs=1e-4)
+
+
+def test_text_loss_is_mean_next_token_loss():
+    model = build_micro("tiny", 1, CPU).eval()
+    tok = ByteTokenizer()
+    loss, count = text_loss(model, tok, "hello world", device=CPU)
+    ids = torch.tensor([[tok.bos_id] + tok.encode("hello world")])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item()
+    assert count == 11 and loss == pytest.approx(ref, abs=1e-5)
+    assert math.isfinite(loss)
