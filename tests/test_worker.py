@@ -1,0 +1,93 @@
+"""The worker as a real subprocess: SIGTERM checkpoints, a rerun resumes, events drive states."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from backend.events import read_events
+from backend.jobs import JobManager, JobSettings
+from backend.store import Store
+from backend.workspace import Workspace
+
+TRAIN = {"block_size": 64, "micro_batch": 4, "min_train_tokens": 0, "epochs": 1000,
+         "max_steps": 3000, "checkpoint_every": 0, "log_every": 5}
+
+
+def _manager(tmp_path, battery):
+    ws = Workspace(tmp_path / "ws")
+    store = Store(ws.root / "ltm.duckdb") if ws.ensure() else None
+    settings = JobSettings(base={"base": "micro", "preset": "tiny", "quant": None,
+                                 "trust_remote_code": False, "device": "cpu"},
+                           scenes=str(battery), train=TRAIN)
+    return JobManager(ws, store), store, settings
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting")
+
+
+def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery):
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    sub = manager.submit([corpora["logic"]], settings)
+    run = store.get_run(sub.run_ids[0])
+    session = manager._write_session([run])
+    proc = manager.start_worker(session)
+    events_path = tmp_path / "ws" / "runs" / run["run_id"] / "events.jsonl"
+
+    def progressed():
+        events, _ = read_events(events_path)
+        steps = [e["step"] for e in events if e["type"] == "progress"]
+        return steps and steps[-1] >= 20
+
+    _wait_for(progressed)
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 3
+    ckpts = sorted((tmp_path / "ws" / "runs" / run["run_id"] / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1
+    stopped_at = int(ckpts[0].name.split("-")[1])
+    assert stopped_at >= 20
+    assert not (events_path.parent / "result.json").exists()
+
+    # a rerun of the same job resumes from the checkpoint instead of starting over
+    short = json.loads(session.read_text())
+    short["jobs"][0]["train"] = {**TRAIN, "max_steps": stopped_at + 10}
+    session.write_text(json.dumps(short))
+    assert manager.start_worker(session).wait(timeout=120) == 0
+    result = json.loads((events_path.parent / "result.json").read_text())
+    assert result["steps"] == stopped_at + 10
+    log = (events_path.parent / "train.log").read_text()
+    assert f"resumed from step-{stopped_at:06d}" in log
+    steps = [p["step"] for p in result["curve"]]
+    assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 10
+    store.close()
+
+
+def test_killed_worker_leaves_runs_interrupted_with_log_tail(tmp_path, corpora, tiny_battery):
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    sub = manager.submit([corpora["logic"]], settings)
+    seen = []
+
+    def on_event(event):
+        seen.append(event)
+        if event.get("type") == "progress" and event.get("step", 0) >= 10:
+            os.killpg(next(e["pid"] for e in seen if e["type"] == "worker"), signal.SIGKILL)
+
+    assert manager.run_queue(on_event=on_event) is False
+    run = store.get_run(sub.run_ids[0])
+    assert run["status"] == "interrupted"
+    assert "worker exited with code -9" in run["error"] and "step" in run["error"]
+    baseline = store.get_run(sub.baseline_ids[0])
+    assert baseline["status"] == "done"  # the baseline ran first and was ingested
+    # retry puts it back in the queue; the state machine refuses to leave `done`
+    manager.retry(run["run_id"])
+    assert store.get_run(run["run_id"])["status"] == "queued"
+    store.close()
