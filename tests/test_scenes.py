@@ -505,3 +505,18 @@ def test_the_built_in_batteries_load_and_cover_every_measure():
         assert len(scenes) >= 6 and all(isinstance(s, GenerateScene) and s.checks for s in scenes)
     assert len(batteries["heldout"].scenes) >= 4
     assert all(isinstance(s, PerplexityScene) for s in batteries["heldout"].scenes)
+
+
+def test_the_control_corpora_are_up_to_date_with_logic_md():
+    """data/make_controls.py rebuilds shuffled.md and repetitive.md byte for byte."""
+    import importlib.util
+    from collections import Counter
+
+    spec = importlib.util.spec_from_file_location("make_controls", REPO / "data" / "make_controls.py")
+    make_controls = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_controls)
+    for path, text in make_controls.controls().items():
+        assert path.read_text(encoding="utf-8") == text, f"{path.name} is stale: run python data/make_controls.py"
+    logic = (REPO / "data" / "logic.md").read_text(encoding="utf-8")
+    shuffled = (REPO / "data" / "shuffled.md").read_text(encoding="utf-8")
+    assert Counter(shuffled.split()) == Counter(logic.split()) and shuffled.split() != logic.split()
