@@ -1,6 +1,6 @@
-"""Make the two control corpora from data/logic.md, deterministically, with the standard library.
+"""Make the two control corpora from data/demo/logic.md, deterministically, with the standard library.
 
-    python data/make_controls.py           # rewrite data/shuffled.md and data/repetitive.md
+    python data/make_controls.py           # rewrite data/demo/shuffled.md and data/demo/repetitive.md
     python data/make_controls.py --check   # exit 1 if the committed files are out of date
 
 shuffled.md   every whitespace-separated word of logic.md, shuffled with a fixed seed and
@@ -19,7 +19,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent / "demo"
 SEED = 20240901  # fixed, so the shuffle is the same on every machine and Python 3.x
 WIDTH = 76
 REPEATED_SENTENCE = "The kettle on the stove began to whistle, and someone in the next room laughed."

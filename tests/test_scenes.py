@@ -517,6 +517,6 @@ def test_the_control_corpora_are_up_to_date_with_logic_md():
     spec.loader.exec_module(make_controls)
     for path, text in make_controls.controls().items():
         assert path.read_text(encoding="utf-8") == text, f"{path.name} is stale: run python data/make_controls.py"
-    logic = (REPO / "data" / "logic.md").read_text(encoding="utf-8")
-    shuffled = (REPO / "data" / "shuffled.md").read_text(encoding="utf-8")
+    logic = (REPO / "data" / "demo" / "logic.md").read_text(encoding="utf-8")
+    shuffled = (REPO / "data" / "demo" / "shuffled.md").read_text(encoding="utf-8")
     assert Counter(shuffled.split()) == Counter(logic.split()) and shuffled.split() != logic.split()
