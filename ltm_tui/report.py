@@ -29,7 +29,7 @@ class RunProgress:
             TextColumn("eta {task.fields[eta]:>6}"),
             TimeElapsedColumn(),
             console=self.console,
-            disable=not enabled,
+            disable=not enabled or not self.console.is_terminal,
         )
         self.tasks: dict[str, TaskID] = {}
         for run_id in run_ids:
@@ -51,6 +51,13 @@ class RunProgress:
         if task is None:
             return
         kind = event.get("type")
+        if self.enabled and not self.console.is_terminal:
+            # a log file or a pipe: one plain line per state change instead of redrawn bars
+            if kind == "state":
+                label = self.progress.tasks[task].fields["label"]
+                extra = event.get("error") or (f"overall {event['overall']}" if "overall" in event else "")
+                self.console.print(f"{label}: {event['status']} {extra}".rstrip(), soft_wrap=True)
+            return
         if kind == "progress":
             self.progress.update(
                 task,
