@@ -76,10 +76,11 @@ def new_run_id(label: str, seed: int) -> str:
 
 
 class JobManager:
-    def __init__(self, workspace: Workspace, store: Store) -> None:
+    def __init__(self, workspace: Workspace, store: Store, slots: list[str | None] | None = None) -> None:
         self.workspace = workspace.ensure()
         self.store = store
-        self._cancelled: set[str] = set()  # runs whose worker must be stopped
+        self.slots = slots if slots is not None else detect_slots()
+        self.live: dict[int, LiveWorker] = {}  # by pid
 
     # -- queueing ---------------------------------------------------------------------------
 
@@ -153,10 +154,13 @@ class JobManager:
         return run_id
 
     def cancel(self, run_id: str) -> None:
-        run = self._run(run_id)
+        """Cancel a run: a queued one at once; a running one's worker is stopped (SIGTERM, it
+        checkpoints; the worker's other runs go back to the queue or end interrupted)."""
+        self._run(run_id)
         self.store.transition(run_id, JobState.CANCELLED, error="cancelled by the user")
-        # A running job's worker is stopped by whoever holds its process (run_queue).
-        self._cancelled.add(run["run_id"])
+        for worker in self.live.values():
+            if run_id in worker.run_ids:
+                worker.request_stop()
 
     def retry(self, run_id: str) -> None:
         """Back to the queue; the worker resumes from the newest checkpoint in the run folder."""
@@ -171,31 +175,92 @@ class JobManager:
 
     # -- running ----------------------------------------------------------------------------
 
+    def assigned(self) -> set[str]:
+        return {r for w in self.live.values() for r in w.run_ids}
+
     def sessions(self) -> list[list[dict]]:
-        """Queued runs grouped so that each group shares one loaded base (baselines first)."""
+        """Queued runs no worker holds yet, grouped so that each group shares one loaded base
+        (baselines first, then priority, then age: FIFO with priorities)."""
+        held = self.assigned()
         groups: dict[str, list[dict]] = {}
         for run in self.store.list_runs(status=["queued"]):
+            if run["run_id"] in held:
+                continue
             s = run["settings"]
             key = json.dumps([s["base"], s["scenes"], s.get("train"), s.get("lora")], sort_keys=True)
             groups.setdefault(key, []).append(run)
         for runs in groups.values():
             runs.sort(key=lambda r: (r["kind"] != "baseline", -r["priority"], r["created_at"]))
-        return list(groups.values())
+        return sorted(groups.values(), key=lambda g: (-max(r["priority"] for r in g), g[0]["created_at"]))
+
+    def free_slots(self) -> list[int]:
+        used = {w.slot for w in self.live.values()}
+        return [i for i in range(len(self.slots)) if i not in used]
+
+    def tick(self, on_event: EventHook) -> None:
+        """One pass of the scheduler: read every live worker's events, settle the ones that
+        exited, and start workers for queued runs while slots are free."""
+        for worker in list(self.live.values()):
+            self._pump(worker, on_event)
+            worker.enforce_stop()
+            code = worker.exit_code()
+            if code is not None:
+                self._pump(worker, on_event)
+                self._settle(worker, on_event)
+                del self.live[worker.pid]
+        free = self.free_slots()
+        for group in self.sessions():
+            if not free:
+                break
+            self.start_session(group, free.pop(0), on_event)
+
+    def idle(self) -> bool:
+        return not self.live and not self.sessions()
 
     def run_queue(self, on_event: EventHook | None = None, poll_seconds: float = 0.25) -> bool:
-        """Run every queued job to a terminal state; True when all of them ended `done`."""
-        all_ok = True
-        while True:
-            groups = self.sessions()
-            if not groups:
-                return all_ok
-            all_ok &= self._run_session(groups[0], on_event or (lambda e: None), poll_seconds)
+        """Run every queued job to a terminal state in this process; True when all ended done."""
+        hook = on_event or (lambda e: None)
+        touched: set[str] = set()
 
-    def _write_session(self, runs: list[dict]) -> Path:
+        def track(event: dict) -> None:
+            if event.get("type") == "worker":
+                touched.update(event["runs"])
+            hook(event)
+
+        try:
+            while True:
+                self.tick(track)
+                if self.idle():
+                    break
+                time.sleep(poll_seconds)
+        except KeyboardInterrupt:
+            self.shutdown_workers(track, reason="stopped by Ctrl-C")
+            raise
+        return all(self.store.get_run(r)["status"] == "done" for r in touched)
+
+    def shutdown_workers(self, on_event: EventHook, reason: str, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop every live worker (they checkpoint) and settle their runs."""
+        for worker in list(self.live.values()):
+            worker.request_stop()
+        deadline = time.monotonic() + grace
+        while self.live and time.monotonic() < deadline:
+            for worker in list(self.live.values()):
+                if worker.exit_code() is not None:
+                    self._pump(worker, on_event)
+                    self._settle(worker, on_event, reason=reason)
+                    del self.live[worker.pid]
+            time.sleep(0.1)
+        for worker in list(self.live.values()):
+            worker.kill()
+            self._settle(worker, on_event, reason=reason)
+            del self.live[worker.pid]
+
+    def _write_session(self, runs: list[dict], slot: str | None = None) -> Path:
         s = runs[0]["settings"]
         session = {
             "base": s["base"],
             "scenes": s["scenes"],
+            "slot": slot,
             "jobs": [
                 {
                     "run_id": r["run_id"],
@@ -216,13 +281,17 @@ class JobManager:
         path.write_text(json.dumps(session, indent=1))
         return path
 
-    def start_worker(self, session_path: Path) -> subprocess.Popen:
+    def start_worker(self, session_path: Path, slot: str | None = None) -> subprocess.Popen:
         """A worker in its own session (setsid) with its own log: a client's exit or a dropped
-        terminal does not reach it."""
+        terminal does not reach it, and it outlives a restart of the service."""
         log_path = session_path.with_suffix(".log")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
         env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
         with open(log_path, "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "backend.worker", str(session_path)],
@@ -233,79 +302,97 @@ class JobManager:
                 env=env,
             )
 
-    def _run_session(self, runs: list[dict], on_event: EventHook, poll: float) -> bool:
-        session_path = self._write_session(runs)
-        proc = self.start_worker(session_path)
-        offsets = {r["run_id"]: 0 for r in runs}
-        dirs = {r["run_id"]: Path(r["run_dir"]) for r in runs}
-        on_event({"type": "worker", "pid": proc.pid, "runs": list(offsets)})
-        try:
-            while True:
-                exited = proc.poll() is not None
-                for run_id in offsets:
-                    events, offsets[run_id] = read_events(dirs[run_id] / "events.jsonl", offsets[run_id])
-                    for event in events:
-                        self._apply(run_id, event, on_event)
-                if any(r in self._cancelled for r in offsets) and not exited:
-                    self.stop_worker(proc)
-                    continue
-                if exited:
-                    break
-                time.sleep(poll)
-        except KeyboardInterrupt:
-            self.stop_worker(proc)
-            self._settle(runs, proc, session_path, on_event, reason="stopped by Ctrl-C")
-            raise
-        return self._settle(runs, proc, session_path, on_event, reason=None)
+    def start_session(self, runs: list[dict], slot_index: int, on_event: EventHook) -> LiveWorker:
+        slot = self.slots[slot_index]
+        session_path = self._write_session(runs, slot)
+        proc = self.start_worker(session_path, slot)
+        worker = LiveWorker(
+            pid=proc.pid,
+            start_ticks=process_start_ticks(proc.pid),
+            session_path=session_path,
+            run_ids=[r["run_id"] for r in runs],
+            slot=slot_index,
+            proc=proc,
+        )
+        worker.offsets = {r: 0 for r in worker.run_ids}
+        for r in worker.run_ids:
+            self.store.update_run(
+                r, worker_pid=proc.pid, worker_start=worker.start_ticks, session_path=str(session_path)
+            )
+        self.live[proc.pid] = worker
+        on_event({"type": "worker", "pid": proc.pid, "runs": list(worker.run_ids), "slot": slot})
+        return worker
 
-    def stop_worker(self, proc: subprocess.Popen, grace: float = STOP_GRACE_SECONDS) -> None:
-        """SIGTERM to the worker's process group (it checkpoints), a grace period, then SIGKILL."""
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-    def _settle(self, runs, proc, session_path: Path, on_event: EventHook, reason: str | None) -> bool:
-        """After the worker exits, every run it held is settled: a run it had started ends
-        `interrupted` (retry resumes it), one it never reached stays queued after a Ctrl-C
-        and fails after a crash, each with the tail of its log."""
-        ok = True
-        for r in runs:
-            state = JobState(self.store.get_run(r["run_id"])["status"])
-            ok &= state is JobState.DONE
-            if state.is_terminal() or (state is JobState.QUEUED and reason):
+    def reattach(self, on_event: EventHook) -> None:
+        """After a restart: adopt workers still alive (pid and start time must both match), ingest
+        what finished while no service watched, and settle runs whose worker died."""
+        active = ["queued", "starting", "training", "evaluating"]
+        for run in self.store.list_runs(status=active):
+            pid, ticks = run.get("worker_pid"), run.get("worker_start")
+            if pid is None:
                 continue
-            why = reason or f"worker exited with code {proc.returncode}"
-            tail = log_tail(Path(r["run_dir"]) / "train.log") or log_tail(session_path.with_suffix(".log"))
+            run_id = run["run_id"]
+            if process_alive(pid, ticks):
+                worker = self.live.get(pid)
+                if worker is None:
+                    session_path = Path(run["session_path"])
+                    slot = _session_slot(session_path)
+                    index = self.slots.index(slot) if slot in self.slots else 0
+                    worker = LiveWorker(pid, ticks, session_path, [], index, proc=None)
+                    self.live[pid] = worker
+                    on_event({"type": "worker", "pid": pid, "runs": [], "adopted": True})
+                worker.run_ids.append(run_id)
+                worker.offsets[run_id] = 0
+            else:
+                ghost = LiveWorker(pid, ticks, Path(run["session_path"] or "."), [run_id], 0)
+                ghost.offsets[run_id] = 0
+                self._pump(ghost, on_event)
+                self._settle(ghost, on_event, reason="worker died while no service watched it")
+
+    def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
+        for run_id in worker.run_ids:
+            path = self.workspace.run_dir(run_id) / "events.jsonl"
+            events, worker.offsets[run_id] = read_events(path, worker.offsets.get(run_id, 0))
+            if events:
+                worker.seen_events = True
+            for event in events:
+                self._apply(run_id, event, on_event)
+
+    def _settle(self, worker: LiveWorker, on_event: EventHook, reason: str | None = None) -> None:
+        """After a worker exits, every run it held is settled: one it had started ends
+        `interrupted` with the tail of its log (retry resumes it); one it never reached goes back
+        to the queue, unless the worker died before doing anything at all (then it fails, so a
+        worker that cannot start does not loop)."""
+        code = worker.exit_code()
+        for run_id in worker.run_ids:
+            run = self.store.get_run(run_id)
+            state = JobState(run["status"])
+            if state.is_terminal():
+                continue
+            if state is JobState.QUEUED and (worker.stop_requested or reason or worker.seen_events):
+                continue  # never started: the next free worker takes it
+            why = reason or f"worker exited with code {code}"
+            tail = log_tail(self.workspace.run_dir(run_id) / "train.log") or log_tail(
+                worker.session_path.with_suffix(".log")
+            )
             message = f"{why}; last log: {tail}" if tail else why
             target = JobState.FAILED if state is JobState.QUEUED else JobState.INTERRUPTED
-            self.store.transition(r["run_id"], target, error=message)
-            on_event({"type": "state", "run_id": r["run_id"], "status": target.value, "error": message})
-        self._cancelled.difference_update(r["run_id"] for r in runs)
-        return ok
+            self.store.transition(run_id, target, error=message)
+            on_event({"type": "state", "run_id": run_id, "status": target.value, "error": message})
 
     def _apply(self, run_id: str, event: dict, on_event: EventHook) -> None:
-        """One event from a worker → the run's state (guarded) and the caller's hook."""
+        """One event from a worker → the run's state (guarded) and the caller's hook. Replaying
+        a file from the start (after a restart) changes nothing twice."""
         kind = event.get("type")
-        run = self.store.get_run(run_id)
-        state = JobState(run["status"])
+        state = JobState(self.store.get_run(run_id)["status"])
         if state.is_terminal():
             return  # a cancelled run's late events change nothing
         try:
             if kind == "phase":
-                target = {
-                    "starting": JobState.STARTING,
-                    "training": JobState.TRAINING,
-                    "evaluating": JobState.EVALUATING,
-                }.get(event.get("phase"))
-                if target is not None and target is not state:
+                target = PHASES.get(event.get("phase"))
+                if target is not None and ORDER[target] > ORDER[state]:
                     self._to(run_id, state, target)
-                    on_event({"type": "state", "run_id": run_id, "status": target.value, **event})
+                    on_event({**event, "type": "state", "run_id": run_id, "status": target.value})
             elif kind == "progress":
                 self.store.add_curve_points(run_id, [event])
                 on_event(event)
@@ -314,7 +401,7 @@ class JobManager:
                 on_event({"type": "state", "run_id": run_id, "status": "failed", "error": event.get("message")})
             elif kind == "result":
                 self.ingest(run_id)
-                on_event({"type": "state", "run_id": run_id, "status": "done", **event})
+                on_event({**event, "type": "state", "run_id": run_id, "status": "done"})
             else:
                 on_event(event)
         except LtmError as exc:
@@ -333,12 +420,106 @@ class JobManager:
         fresh = self.store.ingest_result(run_id, result)
         state = JobState(self.store.get_run(run_id)["status"])
         if state is not JobState.DONE:
-            if state is JobState.QUEUED or state is JobState.STARTING:
+            if state is not JobState.EVALUATING:
                 self._to(run_id, state, JobState.EVALUATING)
-            elif state is not JobState.EVALUATING:
-                self.store.transition(run_id, JobState.EVALUATING)
             self.store.transition(run_id, JobState.DONE)
         return fresh
+
+
+PHASES = {"starting": JobState.STARTING, "training": JobState.TRAINING, "evaluating": JobState.EVALUATING}
+ORDER = {JobState.QUEUED: 0, JobState.STARTING: 1, JobState.TRAINING: 2, JobState.EVALUATING: 3}
+
+
+@dataclass
+class LiveWorker:
+    """A worker process the manager watches: its own child, or one adopted after a restart."""
+
+    pid: int
+    start_ticks: int | None
+    session_path: Path
+    run_ids: list[str]
+    slot: int
+    proc: subprocess.Popen | None = None
+    offsets: dict[str, int] = field(default_factory=dict)
+    stop_requested: float | None = None
+    seen_events: bool = False
+
+    def exit_code(self) -> int | None:
+        """None while it runs; its exit code (our child), or -1 (an adopted one that is gone)."""
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if process_alive(self.pid, self.start_ticks) else -1
+
+    def request_stop(self) -> None:
+        """SIGTERM to the worker's process group: it saves a checkpoint and exits."""
+        if self.stop_requested is None and self.exit_code() is None:
+            self.stop_requested = time.monotonic()
+            _signal_group(self.pid, signal.SIGTERM)
+
+    def enforce_stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self.stop_requested is not None and time.monotonic() - self.stop_requested > grace:
+            self.kill()
+
+    def kill(self) -> None:
+        if self.exit_code() is None:
+            _signal_group(self.pid, signal.SIGKILL)
+            if self.proc is not None:
+                self.proc.wait()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None if
+    there is no such live process. With the pid it names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # a zombie has finished
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int | None, start_ticks: int | None) -> bool:
+    if not pid:
+        return False
+    ticks = process_start_ticks(pid)
+    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+
+
+def _session_slot(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("slot")
+    except (OSError, ValueError):
+        return None
+
+
+def detect_slots(per_gpu: int = 1) -> list[str | None]:
+    """One worker slot per GPU (CUDA_VISIBLE_DEVICES index), `per_gpu` each; one CPU slot where
+    NVML sees no GPU. Read with NVML, not torch, so the service stays light."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+    else:
+        ids = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            ids = [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: the CPU slot
+            ids = []
+    if not ids:
+        return [None]
+    return [i for i in ids for _ in range(max(1, per_gpu))]
 
 
 def log_tail(path: Path, lines: int = 3, max_chars: int = 400) -> str:

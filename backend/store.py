@@ -105,6 +105,16 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        # The worker that holds a run: its pid and its start time (clock ticks since boot, from
+        # /proc), so a restarted service re-attaches to it and never mistakes a reused pid.
+        "002_workers",
+        """
+        ALTER TABLE runs ADD COLUMN worker_pid INTEGER;
+        ALTER TABLE runs ADD COLUMN worker_start BIGINT;
+        ALTER TABLE runs ADD COLUMN session_path VARCHAR;
+        """,
+    ),
 )
 
 # --- whitelists: the only identifiers ever formatted into SQL ---------------------------------
@@ -113,13 +123,14 @@ _RUN_COLUMNS = (
     "run_id", "kind", "corpus_id", "corpus_path", "base", "settings", "seed", "status",
     "priority", "error", "created_at", "started_at", "finished_at", "updated_at", "tokens",
     "steps", "train_seconds", "eval_seconds", "final_loss", "overall", "run_dir", "ingested",
+    "worker_pid", "worker_start", "session_path",
 )
 _TIME_COLUMNS = frozenset({"created_at", "started_at", "finished_at", "updated_at", "added_at"})
 
 # Columns update_run may set: results and bookkeeping, never status or identity.
 UPDATABLE_RUN_COLUMNS = frozenset(
     {"tokens", "steps", "train_seconds", "eval_seconds", "final_loss", "overall", "run_dir",
-     "settings", "error"}
+     "settings", "error", "worker_pid", "worker_start", "session_path"}
 )
 
 # Result fields ingest_result copies from result.json onto the run row.

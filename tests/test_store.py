@@ -88,10 +88,26 @@ def test_reopen_applies_no_migration_twice(tmp_path: Path):
         assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
     con = duckdb.connect(str(path))
     try:
-        counts = con.execute("SELECT name, count(*) FROM migrations GROUP BY name").fetchall()
+        counts = con.execute("SELECT name, count(*) FROM migrations GROUP BY name ORDER BY name").fetchall()
     finally:
         con.close()
-    assert counts == [("001_initial", 1)]
+    assert counts == [(name, 1) for name, _ in MIGRATIONS]
+
+
+def test_an_old_database_gets_the_new_migrations(tmp_path: Path):
+    """A workspace made before 002_workers opens with its rows kept and the new columns added."""
+    path = tmp_path / "ltm.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
+    con.execute(MIGRATIONS[0][1])
+    con.execute("INSERT INTO migrations VALUES ('001_initial', now())")
+    con.execute("INSERT INTO runs (run_id, kind, base, status, created_at, updated_at) VALUES ('r1', 'adapter', 'micro', 'done', now(), now())")
+    con.close()
+    with Store(path) as s:
+        assert s.applied_migrations()[-1] == MIGRATIONS[-1][0]
+        s.update_run("r1", worker_pid=42, worker_start=7)
+        run = s.get_run("r1")
+        assert (run["status"], run["worker_pid"], run["worker_start"]) == ("done", 42, 7)
 
 
 def test_creates_parent_folder(tmp_path: Path):
