@@ -47,24 +47,31 @@ class LtmApp(App):
         return [*FIXED_COLUMNS, *measure_names(self.rows), "overall"]
 
     def action_refresh_results(self) -> None:
+        from backend.client import try_connect
         from backend.errors import LtmError
         from backend.store import Store
 
         hint = self.query_one("#hint", Static)
-        if not self.workspace.db_path.exists():
+        client = try_connect(self.workspace)  # the service owns the database while it runs
+        if client is not None:
+            with client:
+                self.rows = client.call("results", sort=self.sort, descending=self.descending)
+            hint.update(self._summary())
+        elif not self.workspace.db_path.exists():
             self.rows = []
             hint.update(f"No results in {self.workspace.root} yet: `ltm-tui run FILE...` queues corpora.")
         else:
             try:
                 with Store(self.workspace.db_path) as store:
                     self.rows = store.results(sort=self.sort, descending=self.descending)
-                hint.update(
-                    f"{self.workspace.root} · {len(self.rows)} runs · sorted by {self.sort} "
-                    f"{'desc' if self.descending else 'asc'}"
-                )
+                hint.update(self._summary())
             except (LtmError, ValueError) as exc:
                 hint.update(f"Cannot read results: {exc}")
         self._fill()
+
+    def _summary(self) -> str:
+        direction = "desc" if self.descending else "asc"
+        return f"{self.workspace.root} · {len(self.rows)} runs · sorted by {self.sort} {direction}"
 
     def _fill(self) -> None:
         table = self.query_one("#results", DataTable)

@@ -73,6 +73,24 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the jobs and their states")
     st.add_argument("--format", choices=["table", "json"], default="table")
     _add_workspace(st)
+
+    fol = sub.add_parser("follow", help="watch queued and running jobs until they finish")
+    fol.add_argument("runs", nargs="*", metavar="RUN", help="runs to follow (default: every unfinished one)")
+    _add_workspace(fol)
+
+    for name, text in (("cancel", "cancel a queued or running job"), ("retry", "queue a finished job again; it resumes from its newest checkpoint")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_id", metavar="RUN")
+        _add_workspace(p)
+
+    srv = sub.add_parser("serve", help="run the job service (clients start it on demand)")
+    srv.add_argument("--detach", action="store_true", help="start it in the background and return")
+    srv.add_argument("--slots-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
+    _add_workspace(srv)
+
+    stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
+    stop.add_argument("--all", action="store_true", help="also stop the workers (they checkpoint; retry resumes)")
+    _add_workspace(stop)
     return parser
 
 
@@ -86,7 +104,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from ltm_tui.app import run_app
 
             return run_app(args.workspace)
-        handler = {"run": cmd_run, "results": cmd_results, "export": cmd_export, "status": cmd_status}
+        handler = {
+            "run": cmd_run,
+            "results": cmd_results,
+            "export": cmd_export,
+            "status": cmd_status,
+            "follow": cmd_follow,
+            "cancel": cmd_cancel,
+            "retry": cmd_retry,
+            "serve": cmd_serve,
+            "stop": cmd_stop,
+        }
         return handler[args.command](args)
     except LtmError as exc:
         print(f"ltm-tui: {exc.one_line()}", file=sys.stderr)
@@ -104,12 +132,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
-def _open(args):
-    from backend.store import Store
+def _workspace(args):
     from backend.workspace import Workspace
 
-    ws = Workspace.resolve(args.workspace)
-    return ws, Store(ws.db_path)
+    return Workspace.resolve(args.workspace)
+
+
+def _ask(args, op: str, direct, **kwargs):
+    """Ask the running service; with none running, read the workspace's database directly."""
+    from backend.client import try_connect
+    from backend.store import Store
+
+    ws = _workspace(args)
+    client = try_connect(ws)
+    if client is not None:
+        with client:
+            return client.call(op, **kwargs)
+    # no workspace yet: an empty in-memory store still checks the request (e.g. the sort column)
+    with Store(ws.db_path if ws.db_path.exists() else ":memory:") as store:
+        return direct(store)
 
 
 def _job_settings(args):
@@ -161,46 +202,101 @@ def _job_settings(args):
 
 
 def cmd_run(args) -> int:
-    from backend.jobs import JobManager
-    from ltm_tui.report import RunProgress, print_ranked
+    from dataclasses import asdict
+
+    from backend.client import connect
 
     settings = _job_settings(args)
-    ws, store = _open(args)
-    with store:
-        manager = JobManager(ws, store)
-        seeds = range(args.seed, args.seed + max(1, args.seeds))
-        submission = manager.submit(args.files, settings, seeds=seeds)
-        for err in submission.errors:
-            print(f"ltm-tui: {err.one_line()}", file=sys.stderr)
-        mine = submission.run_ids + submission.baseline_ids
-        if not submission.run_ids:
-            print("ltm-tui: no corpus could be read; nothing was queued", file=sys.stderr)
-            return EXIT_FAILED
-        progress = RunProgress(store, mine, enabled=not args.quiet and args.format == "table")
-        with progress:
-            manager.run_queue(on_event=progress.on_event)
-        rows = [r for r in store.results() if r["run_id"] in mine]
-        if args.format == "json":
-            print(json.dumps(rows, ensure_ascii=False, indent=1))
-        else:
-            print_ranked(rows)
-            for r in rows:
-                if r["status"] != "done":
-                    print(f"ltm-tui: {r['run_id']} {r['status']}: {r.get('error')}", file=sys.stderr)
-        failed = submission.errors or any(r["status"] != "done" for r in rows)
-        return EXIT_FAILED if failed else EXIT_OK
+    ws = _workspace(args)
+    seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
+    paths = [str(Path(p).expanduser().absolute()) for p in args.files]
+    with connect(ws) as client:
+        sub = client.call("submit", paths=paths, settings=asdict(settings), seeds=seeds)
+    for line in sub["errors"]:
+        print(f"ltm-tui: {line}", file=sys.stderr)
+    if not sub["run_ids"]:
+        print("ltm-tui: no corpus could be read; nothing was queued", file=sys.stderr)
+        return EXIT_FAILED
+    mine = sub["run_ids"] + sub["baseline_ids"]
+    follow(ws, mine, quiet=args.quiet or args.format != "table")
+    with connect(ws) as client:
+        rows = [r for r in client.call("results") if r["run_id"] in mine]
+    if args.format == "json":
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+    else:
+        from ltm_tui.report import print_ranked
+
+        print_ranked(rows)
+        for r in rows:
+            if r["status"] != "done":
+                print(f"ltm-tui: {r['run_id']} {r['status']}: {r.get('error')}", file=sys.stderr)
+    failed = sub["errors"] or any(r["status"] != "done" for r in rows)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+TERMINAL = ("done", "failed", "cancelled", "interrupted")
+
+
+def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, str]:
+    """Progress bars for these runs until each reaches a terminal state; returns their states.
+    Ctrl-C or a dropped terminal only detaches: the jobs go on in the service."""
+    from backend.client import connect
+    from ltm_tui.report import RunProgress
+
+    events = connect(ws)
+    stream = events.subscribe()  # subscribe first, then read states: no change falls between
+    with connect(ws) as client:
+        jobs = client.call("jobs", runs=run_ids)
+    states = {j["run_id"]: j["status"] for j in jobs}
+    try:
+        with RunProgress(jobs, enabled=not quiet) as progress:
+            for job in jobs:
+                if job.get("step") and job.get("total"):
+                    progress.on_event({"type": "progress", **job})
+            while any(s not in TERMINAL for s in states.values()):
+                event = next(stream)
+                if event.get("type") == "service":
+                    raise LtmErrorStopped()
+                if event.get("run_id") in states:
+                    if event.get("type") == "state":
+                        states[event["run_id"]] = event["status"]
+                    progress.on_event(event)
+    except KeyboardInterrupt:
+        print(
+            f"\nltm-tui: detached; the jobs go on. Follow them again with: ltm-tui follow --workspace {ws.root}",
+            file=sys.stderr,
+        )
+        raise SystemExit(EXIT_INTERRUPTED) from None
+    finally:
+        events.close()
+    return states
+
+
+class LtmErrorStopped(Exception):
+    pass
+
+
+def cmd_follow(args) -> int:
+    ws = _workspace(args)
+    try:
+        states = follow(ws, args.runs or None)
+    except LtmErrorStopped:
+        print("ltm-tui: the service stopped; `ltm-tui status` shows where the jobs are", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if all(s == "done" for s in states.values()) else EXIT_FAILED
 
 
 def cmd_results(args) -> int:
     from ltm_tui.report import print_ranked, rows_to_csv
 
-    _, store = _open(args)
-    with store:
-        try:
-            rows = store.results(sort=args.sort, descending=args.descending)
-        except ValueError as exc:
-            print(f"ltm-tui: {exc}", file=sys.stderr)
-            return EXIT_USAGE
+    try:
+        rows = _ask(
+            args, "results", lambda st: st.results(sort=args.sort, descending=args.descending),
+            sort=args.sort, descending=args.descending,
+        )
+    except ValueError as exc:
+        print(f"ltm-tui: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     if args.format == "json":
         print(json.dumps(rows, ensure_ascii=False, indent=1))
     elif args.format == "csv":
@@ -211,44 +307,103 @@ def cmd_results(args) -> int:
 
 
 def cmd_export(args) -> int:
-    _, store = _open(args)
-    with store:
-        try:
-            path = store.export_csv(Path(args.csv).expanduser(), sort=args.sort)
-        except ValueError as exc:
-            print(f"ltm-tui: {exc}", file=sys.stderr)
-            return EXIT_USAGE
-        except OSError as exc:
-            print(f"ltm-tui: cannot write {args.csv}: {exc.strerror}", file=sys.stderr)
-            return EXIT_FAILED
+    target = str(Path(args.csv).expanduser().absolute())
+    try:
+        path = _ask(
+            args, "export",
+            lambda st: st.export_csv(target, sort=args.sort),
+            path=target, sort=args.sort,
+        )
+    except ValueError as exc:
+        print(f"ltm-tui: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"ltm-tui: cannot write {args.csv}: {exc.strerror}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"wrote {path}")
     return EXIT_OK
+
+
+def _status_rows(store) -> list[dict]:
+    return [
+        {
+            "run_id": r["run_id"],
+            "corpus": Path(r["corpus_path"]).name if r.get("corpus_path") else None,
+            "kind": r["kind"],
+            "base": r["base"],
+            "status": r["status"],
+            "step": r.get("steps"),
+            "total": None,
+            "loss": None,
+            "tokens_per_s": None,
+            "pid": None,
+            "eta_s": None,
+            "error": r.get("error"),
+        }
+        for r in store.list_runs()
+    ]
 
 
 def cmd_status(args) -> int:
     from ltm_tui.report import print_status
 
-    _, store = _open(args)
-    with store:
-        runs = store.list_runs()
-        jobs = [
-            {
-                "run_id": r["run_id"],
-                "corpus": Path(r["corpus_path"]).name if r.get("corpus_path") else None,
-                "kind": r["kind"],
-                "status": r["status"],
-                "step": r.get("steps"),
-                "total": None,
-                "pid": None,
-                "eta_s": None,
-                "error": r.get("error"),
-            }
-            for r in runs
-        ]
+    jobs = _ask(args, "jobs", _status_rows)
     if args.format == "json":
         print(json.dumps(jobs, ensure_ascii=False, indent=1))
     else:
         print_status(jobs)
+    return EXIT_OK
+
+
+def cmd_cancel(args) -> int:
+    from backend.client import connect
+
+    with connect(_workspace(args)) as client:
+        client.call("cancel", run_id=args.run_id)
+    print(f"cancelled {args.run_id}")
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    from backend.client import connect
+
+    with connect(_workspace(args)) as client:
+        client.call("retry", run_id=args.run_id)
+    print(f"queued {args.run_id} again; it resumes from its newest checkpoint (ltm-tui follow shows it)")
+    return EXIT_OK
+
+
+def cmd_serve(args) -> int:
+    ws = _workspace(args)
+    if args.detach:
+        from backend.client import connect
+
+        with connect(ws) as client:
+            pid = client.call("ping")["pid"]
+        print(f"service running on {ws.root} (pid {pid})")
+        return EXIT_OK
+    from backend.service import main as serve_main
+
+    return serve_main(["--workspace", str(ws.root), "--slots-per-gpu", str(args.slots_per_gpu)])
+
+
+def cmd_stop(args) -> int:
+    import time
+
+    from backend.client import try_connect
+    from backend.jobs import process_alive
+
+    ws = _workspace(args)
+    client = try_connect(ws)
+    if client is None:
+        print(f"no service runs on {ws.root}")
+        return EXIT_OK
+    with client:
+        pid = client.call("stop", workers=args.all)["pid"]
+    deadline = time.monotonic() + 60
+    while process_alive(pid, None) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    print(f"stopped the service on {ws.root}" + (" and its workers" if args.all else "; workers go on"))
     return EXIT_OK
 
 

@@ -16,7 +16,7 @@ PERPLEXITY = "perplexity"
 class RunProgress:
     """One bar per run: phase, step/total, loss, tokens/s and ETA, fed by job-manager events."""
 
-    def __init__(self, store, run_ids: Iterable[str], *, enabled: bool = True) -> None:
+    def __init__(self, jobs: Iterable[dict], *, enabled: bool = True) -> None:
         self.console = Console(stderr=True)
         self.enabled = enabled
         self.progress = Progress(
@@ -32,11 +32,10 @@ class RunProgress:
             disable=not enabled or not self.console.is_terminal,
         )
         self.tasks: dict[str, TaskID] = {}
-        for run_id in run_ids:
-            run = store.get_run(run_id)
-            label = "baseline " + run["base"] if run["kind"] == "baseline" else _name(run["corpus_path"])
-            self.tasks[run_id] = self.progress.add_task(
-                "", total=1, label=label[:24], phase=run["status"], loss="-", tps="-", eta="-"
+        for job in jobs:
+            label = "baseline " + job["base"] if job["kind"] == "baseline" else (job.get("corpus") or "-")
+            self.tasks[job["run_id"]] = self.progress.add_task(
+                "", total=1, label=label[:24], phase=job["status"], loss="-", tps="-", eta="-"
             )
 
     def __enter__(self):
@@ -74,10 +73,6 @@ class RunProgress:
                 t = self.progress.tasks[task]
                 fields.update(completed=t.total, eta="0s")
             self.progress.update(task, **fields)
-
-
-def _name(path: str | None) -> str:
-    return path.rsplit("/", 1)[-1] if path else "-"
 
 
 def _duration(seconds) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,26 @@ STORY_TEXT = (
     "The old fisherman rowed past the harbour wall at dawn, humming to the gulls.\n"
     "His daughter mended nets and counted the boats coming home.\n"
 ) * 40
+
+
+@pytest.fixture(autouse=True)
+def stop_services(tmp_path: Path):
+    """Every job service a test started (through the real CLI) is stopped with its workers."""
+    yield
+    from backend.client import try_connect
+    from backend.jobs import process_alive
+
+    for sock in tmp_path.rglob("service.sock"):
+        from backend.workspace import Workspace
+
+        client = try_connect(Workspace(sock.parent))
+        if client is None:
+            continue
+        with client:
+            pid = client.call("stop", workers=True)["pid"]
+        deadline = time.monotonic() + 60
+        while process_alive(pid, None) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @pytest.fixture

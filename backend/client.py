@@ -1,0 +1,133 @@
+"""A client of the job service: JSON lines over the workspace's Unix socket.
+
+`connect(workspace)` finds the running service or starts one detached (its own session, its own
+log, `service.log`), so no client's exit — a closed dashboard, a dropped SSH connection —
+reaches the queue.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Any, Iterator
+
+from backend.errors import LtmError
+from backend.workspace import PROJECT_ROOT, Workspace
+
+START_TIMEOUT = 30.0
+
+
+class ServiceError(LtmError):
+    title = "service"
+
+
+class Client:
+    def __init__(self, workspace: Workspace, timeout: float | None = 60.0) -> None:
+        self.workspace = workspace
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(workspace.socket_path))
+        self.rfile = self.sock.makefile("rb")
+        self._ids = itertools.count(1)
+
+    def close(self) -> None:
+        try:
+            self.rfile.close()
+        finally:
+            self.sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _send(self, op: str, args: dict) -> int:
+        rid = next(self._ids)
+        line = json.dumps({"id": rid, "op": op, "args": args}, ensure_ascii=False) + "\n"
+        self.sock.sendall(line.encode())
+        return rid
+
+    def _read(self) -> dict:
+        raw = self.rfile.readline()
+        if not raw:
+            raise ServiceError(f"the service on {self.workspace.root} closed the connection; see its service.log")
+        return json.loads(raw)
+
+    def call(self, op: str, **args: Any) -> Any:
+        self._send(op, args)
+        reply = self._read()
+        if not reply.get("ok"):
+            err = reply.get("error") or {}
+            raise LtmError(err.get("message", "request failed"), title=err.get("title", "service"))
+        return reply.get("result")
+
+    def subscribe(self) -> Iterator[dict]:
+        """Every event the service sees from now on, in order, until it stops."""
+        self.sock.settimeout(None)
+        self.call("subscribe")
+        while True:
+            reply = self._read()
+            event = reply.get("event")
+            if event is None:
+                continue
+            yield event
+            if event.get("type") == "service" and event.get("status") == "stopped":
+                return
+
+
+def try_connect(workspace: Workspace) -> Client | None:
+    """A client of the running service, or None when no service answers on this workspace."""
+    if not workspace.socket_path.exists():
+        return None
+    try:
+        client = Client(workspace)
+        client.call("ping")
+        return client
+    except (OSError, LtmError):
+        return None
+
+
+def start_service(workspace: Workspace) -> subprocess.Popen:
+    workspace.ensure()
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(workspace.log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "backend.service", "--workspace", str(workspace.root)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
+
+
+def connect(workspace: Workspace, *, start: bool = True) -> Client:
+    """The running service's client; starts the service first when none answers."""
+    client = try_connect(workspace)
+    if client is not None:
+        return client
+    if not start:
+        raise ServiceError(f"no service runs on {workspace.root}; `ltm-tui serve` starts one")
+    proc = start_service(workspace)
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        client = try_connect(workspace)
+        if client is not None:
+            return client
+        code = proc.poll()
+        if code is not None:
+            client = try_connect(workspace)  # another client may have started one just now
+            if client is not None:
+                return client
+            tail = workspace.log_path.read_text(errors="replace").strip().splitlines()[-1:] if workspace.log_path.exists() else []
+            raise ServiceError(f"the service did not start (exit {code}): {' '.join(tail)}")
+        time.sleep(0.1)
+    raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f}s; see {workspace.log_path}")
