@@ -68,9 +68,13 @@ class Client:
         return reply.get("result")
 
     def subscribe(self) -> Iterator[dict]:
-        """Every event the service sees from now on, in order, until it stops."""
+        """Every event the service sees from now on, in order, until it stops. The subscription
+        is made before this returns, so no event falls between it and a later request."""
         self.sock.settimeout(None)
         self.call("subscribe")
+        return self._events()
+
+    def _events(self) -> Iterator[dict]:
         while True:
             reply = self._read()
             event = reply.get("event")
