@@ -76,10 +76,18 @@ def new_run_id(label: str, seed: int) -> str:
 
 
 class JobManager:
-    def __init__(self, workspace: Workspace, store: Store, slots: list[str | None] | None = None) -> None:
+    def __init__(
+        self,
+        workspace: Workspace,
+        store: Store,
+        slots: list[str | None] | None = None,
+        linger: float = 0.0,
+    ) -> None:
         self.workspace = workspace.ensure()
         self.store = store
         self.slots = slots if slots is not None else detect_slots()
+        # how long a worker that finished its jobs waits for more on the same base (warm worker)
+        self.linger = linger
         self.live: dict[int, LiveWorker] = {}  # by pid
 
     # -- queueing ---------------------------------------------------------------------------
@@ -186,9 +194,7 @@ class JobManager:
         for run in self.store.list_runs(status=["queued"]):
             if run["run_id"] in held:
                 continue
-            s = run["settings"]
-            key = json.dumps([s["base"], s["scenes"], s.get("train"), s.get("lora")], sort_keys=True)
-            groups.setdefault(key, []).append(run)
+            groups.setdefault(_session_key(run["settings"]), []).append(run)
         for runs in groups.values():
             runs.sort(key=lambda r: (r["kind"] != "baseline", -r["priority"], r["created_at"]))
         return sorted(groups.values(), key=lambda g: (-max(r["priority"] for r in g), g[0]["created_at"]))
@@ -210,9 +216,37 @@ class JobManager:
                 del self.live[worker.pid]
         free = self.free_slots()
         for group in self.sessions():
-            if not free:
-                break
-            self.start_session(group, free.pop(0), on_event)
+            # a free slot runs the group in parallel; with none, a worker already holding the
+            # same base takes it next (a 13B base loads slower than it trains on one page)
+            if free:
+                self.start_session(group, free.pop(0), on_event)
+            elif (warm := self._warm_worker_for(group)) is not None:
+                self._hand_over(warm, group, on_event)
+
+    def _warm_worker_for(self, group: list[dict]) -> LiveWorker | None:
+        """A live worker on the same base and settings, which takes these jobs next without
+        loading its base again."""
+        key = _session_key(group[0]["settings"])
+        for worker in self.live.values():
+            if worker.key == key and worker.stop_requested is None and worker.proc is not None:
+                return worker
+        return None
+
+    def _hand_over(self, worker: LiveWorker, runs: list[dict], on_event: EventHook) -> None:
+        path = worker.session_path.with_name(
+            f"{worker.session_path.stem}.more-{time.time_ns()}.json"
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"jobs": self._session_jobs(runs)}, indent=1))
+        tmp.replace(path)  # the worker only ever sees a complete file
+        for r in runs:
+            worker.run_ids.append(r["run_id"])
+            worker.offsets[r["run_id"]] = 0
+            self.store.update_run(
+                r["run_id"], worker_pid=worker.pid, worker_start=worker.start_ticks,
+                session_path=str(worker.session_path),
+            )
+        on_event({"type": "worker", "pid": worker.pid, "runs": [r["run_id"] for r in runs], "warm": True})
 
     def idle(self) -> bool:
         return not self.live and not self.sessions()
@@ -261,7 +295,20 @@ class JobManager:
             "base": s["base"],
             "scenes": s["scenes"],
             "slot": slot,
-            "jobs": [
+            "linger": self.linger,
+            "jobs": self._session_jobs(runs),
+        }
+        path = self.workspace.sessions_dir / f"session-{int(time.time())}-{secrets.token_hex(3)}.json"
+        path.write_text(json.dumps(session, indent=1))
+        return path
+
+    def _session_jobs(self, runs: list[dict]) -> list[dict]:
+        jobs = []
+        for r in runs:
+            s = r["settings"]
+            Path(r["run_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(r["run_dir"]) / "job.json").write_text(json.dumps(r, default=str, indent=1))
+            jobs.append(
                 {
                     "run_id": r["run_id"],
                     "kind": r["kind"],
@@ -271,15 +318,8 @@ class JobManager:
                     "train": s.get("train") or {},
                     "lora": s.get("lora") or {},
                 }
-                for r in runs
-            ],
-        }
-        for r in runs:
-            Path(r["run_dir"]).mkdir(parents=True, exist_ok=True)
-            (Path(r["run_dir"]) / "job.json").write_text(json.dumps(r, default=str, indent=1))
-        path = self.workspace.sessions_dir / f"session-{int(time.time())}-{secrets.token_hex(3)}.json"
-        path.write_text(json.dumps(session, indent=1))
-        return path
+            )
+        return jobs
 
     def start_worker(self, session_path: Path, slot: str | None = None) -> subprocess.Popen:
         """A worker in its own session (setsid) with its own log: a client's exit or a dropped
@@ -313,6 +353,7 @@ class JobManager:
             run_ids=[r["run_id"] for r in runs],
             slot=slot_index,
             proc=proc,
+            key=_session_key(runs[0]["settings"]),
         )
         worker.offsets = {r: 0 for r in worker.run_ids}
         for r in worker.run_ids:
@@ -364,6 +405,8 @@ class JobManager:
         to the queue, unless the worker died before doing anything at all (then it fails, so a
         worker that cannot start does not loop)."""
         code = worker.exit_code()
+        for more in worker.session_path.parent.glob(f"{worker.session_path.stem}.more-*.json"):
+            more.rename(more.with_suffix(".orphan"))  # handed over too late: back to the queue
         for run_id in worker.run_ids:
             run = self.store.get_run(run_id)
             state = JobState(run["status"])
@@ -443,6 +486,7 @@ class LiveWorker:
     offsets: dict[str, int] = field(default_factory=dict)
     stop_requested: float | None = None
     seen_events: bool = False
+    key: str | None = None  # base and settings it serves, for handing it more jobs
 
     def exit_code(self) -> int | None:
         """None while it runs; its exit code (our child), or -1 (an adopted one that is gone)."""
@@ -492,6 +536,12 @@ def process_alive(pid: int | None, start_ticks: int | None) -> bool:
         return False
     ticks = process_start_ticks(pid)
     return ticks is not None and (start_ticks is None or ticks == start_ticks)
+
+
+def _session_key(settings: dict) -> str:
+    """Runs with the same key can share one worker and its loaded base."""
+    s = settings
+    return json.dumps([s["base"], s["scenes"], s.get("train"), s.get("lora")], sort_keys=True)
 
 
 def _session_slot(path: Path) -> str | None:

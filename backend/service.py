@@ -35,6 +35,7 @@ from backend.workspace import Workspace
 
 PROTOCOL_VERSION = 1
 TICK_SECONDS = 0.25
+WARM_LINGER_SECONDS = 20.0  # a worker with nothing left waits this long for more on its base
 
 
 class ServiceBusy(LtmError):
@@ -51,7 +52,9 @@ class Service:
         self.workspace = workspace.ensure()
         self._lock_fh = self._take_lock()
         self.store = Store(workspace.db_path)
-        self.manager = JobManager(workspace, self.store, slots=detect_slots(slots_per_gpu))
+        self.manager = JobManager(
+            workspace, self.store, slots=detect_slots(slots_per_gpu), linger=WARM_LINGER_SECONDS
+        )
         self.lock = threading.RLock()  # one thread at a time touches the manager
         self.progress: dict[str, dict] = {}  # run_id -> last progress event
         self.subscribers: list[queue.Queue] = []

@@ -234,20 +234,41 @@ def main(argv: list[str] | None = None) -> int:
         print(f"worker: cannot read session {argv[0]}: {exc}", file=sys.stderr)
         return EXIT_BAD_SESSION
     failed = False
-    for job in session["jobs"]:
-        try:
-            worker.run_job(job)
-        except StopRequested:
-            return EXIT_STOPPED
-        except LtmError as exc:
-            failed = True
-            _report(job, exc.one_line())
-        except Exception as exc:  # anything else: one line for the user, the traceback in train.log
-            failed = True
-            _report(job, _describe(exc), traceback.format_exc())
-        if Stop.requested:
-            return EXIT_STOPPED
+    jobs = list(session["jobs"])
+    while jobs:
+        for job in jobs:
+            try:
+                worker.run_job(job)
+            except StopRequested:
+                return EXIT_STOPPED
+            except LtmError as exc:
+                failed = True
+                _report(job, exc.one_line())
+            except Exception as exc:  # anything else: one line for the user, the traceback in train.log
+                failed = True
+                _report(job, _describe(exc), traceback.format_exc())
+            if Stop.requested:
+                return EXIT_STOPPED
+        jobs = claim_more(Path(argv[0]), float(session.get("linger") or 0))
     return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def claim_more(session_path: Path, linger: float) -> list[dict]:
+    """Jobs the service handed over while this worker ran (`<session>.more-*.json`), waiting up
+    to `linger` seconds for some: a warm worker keeps its base loaded for the next corpus.
+    Renaming a file claims it; one the service finds unclaimed after we exit goes back to the queue."""
+    deadline = time.monotonic() + linger
+    while True:
+        for more in sorted(session_path.parent.glob(f"{session_path.stem}.more-*.json")):
+            taken = more.with_suffix(".taken")
+            try:
+                more.rename(taken)
+            except FileNotFoundError:
+                continue
+            return json.loads(taken.read_text(encoding="utf-8"))["jobs"]
+        if time.monotonic() >= deadline or Stop.requested:
+            return []
+        time.sleep(0.2)
 
 
 def _describe(exc: Exception) -> str:

@@ -196,3 +196,22 @@ def test_a_client_of_another_user_is_refused(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert out.stdout.strip() == "denied" or "another user" in out.stdout
+
+
+def test_a_warm_worker_takes_the_next_corpus_on_its_base(tmp_path, corpora, tiny_battery):
+    """A corpus queued while a worker runs on the same base goes to that worker, not a new one."""
+    ws = Workspace(tmp_path / "ws")
+    first = _start_run(ws, corpora["logic"], scenes=tiny_battery)
+    job = _training(ws, "logic.txt")
+    second = cli("run", str(corpora["story"]), "--scenes", str(tiny_battery), "--workspace", str(ws.root), *SLOW)
+    assert second.returncode == 0, second.stderr
+    assert first.wait(timeout=120) == 0
+    with connect(ws) as client:
+        jobs = {j["corpus"]: j for j in client.call("jobs")}
+    assert jobs["story.txt"]["status"] == "done"
+    with connect(ws) as client:
+        client.call("stop", workers=True)
+    _wait(lambda: not ws.socket_path.exists(), what="service stopped")
+    with Store(ws.db_path) as store:
+        runs = {r["corpus_path"].rsplit("/", 1)[-1]: r for r in store.list_runs() if r["corpus_path"]}
+    assert runs["story.txt"]["worker_pid"] == runs["logic.txt"]["worker_pid"] == job["pid"]
