@@ -1,9 +1,9 @@
 """The job manager: corpora in, runs queued, workers started, their events turned into states.
 
-This is the part of the service that owns the queue. `ltm-tui run` drives it in-process for
-now; the job service will host the same object behind its socket. It never imports torch:
-training happens in worker subprocesses (`python -m backend.worker`), started in their own
-session with their own log file, which write only their run folders.
+The job service (`backend.service`) hosts one JobManager and calls `tick()` a few times a
+second; tests and benchmarks can drive it in-process with `run_queue()`. It never imports torch:
+training happens in workers (`python -m backend.worker`) that an executor starts
+(`backend.executor`), which write only their run folders; the manager reads their events.
 """
 
 from __future__ import annotations
@@ -13,9 +13,6 @@ import json
 import os
 import re
 import secrets
-import signal
-import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +21,7 @@ from typing import Any, Callable, Iterable
 from backend.corpora import expand_paths, inspect_corpus
 from backend.errors import CorpusError, JobError, LtmError
 from backend.events import read_events
+from backend.executor import Executor, LocalExecutor, WorkerHandle
 from backend.states import JobState
 from backend.store import Store
 from backend.workspace import PROJECT_ROOT, Workspace
@@ -82,9 +80,11 @@ class JobManager:
         store: Store,
         slots: list[str | None] | None = None,
         linger: float = 0.0,
+        executor: Executor | None = None,
     ) -> None:
         self.workspace = workspace.ensure()
         self.store = store
+        self.executor = executor or LocalExecutor()
         self.slots = slots if slots is not None else detect_slots()
         # how long a worker that finished its jobs waits for more on the same base (warm worker)
         self.linger = linger
@@ -228,7 +228,7 @@ class JobManager:
         loading its base again."""
         key = _session_key(group[0]["settings"])
         for worker in self.live.values():
-            if worker.key == key and worker.stop_requested is None and worker.proc is not None:
+            if worker.key == key and worker.stop_requested is None and not worker.adopted:
                 return worker
         return None
 
@@ -321,47 +321,26 @@ class JobManager:
             )
         return jobs
 
-    def start_worker(self, session_path: Path, slot: str | None = None) -> subprocess.Popen:
-        """A worker in its own session (setsid) with its own log: a client's exit or a dropped
-        terminal does not reach it, and it outlives a restart of the service."""
-        log_path = session_path.with_suffix(".log")
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        if slot is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slot
-        with open(log_path, "ab") as log:
-            return subprocess.Popen(
-                [sys.executable, "-m", "backend.worker", str(session_path)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                env=env,
-            )
+    def start_worker(self, session_path: Path, slot: str | None = None) -> WorkerHandle:
+        return self.executor.start(session_path, slot)
 
     def start_session(self, runs: list[dict], slot_index: int, on_event: EventHook) -> LiveWorker:
         slot = self.slots[slot_index]
         session_path = self._write_session(runs, slot)
-        proc = self.start_worker(session_path, slot)
         worker = LiveWorker(
-            pid=proc.pid,
-            start_ticks=process_start_ticks(proc.pid),
+            process=self.start_worker(session_path, slot),
             session_path=session_path,
             run_ids=[r["run_id"] for r in runs],
             slot=slot_index,
-            proc=proc,
             key=_session_key(runs[0]["settings"]),
         )
         worker.offsets = {r: 0 for r in worker.run_ids}
         for r in worker.run_ids:
             self.store.update_run(
-                r, worker_pid=proc.pid, worker_start=worker.start_ticks, session_path=str(session_path)
+                r, worker_pid=worker.pid, worker_start=worker.start_ticks, session_path=str(session_path)
             )
-        self.live[proc.pid] = worker
-        on_event({"type": "worker", "pid": proc.pid, "runs": list(worker.run_ids), "slot": slot})
+        self.live[worker.pid] = worker
+        on_event({"type": "worker", "pid": worker.pid, "runs": list(worker.run_ids), "slot": slot})
         return worker
 
     def reattach(self, on_event: EventHook) -> None:
@@ -373,19 +352,21 @@ class JobManager:
             if pid is None:
                 continue
             run_id = run["run_id"]
-            if process_alive(pid, ticks):
-                worker = self.live.get(pid)
+            worker = self.live.get(pid)
+            handle = worker.process if worker else self.executor.adopt(pid, ticks)
+            if handle is not None:
                 if worker is None:
                     session_path = Path(run["session_path"])
                     slot = _session_slot(session_path)
                     index = self.slots.index(slot) if slot in self.slots else 0
-                    worker = LiveWorker(pid, ticks, session_path, [], index, proc=None)
+                    worker = LiveWorker(handle, session_path, [], index, adopted=True)
                     self.live[pid] = worker
                     on_event({"type": "worker", "pid": pid, "runs": [], "adopted": True})
                 worker.run_ids.append(run_id)
                 worker.offsets[run_id] = 0
             else:
-                ghost = LiveWorker(pid, ticks, Path(run["session_path"] or "."), [run_id], 0)
+                gone = _GoneProcess(pid, ticks)
+                ghost = LiveWorker(gone, Path(run["session_path"] or "."), [run_id], 0)
                 ghost.offsets[run_id] = 0
                 self._pump(ghost, on_event)
                 self._settle(ghost, on_event, reason="worker died while no service watched it")
@@ -475,67 +456,58 @@ ORDER = {JobState.QUEUED: 0, JobState.STARTING: 1, JobState.TRAINING: 2, JobStat
 
 @dataclass
 class LiveWorker:
-    """A worker process the manager watches: its own child, or one adopted after a restart."""
+    """A worker the manager watches, through its executor's handle."""
 
-    pid: int
-    start_ticks: int | None
+    process: WorkerHandle
     session_path: Path
     run_ids: list[str]
     slot: int
-    proc: subprocess.Popen | None = None
     offsets: dict[str, int] = field(default_factory=dict)
     stop_requested: float | None = None
     seen_events: bool = False
     key: str | None = None  # base and settings it serves, for handing it more jobs
+    adopted: bool = False  # started by an earlier service
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def start_ticks(self) -> int | None:
+        return self.process.start_ticks
 
     def exit_code(self) -> int | None:
-        """None while it runs; its exit code (our child), or -1 (an adopted one that is gone)."""
-        if self.proc is not None:
-            return self.proc.poll()
-        return None if process_alive(self.pid, self.start_ticks) else -1
+        return self.process.exit_code()
 
     def request_stop(self) -> None:
-        """SIGTERM to the worker's process group: it saves a checkpoint and exits."""
+        """Ask it to checkpoint and exit (SIGTERM for a local process)."""
         if self.stop_requested is None and self.exit_code() is None:
             self.stop_requested = time.monotonic()
-            _signal_group(self.pid, signal.SIGTERM)
+            self.process.terminate()
 
     def enforce_stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         if self.stop_requested is not None and time.monotonic() - self.stop_requested > grace:
             self.kill()
 
     def kill(self) -> None:
-        if self.exit_code() is None:
-            _signal_group(self.pid, signal.SIGKILL)
-            if self.proc is not None:
-                self.proc.wait()
+        self.process.kill()
 
 
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except (ProcessLookupError, PermissionError):
+@dataclass
+class _GoneProcess:
+    """The handle of a worker that died while no service watched it."""
+
+    pid: int
+    start_ticks: int | None
+
+    def exit_code(self) -> int:
+        return -1
+
+    def terminate(self) -> None:
         pass
 
-
-def process_start_ticks(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None if
-    there is no such live process. With the pid it names one process for good."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rfind(")") + 2 :].split()
-    if fields[0] in ("Z", "X"):  # a zombie has finished
-        return None
-    return int(fields[19])
-
-
-def process_alive(pid: int | None, start_ticks: int | None) -> bool:
-    if not pid:
-        return False
-    ticks = process_start_ticks(pid)
-    return ticks is not None and (start_ticks is None or ticks == start_ticks)
+    def kill(self) -> None:
+        pass
 
 
 def _session_key(settings: dict) -> str:

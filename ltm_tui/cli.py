@@ -43,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scenes", metavar="DIR", help="battery folder or file (default: the built-in scenes/)")
     run.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     run.add_argument("--seeds", type=int, default=1, help="repeats with seeds seed..seed+N-1 (default 1)")
+    run.add_argument("--priority", type=int, default=0, help="higher runs first (default 0; FIFO within a priority)")
     run.add_argument("--steps", type=int, help="cap on optimizer steps (default: from epochs and token floor)")
     run.add_argument("--epochs", type=float, help="passes over each corpus")
     run.add_argument("--min-train-tokens", type=int, help="train on at least this many tokens")
@@ -211,7 +212,7 @@ def cmd_run(args) -> int:
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
     paths = [str(Path(p).expanduser().absolute()) for p in args.files]
     with connect(ws) as client:
-        sub = client.call("submit", paths=paths, settings=asdict(settings), seeds=seeds)
+        sub = client.call("submit", paths=paths, settings=asdict(settings), seeds=seeds, priority=args.priority)
     for line in sub["errors"]:
         print(f"ltm-tui: {line}", file=sys.stderr)
     if not sub["run_ids"]:
@@ -391,7 +392,7 @@ def cmd_stop(args) -> int:
     import time
 
     from backend.client import try_connect
-    from backend.jobs import process_alive
+    from backend.executor import process_alive
 
     ws = _workspace(args)
     client = try_connect(ws)

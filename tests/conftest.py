@@ -36,7 +36,7 @@ def stop_services(tmp_path: Path):
     """Every job service a test started (through the real CLI) is stopped with its workers."""
     yield
     from backend.client import try_connect
-    from backend.jobs import process_alive
+    from backend.executor import process_alive
 
     for sock in tmp_path.rglob("service.sock"):
         from backend.workspace import Workspace

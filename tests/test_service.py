@@ -14,7 +14,7 @@ import time
 import pytest
 
 from backend.client import connect
-from backend.jobs import process_alive
+from backend.executor import process_alive
 from backend.store import Store
 from backend.workspace import Workspace
 from tests.conftest import REPO, cli
