@@ -20,6 +20,9 @@ from backend.errors import LtmError
 from backend.workspace import PROJECT_ROOT, Workspace
 
 START_TIMEOUT = 30.0
+# A service a client started on demand exits after this long with nothing queued, running or
+# watching; the next client starts it again. `ltm-tui serve` in the foreground never does.
+ON_DEMAND_IDLE_EXIT = 600
 
 
 class ServiceError(LtmError):
@@ -104,7 +107,8 @@ def start_service(workspace: Workspace) -> subprocess.Popen:
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(workspace.log_path, "ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "backend.service", "--workspace", str(workspace.root)],
+            [sys.executable, "-m", "backend.service", "--workspace", str(workspace.root),
+             "--idle-exit", str(ON_DEMAND_IDLE_EXIT)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
