@@ -40,7 +40,8 @@ def _jobs(ws: Workspace) -> list[dict]:
 
 
 def _job(ws, corpus):
-    return next(j for j in _jobs(ws) if j["corpus"] == corpus)
+    """The corpus's job, or None while `ltm-tui run` has not queued it yet."""
+    return next((j for j in _jobs(ws) if j["corpus"] == corpus), None)
 
 
 def _start_run(ws, *files, scenes, extra=SLOW):
