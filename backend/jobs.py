@@ -24,7 +24,7 @@ from backend.events import read_events
 from backend.executor import Executor, LocalExecutor, WorkerHandle
 from backend.states import JobState
 from backend.store import Store
-from backend.workspace import PROJECT_ROOT, Workspace
+from backend.workspace import Workspace
 
 EventHook = Callable[[dict], None]
 STOP_GRACE_SECONDS = 30.0

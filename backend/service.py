@@ -181,7 +181,8 @@ class Service:
     def jobs(self, runs: list[str] | None = None) -> list[dict]:
         """The status rows: one per run, with live progress where a worker reports it."""
         wanted = set(runs) if runs else None
-        pids = {r: w.pid for w in self.manager.live.values() for r in w.run_ids}
+        with self.lock:
+            pids = {r: w.pid for w in self.manager.live.values() for r in w.run_ids}
         rows = []
         for run in self.store.list_runs():
             run_id = run["run_id"]

@@ -257,7 +257,7 @@ def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, s
             while any(s not in TERMINAL for s in states.values()):
                 event = next(stream)
                 if event.get("type") == "service":
-                    raise LtmErrorStopped()
+                    raise _service_stopped()
                 if event.get("run_id") in states:
                     if event.get("type") == "state":
                         states[event["run_id"]] = event["status"]
@@ -273,17 +273,14 @@ def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, s
     return states
 
 
-class LtmErrorStopped(Exception):
-    pass
+def _service_stopped():
+    from backend.errors import LtmError
+
+    return LtmError("the service stopped; `ltm-tui status` shows where the jobs are", title="service")
 
 
 def cmd_follow(args) -> int:
-    ws = _workspace(args)
-    try:
-        states = follow(ws, args.runs or None)
-    except LtmErrorStopped:
-        print("ltm-tui: the service stopped; `ltm-tui status` shows where the jobs are", file=sys.stderr)
-        return EXIT_FAILED
+    states = follow(_workspace(args), args.runs or None)
     return EXIT_OK if all(s == "done" for s in states.values()) else EXIT_FAILED
 
 

@@ -148,6 +148,17 @@ def tiny_hf_model(tmp_path_factory) -> Path:
     return folder
 
 
+def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+    """Poll a condition of real processes (a state in the store, a pid gone) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
 def cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
     """Run the real `ltm-tui` entry point in a subprocess."""
     import subprocess

@@ -17,21 +17,11 @@ from backend.client import connect
 from backend.executor import process_alive
 from backend.store import Store
 from backend.workspace import Workspace
-from tests.conftest import REPO, cli
+from tests.conftest import REPO, cli, wait_for
 
 # Long enough to be killed mid-training, short enough for CI.
 SLOW = ["--preset", "tiny", "--steps", "400", "--block-size", "64", "--micro-batch", "8",
         "--min-train-tokens", "0", "--epochs", "1000", "--quiet"]
-
-
-def _wait(predicate, timeout=120.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _jobs(ws: Workspace) -> list[dict]:
@@ -59,7 +49,7 @@ def _training(ws, corpus, min_step=5):
         job = _job(ws, corpus) if ws.socket_path.exists() else None
         return job if job and job["status"] == "training" and (job["step"] or 0) >= min_step else None
 
-    return _wait(check, what=f"{corpus} training")
+    return wait_for(check, what=f"{corpus} training")
 
 
 def test_killed_worker_is_interrupted_then_retry_resumes_to_done(tmp_path, corpora, tiny_battery):
@@ -67,7 +57,7 @@ def test_killed_worker_is_interrupted_then_retry_resumes_to_done(tmp_path, corpo
     client_proc = _start_run(ws, corpora["logic"], scenes=tiny_battery)
     job = _training(ws, "logic.txt", min_step=20)
     os.kill(job["pid"], signal.SIGKILL)
-    _wait(lambda: _job(ws, "logic.txt")["status"] == "interrupted", what="interrupted")
+    wait_for(lambda: _job(ws, "logic.txt")["status"] == "interrupted", what="interrupted")
     interrupted = _job(ws, "logic.txt")
     assert "worker exited with code -9" in interrupted["error"]
     assert "step" in interrupted["error"]  # the tail of its train.log
@@ -86,7 +76,7 @@ def test_retry_after_sigterm_resumes_from_the_checkpoint(tmp_path, corpora, tiny
     _start_run(ws, corpora["logic"], scenes=tiny_battery)
     job = _training(ws, "logic.txt", min_step=20)
     assert cli("cancel", job["run_id"], "--workspace", str(ws.root)).returncode == 0
-    _wait(lambda: not process_alive(job["pid"], None), what="worker stopped")
+    wait_for(lambda: not process_alive(job["pid"], None), what="worker stopped")
     ckpts = list((ws.run_dir(job["run_id"]) / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1  # SIGTERM saved one
     assert _job(ws, "logic.txt")["status"] == "cancelled"
@@ -107,7 +97,7 @@ def test_killed_service_leaves_workers_running_and_a_new_one_reattaches(tmp_path
     with connect(ws) as client:
         service_pid = client.call("ping")["pid"]
     os.kill(service_pid, signal.SIGKILL)
-    _wait(lambda: not process_alive(service_pid, None), what="service gone")
+    wait_for(lambda: not process_alive(service_pid, None), what="service gone")
     assert process_alive(job["pid"], None)  # the worker goes on without a service
     client_proc.kill()
 
@@ -127,10 +117,10 @@ def test_sighup_to_the_client_does_not_stop_the_queue(tmp_path, corpora, tiny_ba
     quick = ["--preset", "tiny", "--steps", "60", "--block-size", "64", "--micro-batch", "8",
              "--min-train-tokens", "0", "--epochs", "1000", "--quiet"]
     client_proc = _start_run(ws, corpora["logic"], corpora["story"], scenes=tiny_battery, extra=quick)
-    _wait(lambda: ws.socket_path.exists() and len(_jobs(ws)) == 3, what="jobs queued")
+    wait_for(lambda: ws.socket_path.exists() and len(_jobs(ws)) == 3, what="jobs queued")
     os.killpg(client_proc.pid, signal.SIGHUP)  # the SSH connection drops
     client_proc.wait(timeout=30)
-    _wait(lambda: all(j["status"] == "done" for j in _jobs(ws)), timeout=180, what="queue drained")
+    wait_for(lambda: all(j["status"] == "done" for j in _jobs(ws)), timeout=180, what="queue drained")
 
 
 def test_two_clients_share_one_service_and_a_second_service_refuses(tmp_path):
@@ -212,7 +202,7 @@ def test_a_warm_worker_takes_the_next_corpus_on_its_base(tmp_path, corpora, tiny
     assert jobs["story.txt"]["status"] == "done"
     with connect(ws) as client:
         client.call("stop", workers=True)
-    _wait(lambda: not ws.socket_path.exists(), what="service stopped")
+    wait_for(lambda: not ws.socket_path.exists(), what="service stopped")
     with Store(ws.db_path) as store:
         runs = {r["corpus_path"].rsplit("/", 1)[-1]: r for r in store.list_runs() if r["corpus_path"]}
     assert runs["story.txt"]["worker_pid"] == runs["logic.txt"]["worker_pid"] == job["pid"]

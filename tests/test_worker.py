@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 from backend.events import read_events
 from backend.jobs import JobManager, JobSettings
 from backend.store import Store
 from backend.workspace import Workspace
+from tests.conftest import wait_for
 
 TRAIN = {"block_size": 64, "micro_batch": 4, "min_train_tokens": 0, "epochs": 1000,
          "max_steps": 3000, "checkpoint_every": 0, "log_every": 5}
@@ -23,16 +23,6 @@ def _manager(tmp_path, battery):
                                  "trust_remote_code": False, "device": "cpu"},
                            scenes=str(battery), train=TRAIN)
     return JobManager(ws, store), store, settings
-
-
-def _wait_for(predicate, timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError("timed out waiting")
 
 
 def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery):
@@ -48,7 +38,7 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery
         steps = [e["step"] for e in events if e["type"] == "progress"]
         return steps and steps[-1] >= 20
 
-    _wait_for(progressed)
+    wait_for(progressed)
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 3
     ckpts = sorted((tmp_path / "ws" / "runs" / run["run_id"] / "checkpoints").glob("step-*"))
