@@ -248,6 +248,10 @@ def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, s
     stream = events.subscribe()  # subscribe first, then read states: no change falls between
     with connect(ws) as client:
         jobs = client.call("jobs", runs=run_ids)
+    if run_ids is None:
+        jobs = [j for j in jobs if j["status"] not in TERMINAL]
+        if not jobs:
+            print("nothing is queued or running", file=sys.stderr)
     states = {j["run_id"]: j["status"] for j in jobs}
     try:
         with RunProgress(jobs, enabled=not quiet) as progress:
