@@ -652,6 +652,10 @@ class Store:
                         + [_csv_cell(run_scores.get(m)) for m in measures]
                         + [passed, total]
                     )
+            # mkstemp makes the file 0600; a results table gets the usual mode for a new file
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
             os.replace(tmp, target)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)

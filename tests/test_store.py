@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import stat
 import subprocess
 import sys
 import threading
@@ -544,3 +546,13 @@ def test_concurrent_writes_to_one_run_do_not_conflict(store: Store):
     steps = [p["step"] for p in store.curve("shared")]
     assert steps == sorted(t * 100 + i for t in range(4) for i in range(25))
     assert store.get_run("shared")["steps"] in {t * 100 + 24 for t in range(4)}
+
+
+def test_exported_csv_has_the_usual_file_mode(tmp_path: Path):
+    old = os.umask(0o022)
+    try:
+        with Store(":memory:") as s:
+            path = s.export_csv(tmp_path / "t.csv")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
