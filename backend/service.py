@@ -18,6 +18,7 @@ import fcntl
 import json
 import os
 import queue
+import select
 import signal
 import socket
 import socketserver
@@ -251,6 +252,15 @@ def _handler_for(service: Service):
             except OSError:
                 return False
 
+        def _peer_gone(self) -> bool:
+            readable, _, _ = select.select([self.request], [], [], 0)
+            if not readable:
+                return False
+            try:
+                return self.request.recv(1, socket.MSG_PEEK) == b""
+            except OSError:
+                return True
+
         def _stream(self, rid) -> None:
             q: queue.Queue = queue.Queue()
             service.subscribers.append(q)
@@ -261,6 +271,8 @@ def _handler_for(service: Service):
                     try:
                         event = q.get(timeout=1.0)
                     except queue.Empty:
+                        if self._peer_gone():
+                            return  # a client that left must not keep the service busy
                         continue
                     if not self._send({"event": event}):
                         return
@@ -290,7 +302,11 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     signal.signal(signal.SIGINT, on_term)
-    return service.serve()
+    code = service.serve()
+    # Everything is closed and logged; leave now, so that no client connection still open in
+    # a handler thread can keep the process (and the workspace's lock file) alive.
+    sys.stdout.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

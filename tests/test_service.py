@@ -206,3 +206,17 @@ def test_a_warm_worker_takes_the_next_corpus_on_its_base(tmp_path, corpora, tiny
     with Store(ws.db_path) as store:
         runs = {r["corpus_path"].rsplit("/", 1)[-1]: r for r in store.list_runs() if r["corpus_path"]}
     assert runs["story.txt"]["worker_pid"] == runs["logic.txt"]["worker_pid"] == job["pid"]
+
+
+def test_a_subscriber_that_leaves_does_not_keep_the_service_busy(tmp_path):
+    """On-demand services exit when idle; a client that dropped its subscription must not
+    count as someone watching."""
+    ws = Workspace(tmp_path / "ws").ensure()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "backend.service", "--workspace", str(ws.root),
+                             "--idle-exit", "2"], env=env, start_new_session=True)
+    wait_for(lambda: ws.socket_path.exists(), what="service up")
+    listener = connect(ws)
+    listener.subscribe()
+    listener.close()  # the SSH session that was following drops
+    assert proc.wait(timeout=30) == 0  # it exits once idle; with the subscriber counted, never
