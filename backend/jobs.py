@@ -109,19 +109,20 @@ class JobManager:
                 infos.append(inspect_corpus(path))
             except CorpusError as exc:
                 errors.append(exc)
-        seeds = list(seeds)
-        baselines = [self._ensure_baseline(settings, seed, priority) for seed in seeds] if infos else []
+        # one read of the battery files per submission, not one per corpus and seed
+        keys = {seed: settings.baseline_key(seed) for seed in seeds}
+        baselines = [self._ensure_baseline(settings, seed, keys[seed], priority) for seed in keys] if infos else []
         run_ids = []
         for info in infos:
             corpus_id = self.store.add_corpus(info.to_dict())
-            for seed in seeds:
+            for seed in keys:
                 run_id = new_run_id(Path(info.name).stem, seed)
                 run_dir = self.workspace.run_dir(run_id)
                 self.store.create_run(
                     run_id,
                     kind="adapter",
                     base=settings.base_label(),
-                    settings=self._settings_record(settings, seed),
+                    settings=self._settings_record(settings, keys[seed]),
                     corpus_id=corpus_id,
                     corpus_path=str(info.path),
                     seed=seed,
@@ -131,18 +132,17 @@ class JobManager:
                 run_ids.append(run_id)
         return Submission(run_ids, [b for b in baselines if b], errors)
 
-    def _settings_record(self, settings: JobSettings, seed: int) -> dict:
+    def _settings_record(self, settings: JobSettings, baseline_key: str) -> dict:
         return {
             "base": settings.base,
             "scenes": settings.scenes,
             "train": settings.train,
             "lora": settings.lora,
-            "baseline_key": settings.baseline_key(seed),
+            "baseline_key": baseline_key,
         }
 
-    def _ensure_baseline(self, settings: JobSettings, seed: int, priority: int) -> str | None:
+    def _ensure_baseline(self, settings: JobSettings, seed: int, key: str, priority: int) -> str | None:
         """The base evaluated once per battery: reuse a live or finished one, else queue one."""
-        key = settings.baseline_key(seed)
         for run in self.store.list_runs():
             if run["kind"] != "baseline" or run["settings"].get("baseline_key") != key:
                 continue
@@ -154,7 +154,7 @@ class JobManager:
             run_id,
             kind="baseline",
             base=settings.base_label(),
-            settings=self._settings_record(settings, seed),
+            settings=self._settings_record(settings, key),
             seed=seed,
             priority=priority + 1,  # the comparison row comes first
             run_dir=str(self.workspace.run_dir(run_id)),

@@ -121,12 +121,14 @@ class Service:
         if self.stop_workers:
             with self.lock:
                 self.manager.shutdown_workers(self.broadcast, reason="stopped with the service")
+        self.broadcast({"type": "service", "status": "stopped"})
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
-            self.workspace.socket_path.unlink(missing_ok=True)
-        self.broadcast({"type": "service", "status": "stopped"})
+        # The database is released before the socket goes, so a client that sees no socket can
+        # open it; the lock goes last, so no new service binds a socket we then remove.
         self.store.close()
+        self.workspace.socket_path.unlink(missing_ok=True)
         self._lock_fh.close()
         self.log("stopped")
 

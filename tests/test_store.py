@@ -508,11 +508,7 @@ def test_concurrent_writes_from_four_threads_lose_nothing(store: Store):
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
+    _run_in_four_threads(work)
     assert errors == []
     runs = store.list_runs()
     assert len(runs) == 4 * per_thread
@@ -537,11 +533,7 @@ def test_concurrent_writes_to_one_run_do_not_conflict(store: Store):
         except BaseException as exc:  # noqa: BLE001 - reported by the main thread
             errors.append(exc)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=60)
+    _run_in_four_threads(work)
     assert errors == []
     steps = [p["step"] for p in store.curve("shared")]
     assert steps == sorted(t * 100 + i for t in range(4) for i in range(25))
@@ -556,3 +548,11 @@ def test_exported_csv_has_the_usual_file_mode(tmp_path: Path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def _run_in_four_threads(work) -> None:
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
