@@ -10,12 +10,21 @@ Every `log_every` steps it writes a `progress` event (step, total, tokens, loss,
 eta_s, gpu_mem_bytes) and one human line; every `checkpoint_every` steps, and on SIGTERM, it
 saves `checkpoints/step-000123/` with the trainable weights, the optimizer and its config, so a
 retry resumes where it stopped without training any step twice.
+
+Out of memory in a step: the step's gradients are dropped, the micro-batch is halved and the
+accumulation doubled (the effective batch, and so the data each step sees, stays the same), a
+`log` event says so, and the step is redone. Only at micro-batch 1 does the job fail, with one
+line. `LTM_FAULT_OOM_ABOVE=N` (environment) makes every forward pass of more than N sequences
+raise `torch.OutOfMemoryError` after it ran: the fault injection the tests and benchmarks use
+to exercise that path on a machine with memory to spare.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -26,7 +35,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from backend.config import TrainConfig
+from backend.errors import LtmError
 from backend.packing import PackedBlocks, batches, load_tokens
+
+FAULT_OOM_ENV = "LTM_FAULT_OOM_ABOVE"  # see the module docstring
 
 
 @dataclass
@@ -37,6 +49,15 @@ class TrainOutcome:
     train_seconds: float
     resumed_from: int
     curve: list[dict] = field(default_factory=list)
+    micro_batch: int = 0  # what the last step ran with (smaller than asked after out-of-memory)
+    grad_accum: int = 0
+    oom_halvings: int = 0  # how often out-of-memory halved the micro-batch
+
+
+class OutOfMemory(LtmError):
+    """Out of memory even at micro-batch 1: the job cannot fit on this device."""
+
+    title = "out of memory"
 
 
 class StopRequested(Exception):
@@ -118,6 +139,26 @@ def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float
     return int(state["step"]), float(state.get("elapsed", 0.0))
 
 
+def _fault_oom_limit() -> int | None:
+    raw = os.environ.get(FAULT_OOM_ENV, "").strip()
+    return int(raw) if raw else None
+
+
+def _free_after_oom(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _regrid(index: int, blocks: PackedBlocks, old_mb: int, new_mb: int) -> int:
+    """The global batch index under micro-batch `new_mb` that starts where `index` did under
+    `old_mb` (batches never cross an epoch, so the epoch and the block within it are kept)."""
+    per_old = max(1, -(-blocks.blocks_per_epoch // old_mb))
+    per_new = max(1, -(-blocks.blocks_per_epoch // new_mb))
+    epoch, within = divmod(index, per_old)
+    return epoch * per_new + within * (old_mb // new_mb)
+
+
 def _device_memory(device: torch.device) -> int | None:
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
@@ -161,7 +202,10 @@ def train_model(
     model.train()
 
     # --- train -------------------------------------------------------------------------------
-    stream = batches(blocks, cfg.micro_batch, start_batch=start * cfg.grad_accum)
+    micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
+    oom_limit, halvings = _fault_oom_limit(), 0
+    index = start * grad_accum  # the stream's batch index where the current step begins
+    stream = batches(blocks, micro_batch, start_batch=index)
     curve: list[dict] = []
     tokens_seen = start * cfg.micro_batch * cfg.grad_accum * block_size
     t0 = time.perf_counter()
@@ -169,21 +213,34 @@ def train_model(
     loss_value = float("nan")
     step = start
     while step < total:
-        step_tokens = 0
-        step_loss = 0.0
-        for _ in range(cfg.grad_accum):
-            _, batch = next(stream)
-            x = torch.from_numpy(batch).to(device, non_blocking=True)
-            out = model(input_ids=x, labels=x)
-            (out.loss / cfg.grad_accum).backward()
-            step_loss += out.loss.detach()
-            step_tokens += x.numel()
+        try:
+            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            _free_after_oom(device)
+            if micro_batch == 1:
+                raise OutOfMemory(
+                    f"a step does not fit even at micro-batch 1 (block {block_size} tokens) on "
+                    f"{device}: use --quant 4bit (QLoRA), a smaller --block-size or a smaller base"
+                ) from None
+            # Redo this step from its first micro-batch with half as many sequences in each.
+            index = _regrid(index, blocks, micro_batch, micro_batch // 2)
+            micro_batch, grad_accum, halvings = micro_batch // 2, grad_accum * 2, halvings + 1
+            stream = batches(blocks, micro_batch, start_batch=index)
+            message = (
+                f"out of memory at step {step + 1}: micro-batch now {micro_batch} × "
+                f"accumulation {grad_accum} (effective batch kept)"
+            )
+            log(message)
+            emit("log", message=message, step=step, micro_batch=micro_batch, grad_accum=grad_accum)
+            continue
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        index += grad_accum
         tokens_seen += step_tokens
         window_tokens += step_tokens
         window_n += 1
@@ -191,7 +248,7 @@ def train_model(
 
         if step % cfg.log_every == 0 or step == total:
             now = time.perf_counter()
-            loss_value = float(window_loss) / cfg.grad_accum / window_n
+            loss_value = float(window_loss) / window_n
             tps = window_tokens / max(now - window_t, 1e-9)
             eta = (total - step) * (cfg.micro_batch * cfg.grad_accum * block_size) / max(tps, 1e-9)
             point = {
@@ -232,4 +289,25 @@ def train_model(
         train_seconds=before + time.perf_counter() - t0,
         resumed_from=start,
         curve=curve,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        oom_halvings=halvings,
     )
+
+
+def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None):
+    """Forward and backward over `grad_accum` micro-batches; returns (tokens, the step's mean
+    loss). The loss stays a tensor on the device: no host sync inside a step."""
+    step_tokens = 0
+    step_loss = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        _, batch = next(stream)
+        x = torch.from_numpy(batch).to(device, non_blocking=True)
+        out = model(input_ids=x, labels=x)
+        if oom_limit is not None and x.shape[0] > oom_limit:
+            del out  # the injected fault comes after the forward pass, as a real one would
+            raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {x.shape[0]} sequences")
+        (out.loss / grad_accum).backward()
+        step_loss += out.loss.detach()
+        step_tokens += x.numel()
+    return step_tokens, step_loss / grad_accum

@@ -142,6 +142,10 @@ class Worker:
                 "eval_seconds": round(eval_seconds, 3),
                 "load_seconds": round(load_seconds, 3),
                 "final_loss": outcome.final_loss if outcome else None,
+                # what the steps ran with: smaller than asked when out-of-memory halved it
+                "micro_batch_used": outcome.micro_batch if outcome else None,
+                "grad_accum_used": outcome.grad_accum if outcome else None,
+                "oom_halvings": outcome.oom_halvings if outcome else 0,
                 "device": str(device),
                 "params": count_params(model),
                 "settings": {

@@ -164,3 +164,82 @@ def test_text_loss_is_mean_next_token_loss():
         ref = torch.nn.functional.cross_entropy(model(input_ids=ids).logits[0, :-1], ids[0, 1:]).item()
     assert count == 11 and loss == pytest.approx(ref, abs=1e-5)
     assert math.isfinite(loss)
+
+
+# --- out of memory at run time: halve the micro-batch, keep the effective batch -------------
+
+
+def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_path, monkeypatch):
+    """The real loop with the documented fault knob: a forward pass of more than 2 sequences
+    raises torch.OutOfMemoryError, so 8 × 1 becomes 4 × 2, then 2 × 4, and training goes on
+    on exactly the blocks (and to exactly the weights) of a run asked for 2 × 4 from the start."""
+    from backend.train import FAULT_OOM_ENV
+
+    path, _ = _tokens(tmp_path, "All glims are blorps. All blorps are zents. " * 60)
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    asked = _tiny_cfg(micro_batch=8, grad_accum=1, max_steps=6, checkpoint_every=0)
+    planned = _tiny_cfg(micro_batch=2, grad_accum=4, max_steps=6, checkpoint_every=0)
+
+    straight = build_micro("tiny", 0, CPU)
+    want = train_model(straight, path, tmp_path / "a", planned, device=CPU,
+                       emit=lambda *a, **k: None, log=lambda s: None)
+
+    monkeypatch.setenv(FAULT_OOM_ENV, "2")
+    model, events, lines = build_micro("tiny", 0, CPU), [], []
+    got = train_model(model, path, tmp_path / "b", asked, device=CPU,
+                      emit=lambda t, **p: events.append({"type": t, **p}), log=lines.append)
+    assert (got.micro_batch, got.grad_accum, got.oom_halvings) == (2, 4, 2)
+    said = [e for e in events if e["type"] == "log" and "out of memory" in e["message"]]
+    assert [(e["micro_batch"], e["grad_accum"]) for e in said] == [(4, 2), (2, 4)]
+    assert "effective batch kept" in said[0]["message"] and any("out of memory" in s for s in lines)
+    assert got.steps == 6 and got.tokens_seen == want.tokens_seen
+    assert got.final_loss == pytest.approx(want.final_loss, rel=1e-5)
+    for (name, a), (_, b) in zip(straight.named_parameters(), model.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
+def test_out_of_memory_at_micro_batch_one_fails_with_one_line(tmp_path, monkeypatch):
+    from backend.train import FAULT_OOM_ENV, OutOfMemory
+
+    path, _ = _tokens(tmp_path, "Red things glow. " * 80)
+    monkeypatch.setenv(FAULT_OOM_ENV, "0")
+    with pytest.raises(OutOfMemory) as err:
+        train_model(build_micro("tiny", 0, CPU), path, tmp_path, _tiny_cfg(micro_batch=4),
+                    device=CPU, emit=lambda *a, **k: None, log=lambda s: None)
+    line = err.value.one_line()
+    assert "\n" not in line and "micro-batch 1" in line and "--quant 4bit" in line
+
+
+def test_worker_goes_on_after_out_of_memory_and_says_so(tmp_path, monkeypatch, corpora, tiny_battery):
+    """Through a real worker process: the job finishes, its events and result say what happened;
+    with the floor reached the job fails with the reason as its one error line."""
+    from backend.events import read_events
+    from backend.jobs import JobManager, JobSettings
+    from backend.store import Store
+    from backend.train import FAULT_OOM_ENV
+    from backend.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    store = Store(ws.db_path)
+    train = {"block_size": 32, "micro_batch": 4, "min_train_tokens": 0, "epochs": 1,
+             "max_steps": 4, "checkpoint_every": 0, "log_every": 2}
+    settings = JobSettings(base={"base": "micro", "preset": "tiny", "quant": None,
+                                 "trust_remote_code": False, "device": "cpu"},
+                           scenes=str(tiny_battery / "heldout.yaml"), train=train)
+    manager = JobManager(ws, store)
+    runs = [store.get_run(r) for r in manager.submit([corpora["logic"], corpora["story"]], settings).run_ids]
+
+    monkeypatch.setenv(FAULT_OOM_ENV, "1")
+    assert manager.start_worker(manager._write_session([runs[0]])).wait(timeout=300) == 0
+    run_dir = ws.run_dir(runs[0]["run_id"])
+    result = json.loads((run_dir / "result.json").read_text())
+    assert (result["micro_batch_used"], result["grad_accum_used"], result["oom_halvings"]) == (1, 4, 2)
+    events, _ = read_events(run_dir / "events.jsonl")
+    assert any(e["type"] == "log" and "micro-batch now 1" in e.get("message", "") for e in events)
+
+    monkeypatch.setenv(FAULT_OOM_ENV, "0")
+    assert manager.start_worker(manager._write_session([runs[1]])).wait(timeout=300) == 1
+    events, _ = read_events(ws.run_dir(runs[1]["run_id"]) / "events.jsonl")
+    errors = [e["message"] for e in events if e["type"] == "error"]
+    assert len(errors) == 1 and errors[0].startswith("out of memory: a step does not fit even at micro-batch 1")
+    store.close()
