@@ -182,22 +182,27 @@ class Worker:
         return n
 
     def _attach_lora(self, base, lora, seed: int):
-        import torch
-        from peft import LoraConfig, get_peft_model
-
-        torch.manual_seed(seed)
-        config = LoraConfig(
-            task_type="CAUSAL_LM",
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-        )
-        return get_peft_model(base, config)
+        return attach_lora(base, lora, seed)
 
     def _save(self, model, run_dir: Path) -> None:
         target = run_dir / ("model" if self.spec.is_micro else "adapter")
         model.save_pretrained(str(target), safe_serialization=True)
+
+
+def attach_lora(base, lora, seed: int):
+    """Wrap a base in a fresh LoRA adapter (the estimate's calibration uses the same one)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+    )
+    return get_peft_model(base, config)
 
 
 def _stopped():

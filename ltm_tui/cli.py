@@ -89,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--slots-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
     _add_workspace(srv)
 
+    from ltm_tui.estimate_cmd import add_parser as add_estimate
+
+    _add_workspace(add_estimate(sub))
+
     stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
     stop.add_argument("--all", action="store_true", help="also stop the workers (they checkpoint; retry resumes)")
     _add_workspace(stop)
@@ -115,6 +119,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "retry": cmd_retry,
             "serve": cmd_serve,
             "stop": cmd_stop,
+            "estimate": cmd_estimate,
         }
         return handler[args.command](args)
     except LtmError as exc:
@@ -211,6 +216,9 @@ def cmd_run(args) -> int:
     ws = _workspace(args)
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
     paths = [str(Path(p).expanduser().absolute()) for p in args.files]
+    from ltm_tui.estimate_cmd import forecast_before_queueing
+
+    forecast_before_queueing(ws, settings, paths)  # time and memory per corpus, on stderr
     with connect(ws) as client:
         sub = client.call("submit", paths=paths, settings=asdict(settings), seeds=seeds, priority=args.priority)
     for line in sub["errors"]:
@@ -281,6 +289,12 @@ def _service_stopped():
     from backend.errors import LtmError
 
     return LtmError("the service stopped; `ltm-tui status` shows where the jobs are", title="service")
+
+
+def cmd_estimate(args) -> int:
+    from ltm_tui.estimate_cmd import cmd_estimate as run_estimate
+
+    return run_estimate(args)
 
 
 def cmd_follow(args) -> int:

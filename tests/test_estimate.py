@@ -1,0 +1,199 @@
+"""The forecast: a real calibration on a tiny model, the FLOP model, the fit over finished runs,
+the memory warning and `ltm-tui estimate` end to end. No timing is asserted: only that the parts
+are measured, cached, combined and explained consistently."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from backend import forecast
+from tests.conftest import REPO, cli
+
+MICRO_TINY = {"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False, "device": "cpu"}
+TRAIN = {"block_size": 64, "micro_batch": 4, "grad_accum": 1, "min_train_tokens": 0, "epochs": 1}
+
+
+def _calibrate(ws, tiny_battery, **kw):
+    from backend.estimate import calibrate
+
+    return calibrate(ws, MICRO_TINY, TRAIN, steps=2, warm=1, scenes=tiny_battery / "heldout.yaml", **kw)
+
+
+def test_forecast_module_never_loads_torch():
+    code = "import sys, backend.forecast, ltm_tui.estimate_cmd; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_nothing_known_means_no_forecast(tmp_path):
+    assert forecast.predict(tmp_path / "ws", MICRO_TINY, TRAIN, 10_000) is None
+
+
+def test_calibration_measures_caches_and_feeds_the_forecast(tmp_path, tiny_battery):
+    from backend.estimate import ensure_calibration
+    from backend.models import MICRO_PRESETS
+
+    ws = tmp_path / "ws"
+    calib = _calibrate(ws, tiny_battery)
+    assert forecast.calibration_path(ws, MICRO_TINY, TRAIN).is_file()
+    assert calib["tokens_per_s"] > 0 and calib["step_seconds"] > 0 and calib["load_seconds"] > 0
+    assert calib["eval_seconds"] > 0 and calib["peak_memory_bytes"] > 10_000_000  # torch alone is more
+    # micro trains every weight: 6 FLOPs a matmul weight (the tied lm_head is one), plus attention
+    p = MICRO_PRESETS["tiny"]
+    linear = p.num_layers * (4 * p.hidden_size**2 + 3 * p.hidden_size * p.intermediate_size) + 260 * p.hidden_size
+    assert calib["trainable_matmul_params"] == linear and calib["frozen_matmul_params"] == 0
+    assert calib["flops_per_token"] == 6 * linear + 12 * p.num_layers * p.hidden_size * 64
+    assert 0 < calib["mfu"] < 1.5 and calib["matmul_ceiling_flops_per_s"] > 1e8
+    # the demo corpora are English prose: bytes a word, space included
+    assert 5.0 < calib["tokens_per_word"] < 7.0
+
+    again, measured = ensure_calibration(ws, MICRO_TINY, TRAIN)
+    assert not measured and again == json.loads(forecast.calibration_path(ws, MICRO_TINY, TRAIN).read_text())
+
+    small = forecast.predict(ws, MICRO_TINY, TRAIN, 64 * 4 * 10)
+    big = forecast.predict(ws, MICRO_TINY, TRAIN, 64 * 4 * 1000)
+    assert small["source"] == "calibration" and small["runs"] == 0
+    assert (small["steps"], big["steps"]) == (10, 1000)
+    assert big["train_seconds"] == pytest.approx(
+        calib["warmup_seconds"] + 64 * 4 * 1000 / calib["tokens_per_s"], rel=1e-3)
+    for pred in (small, big):
+        parts = pred["load_seconds"] + pred["tokenize_seconds"] + pred["train_seconds"] + pred["eval_seconds"]
+        assert pred["total_seconds"] == pytest.approx(parts, abs=0.02)
+        assert pred["peak_memory_bytes"] == calib["peak_memory_bytes"]
+    # other settings are another calibration: nothing is borrowed across keys
+    assert forecast.predict(ws, MICRO_TINY, {**TRAIN, "micro_batch": 8}, 10_000) is None
+
+
+def test_lora_flops_count_frozen_weights_at_four(tiny_hf_model):
+    from backend.config import LoraSettings
+    from backend.estimate import flop_model
+    from backend.models import BaseSpec, load_base
+    from backend.worker import attach_lora
+
+    model, _, _ = load_base(BaseSpec(base=str(tiny_hf_model), device="cpu"))
+    cfg = model.config
+    d, f, L, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.num_key_value_heads
+    head = d // cfg.num_attention_heads
+    base_linear = L * (2 * d * d + 2 * d * kv * head + 3 * d * f) + d * cfg.vocab_size
+    full = flop_model(model, 32)
+    assert full["trainable_matmul_params"] == base_linear and full["frozen_matmul_params"] == 0
+    adapted = attach_lora(model, LoraSettings(r=4, alpha=8), 0)
+    lora = flop_model(adapted, 32)
+    r = 4
+    lora_weights = L * r * ((d + d) * 2 + (d + kv * head) * 2 + (d + f) * 2 + (f + d))
+    assert lora["trainable_matmul_params"] == lora_weights
+    assert lora["frozen_matmul_params"] == base_linear  # lm_head is not adapted and stays frozen
+    assert lora["flops_per_token"] == 4 * base_linear + 6 * lora_weights + 12 * L * d * 32
+    assert lora["flops_per_token"] < full["flops_per_token"]
+
+
+def _write_result(ws, run_id: str, tokens_seen: int, seconds: float, base=MICRO_TINY, train=TRAIN, **extra):
+    folder = ws / "runs" / run_id
+    folder.mkdir(parents=True, exist_ok=True)
+    result = {"run_id": run_id, "kind": "adapter", "tokens": tokens_seen // 3, "tokens_seen": tokens_seen,
+              "train_seconds": seconds, "eval_seconds": 1.5, "load_seconds": 0.25, "device": "cpu",
+              "settings": {"base": base, "train": train, "lora": None}, **extra}
+    (folder / "result.json").write_text(json.dumps(result))
+
+
+def test_fit_over_finished_runs_recovers_fixed_and_per_token_time(tmp_path):
+    ws = tmp_path / "ws"
+    for i, n in enumerate((100_000, 200_000, 400_000, 800_000)):
+        _write_result(ws, f"r{i}", n, 3.0 + 2e-5 * n)
+    _write_result(ws, "baseline", 0, 0.0, kind="baseline")
+    _write_result(ws, "other", 100_000, 99.0, train={**TRAIN, "block_size": 32})
+    pred = forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)
+    assert pred["source"] == "runs" and pred["runs"] == 4
+    assert pred["fixed_seconds"] == pytest.approx(3.0, abs=1e-6)
+    assert pred["per_token_seconds"] == pytest.approx(2e-5, rel=1e-6)
+    steps, seen = forecast.trained_tokens(MICRO_TINY, TRAIN, 1_000_000)
+    assert pred["train_seconds"] == pytest.approx(3.0 + 2e-5 * seen, abs=0.01)
+    assert (pred["eval_seconds"], pred["load_seconds"]) == (1.5, 0.25)
+    assert pred["peak_memory_bytes"] is None  # only a calibration measures memory
+
+    # the index remembers parsed files and notices a changed one
+    assert (ws / "forecast" / "runs-index.json").is_file()
+    _write_result(ws, "r0", 100_000, 13.0 + 2e-5 * 100_000)
+    assert forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)["fixed_seconds"] != pred["fixed_seconds"]
+
+
+def test_runs_of_one_length_take_the_slope_from_the_calibration(tmp_path, tiny_battery):
+    """Every micro run on a short corpus trains the same 1.2M-token floor: the runs then set the
+    level and the calibration the slope."""
+    ws = tmp_path / "ws"
+    calib = _calibrate(ws, tiny_battery)
+    per_token = 1.0 / calib["tokens_per_s"]
+    for i in range(3):
+        _write_result(ws, f"r{i}", 50_000, 5.0 + per_token * 50_000)
+    pred = forecast.predict(ws, MICRO_TINY, TRAIN, 100_000)
+    assert pred["source"] == "calibration+runs" and pred["runs"] == 3
+    assert pred["fixed_seconds"] == pytest.approx(5.0, abs=1e-3)
+    assert pred["per_token_seconds"] == pytest.approx(per_token)
+
+
+def test_trained_tokens_follow_the_recipes_plan():
+    micro = {"base": "micro", "preset": "small"}
+    steps, seen = forecast.trained_tokens(micro, {}, 2_600)  # one page: the 1.2M-token floor
+    assert steps == 293 and seen == 293 * 16 * 256
+    steps, seen = forecast.trained_tokens(micro, {}, 2_600_000)  # 1000 pages: three epochs
+    assert seen >= 3 * 2_600_000 and seen - 3 * 2_600_000 < 16 * 256
+    hf = {"base": "some/model"}
+    steps, seen = forecast.trained_tokens(hf, {}, 600_000)  # LoRA defaults: 2 epochs, 4 × 4 × 512
+    assert seen == steps * 16 * 512 and seen >= 1_200_000
+
+
+def test_memory_warning_names_the_fix():
+    hf = {"base": "org/13b", "quant": None}
+    line = forecast.memory_fix(40e9, 30e9, hf, {"micro_batch": 4, "grad_accum": 4}, "GPU")
+    assert "exceeds" in line and "--quant 4bit" in line and "--micro-batch 2 --grad-accum 8" in line
+    assert "\n" not in line
+    assert forecast.memory_fix(20e9, 30e9, hf, {}, "GPU") is None
+    assert forecast.memory_fix(None, 30e9, hf, {}, "GPU") is None
+    qlora = forecast.memory_fix(40e9, 30e9, {**hf, "quant": "4bit"}, {"micro_batch": 1}, "GPU")
+    assert "--quant" not in qlora and "a smaller base" in qlora
+    free, where = forecast.free_memory({"base": "micro", "device": "cpu"})
+    assert where == "RAM" and free > 0
+
+
+def test_estimate_command_answers_in_json_then_from_the_cache(tmp_path, tiny_battery):
+    ws = tmp_path / "ws"
+    args = ("estimate", "--workspace", str(ws), "--preset", "tiny", "--device", "cpu", "--pages", "1,10,2.5",
+            "--calibration-steps", "2", "--scenes", str(tiny_battery), "--block-size", "64", "--micro-batch", "4")
+    first = cli(*args, "--format", "json")
+    assert first.returncode == 0, first.stderr
+    rows = json.loads(first.stdout)
+    assert [r["pages"] for r in rows] == [1, 10, 2.5]
+    want = {"pages", "tokens", "load_seconds", "train_seconds", "eval_seconds", "total_seconds", "peak_memory_bytes"}
+    for r in rows:
+        assert want <= set(r) and r["source"] == "calibration" and r["peak_memory_bytes"] > 0
+    assert rows[1]["tokens"] == pytest.approx(10 * rows[0]["tokens"], abs=10)
+    assert rows[0]["trained_tokens"] == rows[1]["trained_tokens"]  # both under the 1.2M-token floor
+
+    table = cli(*args)
+    assert table.returncode == 0, table.stderr
+    assert "calibrating" not in table.stderr  # the cached calibration answered
+    out = table.stdout
+    assert "tokens/s" in out and "MFU" in out and "FLOP model" in out and "no finished runs" in out
+    assert len([line for line in out.splitlines() if line.strip().startswith(("1 ", "10 ", "2.5 "))]) == 3
+
+    bad = cli("estimate", "--workspace", str(ws), "--pages", "ten")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "--pages" in bad.stderr
+
+
+def test_run_prints_the_forecast_before_queueing(tmp_path, tiny_battery, corpora, capsys):
+    from backend.jobs import JobSettings
+    from ltm_tui.estimate_cmd import forecast_before_queueing
+
+    ws = tmp_path / "ws"
+    settings = JobSettings(base=MICRO_TINY, scenes=str(tiny_battery), train=TRAIN)
+    forecast_before_queueing(ws, settings, [str(corpora["logic"])])
+    assert "`ltm-tui estimate` measures one" in capsys.readouterr().err
+    _calibrate(ws, tiny_battery)
+    forecast_before_queueing(ws, settings, [str(corpora["logic"]), str(corpora["story"])])
+    err = capsys.readouterr().err.splitlines()
+    assert err[0].startswith("forecast logic.txt (") and "train " in err[0] and "peak " in err[0]
+    assert err[1].startswith("forecast story.txt (") and len(err) == 2
