@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ltm_tui.estimate_cmd import add_parser as add_estimate
 
-    _add_workspace(add_estimate(sub))
+    _add_workspace(add_estimate(sub, run))
 
     stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
     stop.add_argument("--all", action="store_true", help="also stop the workers (they checkpoint; retry resumes)")

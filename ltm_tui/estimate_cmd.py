@@ -17,26 +17,25 @@ import time
 from pathlib import Path
 
 
-def add_parser(sub) -> argparse.ArgumentParser:
+# `run`'s flags that choose the base and the speed-relevant settings; estimate takes the very
+# same arguments (copied from run's parser, so help and checks never drift apart).
+SHARED_WITH_RUN = (
+    "base", "preset", "quant", "trust_remote_code", "device", "epochs", "min_train_tokens",
+    "block_size", "micro_batch", "grad_accum", "lora_r", "lora_alpha",
+)
+
+
+def add_parser(sub, run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     est = sub.add_parser("estimate", help="forecast time and memory for 1, 10, 100, 1000 pages (measured)")
-    est.add_argument("--base", default="micro", help="micro (default), a Hugging Face id, or a local model folder")
-    est.add_argument("--preset", default="small", help="micro size: tiny, small, base, large (default small)")
-    est.add_argument("--quant", choices=["4bit"], help="QLoRA: the HF base in 4-bit nf4")
-    est.add_argument("--trust-remote-code", action="store_true", help="let an HF base run its own code")
-    est.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    for action in run._actions:
+        if action.dest in SHARED_WITH_RUN:
+            est._add_action(action)
     est.add_argument("--pages", default="1,10,100,1000", help="A4 pages (500 words each), comma-separated")
     est.add_argument("--sample", nargs="+", metavar="FILE",
                      help="measure tokens per word on these texts (default: the demo corpora)")
     est.add_argument("--scenes", metavar="DIR", help="battery folder or file timed for evaluation (default scenes/)")
     est.add_argument("--recalibrate", action="store_true", help="measure again even if a calibration is cached")
     est.add_argument("--calibration-steps", type=int, default=8, help="steady-state steps measured (default 8)")
-    est.add_argument("--epochs", type=float, help="passes over each corpus")
-    est.add_argument("--min-train-tokens", type=int, help="train on at least this many tokens")
-    est.add_argument("--block-size", type=int, help="tokens per training sequence")
-    est.add_argument("--micro-batch", type=int, help="sequences per forward pass")
-    est.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
-    est.add_argument("--lora-r", type=int, help="LoRA rank (HF bases)")
-    est.add_argument("--lora-alpha", type=int, help="LoRA alpha (HF bases)")
     est.add_argument("--format", choices=["table", "json"], default="table")
     est.set_defaults(steps=None, lr=None, probes=False)  # what the shared settings builder reads
     return est
