@@ -3,8 +3,12 @@
 - `choice` scenes: log-likelihood of each choice after the context, batched and sorted by
   length, with lm-evaluation-harness's conventions (continuation tokens = tokens of
   context+choice past the context's tokens; acc, and acc_norm = log-likelihood per character).
-- `generate` scenes: greedy decoding, then the scene's checks.
+- `generate` scenes: greedy decoding, then the scene's checks; novelty completions are also
+  scored by the base model, which gates them on fluency.
 - `perplexity` scenes: mean per-token loss of the text.
+- general text (`data/general/`): loss of the model and of its base, for `forgetting`.
+
+Scores with their bootstrap intervals come from `backend.measures.score_run`.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 import inspect
 import math
 import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -28,6 +34,12 @@ from backend.scenes import (
     choice_request,
     run_check,
 )
+
+# A completion is fluent when the base model's perplexity on it (given its prompt) is at most
+# this many times the base's perplexity on ordinary general text: word salad scores hundreds of
+# times worse, an unusual but well-formed sentence a few times worse.
+FLUENCY_RATIO = 4.0
+GENERAL_DIR = Path(__file__).resolve().parent.parent / "data" / "general"
 
 
 @dataclass(frozen=True)
@@ -178,7 +190,7 @@ def evaluate_battery(
                 "scene_id": scene.id,
                 "kind": kind,
                 "metric": battery.metric,
-                "score": float(score),
+                "score": None if score is None else float(score),
                 "correct": correct,
                 "detail": {**_tags(scene), **detail},
             }
@@ -209,6 +221,7 @@ def evaluate_battery(
                 "loglik": [round(v, 5) for v in lls],
                 "pred": pred,
                 "answer": answer,
+                "n_choices": n,
                 "acc_norm": float(pred_norm == answer),
             },
         )
@@ -225,14 +238,19 @@ def evaluate_battery(
             wanted = set().union(*(measures.word_ngrams(t) for _, t, _ in generated))
             seen = _ngrams_present(wanted, corpus_chunks())
         for scene, text, checks in generated:
-            passed = all(ok for _, ok in checks)
+            detail = {
+                "prompt": scene.prompt,
+                "text": text,
+                "words": len(text.split()),
+                "checks": [{"check": k, "passed": ok} for k, ok in checks],
+            }
+            if scene.judge:
+                detail["rubric"] = scene.judge  # graded later by `ltm-tui judge`
             if battery.metric == "novelty":
-                score = measures.novelty_score(measures.word_ngrams(text), seen, passed)
-            elif battery.metric == "compression":
-                score = measures.compression_score(checks)
-            else:
-                score = sum(ok for _, ok in checks) / len(checks) if checks else 0.0
-            detail = {"text": text, "checks": [{"check": k, "passed": ok} for k, ok in checks]}
+                grams = measures.word_ngrams(text)
+                detail["ngrams"] = len(grams)
+                detail["novel_ngrams"] = len(grams - seen)  # no corpus (a baseline): all are new
+            score, passed = measures.rescore_generate(battery.metric, detail)
             add(scene, "generate", score, passed, detail)
 
     for scene in battery.scenes:
@@ -264,6 +282,45 @@ def _ngrams_present(wanted: set, chunks: Iterable[str], n: int = 3) -> set:
     return present
 
 
+def general_texts(folder: Path = GENERAL_DIR) -> list[tuple[str, str]]:
+    """(id, text) for each paragraph of the general-text files (`data/general/*.md`), which the
+    `forgetting` measure reads: ordinary prose in English and Russian that no corpus teaches."""
+    texts = []
+    for path in sorted(Path(folder).glob("*.md")) if Path(folder).is_dir() else []:
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        for i, para in enumerate(p for p in paragraphs if p and not p.startswith("#")):
+            texts.append((f"{path.stem}-{i + 1}", para))
+    return texts
+
+
+def peft_base(model) -> Callable[[], AbstractContextManager]:
+    """The base of a PEFT model: the same network with its adapter switched off."""
+    return model.disable_adapter
+
+
+def fixed_base(base_model) -> Callable[[], AbstractContextManager]:
+    """A separate base network (the untrained micro model of the same seed)."""
+    return lambda: nullcontext(base_model)
+
+
+@contextmanager
+def _itself(model):
+    yield model
+
+
+def _completion_ppl(base, tok, rows: list[dict], *, device) -> list[float]:
+    requests = []
+    for r in rows:
+        prompt, text = r["detail"]["prompt"], r["detail"]["text"]
+        requests.append(LoglikRequest(prompt, text if prompt[-1:].isspace() else " " + text))
+    scored = loglikelihoods(base, tok, requests, device=device)
+    out = []
+    for req, (ll, _) in zip(requests, scored):
+        n = max(1, len(encode_pair(tok, req.context, req.continuation)[1]))
+        out.append(math.exp(-ll / n))
+    return out
+
+
 def evaluate_all(
     model,
     tok: Tokenizer,
@@ -271,18 +328,36 @@ def evaluate_all(
     *,
     device: torch.device,
     corpus_chunks: Callable[[], Iterable[str]] | None = None,
+    reference: Callable[[], AbstractContextManager] | None = None,
+    general: Sequence[tuple[str, str]] | None = None,
 ) -> tuple[dict[str, dict], list[dict], float]:
-    """(scores {measure: {value, n}}, scene results, seconds) over every battery."""
+    """(scores {measure: {value, n, lo, hi}}, scene results, seconds) over every battery.
+
+    `reference` opens the base model (None: `model` is the base itself, as for a baseline run);
+    it gates novelty on fluency and gives the base's loss on `general` text for `forgetting`
+    (default: the paragraphs of data/general/).
+    """
     t0 = time.perf_counter()
     scene_results: list[dict] = []
-    by_metric: dict[str, list[dict]] = {}
     for battery in batteries:
-        rows = evaluate_battery(model, tok, battery, device=device, corpus_chunks=corpus_chunks)
-        scene_results += rows
-        by_metric.setdefault(battery.metric, []).extend(rows)
-    scores = {}
-    for metric, rows in by_metric.items():
-        value = measures.battery_score(metric, rows)
-        if value is not None:
-            scores[metric] = {"value": round(value, 6), "n": len(rows)}
+        scene_results += evaluate_battery(model, tok, battery, device=device, corpus_chunks=corpus_chunks)
+    general = general_texts() if general is None else list(general)
+    novel = [r for r in scene_results if r["metric"] == "novelty" and r["kind"] == "generate" and r["detail"]["text"]]
+    own = [text_loss(model, tok, text, device=device) for _, text in general]
+    with (reference or (lambda: _itself(model)))() as base:
+        base_general = [text_loss(base, tok, text, device=device) for _, text in general]
+        completion_ppl = _completion_ppl(base, tok, novel, device=device) if novel else []
+    if novel:
+        count = sum(n for _, n in base_general)
+        bound = FLUENCY_RATIO * math.exp(sum(l * n for l, n in base_general) / count) if count else math.inf
+        for r, ppl in zip(novel, completion_ppl):
+            r["detail"].update(base_ppl=round(ppl, 3), fluency_bound=round(bound, 3), fluent=ppl <= bound)
+            r["score"], r["correct"] = measures.rescore_generate("novelty", r["detail"])
+    for (gid, _), (loss, n), (base_loss, _) in zip(general, own, base_general):
+        scene_results.append({
+            "battery": measures.GENERAL_BATTERY, "scene_id": gid, "kind": "perplexity",
+            "metric": "forgetting", "score": loss, "correct": None,
+            "detail": {"tokens": n, "base_loss": base_loss, "lang": gid.split("-")[0]},
+        })
+    scores = measures.score_run(scene_results)
     return scores, scene_results, time.perf_counter() - t0

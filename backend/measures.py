@@ -1,9 +1,10 @@
-"""From per-scene results to the measures a run is ranked by (pure Python, no torch).
+"""From per-scene results to the measures a run is ranked by, with their intervals (no torch).
 
-Each battery feeds one measure (its `metric`). Scene results are dicts with `scene_id`,
-`kind`, `score` (0..1, or mean token loss for perplexity scenes), `correct`, and `detail`
-(which keeps the scene's tags: depth, group, perturb, of, tokens). docs/measures.md explains
-each formula; this file is where they are computed.
+Each battery feeds one measure (its `metric`). Scene results are dicts with `scene_id`, `kind`,
+`score` (0..1, or mean token loss for perplexity scenes; None when a scene could not be scored),
+`correct`, and `detail` (the scene's tags: depth, group, perturb, of; n_choices, tokens, words,
+checks, judge). docs/measures.md explains each formula; this file is where they are computed,
+and `score_run` is the one entry point: the worker calls it, and so does re-scoring after a judge.
 """
 
 from __future__ import annotations
@@ -11,11 +12,29 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from statistics import fmean
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping
 
-# The five measures of the user's plan, plus held-out perplexity.
+from backend import stats
+from backend.errors import LtmError
+
+# The five measures of the user's plan, plus held-out perplexity and forgetting.
 FIVE_MEASURES = ("reasoning_depth", "consistency", "pressure", "novelty", "compression")
-LOWER_IS_BETTER = frozenset({"perplexity"})
+LOWER_IS_BETTER = frozenset({"perplexity", "forgetting"})
+# Numbers reported beside a measure that are never folded into `overall`: the depth curve's
+# points (`depth@k`), the largest depth above chance, clean accuracy and the drop under pressure,
+# per-scene accuracy of the consistency battery.
+AUXILIARY = frozenset({"depth_max", "pressure_clean", "pressure_drop", "consistency_scenes"})
+GENERAL_BATTERY = "_general"  # scene rows of the general text behind `forgetting`
+ABOVE_CHANCE_P = 0.05  # "clearly above chance": one-sided exact binomial p below this
+NGRAM = 3  # novelty counts word 3-grams
+
+
+class WeightsError(LtmError):
+    title = "weights"
+
+
+def _rows(results: Iterable[Mapping]) -> list[Mapping]:
+    return [r for r in results if r.get("score") is not None]
 
 
 def _mean(values: Iterable[float]) -> float | None:
@@ -23,79 +42,376 @@ def _mean(values: Iterable[float]) -> float | None:
     return fmean(values) if values else None
 
 
-def reasoning_depth(results: list[Mapping]) -> float | None:
-    """Mean over depths of the accuracy at that depth, so deep chains weigh as much as short ones."""
-    by_depth: dict[int, list[float]] = defaultdict(list)
-    for r in results:
-        by_depth[int(r["detail"].get("depth") or 1)].append(float(r["score"]))
-    return _mean(fmean(v) for v in by_depth.values())
+def _detail(r: Mapping) -> Mapping:
+    return r.get("detail") or {}
 
 
-def consistency(results: list[Mapping]) -> float | None:
-    """Share of groups whose scenes are all answered right (a scene with no group is its own)."""
+def _right(r: Mapping) -> bool:
+    return bool(r["correct"]) if r.get("correct") is not None else float(r["score"]) >= 1.0
+
+
+# --- reasoning depth ------------------------------------------------------------------------------
+
+
+def _depth(r: Mapping) -> int:
+    return int(_detail(r).get("depth") or 1)
+
+
+def _chance(r: Mapping) -> float:
+    n = _detail(r).get("n_choices") or len(_detail(r).get("loglik") or ()) or 0
+    return 1.0 / n if n else 0.0
+
+
+def depth_curve(results: Iterable[Mapping]) -> dict[int, dict]:
+    """Per depth: accuracy, scenes, chance (mean of 1/choices) and the one-sided p-value of the
+    right answers against chance (exact binomial)."""
+    by_depth: dict[int, list[Mapping]] = defaultdict(list)
+    for r in _rows(results):
+        by_depth[_depth(r)].append(r)
+    curve = {}
+    for depth in sorted(by_depth):
+        rows = by_depth[depth]
+        right = sum(_right(r) for r in rows)
+        chance = fmean(_chance(r) for r in rows)
+        curve[depth] = {
+            "accuracy": right / len(rows),
+            "n": len(rows),
+            "chance": chance,
+            "p_above_chance": stats.binomial_tail(right, len(rows), chance),
+        }
+    return curve
+
+
+def reasoning_depth(results: Iterable[Mapping]) -> float | None:
+    """Area under the accuracy-by-depth curve, normalised to 0..1: each depth present holds its
+    accuracy over a unit of width, so the area over the width is the mean over depths (a 4-step
+    chain weighs as much as a 1-step one)."""
+    curve = depth_curve(results)
+    return _mean(point["accuracy"] for point in curve.values())
+
+
+def depth_max(results: Iterable[Mapping]) -> float | None:
+    """The largest depth whose accuracy is clearly above chance (p < 0.05), 0 when none is."""
+    curve = depth_curve(results)
+    if not curve:
+        return None
+    above = [d for d, point in curve.items() if point["p_above_chance"] < ABOVE_CHANCE_P]
+    return float(max(above, default=0))
+
+
+# --- consistency ----------------------------------------------------------------------------------
+
+
+def _group(r: Mapping) -> str:
+    return _detail(r).get("group") or f"scene:{r['scene_id']}"
+
+
+def consistency(results: Iterable[Mapping]) -> float | None:
+    """Share of groups whose scenes are all answered right (they state one fact, so agreeing on
+    it means every one is right). Ungrouped scenes are left out; a battery with no groups at all
+    falls back to the share of scenes right."""
+    rows = _rows(results)
+    grouped = [r for r in rows if _detail(r).get("group")]
     groups: dict[str, list[bool]] = defaultdict(list)
-    for r in results:
-        key = r["detail"].get("group") or f"scene:{r['scene_id']}"
-        groups[key].append(bool(r["correct"]))
+    for r in grouped or rows:
+        groups[_group(r)].append(_right(r))
     return _mean(float(all(v)) for v in groups.values())
 
 
-def pressure(results: list[Mapping]) -> float | None:
-    """Accuracy on the perturbed scenes; with none tagged, on every scene."""
-    perturbed = [r for r in results if r["detail"].get("perturb")]
-    return _mean(float(r["score"]) for r in (perturbed or results))
+def consistency_scenes(results: Iterable[Mapping]) -> float | None:
+    """Per-scene accuracy of the same scenes, beside the group share."""
+    return _mean(float(_right(r)) for r in _rows(results))
 
 
-def perplexity(results: list[Mapping]) -> float | None:
+# --- pressure -------------------------------------------------------------------------------------
+
+
+def _family(r: Mapping) -> str:
+    return _detail(r).get("of") or r["scene_id"]
+
+
+def pressure_items(results: Iterable[Mapping]) -> tuple[list[bool], list[bool]]:
+    """(clean items, perturbed items) as right/wrong.
+
+    Clean: each scene that some perturbed copy points at. Perturbed: each distractor,
+    contradiction or hint copy on its own, plus one item per clean scene with rotated copies,
+    right only if the clean order and every rotation are right.
+    """
+    rows = _rows(results)
+    perturbed = [r for r in rows if _detail(r).get("perturb")]
+    targets = {_detail(r)["of"] for r in perturbed if _detail(r).get("of")}
+    clean = {r["scene_id"]: _right(r) for r in rows if r["scene_id"] in targets}
+    items = [_right(r) for r in perturbed if _detail(r)["perturb"] != "rotated"]
+    rotations: dict[str, list[bool]] = defaultdict(list)
+    for r in perturbed:
+        if _detail(r)["perturb"] == "rotated":
+            rotations[_family(r)].append(_right(r))
+    for family, rights in rotations.items():
+        items.append(all(rights) and clean.get(family, True))
+    return list(clean.values()), items
+
+
+def pressure(results: Iterable[Mapping]) -> float | None:
+    """Accuracy on the perturbed items; with none tagged, on every scene."""
+    clean, items = pressure_items(results)
+    if not items and not clean:
+        return _mean(float(_right(r)) for r in _rows(results))
+    return _mean(float(v) for v in items)
+
+
+def pressure_clean(results: Iterable[Mapping]) -> float | None:
+    clean, _ = pressure_items(results)
+    return _mean(float(v) for v in clean)
+
+
+def pressure_drop(results: Iterable[Mapping]) -> float | None:
+    """Clean accuracy minus perturbed accuracy: how much the pressure costs (lower is better)."""
+    clean, items = pressure_items(results)
+    if not clean or not items:
+        return None
+    return fmean(float(v) for v in clean) - fmean(float(v) for v in items)
+
+
+# --- perplexity and forgetting --------------------------------------------------------------------
+
+
+def perplexity(results: Iterable[Mapping]) -> float | None:
     """Token-weighted perplexity over the battery's texts: exp(total loss / total tokens)."""
-    total = sum(float(r["score"]) * int(r["detail"].get("tokens", 1)) for r in results)
-    count = sum(int(r["detail"].get("tokens", 1)) for r in results)
+    rows = _rows(results)
+    total = sum(float(r["score"]) * int(_detail(r).get("tokens", 1)) for r in rows)
+    count = sum(int(_detail(r).get("tokens", 1)) for r in rows)
     return math.exp(total / count) if count else None
 
 
-def mean_score(results: list[Mapping]) -> float | None:
-    return _mean(float(r["score"]) for r in results)
+def forgetting(results: Iterable[Mapping]) -> float | None:
+    """Relative change of perplexity on general text against the base: ppl / base ppl − 1.
+    0 means the base's knowledge of ordinary text is intact; +0.5 means 50% more perplexed."""
+    rows = [r for r in _rows(results) if _detail(r).get("base_loss") is not None]
+    count = sum(int(_detail(r).get("tokens", 1)) for r in rows)
+    if not count:
+        return None
+    loss = sum(float(r["score"]) * int(_detail(r).get("tokens", 1)) for r in rows) / count
+    base = sum(float(_detail(r)["base_loss"]) * int(_detail(r).get("tokens", 1)) for r in rows) / count
+    return math.exp(loss - base) - 1.0
 
 
-AGGREGATORS = {
-    "reasoning_depth": reasoning_depth,
-    "consistency": consistency,
-    "pressure": pressure,
-    "perplexity": perplexity,
-    # novelty and compression scenes already carry their per-scene score; any other measure
-    # a user names is the mean of its scenes' scores.
-}
+def mean_score(results: Iterable[Mapping]) -> float | None:
+    return _mean(float(r["score"]) for r in _rows(results))
 
 
-def battery_score(metric: str, results: list[Mapping]) -> float | None:
-    return AGGREGATORS.get(metric, mean_score)(results)
+# --- per-scene scores of generate scenes -----------------------------------------------------------
 
 
-def overall(scores: Mapping[str, float | None]) -> float | None:
-    """Mean of the measures scored in 0..1 (every measure but perplexity), each weighted equally."""
-    usable = [v for k, v in scores.items() if k not in LOWER_IS_BETTER and v is not None]
-    return round(fmean(usable), 6) if usable else None
-
-
-def word_ngrams(text: str, n: int = 3) -> set[tuple[str, ...]]:
+def word_ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
     words = [w.strip(".,;:!?\"'()«»—-").lower() for w in text.split()]
     words = [w for w in words if w]
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def novelty_score(generated: set[tuple[str, ...]], seen: set[tuple[str, ...]], passed: bool) -> float:
-    """Share of the generation's word 3-grams absent from the training corpus; 0 unless its checks
-    pass, so fluent-looking noise and empty answers earn nothing."""
-    if not passed or not generated:
+def novelty_score(
+    generated: set[tuple[str, ...]], seen: set[tuple[str, ...]], passed: bool, fluent: bool = True
+) -> float:
+    """Share of the generation's word 3-grams absent from the training corpus; 0 unless the
+    text is fluent (base-model perplexity under the bound) and passes its checks, so noise and
+    empty answers earn nothing."""
+    if not passed or not fluent or not generated:
         return 0.0
     return len(generated - seen) / len(generated)
 
 
-def compression_score(checks: list[tuple[str, bool]]) -> float:
-    """Share of the key-idea checks met, and nothing if the length limit is broken."""
+def compression_score(checks: list[tuple[str, bool]], words: int | None = None, judge: bool | None = None) -> float:
+    """Key ideas covered per word used, within the word limit.
+
+    The key ideas are the content checks (contains, not_contains, regex) and the judge's verdict
+    when one was given. score = ideas covered / max(words used, ideas): one word per idea is
+    the densest possible statement and scores 1; the same ideas in three times as many words
+    score a third. Breaking `max_words` scores 0. Without a word count, the share covered.
+    """
     if any(kind == "max_words" and not ok for kind, ok in checks):
         return 0.0
     ideas = [ok for kind, ok in checks if kind not in ("max_words", "min_words")]
+    if judge is not None:
+        ideas.append(bool(judge))
     if not ideas:
         return float(all(ok for _, ok in checks))
-    return sum(ideas) / len(ideas)
+    if words is None:
+        return sum(ideas) / len(ideas)
+    return sum(ideas) / max(int(words), len(ideas))
+
+
+def generate_passed(checks: list[tuple[str, bool]], judge: bool | None) -> bool:
+    """A generation passes when every check and the judge (when it gave a verdict) say yes."""
+    return all(ok for _, ok in checks) and judge is not False
+
+
+def generic_generate_score(checks: list[tuple[str, bool]], judge: bool | None) -> float | None:
+    """Share of the checks passed, the judge's verdict counting as one more check."""
+    votes = [ok for _, ok in checks] + ([] if judge is None else [bool(judge)])
+    return sum(votes) / len(votes) if votes else None
+
+
+def rescore_generate(metric: str, detail: Mapping) -> tuple[float | None, bool]:
+    """(score, passed) of a generate scene from its detail: checks, words, the judge's verdict
+    (`judge.verdict`, when a judge graded it), and for novelty the n-gram counts and the fluency
+    gate (`fluent`, False when the base model found the text too perplexing)."""
+    checks = [(c["check"], bool(c["passed"])) for c in detail.get("checks") or ()]
+    verdict = (detail.get("judge") or {}).get("verdict")
+    judge = None if verdict is None else bool(verdict)
+    passed = generate_passed(checks, judge)
+    if metric == "novelty":
+        total = int(detail.get("ngrams") or 0)
+        novel = int(detail.get("novel_ngrams") or 0)
+        if not passed or detail.get("fluent") is False or not total:
+            return 0.0, passed
+        return novel / total, passed
+    if metric == "compression":
+        return compression_score(checks, detail.get("words"), judge), passed
+    return generic_generate_score(checks, judge), passed
+
+
+# --- a run's scores --------------------------------------------------------------------------------
+
+Statistic = Callable[[list], "float | None"]
+
+
+def _by_scene(r: Mapping) -> str:
+    return r["scene_id"]
+
+
+def _specs(metric: str, rows: list[Mapping]) -> list[tuple[str, Statistic, Callable, Callable | None]]:
+    """(score name, statistic, bootstrap cluster, bootstrap stratum) for one measure's rows."""
+    if metric == "reasoning_depth":
+        specs = [
+            ("reasoning_depth", reasoning_depth, _by_scene, _depth),
+            ("depth_max", depth_max, _by_scene, _depth),
+        ]
+        for depth in sorted({_depth(r) for r in _rows(rows)}):
+            specs.append((f"depth@{depth}", _accuracy_at(depth), _by_scene, _depth))
+        return specs
+    if metric == "consistency":
+        return [("consistency", consistency, _group, None), ("consistency_scenes", consistency_scenes, _group, None)]
+    if metric == "pressure":
+        return [
+            ("pressure", pressure, _family, None),
+            ("pressure_clean", pressure_clean, _family, None),
+            ("pressure_drop", pressure_drop, _family, None),
+        ]
+    if metric == "perplexity":
+        return [("perplexity", perplexity, _by_scene, None)]
+    if metric == GENERAL_BATTERY:
+        return [("forgetting", forgetting, _by_scene, None)]
+    return [(metric, mean_score, _by_scene, None)]
+
+
+def _accuracy_at(depth: int) -> Statistic:
+    def statistic(rows: list) -> float | None:
+        return _mean(float(_right(r)) for r in _rows(rows) if _depth(r) == depth)
+
+    return statistic
+
+
+def score_run(scene_results: Iterable[Mapping], *, intervals: bool = True) -> dict[str, dict]:
+    """Every score of one run: {name: {value, n, lo, hi}} (lo/hi: the bootstrap 95% interval
+    over scenes, resampling groups and clean families whole and each depth on its own)."""
+    by_metric: dict[str, list[Mapping]] = defaultdict(list)
+    for r in scene_results:
+        metric = GENERAL_BATTERY if r.get("battery") == GENERAL_BATTERY else r.get("metric")
+        by_metric[metric].append(r)
+    scores: dict[str, dict] = {}
+    for metric, rows in by_metric.items():
+        for name, statistic, cluster, stratum in _specs(metric, rows):
+            value = statistic(rows)
+            if value is None:
+                continue
+            entry = {"value": round(value, 6), "n": len(_rows(rows)), "lo": None, "hi": None}
+            if intervals:
+                ci = stats.bootstrap_interval(_rows(rows), statistic, cluster=cluster, stratum=stratum)
+                if ci is not None:
+                    entry["lo"], entry["hi"] = round(ci[0], 6), round(ci[1], 6)
+            scores[name] = entry
+    return scores
+
+
+def is_ranked(name: str) -> bool:
+    """Whether a score can carry weight in `overall`: 0..1, higher is better, not a side number."""
+    return name not in LOWER_IS_BETTER and name not in AUXILIARY and "@" not in name
+
+
+def default_weights(names: Iterable[str]) -> dict[str, float]:
+    return {name: 1.0 for name in names if is_ranked(name)}
+
+
+def parse_weights(spec: str | None) -> dict[str, float]:
+    """`depth=2,consistency=1` (short names as in the table work too) or a YAML/JSON file
+    holding such a mapping. A measure not named keeps weight 1; weight 0 leaves it out."""
+    if not spec:
+        return {}
+    from pathlib import Path
+
+    path = Path(spec).expanduser()
+    if path.is_file():
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise WeightsError(f"{spec}: cannot read the weights file: {' '.join(str(exc).split())[:120]}") from None
+        if not isinstance(loaded, dict):
+            raise WeightsError(f"{spec}: expected a mapping such as `reasoning_depth: 2`")
+        pairs = [(str(k), v) for k, v in loaded.items()]
+    else:
+        pairs = []
+        for part in spec.split(","):
+            if not part.strip():
+                continue
+            name, sep, value = part.partition("=")
+            if not sep:
+                raise WeightsError(f"{part.strip()!r}: write MEASURE=WEIGHT, e.g. --weights depth=2,novelty=0.5")
+            pairs.append((name.strip(), value.strip()))
+    weights = {}
+    for name, value in pairs:
+        full = SHORT_NAMES.get(name, name)
+        if not is_ranked(full):
+            raise WeightsError(f"{name} cannot be weighted into overall (it is lower-is-better or a side number)")
+        try:
+            weight = float(value)
+        except (TypeError, ValueError):
+            raise WeightsError(f"{name}={value}: the weight must be a number") from None
+        if weight < 0 or math.isnan(weight) or math.isinf(weight):
+            raise WeightsError(f"{name}={value}: the weight must be 0 or more")
+        weights[full] = weight
+    return weights
+
+
+SHORT_NAMES = {
+    "depth": "reasoning_depth", "consist": "consistency", "press": "pressure",
+    "novel": "novelty", "compr": "compression",
+}
+
+
+def overall(scores: Mapping[str, float | None], weights: Mapping[str, float] | None = None) -> float | None:
+    """Weighted mean of the ranked measures present (equal weights unless given)."""
+    use = {**default_weights(scores), **(weights or {})}
+    pairs = [(use[k], v) for k, v in scores.items() if k in use and v is not None and is_ranked(k)]
+    total = sum(w for w, _ in pairs)
+    if not pairs or total <= 0:
+        return None
+    return round(sum(w * v for w, v in pairs) / total, 6)
+
+
+def overall_interval(
+    scores: Mapping[str, float | None], intervals: Mapping[str, Iterable[float] | None],
+    weights: Mapping[str, float] | None = None,
+) -> tuple[float, float] | None:
+    """The interval of `overall`, from the measures' intervals (independent batteries)."""
+    use = {**default_weights(scores), **(weights or {})}
+    use = {k: w for k, w in use.items() if k in scores and is_ranked(k)}
+    values = {k: v for k, v in scores.items() if v is not None}
+    ci = stats.combine_intervals(values, {k: (list(v) if v else None) for k, v in intervals.items()}, use)
+    return None if ci is None else (round(ci[0], 6), round(ci[1], 6))
+
+
+# Kept for callers of v1: one measure's value from its scene rows.
+def battery_score(metric: str, results: list[Mapping]) -> float | None:
+    specs = _specs(metric, results)
+    return specs[0][1](results) if specs else None

@@ -585,3 +585,166 @@ class _Reader:
                     fields.get("group"), _field(fields.where, "group"),
                     f"group '{name}' has only this scene; a group is 2 or more scenes that must agree",
                 )
+
+
+# --- a folder's counts (ltm-tui scenes check) ------------------------------------------------------
+
+
+def battery_counts(batteries: list[Battery]) -> dict:
+    """Per battery: its measure, scenes by kind and by language; then totals per measure."""
+    rows, by_measure = [], {}
+    for b in batteries:
+        kinds: dict[str, int] = {}
+        langs: dict[str, int] = {}
+        for scene in b.scenes:
+            kinds[scene.kind] = kinds.get(scene.kind, 0) + 1
+            langs[scene.lang or "-"] = langs.get(scene.lang or "-", 0) + 1
+        rows.append({"battery": b.name, "file": str(b.path), "metric": b.metric, "scenes": len(b.scenes),
+                     "kinds": kinds, "langs": langs})
+        total = by_measure.setdefault(b.metric, {"batteries": 0, "scenes": 0, "langs": {}})
+        total["batteries"] += 1
+        total["scenes"] += len(b.scenes)
+        for lang, n in langs.items():
+            total["langs"][lang] = total["langs"].get(lang, 0) + n
+    return {"batteries": rows, "measures": by_measure}
+
+
+# --- lm-evaluation-harness tasks → a battery (ltm-tui scenes import-lmeval) -------------------------
+
+
+def import_lmeval(task_path: str | Path, *, metric: str | None = None, limit: int | None = None) -> tuple[str, int]:
+    """Convert a `multiple_choice` lm-evaluation-harness task with local data files into battery
+    YAML; returns (text, scenes). doc_to_text / doc_to_choice / doc_to_target may be a field name,
+    a literal, or a simple Jinja template (rendered in a sandbox). The prompt is the harness's
+    context and each choice follows " ", so `choice` scores equal the harness's acc/acc_norm."""
+    path = Path(task_path)
+    name = str(path)
+    try:
+        task = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BatteryError(f"{name}: no such file") from None
+    except yaml.constructor.ConstructorError as exc:
+        raise BatteryError(
+            f"{name}: uses a YAML tag ({' '.join(str(exc.problem).split())[:60]}); only tasks written with "
+            "fields and Jinja templates can be imported, not !function ones"
+        ) from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BatteryError(f"{name}: cannot read the task: {' '.join(str(exc).split())[:160]}") from None
+    if not isinstance(task, dict):
+        raise BatteryError(f"{name}: an lm-eval task is a mapping with task, dataset_path, doc_to_text, ...")
+    if task.get("output_type", "multiple_choice") != "multiple_choice":
+        raise BatteryError(f"{name}: output_type {task['output_type']!r}: only multiple_choice tasks can be imported")
+    if task.get("target_delimiter", " ") != " ":
+        raise BatteryError(f"{name}: target_delimiter {task['target_delimiter']!r}: batteries use a single space")
+    for key in ("doc_to_text", "doc_to_choice", "doc_to_target"):
+        if key not in task:
+            raise BatteryError(f"{name}: field '{key}' is missing")
+    docs = _lmeval_docs(path, task)
+    if limit:
+        docs = docs[:limit]
+    task_name = str(task.get("task") or path.stem)
+    scenes, skipped = [], 0
+    for i, doc in enumerate(docs):
+        where = f"{name}: document {i}"
+        prompt = str(_render(task["doc_to_text"], doc, where, "doc_to_text"))
+        choices = _render(task["doc_to_choice"], doc, where, "doc_to_choice")
+        if isinstance(choices, str):
+            import ast
+
+            try:
+                choices = ast.literal_eval(choices.strip())
+            except (ValueError, SyntaxError):
+                raise BatteryError(f"{where}: doc_to_choice gave {choices[:60]!r}, not a list") from None
+        if not isinstance(choices, (list, tuple)) or len(choices) < 2:
+            raise BatteryError(f"{where}: doc_to_choice must give a list of 2 or more choices")
+        choices = [str(c) for c in choices]
+        target = _render(task["doc_to_target"], doc, where, "doc_to_target")
+        if isinstance(target, str) and target.strip().lstrip("-").isdigit() and target.strip() not in choices:
+            target = int(target.strip())
+        if isinstance(target, bool) or not isinstance(target, (int, str)):
+            raise BatteryError(f"{where}: doc_to_target gave {target!r}; expected an index or a choice's text")
+        answer = target if isinstance(target, int) else (choices.index(target) if target in choices else None)
+        if answer is None or not 0 <= answer < len(choices):
+            raise BatteryError(f"{where}: doc_to_target {target!r} is not one of {len(choices)} choices")
+        if len(set(choices)) != len(choices) or not prompt.strip() or any(not c.strip() for c in choices):
+            skipped += 1  # a battery needs distinct, non-empty choices and a prompt
+            continue
+        scenes.append({"id": f"{_slug(task_name)}-{i}", "kind": "choice", "prompt": prompt,
+                       "choices": choices, "answer": answer})
+    if not scenes:
+        raise BatteryError(f"{name}: no document could be converted")
+    battery = {
+        "battery": task_name,
+        "description": f"Imported from the lm-evaluation-harness task {task_name} ({len(scenes)} documents"
+                       + (f", {skipped} skipped: repeated or empty choices" if skipped else "") + ").",
+        "metric": metric or _slug(task_name).replace("-", "_").replace(".", "_"),
+        "scenes": scenes,
+    }
+    header = f"# Converted by `ltm-tui scenes import-lmeval {name}`; schema: docs/scenes.md\n"
+    return header + yaml.safe_dump(battery, allow_unicode=True, sort_keys=False, width=100), len(scenes)
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^A-Za-z0-9_.:-]+", "-", text).strip("-").lower()
+    return slug if slug and slug[0].isalnum() else "task" + slug
+
+
+def _lmeval_docs(path: Path, task: dict) -> list[dict]:
+    import csv
+    import json
+
+    fmt = str(task.get("dataset_path", ""))
+    files = (task.get("dataset_kwargs") or {}).get("data_files")
+    if fmt not in ("json", "csv") or not files:
+        raise BatteryError(
+            f"{path}: dataset_path {fmt!r}: only local data files can be imported "
+            "(dataset_path: json or csv, with dataset_kwargs: data_files)"
+        )
+    split = task.get("test_split") or task.get("validation_split") or task.get("training_split") or "train"
+    if isinstance(files, dict):
+        if split not in files:
+            raise BatteryError(f"{path}: data_files has no split {split!r} (it has {', '.join(files)})")
+        files = files[split]
+    docs: list[dict] = []
+    for entry in [files] if isinstance(files, str) else list(files):
+        file = Path(entry)
+        if not file.is_absolute() and not file.exists():
+            file = path.parent / entry
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise BatteryError(f"{path}: data file {entry}: {exc.strerror or exc}") from None
+        if fmt == "csv":
+            import io
+
+            docs += list(csv.DictReader(io.StringIO(text)))
+            continue
+        try:
+            loaded = json.loads(text)
+            docs += loaded if isinstance(loaded, list) else [loaded]
+        except json.JSONDecodeError:
+            try:
+                docs += [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as exc:
+                raise BatteryError(f"{path}: data file {entry}: not JSON or JSON lines ({exc.msg}, line {exc.lineno})") from None
+    return docs
+
+
+def _render(spec, doc: dict, where: str, key: str):
+    """lm-eval's convention: a field of the document, a Jinja template, or a literal."""
+    if isinstance(spec, (list, int)) and not isinstance(spec, bool):
+        return spec
+    if not isinstance(spec, str):
+        raise BatteryError(f"{where}: {key} must be a field name, a template or a literal, not {type(spec).__name__}")
+    if spec in doc:
+        return doc[spec]
+    if "{{" in spec or "{%" in spec:
+        from jinja2 import StrictUndefined, TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        env = ImmutableSandboxedEnvironment(undefined=StrictUndefined, keep_trailing_newline=True)
+        try:
+            return env.from_string(spec).render(**doc)
+        except TemplateError as exc:
+            raise BatteryError(f"{where}: {key} template: {' '.join(str(exc).split())[:120]}") from None
+    return spec

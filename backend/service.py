@@ -165,6 +165,11 @@ class Service:
             return self.store.results(
                 sort=args.get("sort", "overall"), descending=args.get("descending", True)
             )
+        if op == "scene_results":  # per-scene results of runs: compare, weak scenes, the judge
+            return {run_id: self.store.scene_results(run_id) for run_id in args["runs"]}
+        if op == "rescore":  # a judge graded a run's generations: its new scene results and scores
+            self.store.rescore_run(args["run_id"], args["scene_results"], args["scores"], args.get("overall"))
+            return {"run_id": args["run_id"]}
         if op == "export":
             return str(self.store.export_csv(args["path"], sort=args.get("sort", "overall")))
         if op == "cancel":

@@ -115,6 +115,14 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE runs ADD COLUMN session_path VARCHAR;
         """,
     ),
+    (
+        # The bootstrap 95% interval of each score (backend/measures.py, docs/measures.md).
+        "003_measures",
+        """
+        ALTER TABLE scores ADD COLUMN lo DOUBLE;
+        ALTER TABLE scores ADD COLUMN hi DOUBLE;
+        """,
+    ),
 )
 
 # --- whitelists: the only identifiers ever formatted into SQL ---------------------------------
@@ -155,6 +163,7 @@ SORT_COLUMNS: dict[str, str] = {
 RESULT_KEYS = (
     "run_id", "corpus", "corpus_path", "base", "status", "pages", "tokens", "train_seconds",
     "scores", "overall", "kind", "seed", "error", "created_at",
+    "intervals",  # {measure: [lo, hi]}; filled after the SQL row, keep it last
 )
 
 CSV_FIXED_COLUMNS = (
@@ -446,13 +455,7 @@ class Store:
                 )
                 cur.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
                 cur.execute("DELETE FROM scene_results WHERE run_id = ?", [run_id])
-                if scores:
-                    measures, values, ns = zip(*scores)
-                    cur.execute(
-                        "INSERT INTO scores SELECT ?, UNNEST(?::VARCHAR[]), UNNEST(?::DOUBLE[]),"
-                        " UNNEST(?::INTEGER[])",
-                        [run_id, list(measures), list(values), list(ns)],
-                    )
+                _insert_scores(cur, run_id, scores)
                 if scenes:
                     cols = [list(c) for c in zip(*scenes)]
                     cur.execute(
@@ -522,10 +525,12 @@ class Store:
         """
         with self._read() as cur:
             rows, score_map = self._results(cur, sort, descending, kind, status, limit)
+            intervals = self._intervals(cur, [r[0] for r in rows])
         out = []
         for row in rows:
             record = dict(zip(RESULT_KEYS, row))
             record["scores"] = score_map.get(record["run_id"], {})
+            record["intervals"] = intervals.get(record["run_id"], {})
             record["created_at"] = _iso(record["created_at"])
             out.append(record)
         return out
@@ -583,6 +588,42 @@ class Store:
             for run_id, measure, value in score_rows:
                 score_map.setdefault(run_id, {})[measure] = value
         return rows, score_map
+
+    def _intervals(self, cur: duckdb.DuckDBPyConnection, run_ids: list[str]) -> dict[str, dict[str, list]]:
+        """run_id → {measure: [lo, hi]}: the bootstrap 95% intervals (migration 003_measures)."""
+        if not run_ids:
+            return {}
+        out: dict[str, dict[str, list]] = {}
+        for run_id, measure, lo, hi in cur.execute(
+            "SELECT run_id, measure, lo, hi FROM scores WHERE list_contains(?::VARCHAR[], run_id)"
+            " AND lo IS NOT NULL AND hi IS NOT NULL ORDER BY run_id, measure",
+            [run_ids],
+        ).fetchall():
+            out.setdefault(run_id, {})[measure] = [lo, hi]
+        return out
+
+    def rescore_run(
+        self, run_id: str, scene_results: Iterable[Mapping[str, Any]], scores: Mapping[str, Any],
+        overall: float | None,
+    ) -> None:
+        """Replace one finished run's scene results, scores and overall in one transaction (after
+        a judge graded its generations: backend/judge.py)."""
+        score_rows = _score_rows(scores)
+        scenes = _scene_rows(scene_results)
+        with self._write() as cur:
+            if not cur.execute("SELECT 1 FROM runs WHERE run_id = ?", [run_id]).fetchone():
+                raise JobError(f"no run {run_id}")
+            cur.execute("DELETE FROM scores WHERE run_id = ?", [run_id])
+            _insert_scores(cur, run_id, score_rows)
+            cur.execute("DELETE FROM scene_results WHERE run_id = ?", [run_id])
+            if scenes:
+                cur.execute(
+                    "INSERT INTO scene_results SELECT ?, UNNEST(?::VARCHAR[]),"
+                    " UNNEST(?::VARCHAR[]), UNNEST(?::VARCHAR[]), UNNEST(?::VARCHAR[]),"
+                    " UNNEST(?::DOUBLE[]), UNNEST(?::BOOLEAN[]), UNNEST(?::VARCHAR[])",
+                    [run_id, *[list(c) for c in zip(*scenes)]],
+                )
+            cur.execute("UPDATE runs SET overall = ?, updated_at = ? WHERE run_id = ?", [overall, _now(), run_id])
 
     def scene_results(self, run_id: str) -> list[dict[str, Any]]:
         """Per-scene results of one run, by battery then scene id (detail decoded)."""
@@ -679,14 +720,25 @@ def _csv_cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _score_rows(scores: Mapping[str, Any]) -> list[tuple[str, Any, Any]]:
+def _score_rows(scores: Mapping[str, Any]) -> list[tuple[str, Any, Any, Any, Any]]:
     rows = []
     for measure, entry in scores.items():
         if isinstance(entry, Mapping):
-            rows.append((str(measure), entry.get("value"), entry.get("n")))
+            rows.append((str(measure), entry.get("value"), entry.get("n"), entry.get("lo"), entry.get("hi")))
         else:
-            rows.append((str(measure), entry, None))
+            rows.append((str(measure), entry, None, None, None))
     return rows
+
+
+def _insert_scores(cur: duckdb.DuckDBPyConnection, run_id: str, scores: list[tuple[Any, ...]]) -> None:
+    if not scores:
+        return
+    measures, values, ns, los, his = zip(*scores)
+    cur.execute(
+        "INSERT INTO scores (run_id, measure, value, n, lo, hi) SELECT ?, UNNEST(?::VARCHAR[]),"
+        " UNNEST(?::DOUBLE[]), UNNEST(?::INTEGER[]), UNNEST(?::DOUBLE[]), UNNEST(?::DOUBLE[])",
+        [run_id, list(measures), list(values), list(ns), list(los), list(his)],
+    )
 
 
 def _scene_rows(scenes: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:

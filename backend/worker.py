@@ -127,7 +127,8 @@ class Worker:
             events.emit("phase", phase="evaluating")
             chunks = _corpus_chunks(job["corpus_path"]) if job.get("corpus_path") else None
             scores, scene_results, eval_seconds = evaluate_all(
-                model, tok, self.batteries, device=device, corpus_chunks=chunks
+                model, tok, self.batteries, device=device, corpus_chunks=chunks,
+                reference=self._reference(job, model, seed),
             )
             curve = _curve_from_events(run_dir / "events.jsonl")
             result = {
@@ -166,6 +167,19 @@ class Worker:
                 adapter.unload()  # the base goes back untouched for the next job
             events.close()
             log.close()
+
+    def _reference(self, job: dict, model, seed: int):
+        """The base an adapted model is compared with (fluency gate, forgetting); None for a
+        baseline run, which is its own base."""
+        from backend.evaluate import fixed_base, peft_base
+
+        if job["kind"] != "adapter":
+            return None
+        if self.spec.is_micro:
+            from backend.models import load_base
+
+            return fixed_base(load_base(self.spec, seed)[0])  # the untrained network of this seed
+        return peft_base(model)
 
     def _tokenize(self, job: dict, tok, run_dir: Path, log) -> int:
         from backend.corpora import iter_text

@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--lora-r", type=int, help="LoRA rank (HF bases)")
     run.add_argument("--lora-alpha", type=int, help="LoRA alpha (HF bases)")
     run.add_argument("--format", choices=["table", "json"], default="table", help="final output")
+    run.add_argument("--weights", metavar="SPEC", help=WEIGHTS_HELP)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
     _add_workspace(run)
 
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     order.add_argument("--desc", dest="descending", action="store_true", help="descending (default)")
     res.set_defaults(descending=True)
     res.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    res.add_argument("--weights", metavar="SPEC", help=WEIGHTS_HELP)
     _add_workspace(res)
 
     exp = sub.add_parser("export", help="write the results as CSV")
@@ -93,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_workspace(add_estimate(sub, run))
 
+    _add_evaluation_commands(sub)
+
     stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
     stop.add_argument("--all", action="store_true", help="also stop the workers (they checkpoint; retry resumes)")
     _add_workspace(stop)
@@ -119,6 +123,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             "retry": cmd_retry,
             "serve": cmd_serve,
             "stop": cmd_stop,
+            "compare": cmd_compare,
+            "scenes": cmd_scenes,
+            "judge": cmd_judge,
             "estimate": cmd_estimate,
         }
         return handler[args.command](args)
@@ -235,7 +242,9 @@ def cmd_run(args) -> int:
     else:
         from ltm_tui.report import print_ranked
 
-        print_ranked(rows)
+        from backend.measures import parse_weights
+
+        print_ranked(rows, weights=parse_weights(args.weights))
         for r in rows:
             if r["status"] != "done":
                 print(f"ltm-tui: {r['run_id']} {r['status']}: {r.get('error')}", file=sys.stderr)
@@ -313,12 +322,16 @@ def cmd_results(args) -> int:
     except ValueError as exc:
         print(f"ltm-tui: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    from backend.measures import parse_weights
+    from ltm_tui.report import reweigh
+
+    weights = parse_weights(args.weights)
     if args.format == "json":
-        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        print(json.dumps(reweigh(rows, weights), ensure_ascii=False, indent=1))
     elif args.format == "csv":
-        sys.stdout.write(rows_to_csv(rows))
+        sys.stdout.write(rows_to_csv(reweigh(rows, weights)))
     else:
-        print_ranked(rows, sort=args.sort)
+        print_ranked(rows, sort=args.sort, weights=weights)
     return EXIT_OK
 
 
@@ -421,6 +434,133 @@ def cmd_stop(args) -> int:
         time.sleep(0.1)
     print(f"stopped the service on {ws.root}" + (" and its workers" if args.all else "; workers go on"))
     return EXIT_OK
+
+
+# --- evaluation: compare, scenes check/weak/import-lmeval, judge (docs/measures.md) ------------
+
+WEIGHTS_HELP = "weights of overall: depth=2,novelty=0.5 or a YAML/JSON file (default: 1 each)"
+
+
+def _add_evaluation_commands(sub) -> None:
+    cmp = sub.add_parser("compare", help="two runs scene by scene: what flipped, and an exact test")
+    cmp.add_argument("run_a", metavar="RUN_A")
+    cmp.add_argument("run_b", metavar="RUN_B")
+    cmp.add_argument("--format", choices=["table", "json"], default="table")
+    _add_workspace(cmp)
+
+    sc = sub.add_parser("scenes", help="check a battery folder, list weak scenes, import an lm-eval task")
+    scs = sc.add_subparsers(dest="scenes_command", metavar="ACTION", required=True)
+    chk = scs.add_parser("check", help="validate every battery in DIR and count scenes per measure and language")
+    chk.add_argument("dir", metavar="DIR")
+    chk.add_argument("--format", choices=["table", "json"], default="table")
+    weak = scs.add_parser("weak", help="scenes with no spread across runs, or at chance in every run")
+    weak.add_argument("--format", choices=["table", "json"], default="table")
+    _add_workspace(weak)
+    imp = scs.add_parser("import-lmeval", help="convert an lm-evaluation-harness task (local data) to a battery")
+    imp.add_argument("task", metavar="TASK.yaml")
+    imp.add_argument("-o", "--output", metavar="FILE", help="write the battery here (default: stdout)")
+    imp.add_argument("--metric", help="the measure it feeds (default: the task's name as snake_case)")
+    imp.add_argument("--limit", type=int, help="at most this many documents")
+
+    jd = sub.add_parser("judge", help="a second model grades the runs' generations on the scenes' rubrics")
+    jd.add_argument("runs", nargs="+", metavar="RUN")
+    jd.add_argument("--model", metavar="PATH", help="a local Hugging Face model folder (deterministic yes/no)")
+    jd.add_argument("--endpoint", metavar="URL", help="an OpenAI-compatible base URL, e.g. http://localhost:8000/v1")
+    jd.add_argument("--judge-model", metavar="NAME", help="the model name the endpoint serves")
+    jd.add_argument("--key-env", metavar="VAR", help="environment variable holding the endpoint's API key")
+    jd.add_argument("--device", help="device of a local judge (default: cuda when present)")
+    jd.add_argument("--format", choices=["table", "json"], default="table")
+    _add_workspace(jd)
+
+
+def _scene_results(args, run_ids: list[str]) -> dict:
+    return _ask(args, "scene_results", lambda st: {r: st.scene_results(r) for r in run_ids}, runs=run_ids)
+
+
+def cmd_compare(args) -> int:
+    from backend.errors import LtmError
+    from backend.stats import compare_runs
+
+    found = _scene_results(args, [args.run_a, args.run_b])
+    for run_id in (args.run_a, args.run_b):
+        if not found.get(run_id):
+            raise LtmError(f"run {run_id} has no scene results (is it done? `ltm-tui status` lists runs)", title="compare")
+    result = {"run_a": args.run_a, "run_b": args.run_b, **compare_runs(found[args.run_a], found[args.run_b])}
+    if args.format == "json":
+        print(json.dumps(result, ensure_ascii=False, indent=1))
+        return EXIT_OK
+    print(f"{args.run_a} → {args.run_b}: {result['shared']} scenes in both")
+    print(f"  right in both {result['both_right']}, wrong in both {result['both_wrong']}")
+    for key, label in (("wrong_to_right", "wrong → right"), ("right_to_wrong", "right → wrong")):
+        items = result[key]
+        print(f"  {label}: {len(items)}" + (f"  ({', '.join(items[:12])}{' …' if len(items) > 12 else ''})" if items else ""))
+    print(f"  exact McNemar p = {result['mcnemar_p']:.4g} (two-sided, on the flipped items)")
+    print(f"  scores higher in B {result['scores_better']}, lower {result['scores_worse']}:"
+          f" sign test p = {result['sign_test_p']:.4g}")
+    return EXIT_OK
+
+
+def cmd_scenes(args) -> int:
+    if args.scenes_command == "check":
+        from backend.scenes import battery_counts, load_batteries
+
+        counts = battery_counts(load_batteries(args.dir))
+        if args.format == "json":
+            print(json.dumps(counts, ensure_ascii=False, indent=1))
+        else:
+            from ltm_tui.report import print_battery_counts
+
+            print_battery_counts(counts)
+        return EXIT_OK
+    if args.scenes_command == "import-lmeval":
+        from backend.scenes import import_lmeval
+
+        text, n = import_lmeval(args.task, metric=args.metric, limit=args.limit)
+        if args.output:
+            Path(args.output).write_text(text, encoding="utf-8")
+            print(f"wrote {args.output}: {n} scenes", file=sys.stderr)
+        else:
+            sys.stdout.write(text)
+        return EXIT_OK
+    from backend.stats import weak_scenes
+
+    runs = _ask(args, "jobs", _status_rows)
+    done = [r["run_id"] for r in runs if r["status"] == "done"]
+    weak = weak_scenes(_scene_results(args, done)) if done else []
+    if args.format == "json":
+        print(json.dumps(weak, ensure_ascii=False, indent=1))
+    elif not weak:
+        print(f"no weak scenes over {len(done)} finished runs")
+    else:
+        print(f"{len(weak)} weak scenes over {len(done)} finished runs (baselines included):")
+        for w in weak:
+            print(f"  {w['battery']}/{w['scene_id']}: {', '.join(w['reasons'])}")
+    return EXIT_OK
+
+
+def cmd_judge(args) -> int:
+    from backend.judge import judge_rows, make_judge, rescore
+
+    judge = make_judge(model=args.model, endpoint=args.endpoint, judge_model=args.judge_model,
+                       key_env=args.key_env, device=args.device)
+    found = _scene_results(args, args.runs)
+    report = []
+    for run_id in args.runs:
+        rows = found.get(run_id) or []
+        if not rows:
+            print(f"ltm-tui: run {run_id} has no scene results; skipped", file=sys.stderr)
+            continue
+        rows, counts = judge_rows(rows, judge)
+        scores, overall = rescore(rows)
+        _ask(args, "rescore", lambda st: st.rescore_run(run_id, rows, scores, overall),
+             run_id=run_id, scene_results=rows, scores=scores, overall=overall)
+        report.append({"run_id": run_id, "judge": judge.name, "overall": overall, **counts})
+    if args.format == "json":
+        print(json.dumps(report, ensure_ascii=False, indent=1))
+    for r in report if args.format == "table" else ():
+        print(f"{r['run_id']}: {r['graded']} graded by {r['judge']}: {r['yes']} yes, {r['no']} no,"
+              f" {r['parse_failures']} unparsed; overall now {r['overall']}")
+    return EXIT_OK if report else EXIT_FAILED
 
 
 if __name__ == "__main__":

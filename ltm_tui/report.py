@@ -86,14 +86,34 @@ def _duration(seconds) -> str:
     return f"{seconds}s"
 
 
+# Side numbers shown in the table beside the five (the rest, such as the depth curve's points,
+# are in `results --format json` only).
+SHOWN_SIDE = ("depth_max", "pressure_drop")
+HIDDEN = frozenset({"pressure_clean", "consistency_scenes"})
+LOWER_TAIL = (PERPLEXITY, "forgetting")
+
+
 def measure_names(rows: list[dict]) -> list[str]:
-    """The five measures in the plan's order, then any a battery named, then perplexity."""
+    """The five measures in the plan's order, the side numbers the table shows (largest depth
+    above chance, drop under pressure), any measure a battery named, then perplexity and
+    forgetting (lower is better)."""
     from backend.measures import FIVE_MEASURES
 
     present = {m for r in rows for m in (r.get("scores") or {})}
-    extra = sorted(present - set(FIVE_MEASURES) - {PERPLEXITY})
-    tail = [PERPLEXITY] if PERPLEXITY in present else []
-    return [m for m in FIVE_MEASURES if m in present] + extra + tail
+    fixed = set(FIVE_MEASURES) | set(SHOWN_SIDE) | set(LOWER_TAIL) | HIDDEN
+    extra = sorted(m for m in present - fixed if "@" not in m)
+    head = [m for m in FIVE_MEASURES if m in present]
+    side = [m for m in SHOWN_SIDE if m in present]
+    return head + side + extra + [m for m in LOWER_TAIL if m in present]
+
+
+def fmt_interval(value, interval, digits: int = 2) -> str:
+    """`0.74±0.05`: the value and half the width of its 95% interval (`-` when unknown)."""
+    text = _fmt(value, digits)
+    if value is None or not interval or interval[0] is None or interval[1] is None:
+        return text
+    half = (float(interval[1]) - float(interval[0])) / 2
+    return f"{text}±{half:.{digits}f}"
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -119,12 +139,43 @@ MEASURE_LABELS = {
     "novelty": "novel",
     "compression": "compr",
     "perplexity": "ppl↓",
+    "depth_max": "d.max",
+    "pressure_drop": "drop↓",
+    "forgetting": "forget↓",
 }
 
 
-def print_ranked(rows: list[dict], *, sort: str = "overall", console: Console | None = None) -> None:
+def weights_line(rows: list[dict], weights: dict | None) -> str:
+    """`overall = mean of depth×2, consist×1, …` as shown under the table."""
+    from backend.measures import default_weights
+
+    names = {m for r in rows for m in (r.get("scores") or {})}
+    use = {**default_weights(names), **(weights or {})}
+    parts = [f"{MEASURE_LABELS.get(m, m)}×{use[m]:g}" for m in measure_names(rows) if m in use]
+    return "overall = weighted mean of " + ", ".join(parts) if parts else ""
+
+
+def reweigh(rows: list[dict], weights: dict | None) -> list[dict]:
+    """Rows with `overall` recomputed under these weights and `overall_interval` added."""
+    from backend.measures import overall, overall_interval
+
+    out = []
+    for r in rows:
+        scores = r.get("scores") or {}
+        r = dict(r)
+        if weights:
+            r["overall"] = overall(scores, weights) if scores else r.get("overall")
+        r["overall_interval"] = overall_interval(scores, r.get("intervals") or {}, weights) if scores else None
+        out.append(r)
+    return out
+
+
+def print_ranked(
+    rows: list[dict], *, sort: str = "overall", console: Console | None = None, weights: dict | None = None
+) -> None:
     """Baselines first (the rows every adapter is compared with), then runs in the given order,
-    with each run's overall score and its difference from its baseline."""
+    with each run's overall score and its difference from its baseline. Each measure shows its
+    bootstrap 95% interval as ±half its width; the weights of `overall` are printed below."""
     if console is None:
         console = Console()
         if not console.is_terminal:  # a pipe or a file: no screen width to respect
@@ -132,6 +183,7 @@ def print_ranked(rows: list[dict], *, sort: str = "overall", console: Console | 
     if not rows:
         console.print("no runs yet: `ltm-tui run FILE...` queues some")
         return
+    rows = reweigh(rows, weights)
     names = measure_names(rows)
     bases = sorted({r["base"] for r in rows})
     one_base = len(bases) == 1
@@ -159,6 +211,7 @@ def print_ranked(rows: list[dict], *, sort: str = "overall", console: Console | 
         if not is_base and ref and r.get("overall") is not None and ref.get("overall") is not None:
             delta = r["overall"] - ref["overall"]
         scores = r.get("scores") or {}
+        intervals = r.get("intervals") or {}
         cells = [
             "base" if is_base else str(i - len(baselines) + 1),
             "(baseline)" if is_base else (r.get("corpus") or "-"),
@@ -166,12 +219,23 @@ def print_ranked(rows: list[dict], *, sort: str = "overall", console: Console | 
             *([] if all_done else [r["status"]]),
             _fmt(r.get("pages"), 1),
             _fmt(r.get("train_seconds"), 1),
-            *(_fmt(scores.get(n), 1 if n == PERPLEXITY else 2) for n in names),
-            _fmt(r.get("overall")),
+            *(_cell(n, scores.get(n), intervals.get(n)) for n in names),
+            fmt_interval(r.get("overall"), r.get("overall_interval"), 3),
             "-" if delta is None else f"{delta:+.3f}",
         ]
         table.add_row(*cells, style="dim" if is_base else None)
     console.print(table)
+    line = weights_line(rows, weights)
+    if line:
+        console.print(f"{line}; ± is half the bootstrap 95% interval", style="dim", soft_wrap=True)
+
+
+def _cell(name: str, value, interval) -> str:
+    if name == "depth_max":
+        return _fmt(None if value is None else int(value))
+    if name == PERPLEXITY:
+        return fmt_interval(value, interval, 1)
+    return fmt_interval(value, interval, 2)
 
 
 def rows_to_csv(rows: list[dict]) -> str:
@@ -179,9 +243,14 @@ def rows_to_csv(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     head = ["run_id", "corpus", "corpus_path", "base", "kind", "status", "pages", "tokens", "train_seconds"]
-    writer.writerow(head + names + ["overall"])
+    bounds = [f"{n}_{end}" for n in names for end in ("lo", "hi")]
+    writer.writerow(head + names + ["overall"] + bounds)
     for r in rows:
-        writer.writerow([r.get(k) for k in head] + [(r.get("scores") or {}).get(n) for n in names] + [r.get("overall")])
+        ci = r.get("intervals") or {}
+        writer.writerow(
+            [r.get(k) for k in head] + [(r.get("scores") or {}).get(n) for n in names] + [r.get("overall")]
+            + [(ci.get(n) or (None, None))[i] for n in names for i in (0, 1)]
+        )
     return out.getvalue()
 
 
@@ -193,3 +262,23 @@ def print_status(jobs: list[dict], console: Console | None = None) -> None:
     for j in jobs:
         table.add_row(j["run_id"], j.get("corpus") or "-", j["kind"], j["status"], (j.get("error") or "")[:60])
     console.print(table)
+
+
+def print_battery_counts(counts: dict, console: Console | None = None) -> None:
+    """`ltm-tui scenes check`: scenes per battery, then per measure, split by language."""
+    console = console or Console()
+    langs = sorted({lang for b in counts["batteries"] for lang in b["langs"]})
+    table = Table(title="batteries", pad_edge=False, padding=(0, 1))
+    for col in ("battery", "measure", "scenes", "kinds", *langs):
+        table.add_column(col, justify="right" if col in ("scenes", *langs) else "left")
+    for b in counts["batteries"]:
+        kinds = ", ".join(f"{k} {n}" for k, n in sorted(b["kinds"].items()))
+        table.add_row(b["battery"], b["metric"], str(b["scenes"]), kinds, *(str(b["langs"].get(lang, 0)) for lang in langs))
+    console.print(table)
+    per = Table(title="per measure", pad_edge=False, padding=(0, 1))
+    for col in ("measure", "batteries", "scenes", *langs):
+        per.add_column(col, justify="left" if col == "measure" else "right")
+    for metric, m in sorted(counts["measures"].items()):
+        per.add_row(metric, str(m["batteries"]), str(m["scenes"]), *(str(m["langs"].get(lang, 0)) for lang in langs))
+    console.print(per)
+    console.print("every battery loaded and validated (`-`: scenes without a lang field)", style="dim")
