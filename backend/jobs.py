@@ -38,6 +38,7 @@ class JobSettings:
     scenes: str  # folder or file of batteries
     train: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
     lora: dict[str, Any] = field(default_factory=dict)  # LoraSettings overrides (HF bases)
+    probes: bool = True  # look inside each adapted network after evaluation (--no-probes: off)
 
     def base_label(self) -> str:
         b = self.base
@@ -138,6 +139,7 @@ class JobManager:
             "scenes": settings.scenes,
             "train": settings.train,
             "lora": settings.lora,
+            "probes": settings.probes,
             "baseline_key": baseline_key,
         }
 
@@ -317,6 +319,7 @@ class JobManager:
                     "seed": r["seed"],
                     "train": s.get("train") or {},
                     "lora": s.get("lora") or {},
+                    "probes": s.get("probes", True),
                 }
             )
         return jobs

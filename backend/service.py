@@ -180,6 +180,8 @@ class Service:
             with self.lock:
                 self.manager.retry(args["run_id"])
             return {"run_id": args["run_id"], "status": "queued"}
+        if op == "probes":
+            return self.store.probes(args["run_id"])  # shape: docs/probes.md
         if op == "stop":
             self.stop_workers = bool(args.get("workers"))
             self.stopping.set()

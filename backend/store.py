@@ -123,6 +123,28 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         ALTER TABLE scores ADD COLUMN hi DOUBLE;
         """,
     ),
+    (
+        # What training changed inside the network (backend/probes.py): the headline numbers as
+        # columns (the results table shows and sorts them), the per-layer arrays as JSON.
+        "004_probes",
+        """
+        CREATE TABLE probes (
+            run_id VARCHAR PRIMARY KEY,
+            weight_change DOUBLE,           -- Frobenius norm of the whole update
+            weight_rel_change DOUBLE,       -- ... relative to the base weights' norm
+            attn_entropy_change DOUBLE,     -- mean over layers and heads, adapter - base, nats
+            attn_js DOUBLE,                 -- mean Jensen-Shannon distance of attention rows
+            drift_layer INTEGER,            -- residual-stream depth of lowest CKA (0: embeddings)
+            min_cka DOUBLE,
+            mean_cka DOUBLE,
+            lens_layer_base DOUBLE,         -- mean depth where the logit lens settles on the answer
+            lens_layer_adapter DOUBLE,
+            seconds DOUBLE,
+            error VARCHAR,                  -- the probe failed; the run itself stands
+            detail VARCHAR                  -- JSON: the whole probe result (docs/probes.md)
+        );
+        """,
+    ),
 )
 
 # --- whitelists: the only identifiers ever formatted into SQL ---------------------------------
@@ -144,7 +166,7 @@ UPDATABLE_RUN_COLUMNS = frozenset(
 # Result fields ingest_result copies from result.json onto the run row.
 _RESULT_COLUMNS = ("tokens", "steps", "train_seconds", "eval_seconds", "final_loss", "overall")
 
-# Sort name -> SQL expression over `runs r LEFT JOIN corpora c`.
+# Sort name -> SQL expression over `runs r LEFT JOIN corpora c LEFT JOIN probes p`.
 SORT_COLUMNS: dict[str, str] = {
     "run_id": "r.run_id",
     "corpus": "c.name",
@@ -158,12 +180,22 @@ SORT_COLUMNS: dict[str, str] = {
     "kind": "r.kind",
     "seed": "r.seed",
     "created_at": "r.created_at",
+    "weight_change": "p.weight_change",
+    "attn_entropy_change": "p.attn_entropy_change",
+    "drift_layer": "p.drift_layer",
 }
 
 RESULT_KEYS = (
     "run_id", "corpus", "corpus_path", "base", "status", "pages", "tokens", "train_seconds",
     "scores", "overall", "kind", "seed", "error", "created_at",
+    "weight_change", "attn_entropy_change", "drift_layer",  # probe summary (None: no probes)
     "intervals",  # {measure: [lo, hi]}; filled after the SQL row, keep it last
+)
+
+# Probe summary keys stored as columns of `probes` (the rest of a probe result is its detail).
+PROBE_COLUMNS = (
+    "weight_change", "weight_rel_change", "attn_entropy_change", "attn_js", "drift_layer",
+    "min_cka", "mean_cka", "lens_layer_base", "lens_layer_adapter", "seconds",
 )
 
 CSV_FIXED_COLUMNS = (
@@ -441,6 +473,7 @@ class Store:
         scores = _score_rows(result.get("scores") or {})
         scenes = _scene_rows(result.get("scene_results") or [])
         curve = _curve_columns(result.get("curve") or [])
+        probes = result.get("probes")
         with self._write() as cur:
             row = cur.execute("SELECT ingested FROM runs WHERE run_id = ?", [run_id]).fetchone()
             if row is None:
@@ -465,9 +498,31 @@ class Store:
                         [run_id, *cols],
                     )
                 _upsert_curve(cur, run_id, curve)
+                if isinstance(probes, Mapping):
+                    _replace_probes(cur, run_id, probes)
             except (duckdb.Error, TypeError, ValueError) as exc:
                 raise StoreError(f"result of run {run_id} cannot be recorded: {exc}") from exc
         return True
+
+    def probes(self, run_id: str) -> dict[str, Any]:
+        """A run's stored probe result (shape in docs/probes.md; `{"run_id", "error"}` when the
+        probes failed); a JobError that says why when the run has none."""
+        with self._cursor() as cur:
+            run = cur.execute("SELECT kind, status FROM runs WHERE run_id = ?", [run_id]).fetchone()
+            row = cur.execute("SELECT error, detail FROM probes WHERE run_id = ?", [run_id]).fetchone()
+        if run is None:
+            raise JobError(f"no run {run_id}; `ltm-tui status` lists them")
+        if row is None:
+            kind, status = run
+            if kind == "baseline":
+                why = "it is a baseline; probes compare an adapted run with this base"
+            elif status != "done":
+                why = f"it is {status}; probes come with its result"
+            else:
+                why = "it ran with --no-probes; run the corpus again without it"
+            raise JobError(f"run {run_id} has no probes: {why}")
+        error, detail = row
+        return {"run_id": run_id, "error": error} if detail is None else {"run_id": run_id, **json.loads(detail)}
 
     def add_curve_points(self, run_id: str, points: Iterable[Mapping[str, Any]]) -> None:
         """Upsert training-curve points by (run_id, step), for live progress."""
@@ -566,8 +621,10 @@ class Store:
         direction = "DESC" if descending else "ASC"
         sql = (
             "SELECT r.run_id, c.name, r.corpus_path, r.base, r.status, c.pages, r.tokens,"
-            " r.train_seconds, NULL, r.overall, r.kind, r.seed, r.error, r.created_at"
-            " FROM runs r LEFT JOIN corpora c ON c.corpus_id = r.corpus_id" + join
+            " r.train_seconds, NULL, r.overall, r.kind, r.seed, r.error, r.created_at,"
+            " p.weight_change, p.attn_entropy_change, p.drift_layer"
+            " FROM runs r LEFT JOIN corpora c ON c.corpus_id = r.corpus_id"
+            " LEFT JOIN probes p ON p.run_id = r.run_id" + join
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -753,6 +810,20 @@ def _scene_rows(scenes: Iterable[Mapping[str, Any]]) -> list[tuple[Any, ...]]:
             None if detail is None else json.dumps(detail, ensure_ascii=False, default=str),
         )
     return list(by_key.values())
+
+
+def _replace_probes(cur: duckdb.DuckDBPyConnection, run_id: str, probes: Mapping[str, Any]) -> None:
+    """A run's probe result: the summary as columns, the whole result as JSON (or the error)."""
+    summary = probes.get("summary") or {}
+    error = probes.get("error")
+    values = [summary.get(c) for c in PROBE_COLUMNS]
+    detail = None if error else json.dumps(probes, ensure_ascii=False, default=str)
+    cur.execute("DELETE FROM probes WHERE run_id = ?", [run_id])
+    cols = ", ".join(PROBE_COLUMNS)  # a whitelist of this module
+    cur.execute(
+        f"INSERT INTO probes (run_id, {cols}, error, detail) VALUES (?, {', '.join('?' * len(PROBE_COLUMNS))}, ?, ?)",
+        [run_id, *values, error, detail],
+    )
 
 
 _CURVE_FIELDS = ("step", "loss", "lr", "tokens", "tokens_per_s")

@@ -130,6 +130,9 @@ class Worker:
                 model, tok, self.batteries, device=device, corpus_chunks=chunks,
                 reference=self._reference(job, model, seed),
             )
+            probes = None
+            if job["kind"] == "adapter" and job.get("probes", True):
+                probes = self._probe(model, tok, device, seed, eval_seconds, log)
             curve = _curve_from_events(run_dir / "events.jsonl")
             result = {
                 "run_id": job["run_id"],
@@ -158,6 +161,7 @@ class Worker:
                 "overall": overall({k: v["value"] for k, v in scores.items()}),
                 "scene_results": scene_results,
                 "curve": curve,
+                "probes": probes,
             }
             write_json_atomic(run_dir / "result.json", result)
             events.emit("result", overall=result["overall"], scores={k: v["value"] for k, v in scores.items()})
@@ -197,6 +201,27 @@ class Worker:
 
     def _attach_lora(self, base, lora, seed: int):
         return attach_lora(base, lora, seed)
+
+    def _probe(self, model, tok, device, seed: int, eval_seconds: float, log) -> dict:
+        """Look inside the adapted network, against its base: the LoRA adapter switched off, or
+        for micro the seed's initial network, rebuilt. A failed probe is logged and recorded;
+        the run's training and scores stand."""
+        from backend.models import build_micro
+        from backend.probes import run_probes
+
+        try:
+            base = build_micro(self.spec.preset, seed, device) if self.spec.is_micro else None
+            probes = run_probes(model, tok, self.batteries, device=device, base=base)
+        except Exception as exc:  # noqa: BLE001 - an optional analysis never fails the run
+            log(f"probes failed: {_describe(exc)}\n{traceback.format_exc()}")
+            return {"error": _describe(exc)}
+        s = probes["summary"]
+        ratio = f" ({s['seconds'] / eval_seconds:.0%} of evaluation)" if eval_seconds > 0 else ""
+        log(
+            f"probes in {s['seconds']:.2f}s{ratio}: weight change {s['weight_change']:.4g}, "
+            f"attention entropy {s['attn_entropy_change']}, drift layer {s['drift_layer']} (CKA {s['min_cka']})"
+        )
+        return probes
 
     def _save(self, model, run_dir: Path) -> None:
         target = run_dir / ("model" if self.spec.is_micro else "adapter")

@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
     run.add_argument("--lora-r", type=int, help="LoRA rank (HF bases)")
     run.add_argument("--lora-alpha", type=int, help="LoRA alpha (HF bases)")
+    run.add_argument("--no-probes", dest="probes", action="store_false",
+                     help="skip looking inside each adapted network (weights, attention, drift)")
     run.add_argument("--format", choices=["table", "json"], default="table", help="final output")
     run.add_argument("--weights", metavar="SPEC", help=WEIGHTS_HELP)
     run.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -97,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_evaluation_commands(sub)
 
+    prb = sub.add_parser("probes", help="what training changed inside a run's network")
+    prb.add_argument("run_id", metavar="RUN")
+    prb.add_argument("--format", choices=["table", "json"], default="table")
+    _add_workspace(prb)
+
     stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
     stop.add_argument("--all", action="store_true", help="also stop the workers (they checkpoint; retry resumes)")
     _add_workspace(stop)
@@ -123,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "retry": cmd_retry,
             "serve": cmd_serve,
             "stop": cmd_stop,
+            "probes": cmd_probes,
             "compare": cmd_compare,
             "scenes": cmd_scenes,
             "judge": cmd_judge,
@@ -211,7 +219,7 @@ def _job_settings(args):
         "trust_remote_code": bool(args.trust_remote_code),
         "device": args.device,
     }
-    return JobSettings(base=base, scenes=str(scenes), train=train, lora=lora)
+    return JobSettings(base=base, scenes=str(scenes), train=train, lora=lora, probes=args.probes)
 
 
 def cmd_run(args) -> int:
@@ -414,6 +422,67 @@ def cmd_serve(args) -> int:
     from backend.service import main as serve_main
 
     return serve_main(["--workspace", str(ws.root), "--slots-per-gpu", str(args.slots_per_gpu)])
+
+
+def cmd_probes(args) -> int:
+    data = _ask(args, "probes", lambda st: st.probes(args.run_id), run_id=args.run_id)
+    if args.format == "json":
+        print(json.dumps(data, ensure_ascii=False, indent=1))
+    elif data.get("error"):
+        print(f"ltm-tui: probes of {args.run_id} failed: {data['error']}", file=sys.stderr)
+    else:
+        print("\n".join(probe_lines(data)))
+    return EXIT_FAILED if data.get("error") else EXIT_OK
+
+
+def probe_lines(p: dict) -> list[str]:
+    """The probe result as plain text: the summary, then per depth and the largest updates."""
+    s = p["summary"]
+
+    def f(v, spec=".4f"):
+        return "-" if v is None else format(v, spec)
+
+    lines = [
+        f"probes of {p['run_id']} ({p['method']} update; {p['layers']} layers x {p['heads']} heads;"
+        f" {p['prompts']} prompts, {p['tokens']} tokens; {f(s['seconds'], '.2f')}s)",
+        f"weight change {f(s['weight_change'])} (relative {f(s['weight_rel_change'])})"
+        f"   attention entropy {f(s['attn_entropy_change'], '+.4f')} nats, JS {f(s['attn_js'])}"
+        f"   drift layer {f(s['drift_layer'], 'd')} (CKA {f(s['min_cka'])})"
+        f"   lens layer base {f(s['lens_layer_base'], '.2f')} -> adapter {f(s['lens_layer_adapter'], '.2f')}",
+        "",
+        f"{'depth':>5} {'CKA':>7} {'dH nats':>8} {'JS':>7} {'prev b->a':>13} {'first b->a':>13} {'update':>9}",
+    ]
+    attn = p.get("attention") or {}
+    per_layer: dict[int, float] = {}
+    for e in p.get("weight") or []:
+        if e.get("layer") is not None:
+            per_layer[e["layer"]] = per_layer.get(e["layer"], 0.0) + e["norm"] ** 2
+
+    def mean(key, i):
+        rows = attn.get(key) or []
+        return sum(rows[i]) / len(rows[i]) if i < len(rows) and rows[i] else None
+
+    for depth, cka in enumerate(p.get("cka") or []):
+        i = depth - 1  # depth d is the stream after block d; block d is layer index d-1
+        attn_cells = (
+            f"{f(mean('entropy_delta', i), '+.4f'):>8} {f(mean('js', i)):>7}"
+            f" {f(mean('prev_base', i), '.2f'):>6}->{f(mean('prev_adapter', i), '.2f'):<5}"
+            f" {f(mean('first_base', i), '.2f'):>6}->{f(mean('first_adapter', i), '.2f'):<5}"
+            if i >= 0 else f"{'':>8} {'':>7} {'':>13} {'':>13}"
+        )
+        update = per_layer.get(i) ** 0.5 if i in per_layer else None
+        lines.append(f"{depth:>5} {f(cka):>7} {attn_cells} {f(update, '.4g'):>9}")
+    top = sorted(p.get("weight") or [], key=lambda e: -e["norm"])[:5]
+    if top:
+        lines += ["", f"{'largest updates':<40} {'norm':>9} {'stable r':>8} {'eff. r':>7}"]
+        lines += [f"{e['module'][:40]:<40} {e['norm']:>9.4g} {e['stable_rank']:>8.2f} {e['effective_rank']:>7.2f}" for e in top]
+    lens = p.get("logit_lens") or {}
+    if lens.get("scenes"):
+        a = lens.get("answered") or {}
+        lines += ["", f"logit lens on {len(lens['scenes'])} depth scenes: answer settled in base {a.get('base')},"
+                  f" adapter {a.get('adapter')}; mean first depth base {f(lens['first_layer'].get('base'), '.2f')},"
+                  f" adapter {f(lens['first_layer'].get('adapter'), '.2f')}"]
+    return lines
 
 
 def cmd_stop(args) -> int:
