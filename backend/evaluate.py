@@ -294,18 +294,20 @@ def general_texts(folder: Path = GENERAL_DIR) -> list[tuple[str, str]]:
 
 
 def peft_base(model) -> Callable[[], AbstractContextManager]:
-    """The base of a PEFT model: the same network with its adapter switched off."""
-    return model.disable_adapter
+    """The base of a PEFT model: the same network with its adapter switched off (PEFT's
+    `disable_adapter()` yields nothing, so the scope yields the model itself)."""
+
+    @contextmanager
+    def scope():
+        with model.disable_adapter():
+            yield model
+
+    return scope
 
 
 def fixed_base(base_model) -> Callable[[], AbstractContextManager]:
     """A separate base network (the untrained micro model of the same seed)."""
     return lambda: nullcontext(base_model)
-
-
-@contextmanager
-def _itself(model):
-    yield model
 
 
 def _completion_ppl(base, tok, rows: list[dict], *, device) -> list[float]:
@@ -344,7 +346,7 @@ def evaluate_all(
     general = general_texts() if general is None else list(general)
     novel = [r for r in scene_results if r["metric"] == "novelty" and r["kind"] == "generate" and r["detail"]["text"]]
     own = [text_loss(model, tok, text, device=device) for _, text in general]
-    with (reference or (lambda: _itself(model)))() as base:
+    with (reference or (lambda: nullcontext(model)))() as base:
         base_general = [text_loss(base, tok, text, device=device) for _, text in general]
         completion_ppl = _completion_ppl(base, tok, novel, device=device) if novel else []
     if novel:

@@ -34,7 +34,9 @@ def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, corpora, tiny_bat
     assert logic["status"] == "done" and logic["base"] == "micro:tiny"
     assert logic["tokens"] == len(corpora["logic"].read_bytes()) + 2  # bytes + BOS + EOS
     assert logic["train_seconds"] > 0 and logic["pages"] > 0
-    assert set(logic["scores"]) == {"reasoning_depth", "perplexity"}
+    assert set(logic["scores"]) == {"reasoning_depth", "depth_max", "depth@1", "depth@2", "perplexity", "forgetting"}
+    assert set(logic["intervals"]) == set(logic["scores"])  # every score has its 95% interval
+    assert all(lo <= logic["scores"][m] + 1e-9 <= hi + 2e-9 for m, (lo, hi) in logic["intervals"].items())
     # what the logic corpus teaches, its model knows better than the untrained base
     assert logic["scores"]["perplexity"] < baseline["scores"]["perplexity"] / 2
     assert logic["scores"]["perplexity"] < by_corpus["story.txt"]["scores"]["perplexity"]
