@@ -332,6 +332,29 @@ def score_run(scene_results: Iterable[Mapping], *, intervals: bool = True) -> di
     return scores
 
 
+def pooled_scores(runs: list[list[Mapping]]) -> dict[str, dict]:
+    """Scores pooled over repeats of one corpus with different seeds: {name: {value, n, lo, hi,
+    seeds}}, the value the mean over seeds and the interval a two-level bootstrap (seeds drawn
+    with replacement, then each drawn seed's scenes, clustered as in `score_run`)."""
+    by_metric: dict[str, list[list[Mapping]]] = defaultdict(lambda: [[] for _ in runs])
+    for i, rows in enumerate(runs):
+        for r in rows:
+            metric = GENERAL_BATTERY if r.get("battery") == GENERAL_BATTERY else r.get("metric")
+            by_metric[metric][i].append(r)
+    scores: dict[str, dict] = {}
+    for metric, per_run in by_metric.items():
+        per_run = [_rows(rows) for rows in per_run if _rows(rows)]
+        if not per_run:
+            continue
+        for name, statistic, cluster, stratum in _specs(metric, [r for rows in per_run for r in rows]):
+            mean, ci = stats.bootstrap_over_runs(per_run, statistic, cluster=cluster, stratum=stratum)
+            if mean is None:
+                continue
+            scores[name] = {"value": round(mean, 6), "n": sum(len(rows) for rows in per_run), "seeds": len(per_run),
+                            "lo": None if ci is None else round(ci[0], 6), "hi": None if ci is None else round(ci[1], 6)}
+    return scores
+
+
 def is_ranked(name: str) -> bool:
     """Whether a score can carry weight in `overall`: 0..1, higher is better, not a side number."""
     return name not in LOWER_IS_BETTER and name not in AUXILIARY and "@" not in name

@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     res.set_defaults(descending=True)
     res.add_argument("--format", choices=["table", "csv", "json"], default="table")
     res.add_argument("--weights", metavar="SPEC", help=WEIGHTS_HELP)
+    res.add_argument("--pool-seeds", action="store_true",
+                     help="one row per corpus and base: the mean over its seeds, intervals over seeds and scenes")
     _add_workspace(res)
 
     exp = sub.add_parser("export", help="write the results as CSV")
@@ -334,6 +336,8 @@ def cmd_results(args) -> int:
     from ltm_tui.report import reweigh
 
     weights = parse_weights(args.weights)
+    if args.pool_seeds:
+        rows = _pool_seeds(args, rows)
     if args.format == "json":
         print(json.dumps(reweigh(rows, weights), ensure_ascii=False, indent=1))
     elif args.format == "csv":
@@ -544,6 +548,32 @@ def _add_evaluation_commands(sub) -> None:
 
 def _scene_results(args, run_ids: list[str]) -> dict:
     return _ask(args, "scene_results", lambda st: {r: st.scene_results(r) for r in run_ids}, runs=run_ids)
+
+
+def _pool_seeds(args, rows: list[dict]) -> list[dict]:
+    """Finished runs of one corpus on one base, pooled over their seeds (backend.measures.pooled_scores)."""
+    from backend.measures import overall, pooled_scores
+
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["status"] == "done":
+            groups.setdefault((r.get("corpus_path"), r["base"], r.get("kind")), []).append(r)
+    found = _scene_results(args, [r["run_id"] for members in groups.values() for r in members])
+    out = []
+    for members in groups.values():
+        pooled = pooled_scores([found.get(r["run_id"]) or [] for r in members])
+        scores = {k: v["value"] for k, v in pooled.items()}
+        out.append({
+            **members[0],
+            "run_id": ",".join(r["run_id"] for r in members),
+            "seed": None,
+            "seeds": [r["seed"] for r in members],
+            "train_seconds": sum(r.get("train_seconds") or 0 for r in members) / len(members),
+            "scores": scores,
+            "intervals": {k: [v["lo"], v["hi"]] for k, v in pooled.items() if v["lo"] is not None},
+            "overall": overall(scores),
+        })
+    return sorted(out, key=lambda r: (r["overall"] is None, -(r["overall"] or 0)))
 
 
 def cmd_compare(args) -> int:

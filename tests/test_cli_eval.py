@@ -171,3 +171,26 @@ def test_import_lmeval_task_with_csv_and_jinja(tmp_path: Path):
     task.write_text("task: t\ndataset_path: json\ndoc_to_text: !function utils.doc_to_text\n", encoding="utf-8")
     bad = cli("scenes", "import-lmeval", str(task))
     assert bad.returncode == 2 and "!function" in bad.stderr and bad.stderr.count("\n") == 1
+
+
+def test_results_pool_seeds(workspace: Path):
+    with Store(workspace / "ltm.duckdb") as store:  # a second seed of run-a's corpus, right on fewer
+        rows = [choice(f"s{i}", i < 2, group=f"g{i // 2}") for i in range(10)]
+        store.create_run("run-a1", kind="adapter", base="micro:tiny", settings={}, corpus_path="/t/run-a.txt", seed=1)
+        for state in ("starting", "training", "evaluating"):
+            store.transition("run-a1", state)
+        store.ingest_result("run-a1", {"scores": measures.score_run(rows), "scene_results": rows})
+        store.transition("run-a1", "done")
+    res = cli("results", "--pool-seeds", "--format", "json", "--workspace", str(workspace))
+    assert res.returncode == 0, res.stderr
+    pooled = {r["run_id"]: r for r in json.loads(res.stdout)}
+    a = pooled["run-a,run-a1"]
+    assert a["seeds"] == [0, 1]
+    assert a["scores"]["consistency"] == pytest.approx((3 / 5 + 1 / 5) / 2)  # the mean over seeds
+    lo, hi = a["intervals"]["consistency"]
+    assert lo < a["scores"]["consistency"] < hi
+    single = {r["run_id"]: r for r in json.loads(cli("results", "--format", "json", "--workspace", str(workspace)).stdout)}
+    # seeds that disagree widen the interval beyond either seed's own
+    assert hi - lo > single["run-a1"]["intervals"]["consistency"][1] - single["run-a1"]["intervals"]["consistency"][0]
+    table = cli("results", "--pool-seeds", "--workspace", str(workspace))
+    assert table.returncode == 0 and f"{a['scores']['consistency']:.2f}±{(hi - lo) / 2:.2f}" in table.stdout
