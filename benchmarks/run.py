@@ -10,6 +10,17 @@ as the last line. Keys so far:
   settings and battery on both sides. Goal ≥ 5.
 - `status_ms_500`: median time of a `jobs` request over the service's socket with 500 jobs in
   the queue (goal < 200 ms).
+- `train_ratio_vs_hf_trainer`: our training loop's tokens/s ÷ transformers.Trainer + PEFT on the
+  same random Llama (built from a config), the same LoRA, packed blocks in the same order, the
+  same optimizer, schedule and precision (fp32 on the CPU); `train_vs_hf_trainer.same_loss`
+  checks both reach the same loss (goal ≥ 1.2 on the CPU).
+- `lora_flops_ratio_vs_full`: FLOPs of a LoRA step ÷ a full fine-tuning step, counted by
+  torch.utils.flop_counter on a Llama-proportioned model (goal ≤ 0.70).
+- `packing_efficiency`: share of real tokens in one epoch of training batches (goal ≥ 0.98).
+- `eval_batched_speedup`: batched, length-sorted scoring of every built-in choice scene ÷ one
+  scene at a time, with identical numbers (goal ≥ 3); `eval_batched.speedup_vs_lm_eval` the
+  same against lm-evaluation-harness's HF backend, when lm_eval is installed.
+- whatever `benchmarks/ui.py`'s `run(quick)` returns, when that file exists (the dashboard's keys).
 """
 
 from __future__ import annotations
@@ -114,10 +125,60 @@ def bench_status(quick: bool) -> dict:
     return {"status_ms_500": round(statistics.median(times), 1)}
 
 
+# Shapes for the CPU: Llama-proportioned (SwiGLU ffn ≈ 2.7 × hidden, grouped KV heads), small
+# enough that both sides of a comparison run in seconds on two cores.
+TRAIN_SHAPE = {"hidden": 256, "layers": 4, "heads": 8, "kv": 4, "ffn": 688, "vocab": 4096, "context": 512}
+FLOP_SHAPE = {"hidden": 1024, "layers": 4, "heads": 16, "kv": 4, "ffn": 2816, "vocab": 32000, "context": 512}
+EVAL_SHAPE = {"hidden": 128, "layers": 2, "heads": 4, "kv": 2, "ffn": 344, "context": 512}
+
+
+def bench_train_vs_hf(quick: bool) -> dict:
+    from benchmarks.peers import train_ratio
+
+    out = train_ratio(TRAIN_SHAPE, steps=12 if quick else 40, block=256, micro_batch=4, grad_accum=2,
+                      repeats=2 if quick else 3)
+    return {"train_ratio_vs_hf_trainer": out["ratio"], "train_vs_hf_trainer": out}
+
+
+def bench_lora_flops(quick: bool) -> dict:
+    from benchmarks.peers import lora_flops_ratio
+
+    out = lora_flops_ratio(FLOP_SHAPE, block=128, micro_batch=1)
+    return {"lora_flops_ratio_vs_full": out["ratio"], "lora_flops": out}
+
+
+def bench_packing(quick: bool) -> dict:
+    from benchmarks.peers import packing_efficiency
+
+    out = packing_efficiency()
+    return {"packing_efficiency": out["efficiency"], "packing": out}
+
+
+def bench_eval(quick: bool) -> dict:
+    from benchmarks.peers import eval_speedup
+
+    out = eval_speedup(EVAL_SHAPE, repeats=2 if quick else 5)
+    return {"eval_batched_speedup": out["speedup"], "eval_batched": out}
+
+
+def bench_ui(quick: bool) -> dict:
+    """The dashboard's own benchmarks (`benchmarks/ui.py`, when it exists) merged in."""
+    path = Path(__file__).with_name("ui.py")
+    if not path.exists():
+        return {}
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("benchmarks_ui", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return dict(module.run(quick))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="CPU-sized cases (a few minutes)")
     parser.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    parser.add_argument("--only", metavar="NAMES", help="comma-separated cases, e.g. train_vs_hf,eval")
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     results: dict = {
@@ -125,7 +186,11 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
-    for case in (bench_warm_worker, bench_status):
+    cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_ui)
+    only = set(args.only.split(",")) if args.only else None
+    for case in cases:
+        if only and case.__name__.removeprefix("bench_") not in only:
+            continue
         t0 = time.perf_counter()
         out = case(args.quick)
         results.update(out)

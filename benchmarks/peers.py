@@ -1,0 +1,376 @@
+"""Training and scoring side by side with the peers users would otherwise pick.
+
+Used by `benchmarks/run.py` (CPU-sized shapes) and `benchmarks/gpu_check.py` (1B- and 7B-shaped
+Llamas). Both sides of every comparison get the same randomly initialised model built from a
+config (no download), the same LoRA adapter (`backend.worker.attach_lora`), the same packed
+blocks in the same order, the same optimizer (AdamW, betas 0.9/0.95, weight decay 0.01, clip
+1.0), the same schedule (no warm-up, cosine to 10% of the peak) and the same precision.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from backend.config import LoraSettings, TrainConfig
+from backend.packing import TOKEN_DTYPE, PackedBlocks, load_tokens
+from backend.workspace import PROJECT_ROOT
+
+
+def llama(shape: dict[str, int], seed: int = 0, dtype=torch.float32, device="cpu"):
+    """A randomly initialised Llama from a config shaped by `shape` (hidden, layers, heads, kv,
+    ffn, vocab, context)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=shape["vocab"], hidden_size=shape["hidden"], intermediate_size=shape["ffn"],
+        num_hidden_layers=shape["layers"], num_attention_heads=shape["heads"],
+        num_key_value_heads=shape.get("kv", shape["heads"]), max_position_embeddings=shape.get("context", 2048),
+        tie_word_embeddings=False, attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):  # built where it trains, directly in its dtype: a 7B in seconds
+            model = LlamaForCausalLM._from_config(config, dtype=dtype)
+    model.config.use_cache = False
+    return model
+
+
+def lora_model(shape, seed=0, dtype=torch.float32, device="cpu", r=16):
+    from backend.worker import attach_lora
+
+    return attach_lora(llama(shape, seed, dtype, device), LoraSettings(r=r, alpha=2 * r), seed)
+
+
+def demo_tokens(folder: Path, n_tokens: int, vocab: int) -> Path:
+    """Real text (the demo corpora, as UTF-8 bytes) tiled to n_tokens, ids below `vocab`."""
+    ids = []
+    for path in sorted((PROJECT_ROOT / "data" / "demo").glob("*.md")):
+        ids += list(path.read_bytes())
+    arr = np.resize(np.asarray(ids, dtype=TOKEN_DTYPE) % vocab, n_tokens)
+    path = folder / "tokens.bin"
+    arr.tofile(path)
+    return path
+
+
+def train_config(steps: int, block: int, micro_batch: int, grad_accum: int, lr: float = 2e-4) -> TrainConfig:
+    return TrainConfig(
+        block_size=block, micro_batch=micro_batch, grad_accum=grad_accum, lr=lr, min_lr_ratio=0.1,
+        schedule="cosine", warmup_frac=0.0, weight_decay=0.01, grad_clip=1.0, epochs=1e6,
+        min_train_tokens=0, max_steps=steps, checkpoint_every=0, log_every=max(1, steps // 4), seed=0,
+    )
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_ours(model, tokens: Path, cfg: TrainConfig, device) -> dict[str, Any]:
+    from backend.train import train_model
+
+    curve: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        _sync(device)
+        t0 = time.perf_counter()
+        out = train_model(model, tokens, Path(tmp), cfg, device=torch.device(device),
+                          emit=lambda kind, **p: curve.append(p) if kind == "progress" else None,
+                          log=lambda s: None)
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    steady = [p["tokens_per_s"] for p in curve[1:]] or [curve[0]["tokens_per_s"]]
+    return {"seconds": seconds, "tokens": out.tokens_seen, "tokens_per_s": out.tokens_seen / seconds,
+            "steady_tokens_per_s": sum(steady) / len(steady),  # log windows after the first
+            "final_loss": curve[-1]["loss"], "first_loss": curve[0]["loss"]}
+
+
+class _Blocks(torch.utils.data.Dataset):
+    """The same blocks in the same order as `backend.packing.batches` feeds our loop."""
+
+    def __init__(self, tokens: Path, cfg: TrainConfig, n_blocks: int) -> None:
+        blocks = PackedBlocks(load_tokens(tokens), cfg.block_size, cfg.seed)
+        order, epoch = [], 0
+        while len(order) < n_blocks:
+            order += list(blocks.epoch_blocks(epoch))
+            epoch += 1
+        self.blocks, self.starts = blocks, order[:n_blocks]
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, i):
+        ids = torch.from_numpy(self.blocks.batch(np.asarray([self.starts[i]]))[0])
+        return {"input_ids": ids, "labels": ids}
+
+
+def train_hf_trainer(model, tokens: Path, cfg: TrainConfig, device, bf16: bool = False) -> dict[str, Any]:
+    """The peer: transformers.Trainer + PEFT, configured to match `cfg` exactly."""
+    from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
+    from transformers.trainer_callback import PrinterCallback
+
+    n_blocks = cfg.max_steps * cfg.micro_batch * cfg.grad_accum
+    data = _Blocks(tokens, cfg, n_blocks)
+    losses: list[float] = []
+
+    class Losses(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                losses.append(float(logs["loss"]))
+
+    class InOrder(Trainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        args = TrainingArguments(
+            output_dir=tmp, per_device_train_batch_size=cfg.micro_batch,
+            gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr, max_steps=cfg.max_steps,
+            lr_scheduler_type="cosine_with_min_lr", lr_scheduler_kwargs={"min_lr_rate": cfg.min_lr_ratio},
+            warmup_steps=0, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
+            max_grad_norm=cfg.grad_clip, logging_steps=cfg.log_every, save_strategy="no", report_to=[],
+            use_cpu=torch.device(device).type == "cpu", bf16=bf16, dataloader_num_workers=0, seed=cfg.seed,
+            disable_tqdm=True, optim="adamw_torch_fused" if torch.device(device).type == "cuda" else "adamw_torch",
+        )
+        trainer = InOrder(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
+                          callbacks=[Losses()])
+        trainer.remove_callback(PrinterCallback)  # its log lines would bury the benchmark's own
+        _sync(device)
+        t0 = time.perf_counter()
+        trainer.train()
+        _sync(device)
+        seconds = time.perf_counter() - t0
+    n = n_blocks * cfg.block_size
+    return {"seconds": seconds, "tokens": n, "tokens_per_s": n / seconds,
+            "final_loss": losses[-1], "first_loss": losses[0]}
+
+
+def train_ratio(shape, steps, block, micro_batch, grad_accum, *, device="cpu", dtype=torch.float32,
+                repeats: int = 2, r: int = 16, quant: bool = False) -> dict[str, Any]:
+    """Our tokens/s ÷ HF Trainer + PEFT tokens/s, alternating the sides `repeats` times (best of
+    each), with both final losses: the same model, data, order and settings must reach the same
+    loss."""
+    cfg = train_config(steps, block, micro_batch, grad_accum)
+    ours, peer = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        tokens = demo_tokens(Path(tmp), steps * micro_batch * grad_accum * block + block + 1, shape["vocab"])
+        for _ in range(repeats):
+            build = (lambda: quantized_lora_model(shape, device=device, r=r)) if quant else (
+                lambda: lora_model(shape, dtype=dtype, device=device, r=r))
+            ours.append(train_ours(build(), tokens, cfg, device))
+            peer.append(train_hf_trainer(build(), tokens, cfg, device, bf16=dtype == torch.bfloat16))
+    best_ours = max(ours, key=lambda x: x["tokens_per_s"])
+    best_peer = max(peer, key=lambda x: x["tokens_per_s"])
+    loss_gap = abs(best_ours["final_loss"] - best_peer["final_loss"]) / max(1e-9, best_peer["final_loss"])
+    return {
+        "ratio": round(best_ours["tokens_per_s"] / best_peer["tokens_per_s"], 3),
+        "ours_tokens_per_s": round(best_ours["tokens_per_s"], 1),
+        "hf_trainer_tokens_per_s": round(best_peer["tokens_per_s"], 1),
+        "ours_loss": [round(best_ours["first_loss"], 4), round(best_ours["final_loss"], 4)],
+        "hf_trainer_loss": [round(best_peer["first_loss"], 4), round(best_peer["final_loss"], 4)],
+        "same_loss": bool(loss_gap < 0.02 and best_ours["final_loss"] < best_ours["first_loss"]),
+        "settings": {"shape": shape, "steps": steps, "block": block, "micro_batch": micro_batch,
+                     "grad_accum": grad_accum, "lora_r": r, "dtype": str(dtype).replace("torch.", ""),
+                     "quant": "nf4" if quant else None, "device": str(device)},
+    }
+
+
+def quantized_lora_model(shape, device="cuda", r=16, seed=0):
+    """A QLoRA model: the random Llama saved and loaded back in 4-bit nf4 by the project's loader."""
+    from backend.models import BaseSpec, load_hf_base
+    from backend.worker import attach_lora
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model = llama(shape, seed, torch.bfloat16, device)
+        model.save_pretrained(tmp, safe_serialization=True)
+        del model
+        import json
+
+        (Path(tmp) / "config.json").write_text(
+            json.dumps({**json.loads((Path(tmp) / "config.json").read_text()), "use_cache": False}))
+        base = load_hf_base(BaseSpec(base=tmp, quant="4bit", device=str(device)), torch.device(device))
+    return attach_lora(base, LoraSettings(r=r, alpha=2 * r), seed)
+
+
+def step_flops(model, block: int, micro_batch: int, device="cpu") -> int:
+    """FLOPs of one forward + backward + optimizer-free step, counted by torch.utils.flop_counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    x = torch.randint(0, model.config.vocab_size, (micro_batch, block), device=device)
+    model.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = model(input_ids=x, labels=x)
+        out.loss.backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def lora_flops_ratio(shape, block: int, micro_batch: int, r: int = 16) -> dict[str, Any]:
+    full = step_flops(llama(shape), block, micro_batch)
+    lora = step_flops(lora_model(shape, r=r), block, micro_batch)
+    return {"ratio": round(lora / full, 4), "lora_step_flops": lora, "full_step_flops": full,
+            "settings": {"shape": shape, "block": block, "micro_batch": micro_batch, "lora_r": r}}
+
+
+def mfu_ceiling(device, dtype) -> float:
+    from backend.estimate import matmul_ceiling
+
+    return matmul_ceiling(torch.device(device), dtype)
+
+
+def flops_per_token(model, block: int) -> int:
+    from backend.estimate import flop_model
+
+    return flop_model(model, block)["flops_per_token"]
+
+
+def isclose_all(a, b, tol=1e-5) -> bool:
+    return all(math.isclose(x, y, rel_tol=tol, abs_tol=tol) for x, y in zip(a, b))
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def hf_folder(folder: Path, shape: dict[str, int], texts: list[str], seed: int = 0) -> Path:
+    """A random Llama saved with a word-level tokenizer trained on `texts` (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    raw.train_from_iterator(texts, trainers.WordLevelTrainer(special_tokens=["<unk>", "<s>", "</s>", "<pad>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                                  pad_token="<pad>")
+    tok.save_pretrained(folder)
+    model = llama({**shape, "vocab": len(tok)}, seed)
+    model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+    model.config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def choice_requests(scenes_dir: Path) -> list[list]:
+    """Every choice scene of the built-in batteries as its list of (context, continuation)."""
+    from backend.evaluate import LoglikRequest
+    from backend.scenes import ChoiceScene, choice_request, load_batteries
+
+    out = []
+    for battery in load_batteries(scenes_dir):
+        for scene in battery.scenes:
+            if isinstance(scene, ChoiceScene):
+                context, continuations = choice_request(scene)
+                out.append([LoglikRequest(context, c) for c in continuations])
+    return out
+
+
+def eval_speedup(shape: dict[str, int], repeats: int = 3, batch_size: int = 32) -> dict[str, Any]:
+    """Batched, length-sorted scoring of every choice scene ÷ the same scenes scored one scene
+    at a time (its choices together), with identical numbers required; and against
+    lm-evaluation-harness's HF backend on the same items, when lm_eval is installed."""
+    from backend.evaluate import loglikelihoods
+    from backend.models import BaseSpec, load_base
+    from backend.workspace import default_scenes_dir
+
+    scenes = choice_requests(default_scenes_dir())
+    flat = [r for scene in scenes for r in scene]
+    texts = [r.context + r.continuation for r in flat]
+    texts += [p.read_text(encoding="utf-8") for p in sorted((PROJECT_ROOT / "data" / "demo").glob("*.md"))]
+    cpu = torch.device("cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = hf_folder(Path(tmp), shape, texts)
+        model, tok, _ = load_base(BaseSpec(base=str(folder), device="cpu"))
+        model.eval()
+
+        def batched():
+            return loglikelihoods(model, tok, flat, device=cpu, batch_size=batch_size)
+
+        def per_scene():
+            out = []
+            for scene in scenes:
+                out += loglikelihoods(model, tok, scene, device=cpu, batch_size=len(scene))
+            return out
+
+        t_batched, ours = _best(batched, repeats)
+        t_single, single = _best(per_scene, repeats)
+        gap = max(abs(a[0] - b[0]) for a, b in zip(ours, single))
+        result = {
+            "speedup": round(t_single / t_batched, 2),
+            "batched_seconds": round(t_batched, 3),
+            "per_scene_seconds": round(t_single, 3),
+            "requests": len(flat),
+            "scenes": len(scenes),
+            "max_abs_loglik_gap": gap,
+            "identical": bool(gap < 1e-4 and [a[1] for a in ours] == [b[1] for b in single]),
+            "settings": {"shape": {**shape, "vocab": len(tok.tok)}, "batch_size": batch_size, "dtype": "float32"},
+        }
+        result.update(_lm_eval_side(folder, flat, ours, repeats, batch_size, t_batched))
+    return result
+
+
+def _best(fn, repeats: int):
+    """Best time of `repeats` timed calls, after one untimed call that warms everything up."""
+    out = fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def _lm_eval_side(folder: Path, flat, ours, repeats: int, batch_size: int, t_ours: float) -> dict[str, Any]:
+    try:
+        from lm_eval.api.instance import Instance
+        from lm_eval.models.huggingface import HFLM
+    except Exception as exc:  # not installed, or broken: say so instead of failing the run
+        return {"lm_eval": f"not available ({type(exc).__name__})"}
+    lm = HFLM(pretrained=str(folder), dtype="float32", device="cpu", batch_size=batch_size)
+    instances = [Instance(request_type="loglikelihood", doc={}, arguments=(r.context, r.continuation), idx=i)
+                 for i, r in enumerate(flat)]
+    t_theirs, theirs = _best(lambda: lm.loglikelihood(instances, disable_tqdm=True), repeats)
+    gap = max(abs(a[0] - b[0]) for a, b in zip(ours, theirs))
+    return {
+        "speedup_vs_lm_eval": round(t_theirs / t_ours, 2),
+        "lm_eval_seconds": round(t_theirs, 3),
+        "lm_eval_max_abs_loglik_gap": gap,
+        "lm_eval_identical": bool(gap < 1e-4 and [a[1] for a in ours] == [bool(b[1]) for b in theirs]),
+    }
+
+
+# --- packing ---------------------------------------------------------------------------------
+
+
+def packing_efficiency(block: int = 256, micro_batch: int = 16) -> dict[str, Any]:
+    """Share of real (non-padding) tokens in one epoch of training batches over the demo corpora
+    (byte tokens), ours against the common alternative of one padded row per paragraph."""
+    from backend.models import ByteTokenizer
+    from backend.packing import batches, real_token_share, tokenize_to_file
+
+    tok = ByteTokenizer()
+    texts = [p.read_text(encoding="utf-8") for p in sorted((PROJECT_ROOT / "data" / "demo").glob("*.md"))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "tokens.bin"
+        n = tokenize_to_file(texts, tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id)
+        blocks = PackedBlocks(load_tokens(path), block, 0)
+        per_epoch = -(-blocks.blocks_per_epoch // micro_batch)
+        real = total = 0
+        for index, batch in batches(blocks, micro_batch):
+            if index >= per_epoch:
+                break
+            real += int(round(real_token_share(batch, tok.pad_id) * batch.size))
+            total += batch.size
+    # the peer: each paragraph its own row, cut at the block, padded to the longest in its batch
+    rows = [min(block, len(tok.encode(p)) + 2) for t in texts for p in t.split("\n\n") if p.strip()]
+    padded = sum(max(rows[i:i + micro_batch]) * len(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch))
+    return {
+        "efficiency": round(real / total, 4),
+        "corpus_tokens_trained_per_epoch": round(real / n, 4),
+        "padded_paragraphs_efficiency": round(sum(rows) / padded, 4),
+        "settings": {"block": block, "micro_batch": micro_batch, "tokens": n, "tokenizer": "bytes"},
+    }
