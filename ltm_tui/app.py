@@ -1,109 +1,406 @@
-"""The ltm-tui dashboard (Textual). It never imports torch: it reads results and queues work."""
+"""The ltm-tui dashboard (Textual): devices, the queue and the ranked results, live.
+
+It is a client of the workspace's job service (started on demand, so the jobs go on when the
+dashboard quits or the SSH connection drops) and never imports torch. Requests go over the
+service's Unix socket on asyncio (`ltm_tui.link`), device readings are taken in a thread, and the
+service's event stream moves the progress bars and refreshes the results as runs finish.
+"""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from typing import Any
 
-from textual.app import App, ComposeResult
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
-from textual.widgets import DataTable, Footer, Header, Static
+from textual.widgets import Footer, Header, Input, Static
 
-from ltm_tui.report import _fmt, measure_names
+from ltm_tui.gpu import DeviceMonitor
+from ltm_tui.link import Link
+from ltm_tui.screens import ExportScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
+from ltm_tui.widgets import DevicePanel, QueueTable, ResultsTable, job_holders
 
-FIXED_COLUMNS = ("corpus", "base", "status", "pages", "tokens", "train_seconds")
+JOBS_POLL_SECONDS = 5.0  # the event stream moves the bars; this catches anything it missed
+RECONNECT_SECONDS = 2.0
 
 
 class LtmApp(App):
-    """Results of a workspace as a sortable table."""
+    """Queue corpora, watch them train, sort what they scored."""
 
     CSS_PATH = "app.tcss"
     TITLE = "ltm-tui"
     BINDINGS = [
-        Binding("s", "cycle_sort", "Sort", tooltip="Sort by the next column"),
-        Binding("d", "toggle_direction", "Asc/desc", tooltip="Reverse the sort"),
-        Binding("r", "refresh_results", "Refresh", tooltip="Reload results from the workspace"),
-        Binding("q", "quit", "Quit", tooltip="Quit (queued jobs are kept)"),
+        Binding("a", "add", "Add corpora", tooltip="Open the file picker to queue corpora"),
+        Binding("s", "cycle_sort", "Sort", tooltip="Sort the results by the next column"),
+        Binding("d", "toggle_direction", "Asc/desc", tooltip="Reverse the results' sort"),
+        Binding("slash", "filter", "Filter", tooltip="Filter the results by corpus, base or status"),
+        Binding("e", "export", "Export", tooltip="Write the results table to CSV"),
+        Binding("question_mark", "help", "Help", tooltip="Every key"),
+        Binding("r", "refresh", "Refresh", show=False, tooltip="Read the queue and the results again"),
+        Binding("q", "quit", "Quit", tooltip="Quit the dashboard (the jobs go on in the service)"),
     ]
 
-    def __init__(self, workspace: str | None = None) -> None:
+    # Keys of the dashboard itself: off while another screen (picker, run, help) is on top.
+    DASHBOARD_ACTIONS = frozenset({"add", "cycle_sort", "toggle_direction", "filter", "export", "refresh"})
+
+    def __init__(
+        self,
+        workspace: str | None = None,
+        *,
+        defaults: dict[str, Any] | None = None,
+        monitor: DeviceMonitor | None = None,
+        poll_seconds: float = 1.0,
+        picker_root: str | None = None,
+    ) -> None:
         super().__init__()
         from backend.workspace import Workspace
 
         self.workspace = Workspace.resolve(workspace)
-        self.sort = "overall"
-        self.descending = True
-        self.rows: list[dict] = []
+        self.defaults = defaults or {}
+        self.monitor = monitor
+        self.poll_seconds = poll_seconds
+        self.picker_root = Path(picker_root or os.getcwd())
+        self.link: Link | None = None
+        self.jobs: list[dict] = []
+        self.status_line = "connecting to the job service…"
+        self._results_due = False
+
+    # --- layout ----------------------------------------------------------------------------
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.DASHBOARD_ACTIONS and len(self.screen_stack) > 1:
+            return False
+        return True
 
     def compose(self) -> ComposeResult:
         yield Header()
-        yield Static(id="hint")
-        yield DataTable(id="results", cursor_type="row", zebra_stripes=True)
+        yield DevicePanel(self.monitor, id="devices")
+        queue = QueueTable(id="queue")
+        queue.border_title = "queue"
+        yield queue
+        yield Input(placeholder="filter: part of a corpus, base or status · Enter keeps it · Esc clears",
+                    id="filter", compact=True)
+        results = ResultsTable(id="results")
+        results.border_title = "results"
+        yield results
+        yield Static(self.status_line, id="hint")
         yield Footer()
 
     def on_mount(self) -> None:
-        self.action_refresh_results()
+        self.query_one("#filter").display = False
+        self.query_one("#results").focus()
+        self.sub_title = str(self.workspace.root)
+        if self.monitor is None and self.poll_seconds:
+            self.monitor = DeviceMonitor()
+            self.query_one(DevicePanel).monitor = self.monitor
+        if self.poll_seconds:
+            self.poll_devices()
+            self.set_interval(self.poll_seconds, self.poll_devices)
+        self.set_interval(JOBS_POLL_SECONDS, self.refresh_jobs)
+        self.set_interval(0.5, self._results_if_due)
+        self.connect()
 
-    def columns(self) -> list[str]:
-        return [*FIXED_COLUMNS, *measure_names(self.rows), "overall"]
+    def on_unmount(self) -> None:
+        if self.monitor is not None:
+            self.monitor.close()
 
-    def action_refresh_results(self) -> None:
-        from backend.client import try_connect
+    # --- the service -----------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="connect")
+    def connect(self) -> None:
+        """Find the workspace's service, or start it (detached: it outlives the dashboard)."""
+        from backend.client import connect
         from backend.errors import LtmError
-        from backend.store import Store
 
-        hint = self.query_one("#hint", Static)
-        client = try_connect(self.workspace)  # the service owns the database while it runs
-        if client is not None:
-            with client:
-                self.rows = client.call("results", sort=self.sort, descending=self.descending)
-            hint.update(self._summary())
-        elif not self.workspace.db_path.exists():
-            self.rows = []
-            hint.update(f"No results in {self.workspace.root} yet: `ltm-tui run FILE...` queues corpora.")
+        try:
+            connect(self.workspace).close()
+        except LtmError as exc:
+            self.call_from_thread(self._offline, exc.one_line())
+            return
+        self.call_from_thread(self._online)
+
+    def _online(self) -> None:
+        self.link = Link(self.workspace.socket_path)
+        self.listen()
+        self.refresh_all()
+
+    def _offline(self, why: str) -> None:
+        self.link = None
+        self.hint(Text(f"no job service: {why}; retrying", style="bold red"))
+        self.set_timer(RECONNECT_SECONDS * 5, self.connect)
+
+    @work(exclusive=True, group="events")
+    async def listen(self) -> None:
+        from backend.errors import LtmError
+
+        try:
+            async for event in self.link.events():
+                self.on_service_event(event)
+        except (LtmError, OSError, ValueError):
+            pass
+        self.link = None
+        self.hint(Text("the job service stopped; reconnecting…", style="yellow"))
+        self.set_timer(RECONNECT_SECONDS, self.connect)
+
+    def on_service_event(self, event: dict) -> None:
+        kind = event.get("type")
+        queue = self.query_one(QueueTable)
+        if kind == "progress":
+            queue.on_progress(event)
+        elif kind == "state":
+            queue.on_state(event)
+            if event.get("status") in ("done", "failed", "cancelled", "interrupted", "training", "evaluating"):
+                self._results_due = True
+            if event.get("status") in ("queued", "starting", "done"):
+                self.refresh_jobs()
+        elif kind == "worker":
+            self.refresh_jobs()
+
+    def _results_if_due(self) -> None:
+        if self._results_due and self.link is not None:
+            self._results_due = False
+            self.refresh_results()
+
+    def refresh_all(self) -> None:
+        self.refresh_jobs()
+        self.refresh_results()
+
+    @work(exclusive=True, group="jobs")
+    async def refresh_jobs(self) -> None:
+        from backend.errors import LtmError
+
+        if self.link is None:
+            return
+        try:
+            jobs = await self.link.call("jobs")
+        except LtmError as exc:
+            self.hint(Text(exc.one_line(), style="red"))
+            return
+        self.jobs = jobs
+        self.query_one(QueueTable).set_jobs(jobs)
+        self._update_queue_title()
+
+    @work(exclusive=True, group="results")
+    async def refresh_results(self) -> None:
+        from backend.errors import LtmError
+
+        if self.link is None:
+            return
+        table = self.query_one(ResultsTable)
+        sort = table.sort_key if table.sort_key != "delta" else "overall"
+        try:
+            rows = await self.link.call("results", sort=sort, descending=table.descending)
+        except LtmError as exc:
+            self.hint(Text(exc.one_line(), style="red"))
+            return
+        table.set_rows(rows)
+        self._update_results_title()
+        self.hint(self._summary())
+
+    def _update_queue_title(self) -> None:
+        counts: dict[str, int] = {}
+        for j in self.jobs:
+            counts[j["status"]] = counts.get(j["status"], 0) + 1
+        parts = [f"{n} {s}" for s, n in counts.items() if s in ("training", "evaluating", "starting", "queued", "failed")]
+        self.query_one(QueueTable).border_title = "queue" + (f" · {' · '.join(parts)}" if parts else "")
+
+    def _update_results_title(self) -> None:
+        table = self.query_one(ResultsTable)
+        label = table.column_labels().get(table.sort_key, table.sort_key)
+        arrow = "↓" if table.descending else "↑"
+        shown = table.row_count
+        total = len(table.rows_by_id)
+        count = f"{shown} of {total} runs" if table.filter_text else f"{total} runs"
+        filt = f" · filter “{table.filter_text}”" if table.filter_text else ""
+        table.border_title = f"results · {count} · sorted by {label} {arrow}{filt}"
+
+    def _summary(self) -> Text:
+        table = self.query_one(ResultsTable)
+        if not table.rows_by_id:
+            return Text("No runs yet: press a to pick corpora (or run `ltm-tui run FILE...`).", style="yellow")
+        return Text("a add · Enter opens a run · s/d or a header click sorts · / filter · e export · ? help", style="dim")
+
+    def hint(self, text: Text | str) -> None:
+        self.query_one("#hint", Static).update(text)
+
+    # --- devices ---------------------------------------------------------------------------
+
+    @work(thread=True, exclusive=True, group="devices")
+    def poll_devices(self) -> None:
+        snapshot = self.monitor.read()
+        self.call_from_thread(self.query_one(DevicePanel).show, snapshot, job_holders(self.jobs))
+
+    # --- actions ---------------------------------------------------------------------------
+
+    def action_add(self) -> None:
+        self.push_screen(PickerScreen(self.picker_root, self.defaults, self.workspace))
+
+    def submit(self, paths: list[str], settings: dict, seeds: list[int]) -> None:
+        self._submit(paths, settings, seeds)
+
+    @work(group="submit")
+    async def _submit(self, paths: list[str], settings: dict, seeds: list[int]) -> None:
+        from backend.errors import LtmError
+
+        if self.link is None:
+            self.notify("the job service is not connected yet; try again in a moment", severity="error")
+            return
+        try:
+            sub = await self.link.call("submit", paths=paths, settings=settings, seeds=seeds)
+        except LtmError as exc:
+            self.notify(exc.one_line(), severity="error", timeout=10)
+            return
+        for line in sub["errors"]:
+            self.notify(line, severity="error", timeout=10)
+        if sub["run_ids"]:
+            self.notify(f"queued {len(sub['run_ids'])} run(s)" +
+                        (f" and {len(sub['baseline_ids'])} baseline(s)" if sub["baseline_ids"] else ""))
+        self.refresh_all()
+
+    def _selected(self) -> tuple[str | None, str]:
+        focused = self.focused
+        if isinstance(focused, (QueueTable, ResultsTable)):
+            run_id = focused.selected_run()
         else:
-            try:
-                with Store(self.workspace.db_path) as store:
-                    self.rows = store.results(sort=self.sort, descending=self.descending)
-                hint.update(self._summary())
-            except (LtmError, ValueError) as exc:
-                hint.update(f"Cannot read results: {exc}")
-        self._fill()
+            run_id = self.query_one(ResultsTable).selected_run()
+        label = run_id or ""
+        for j in self.jobs:
+            if j["run_id"] == run_id:
+                label = j.get("corpus") or f"baseline {j['base']}"
+        return run_id, label
 
-    def _summary(self) -> str:
-        direction = "desc" if self.descending else "asc"
-        return f"{self.workspace.root} · {len(self.rows)} runs · sorted by {self.sort} {direction}"
+    def action_cancel_selected(self) -> None:
+        self._job_op("cancel")
 
-    def _fill(self) -> None:
-        table = self.query_one("#results", DataTable)
-        table.clear(columns=True)
-        cols = self.columns()
-        for col in cols:
-            table.add_column(col, key=col)
-        for r in self.rows:
-            scores = r.get("scores") or {}
-            cells = [
-                _fmt(r.get(c) if c in r else scores.get(c)) if c != "corpus" else (r.get("corpus") or "(baseline)")
-                for c in cols
-            ]
-            table.add_row(*cells, key=r["run_id"])
+    def action_retry_selected(self) -> None:
+        self._job_op("retry")
+
+    @work(group="job-op")
+    async def _job_op(self, op: str) -> None:
+        from backend.errors import LtmError
+
+        run_id, label = self._selected()
+        if run_id is None or self.link is None:
+            return
+        try:
+            await self.link.call(op, run_id=run_id)
+        except LtmError as exc:
+            self.notify(exc.one_line(), severity="warning", timeout=8)
+            return
+        self.notify(f"{label}: {'cancelled' if op == 'cancel' else 'queued again'}")
+        self.refresh_all()
+
+    def action_show_log(self) -> None:
+        run_id, label = self._selected()
+        if run_id and self.link is not None:
+            self.push_screen(LogScreen(run_id, label))
+
+    def action_open_run(self) -> None:
+        run_id = self.query_one(ResultsTable).selected_run()
+        if run_id and self.link is not None:
+            self.push_screen(RunScreen(run_id))
+
+    @on(ResultsTable.RowSelected)
+    def _row_selected(self, event: ResultsTable.RowSelected) -> None:
+        if isinstance(event.data_table, (QueueTable, ResultsTable)) and event.row_key is not None and self.link:
+            self.push_screen(RunScreen(event.row_key.value))
+
+    @on(ResultsTable.HeaderSelected, "#results")
+    def _header_clicked(self, event: ResultsTable.HeaderSelected) -> None:
+        self.sort_results(str(event.column_key.value))
+
+    def sort_results(self, key: str, descending: bool | None = None) -> None:
+        table = self.query_one(ResultsTable)
+        table.sort_by(key, descending)
+        self._update_results_title()
 
     def action_cycle_sort(self) -> None:
-        cols = ["overall", *[c for c in self.columns() if c != "overall"]]
-        self.sort = cols[(cols.index(self.sort) + 1) % len(cols)] if self.sort in cols else "overall"
-        self.action_refresh_results()
+        table = self.query_one(ResultsTable)
+        keys = table.column_keys or ["overall"]
+        nxt = keys[(keys.index(table.sort_key) + 1) % len(keys)] if table.sort_key in keys else "overall"
+        self.sort_results(nxt)
 
     def action_toggle_direction(self) -> None:
-        self.descending = not self.descending
-        self.action_refresh_results()
+        table = self.query_one(ResultsTable)
+        self.sort_results(table.sort_key, not table.descending)
 
-    def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
-        key = str(event.column_key.value)
-        if key == self.sort:
-            self.descending = not self.descending
-        else:
-            self.sort = key
-        self.action_refresh_results()
+    def action_filter(self) -> None:
+        box = self.query_one("#filter", Input)
+        box.display = True
+        box.focus()
+
+    @on(Input.Changed, "#filter")
+    def _filter_changed(self, event: Input.Changed) -> None:
+        self.query_one(ResultsTable).set_filter(event.value)
+        self._update_results_title()
+
+    @on(Input.Submitted, "#filter")
+    def _filter_done(self, event: Input.Submitted) -> None:
+        if not event.value.strip():
+            event.input.display = False
+        self.query_one(ResultsTable).focus()
+
+    def on_key(self, event) -> None:
+        box = self.query_one("#filter", Input)
+        if event.key == "escape" and box.has_focus:
+            box.value = ""
+            box.display = False
+            self.query_one(ResultsTable).focus()
+            event.stop()
+
+    def action_export(self) -> None:
+        default = str(Path(os.getcwd()) / "ltm_results_table.csv")
+        self.push_screen(ExportScreen(default), self._export)
+
+    @work(group="export")
+    async def _export(self, path: str | None) -> None:
+        from backend.errors import LtmError
+
+        if not path or self.link is None:
+            return
+        table = self.query_one(ResultsTable)
+        sort = table.sort_key if table.sort_key not in ("delta",) else "overall"
+        try:
+            written = await self.link.call("export", path=str(Path(path).expanduser().absolute()), sort=sort)
+        except LtmError as exc:
+            self.notify(exc.one_line(), severity="error", timeout=10)
+            return
+        self.notify(f"wrote {written}")
+
+    def action_refresh(self) -> None:
+        self.refresh_all()
+
+    def action_help(self) -> None:
+        from ltm_tui.screens import CorpusTree
+
+        self.push_screen(
+            HelpScreen(
+                [
+                    ("Dashboard", list(self.BINDINGS)),
+                    ("Queue panel", list(QueueTable.BINDINGS)),
+                    ("Results table", list(ResultsTable.BINDINGS)),
+                    ("File picker", list(PickerScreen.BINDINGS) + list(CorpusTree.BINDINGS)),
+                    ("Run detail", list(RunScreen.BINDINGS)),
+                    ("Everywhere", [Binding("tab", "", "Next panel"), Binding("ctrl+p", "", "Command palette")]),
+                ]
+            )
+        )
+
+    def get_system_commands(self, screen):
+        yield from super().get_system_commands(screen)
+        yield SystemCommand("Add corpora", "Open the file picker and queue files", self.action_add)
+        yield SystemCommand("Open the selected run", "Curve, scenes, settings and probes", self.action_open_run)
+        yield SystemCommand("Cancel the selected job", "It stops and keeps its checkpoint", self.action_cancel_selected)
+        yield SystemCommand("Retry the selected job", "Queue it again; it resumes", self.action_retry_selected)
+        yield SystemCommand("Export results to CSV", "ltm_results_table.csv", self.action_export)
+        yield SystemCommand("Filter results", "By corpus, base or status", self.action_filter)
+        yield SystemCommand("Show a job's log", "The selected job's train.log", self.action_show_log)
+        yield SystemCommand("Help: every key", "All bindings", self.action_help)
 
 
-def run_app(workspace: str | None = None) -> int:
-    LtmApp(workspace).run()
+def run_app(workspace: str | None = None, defaults: dict[str, Any] | None = None, root: str | None = None) -> int:
+    LtmApp(workspace, defaults=defaults, picker_root=root).run()
     return 0

@@ -35,27 +35,34 @@ STORY_TEXT = (
 def stop_services(tmp_path: Path):
     """Every job service a test started (through the real CLI) is stopped with its workers."""
     yield
+    for sock in tmp_path.rglob("service.sock"):
+        stop_service(sock.parent)
+
+
+def stop_service(workspace: Path) -> None:
+    """Stop the job service of this workspace, if one runs, with its workers; wait until gone."""
     from backend.client import try_connect
     from backend.executor import process_alive
+    from backend.workspace import Workspace
 
-    for sock in tmp_path.rglob("service.sock"):
-        from backend.workspace import Workspace
-
-        client = try_connect(Workspace(sock.parent))
-        if client is None:
-            continue
-        with client:
-            pid = client.call("stop", workers=True)["pid"]
-        deadline = time.monotonic() + 60
-        while process_alive(pid, None) and time.monotonic() < deadline:
-            time.sleep(0.05)
+    client = try_connect(Workspace(workspace))
+    if client is None:
+        return
+    with client:
+        pid = client.call("stop", workers=True)["pid"]
+    deadline = time.monotonic() + 60
+    while process_alive(pid, None) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.fixture
 def tiny_battery(tmp_path: Path) -> Path:
     """Two batteries on the LOGIC_TEXT world: choice scenes and held-out perplexity."""
-    folder = tmp_path / "battery"
-    folder.mkdir()
+    return write_tiny_battery(tmp_path / "battery")
+
+
+def write_tiny_battery(folder: Path) -> Path:
+    folder.mkdir(parents=True)
     (folder / "depth.yaml").write_text(
         textwrap.dedent(
             """\

@@ -1,53 +1,405 @@
-"""The dashboard on a real workspace: it shows the results and sorts them."""
+"""The dashboard driven by Textual's pilot: a real workspace, a real job service, real workers.
+
+Waiting is for real processes (a worker finishing a run, the service answering), done by
+letting the app process its messages until a condition holds, never by sleeping a fixed time.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
+import time
+import types
+from pathlib import Path
 
-from backend.store import Store
+import pytest
+
 from backend.workspace import Workspace
 from ltm_tui.app import LtmApp
+from ltm_tui.gpu import DeviceMonitor
+from ltm_tui.screens import HelpScreen, LogScreen, PickerScreen, RunScreen
+from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
+from tests.conftest import LOGIC_TEXT, STORY_TEXT, cli, stop_service, write_tiny_battery
+
+TINY = ["--preset", "tiny", "--steps", "40", "--block-size", "64", "--micro-batch", "8",
+        "--min-train-tokens", "0", "--epochs", "50", "--quiet"]
 
 
-def _workspace(tmp_path):
-    ws = Workspace(tmp_path / "ws").ensure()
-    with Store(ws.db_path) as store:
-        for name, overall, depth in [("a.txt", 0.2, 0.1), ("b.txt", 0.7, 0.9), ("c.txt", 0.5, 0.4)]:
-            cid = store.add_corpus({"path": f"/x/{name}", "name": name, "format": "text", "encoding": "utf-8",
-                                    "bytes": 10, "sha256": name * 8, "chars": 10, "words": 2, "pages": 0.01})
-            rid = f"run-{name}"
-            store.create_run(rid, kind="adapter", base="micro:tiny", settings={}, corpus_id=cid, corpus_path=f"/x/{name}")
-            for state in ("starting", "training", "evaluating"):
-                store.transition(rid, state)
-            store.ingest_result(rid, {"tokens": 12, "steps": 3, "train_seconds": 1.0, "eval_seconds": 0.1,
-                                      "final_loss": 1.0, "overall": overall,
-                                      "scores": {"reasoning_depth": depth, "perplexity": 10.0}})
-            store.transition(rid, "done")
-    return ws
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """A workspace with two finished micro runs and their baseline, made by `ltm-tui run`."""
+    root = tmp_path_factory.mktemp("dashboard")
+    corpora = root / "corpora"
+    corpora.mkdir()
+    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
+    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
+    battery = write_tiny_battery(root / "battery")
+    ws = root / "ws"
+    done = cli("run", str(corpora / "logic.txt"), str(corpora / "story.txt"), "--scenes", str(battery),
+               "--workspace", str(ws), *TINY)
+    assert done.returncode == 0, done.stderr
+    stop_service(ws)
+    yield types.SimpleNamespace(root=root, ws=ws, corpora=corpora, battery=battery)
+    stop_service(ws)
 
 
-def test_dashboard_lists_and_sorts_results(tmp_path):
-    ws = _workspace(tmp_path)
+async def until(pilot, condition, timeout: float = 90.0, what: str = "condition"):
+    """Let the app run (its workers, the service's events) until `condition()` holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        await pilot.pause(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def results_json(ws: Path, *extra: str) -> list[dict]:
+    out = cli("results", "--format", "json", "--workspace", str(ws), *extra)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def names(app: LtmApp) -> list[str]:
+    table = app.query_one(ResultsTable)
+    return [table.rows_by_id[k].get("corpus") or "(baseline)" for k in table.displayed()]
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def test_results_sort_by_key_and_header_with_the_baseline_pinned(finished):
+    sql_order = [r["corpus"] for r in results_json(finished.ws, "--sort", "perplexity", "--asc")]
 
     async def scenario():
-        app = LtmApp(str(ws.root))
+        app = LtmApp(str(finished.ws), poll_seconds=0)
         async with app.run_test(size=(120, 30)) as pilot:
-            table = app.query_one("#results")
-            order = lambda: [table.get_row_at(i)[0] for i in range(table.row_count)]  # noqa: E731
-            assert order() == ["b.txt", "c.txt", "a.txt"]  # overall, descending
-            await pilot.press("d")
-            assert order() == ["a.txt", "c.txt", "b.txt"]
-            await pilot.press("s")  # next sort column: corpus
-            assert app.sort == "corpus"
-            assert "reasoning_depth" in [str(c.label) for c in table.columns.values()]
+            table = app.query_one(ResultsTable)
+            await until(pilot, lambda: table.row_count == 3, what="three rows")
+            assert names(app)[0] == "(baseline)"
+            by_overall = sorted((r for r in table.rows_by_id.values() if r["kind"] != "baseline"),
+                                key=lambda r: -r["overall"])
+            assert names(app)[1:] == [r["corpus"] for r in by_overall]
+            await pilot.press("d")  # ascending: the baseline stays on top
+            assert names(app)[0] == "(baseline)" and names(app)[1:] == [r["corpus"] for r in by_overall][::-1]
+            assert "↑" in table.border_title
+            # a click on a header sorts by it; a second click reverses
+            column = table.ordered_columns[table.column_keys.index("perplexity")]
+            table.post_message(ResultsTable.HeaderSelected(table, column.key, table.column_keys.index("perplexity"), column.label))
+            await pilot.pause()
+            assert (table.sort_key, table.descending) == ("perplexity", False)  # lower is better
+            adapters = [n for n in sql_order if n is not None]
+            assert names(app) == ["(baseline)", *adapters]
+            table.post_message(ResultsTable.HeaderSelected(table, column.key, table.column_keys.index("perplexity"), column.label))
+            await pilot.pause()
+            assert names(app) == ["(baseline)", *adapters[::-1]]
+            following = table.column_keys[table.column_keys.index("perplexity") + 1]
+            await pilot.press("s")  # the next column
+            assert table.sort_key == following
 
-    asyncio.run(scenario())
+    run(scenario())
 
 
-def test_dashboard_on_an_empty_workspace_says_what_to_do(tmp_path):
+def test_results_filter_export_and_delta(finished, tmp_path):
     async def scenario():
-        app = LtmApp(str(tmp_path / "empty"))
-        async with app.run_test(size=(80, 24)):
-            assert "ltm-tui run" in str(app.query_one("#hint").render())
+        app = LtmApp(str(finished.ws), poll_seconds=0)
+        async with app.run_test(size=(100, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            await until(pilot, lambda: table.row_count == 3, what="rows")
+            base = next(r for r in table.rows_by_id.values() if r["kind"] == "baseline")
+            logic = next(r for r in table.rows_by_id.values() if r.get("corpus") == "logic.txt")
+            delta = table.get_row(logic["run_id"])[table.column_keys.index("delta")]
+            assert delta.text == f"{logic['overall'] - base['overall']:+.3f}"
 
-    asyncio.run(scenario())
+            await pilot.press("slash")
+            await pilot.press(*"logic")
+            assert names(app) == ["logic.txt"]
+            assert "1 of 3 runs" in table.border_title
+            await pilot.press("escape")
+            assert table.row_count == 3 and not app.query_one("#filter").display
+
+            out = tmp_path / "exported.csv"
+            await pilot.press("e")
+            await until(pilot, lambda: app.screen.query("#export-path"), what="the export box")
+            box = app.screen.query_one("#export-path")
+            box.value = str(out)
+            await pilot.press("enter")
+            await until(pilot, out.exists, what="the CSV")
+        lines = out.read_text(encoding="utf-8").splitlines()
+        assert len(lines) == 4 and "overall" in lines[0]
+
+    run(scenario())
+
+
+def test_open_a_run_curve_scenes_settings_and_probes(finished):
+    async def scenario():
+        app = LtmApp(str(finished.ws), poll_seconds=0)
+        async with app.run_test(size=(100, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            await until(pilot, lambda: table.row_count == 3, what="rows")
+            logic = next(k for k, r in table.rows_by_id.items() if r.get("corpus") == "logic.txt")
+            table.move_cursor(row=table.get_row_index(logic))
+            await pilot.press("enter")
+            screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen, what="the run")
+            await until(pilot, lambda: screen.detail is not None, what="the run's detail")
+            assert "logic.txt" in _plain(screen.query_one("#run-title"))
+            assert screen.detail["curve"], "a trained run has a loss curve"
+            await pilot.press("2")
+            scenes = screen.query_one("#scene-table")
+            ids = {scenes.get_row_at(i)[1] for i in range(scenes.row_count)}
+            assert {"d1", "d2", "g1", "p1"} <= ids
+            assert scenes.get_row_at(0)[1] in _plain(screen.query_one("#scene-detail"))
+            await pilot.press("3")
+            settings = _plain(screen.query_one("#settings-text"))
+            assert "base.preset" in settings and "tiny" in settings and "train.max_steps" in settings
+            await pilot.press("4")
+            probes = _plain(screen.query_one("#probes-text"))
+            assert "summary" in probes or "No probes" in probes
+            await pilot.press("escape")
+            assert not isinstance(app.screen, RunScreen)
+            assert table.selected_run() == logic  # back where we were
+
+    run(scenario())
+
+
+def test_help_lists_every_binding_and_the_palette_offers_the_actions(finished):
+    async def scenario():
+        app = LtmApp(str(finished.ws), poll_seconds=0)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press("question_mark")
+            help_screen = await until(pilot, lambda: isinstance(app.screen, HelpScreen) and app.screen, what="help")
+            described = {b.tooltip or b.description for _, bindings in help_screen.sections for b in bindings}
+            for cls in (LtmApp, QueueTable, ResultsTable, PickerScreen, RunScreen):
+                for b in cls.BINDINGS:
+                    assert (b.tooltip or b.description) in described
+            await pilot.press("escape")
+            titles = [c.title for c in app.get_system_commands(app.screen)]
+            for wanted in ("Add corpora", "Export results to CSV", "Cancel the selected job", "Retry the selected job",
+                           "Open the selected run", "Filter results"):
+                assert wanted in titles
+
+    run(scenario())
+
+
+# --- queueing, live progress, cancel and retry ------------------------------------------------
+
+
+def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
+    (folder / "notes.bin").write_bytes(b"\x00\x01")  # not a corpus: the picker hides it
+    battery = write_tiny_battery(tmp_path / "battery")
+    ws = tmp_path / "ws"
+    defaults = {"preset": "tiny", "steps": 40, "min_train_tokens": 0, "scenes": str(battery)}
+
+    async def scenario():
+        app = LtmApp(str(ws), poll_seconds=0, defaults=defaults, picker_root=str(folder))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: app.link is not None, what="the service")
+            await pilot.press("a")
+            picker = await until(pilot, lambda: isinstance(app.screen, PickerScreen) and app.screen, what="picker")
+            tree = picker.query_one("#tree")
+            await until(pilot, lambda: tree.root.children, what="the folder's files")
+            assert [c.data.path.name for c in tree.root.children] == ["logic.txt"]
+            await pilot.press("down", "space")
+            await until(pilot, lambda: picker.info, what="the preview")
+            preview = picker.query_one("#marked")
+            row = preview.get_row(str(folder / "logic.txt"))
+            assert row[2] == f"{len(LOGIC_TEXT.encode()) + 2:,}"  # micro reads bytes, plus BOS and EOS
+            await pilot.press("ctrl+s")
+            await until(pilot, lambda: not isinstance(app.screen, PickerScreen), what="the picker to close")
+            queue = app.query_one(QueueTable)
+            await until(pilot, lambda: any(j.get("corpus") == "logic.txt" for j in queue.jobs.values()),
+                        what="the job in the queue")
+            table = app.query_one(ResultsTable)
+            baseline = await until(pilot, lambda: next((k for k, r in table.rows_by_id.items()
+                                                        if r["kind"] == "baseline"), None), what="baseline row")
+            table.move_cursor(row=table.get_row_index(baseline))
+            await until(pilot, lambda: all(r["status"] == "done" for r in table.rows_by_id.values())
+                        and len(table.rows_by_id) == 2, timeout=240, what="both runs done")
+            # the rows changed in place: the cursor is still on the baseline, the sort unchanged
+            assert table.selected_run() == baseline and table.sort_key == "overall"
+            logic = next(r for r in table.rows_by_id.values() if r.get("corpus") == "logic.txt")
+            assert logic["scores"] and logic["overall"] is not None
+            cells = queue.get_row(logic["run_id"])
+            assert cells[1].text == "done"
+
+    run(scenario())
+    rows = results_json(ws)
+    assert {r["status"] for r in rows} == {"done"} and len(rows) == 2
+
+
+def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
+    from dataclasses import asdict
+
+    from backend.client import connect
+
+    (tmp_path / "long.txt").write_text(LOGIC_TEXT, encoding="utf-8")
+    battery = write_tiny_battery(tmp_path / "battery")
+    ws = tmp_path / "ws"
+
+    async def scenario():
+        app = LtmApp(str(ws), poll_seconds=0)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: app.link is not None, what="the service")
+            from backend.config import MICRO_DEFAULTS
+            from backend.jobs import JobSettings
+
+            train = {**MICRO_DEFAULTS.to_dict(), "max_steps": 100000, "min_train_tokens": 0}
+            train.pop("seed", None)
+            settings = JobSettings(base={"base": "micro", "preset": "tiny"}, scenes=str(battery), train=train)
+            with connect(Workspace(ws)) as client:
+                sub = client.call("submit", paths=[str(tmp_path / "long.txt")], settings=asdict(settings), seeds=[0])
+            run_id = sub["run_ids"][0]
+            queue = app.query_one(QueueTable)
+            await until(pilot, lambda: queue.jobs.get(run_id, {}).get("status") == "training", timeout=120,
+                        what="training")
+            await until(pilot, lambda: queue.jobs[run_id].get("step"), what="a progress event")
+            queue.focus()
+            queue.move_cursor(row=queue.get_row_index(run_id))
+            await pilot.press("l")
+            log = await until(pilot, lambda: isinstance(app.screen, LogScreen) and app.screen, what="the log")
+            await until(pilot, lambda: log.shown, what="log lines")
+            await pilot.press("escape")
+            await pilot.press("c")
+            await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", timeout=60, what="cancelled")
+            await pilot.press("t")
+            await until(pilot, lambda: queue.jobs[run_id]["status"] in ("queued", "starting", "training"),
+                        timeout=60, what="queued again")
+            await pilot.press("c")
+            await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", timeout=60, what="cancelled again")
+
+    run(scenario())
+
+
+# --- devices ------------------------------------------------------------------------------------
+
+
+class FakeNvml(types.ModuleType):
+    """pynvml as the nvidia-ml-py package exposes it, for two GPUs (the one permitted mock)."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, fail_temperature: bool = False) -> None:
+        super().__init__("pynvml")
+        self.inits = 0
+        self.fail_temperature = fail_temperature
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return "NVIDIA RTX PRO 6000 Blackwell" if h == 0 else b"NVIDIA H200"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=(40 if h == 0 else 10) * 2**30, total=(96 if h == 0 else 141) * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return types.SimpleNamespace(gpu=87 if h == 0 else 3)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        if self.fail_temperature and h == 1:
+            raise self.NVMLError("Not Supported")
+        return 61
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [types.SimpleNamespace(pid=4242, usedGpuMemory=30 * 2**30)] if h == 0 else []
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    fake = FakeNvml(fail_temperature=True)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    return fake
+
+
+def test_nvml_readings_per_device_with_failures_as_na(fake_nvml):
+    monitor = DeviceMonitor()
+    monitor.read()
+    second = monitor.read()
+    assert fake_nvml.inits == 1  # initialised once
+    assert second.source == "nvml" and len(second.devices) == 2
+    gpu0, gpu1 = second.devices
+    assert gpu0.name.endswith("Blackwell") and gpu1.name == "NVIDIA H200"
+    assert gpu0.memory_share == pytest.approx(40 / 96) and gpu0.utilization == 87
+    assert gpu0.processes == {4242: 30 * 2**30}
+    assert gpu1.temperature is None  # a failed reading is n/a, not a crash
+    assert len(monitor.history[0]) == 2
+
+
+def test_device_panel_with_nvml_maps_memory_to_runs(fake_nvml, finished):
+    jobs = [{"run_id": "r1", "pid": 4242, "status": "training", "corpus": "book.pdf", "base": "micro"},
+            {"run_id": "r2", "pid": 4242, "status": "done", "corpus": "old.pdf", "base": "micro"},
+            {"run_id": "r3", "pid": None, "status": "queued", "corpus": "next.pdf", "base": "micro"}]
+    assert job_holders(jobs) == {4242: "book.pdf"}
+
+    async def scenario():
+        app = LtmApp(str(finished.ws), monitor=DeviceMonitor(), poll_seconds=0.2)
+        async with app.run_test(size=(100, 30)) as pilot:
+            panel = app.query_one("#devices")
+            await until(pilot, lambda: panel.snapshot is not None, what="a reading")
+            assert "pid 4242 30.0 GiB" in _plain(panel)  # no job of this workspace holds it
+            panel.show(panel.snapshot, job_holders(jobs))
+            shown = _plain(panel)
+            assert "book.pdf 30.0 GiB" in shown
+            assert "40.0/96.0 GiB" in shown and "util 87%" in shown and "61°C" in shown
+            assert "n/a" in shown  # the H200's temperature reading failed
+
+    run(scenario())
+
+
+def test_device_panel_without_nvml_shows_this_machine(finished):
+    monitor = DeviceMonitor()
+    if monitor.source == "nvml":
+        pytest.skip("this machine has NVML; the fallback is for machines without it")
+    snap = monitor.read()
+    host = snap.devices[0]
+    assert snap.source == "psutil" and snap.note.startswith("no NVML")
+    assert host.kind == "host" and host.memory_total > 0 and "CPU" in host.name
+
+    async def scenario():
+        app = LtmApp(str(finished.ws), poll_seconds=0.2)
+        async with app.run_test(size=(80, 24)) as pilot:
+            panel = app.query_one("#devices")
+            await until(pilot, lambda: panel.snapshot is not None, what="a reading")
+            shown = _plain(panel)
+            assert "RAM" in shown and "GiB" in shown and "no NVML" in shown
+
+    run(scenario())
+
+
+def _plain(widget) -> str:
+    from rich.console import Console
+
+    import io
+
+    console = Console(width=widget.size.width or 100, record=True, file=io.StringIO())
+    console.print(widget.content)  # what the Static was given: a Rich renderable or text
+    return console.export_text()
+
+
+def test_an_empty_workspace_says_what_to_do(tmp_path):
+    async def scenario():
+        app = LtmApp(str(tmp_path / "empty"), poll_seconds=0)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: "press a" in _plain(app.query_one("#hint")), what="the hint")
+
+    run(scenario())

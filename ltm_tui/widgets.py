@@ -1,0 +1,401 @@
+"""The dashboard's panels: devices, the queue and the results table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Group
+from rich.progress_bar import ProgressBar
+from rich.table import Table
+from rich.text import Text
+from textual.binding import Binding
+from textual.widgets import DataTable, Static
+
+from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, sparkline
+from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, _duration, measure_names
+
+STATUS_STYLE = {
+    "queued": "dim",
+    "starting": "cyan",
+    "training": "bold cyan",
+    "evaluating": "bold magenta",
+    "done": "green",
+    "failed": "bold red",
+    "cancelled": "yellow",
+    "interrupted": "yellow",
+}
+FINISHED = ("done", "failed", "cancelled", "interrupted")
+ACTIVE = ("starting", "training", "evaluating")
+
+
+class Cell:
+    """A table cell that shows text and sorts by its raw value; the first cell of a row also
+    carries the row's run id, so an order computed on the rows can be applied to the table."""
+
+    __slots__ = ("text", "value", "style", "justify", "run_id")
+
+    def __init__(self, text: str, value: Any = None, style: str = "", justify: str = "left", run_id: str = "") -> None:
+        self.text, self.value, self.style, self.justify, self.run_id = text, value, style, justify, run_id
+
+    def __rich__(self) -> Text:
+        return Text(self.text, style=self.style, justify=self.justify, no_wrap=True, overflow="ellipsis")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Cell) and (self.text, self.style) == (other.text, other.style)
+
+    def __hash__(self) -> int:
+        return hash(self.text)
+
+
+def _num(value, digits: int) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# --- devices -------------------------------------------------------------------------------
+
+
+class DevicePanel(Static):
+    """Memory (a bar and a one-minute history), utilisation and temperature per GPU, with the
+    jobs that hold its memory; CPU and RAM of the host, labelled as such, where NVML is absent."""
+
+    DEFAULT_CSS = "DevicePanel { height: auto; padding: 0 1; }"
+
+    def __init__(self, monitor: DeviceMonitor | None = None, **kwargs) -> None:
+        super().__init__("reading devices…", **kwargs)
+        self.monitor = monitor
+        self.snapshot: Snapshot | None = None
+        self.holders: dict[int, str] = {}  # worker pid -> the run it works on
+
+    def show(self, snapshot: Snapshot, holders: dict[int, str] | None = None) -> None:
+        self.snapshot = snapshot
+        if holders is not None:
+            self.holders = holders
+        self.update(self._render_snapshot())
+
+    def _render_snapshot(self) -> Table | Group:
+        snap = self.snapshot
+        grid = Table.grid(padding=(0, 1), expand=True)
+        grid.add_column(no_wrap=True, max_width=22)  # name
+        grid.add_column(no_wrap=True)  # bar
+        grid.add_column(no_wrap=True)  # numbers
+        grid.add_column(no_wrap=True, ratio=1)  # history
+        history = self.monitor.history if self.monitor else {}
+        for d in snap.devices:
+            hist = sparkline(history.get(d.index, []), 20)
+            if d.kind == "host":
+                cpu = "n/a" if d.utilization is None else f"{d.utilization:3.0f}%"
+                grid.add_row(
+                    Text(d.name, style="bold"),
+                    _bar(d.memory_share),
+                    Text(f"RAM {gib(d.memory_used)}/{gib(d.memory_total)} GiB · CPU {cpu}"),
+                    Text(f"cpu {hist}", style="cyan"),
+                )
+                continue
+            util = "n/a" if d.utilization is None else f"{d.utilization:.0f}%"
+            temp = "n/a" if d.temperature is None else f"{d.temperature:.0f}°C"
+            grid.add_row(
+                Text(f"{d.index} {d.name}", style="bold"),
+                _bar(d.memory_share),
+                Text(f"{gib(d.memory_used)}/{gib(d.memory_total)} GiB · util {util} · {temp}"),
+                Text(f"mem {hist}", style="cyan"),
+            )
+            held = [
+                f"{self.holders.get(pid, f'pid {pid}')} {gib(used)} GiB"
+                for pid, used in sorted(d.processes.items(), key=lambda kv: -(kv[1] or 0))
+            ]
+            if held:
+                grid.add_row("", Text("  " + " · ".join(held), style="dim"), "", "")
+        if snap.note:
+            return Group(grid, Text(snap.note, style="dim italic", overflow="ellipsis", no_wrap=True))
+        return grid
+
+
+def job_holders(jobs: list[dict]) -> dict[int, str]:
+    """Worker pid -> the run it works on now, to name the processes that hold device memory."""
+    holders = {}
+    for j in jobs:
+        if j.get("pid") and j["status"] in ACTIVE:
+            holders[j["pid"]] = j.get("corpus") or f"baseline {j['base']}"
+    return holders
+
+
+def _bar(share: float | None, width: int = 16) -> ProgressBar | Text:
+    if share is None:
+        return Text("n/a".center(width), style="dim")
+    return ProgressBar(total=1.0, completed=min(1.0, share), width=width)
+
+
+class RunTable(DataTable):
+    """A table with one row per run, keyed by run id."""
+
+    def selected_run(self) -> str | None:
+        if not self.row_count:
+            return None
+        try:
+            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
+        except Exception:  # the cursor is outside the rows while they change
+            return None
+
+    def displayed(self) -> list[str]:
+        """Run ids as the table shows them, top to bottom."""
+        return [self.coordinate_to_cell_key((i, 0)).row_key.value for i in range(self.row_count)]
+
+    def follow(self, run_id: str | None) -> None:
+        """Put the cursor back on this run, wherever the rows moved it."""
+        if run_id is not None and run_id in {k.value for k in self.rows}:
+            self.move_cursor(row=self.get_row_index(run_id), animate=False)
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+QUEUE_COLUMNS = (("corpus", "job"), ("status", "status"), ("bar", "progress"), ("step", "step"),
+                 ("loss", "loss"), ("tps", "tok/s"), ("eta", "ETA"))
+RECENT_FINISHED = 50  # finished jobs kept in the queue panel (all of them are in the results)
+
+
+class QueueTable(RunTable):
+    """Every unfinished job and the most recent finished ones, with live progress."""
+
+    BINDINGS = [
+        Binding("c", "app.cancel_selected", "Cancel", tooltip="Cancel the selected job"),
+        Binding("t", "app.retry_selected", "Retry", tooltip="Queue the selected job again (resumes)"),
+        Binding("l", "app.show_log", "Log", tooltip="The selected job's log"),
+        Binding("enter", "select_cursor", "Open", show=False, tooltip="Open the selected run"),
+    ]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.jobs: dict[str, dict] = {}
+        self.live: dict[str, dict] = {}  # run_id -> last progress event
+
+    def on_mount(self) -> None:
+        for key, label in QUEUE_COLUMNS:
+            self.add_column(label, key=key)
+
+    def set_jobs(self, jobs: list[dict]) -> None:
+        unfinished = [j for j in jobs if j["status"] not in FINISHED]
+        finished = [j for j in jobs if j["status"] in FINISHED][-RECENT_FINISHED:]
+        order = sorted(unfinished, key=lambda j: (j["status"] not in ACTIVE, j["status"] != "queued")) + finished[::-1]
+        self.jobs = {j["run_id"]: j for j in order}
+        keep = self.selected_run()
+        wanted = list(self.jobs)
+        for key in [k.value for k in list(self.rows)]:
+            if key not in self.jobs:
+                self.remove_row(key)
+        for run_id in wanted:
+            cells = self._cells(self.jobs[run_id])
+            if run_id in {k.value for k in self.rows}:
+                for (col, _), cell in zip(QUEUE_COLUMNS, cells):
+                    self.update_cell(run_id, col, cell)
+            else:
+                self.add_row(*cells, key=run_id)
+        pos = {r: i for i, r in enumerate(wanted)}
+        if self.row_count:
+            self.sort("corpus", key=lambda c: pos.get(c.run_id, 0))
+        self.follow(keep)
+
+    def on_progress(self, event: dict) -> None:
+        run_id = event.get("run_id")
+        if run_id not in self.jobs:
+            return
+        self.live[run_id] = event
+        job = self.jobs[run_id]
+        for k in ("step", "total", "loss", "tokens_per_s", "eta_s"):
+            if event.get(k) is not None:
+                job[k] = event[k]
+        self._refresh_row(run_id)
+
+    def on_state(self, event: dict) -> None:
+        run_id = event.get("run_id")
+        if run_id in self.jobs:
+            self.jobs[run_id]["status"] = event["status"]
+            if event.get("error"):
+                self.jobs[run_id]["error"] = event["error"]
+            self._refresh_row(run_id)
+
+    def _refresh_row(self, run_id: str) -> None:
+        for (col, _), cell in zip(QUEUE_COLUMNS, self._cells(self.jobs[run_id])):
+            self.update_cell(run_id, col, cell)
+
+    def _cells(self, job: dict) -> list:
+        status = job["status"]
+        label = f"baseline {job['base']}" if job["kind"] == "baseline" else (job.get("corpus") or "-")
+        total, step = job.get("total"), job.get("step")
+        if status == "done":
+            share = 1.0
+        elif total:
+            share = min(1.0, (step or 0) / total)
+        else:
+            share = 0.0
+        bar = ProgressBar(total=1.0, completed=share, width=14, pulse=status == "starting")
+        tps = job.get("tokens_per_s")
+        extra = job.get("error") if status in ("failed", "interrupted") else None
+        return [
+            Cell(label, run_id=job["run_id"]),
+            Cell(status, style=STATUS_STYLE.get(status, "")),
+            bar,
+            Cell(f"{step or 0}/{total}" if total else (str(step) if step else "-"), justify="right"),
+            Cell(_num(job.get("loss"), 3), justify="right"),
+            Cell("-" if not tps else f"{tps:,.0f}", justify="right"),
+            Cell(extra[:40] if extra else (_duration(job.get("eta_s")) if status == "training" else "-"),
+                 style="red" if extra else ""),
+        ]
+
+
+# --- results -------------------------------------------------------------------------------
+
+FIXED = (("corpus", "corpus"), ("base", "base"), ("status", "status"), ("pages", "pages"),
+         ("tokens", "tokens"), ("train_seconds", "train s"))
+TAIL = (("overall", "overall"), ("delta", "Δ base"))
+SQL_SORTABLE = {"corpus", "base", "status", "pages", "tokens", "train_seconds", "overall"}
+
+
+class ResultsTable(RunTable):
+    """Every run's scores. Sorted by any column (a click on its header, or `s`/`d`), filtered,
+    with the baselines pinned on top and each run's difference from its baseline. New results
+    change rows in place, so the cursor, the sort and the scroll stay where they were."""
+
+    BINDINGS = [
+        Binding("enter", "select_cursor", "Open", tooltip="Open the selected run: curve, scenes, settings, probes"),
+        Binding("c", "app.cancel_selected", "Cancel", show=False),
+        Binding("t", "app.retry_selected", "Retry", show=False),
+    ]
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        self.rows_by_id: dict[str, dict] = {}
+        self.sort_key = "overall"
+        self.descending = True
+        self.filter_text = ""
+        self.column_keys: list[str] = []
+
+    # columns
+
+    def wanted_columns(self) -> list[tuple[str, str]]:
+        names = measure_names(list(self.rows_by_id.values()))
+        return [*FIXED, *((m, MEASURE_LABELS.get(m, m)) for m in names), *TAIL]
+
+    def _sync_columns(self) -> None:
+        wanted = self.wanted_columns()
+        if [k for k, _ in wanted] == self.column_keys:
+            return
+        # A new measure takes its place among the others: the table is rebuilt, once.
+        self.clear(columns=True)
+        for key, label in wanted:
+            self.add_column(label, key=key)
+        self.column_keys = [k for k, _ in wanted]
+
+    # rows
+
+    def set_rows(self, rows: list[dict]) -> None:
+        """Replace the data; the table changes only where the rows did."""
+        self.rows_by_id = {r["run_id"]: r for r in rows}
+        before = list(self.column_keys)
+        self._sync_columns()
+        if self.column_keys != before:
+            shown: set[str] = set()
+        else:
+            shown = {k.value for k in self.rows}
+        keep = self.selected_run()
+        deltas = self._deltas()
+        visible = [r for r in rows if self._matches(r)]
+        visible_ids = {r["run_id"] for r in visible}
+        for key in shown - visible_ids:
+            self.remove_row(key)
+        for r in visible:
+            cells = self._cells(r, deltas.get(r["run_id"]))
+            if r["run_id"] in shown:
+                old = self.get_row(r["run_id"])
+                for col, new, prev in zip(self.column_keys, cells, old):
+                    if new != prev:
+                        self.update_cell(r["run_id"], col, new)
+            else:
+                self.add_row(*cells, key=r["run_id"])
+        self.apply_order(keep)
+
+    def _deltas(self) -> dict[str, float]:
+        base = {
+            (r["base"], r.get("seed")): r.get("overall")
+            for r in self.rows_by_id.values()
+            if r.get("kind") == "baseline"
+        }
+        out = {}
+        for r in self.rows_by_id.values():
+            ref = base.get((r["base"], r.get("seed")))
+            if r.get("kind") != "baseline" and ref is not None and r.get("overall") is not None:
+                out[r["run_id"]] = r["overall"] - ref
+        return out
+
+    def _cells(self, r: dict, delta: float | None) -> list[Cell]:
+        is_base = r.get("kind") == "baseline"
+        scores = r.get("scores") or {}
+        dim = "dim" if is_base else ""
+        cells = [
+            Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim, run_id=r["run_id"]),
+            Cell(r["base"], r["base"], dim),
+            Cell(r["status"], r["status"], STATUS_STYLE.get(r["status"], "")),
+            Cell(_num(r.get("pages"), 1), r.get("pages"), dim, "right"),
+            Cell("-" if r.get("tokens") is None else f"{r['tokens']:,}", r.get("tokens"), dim, "right"),
+            Cell(_num(r.get("train_seconds"), 1), r.get("train_seconds"), dim, "right"),
+        ]
+        for key in self.column_keys[len(FIXED) : -len(TAIL)]:
+            v = scores.get(key)
+            cells.append(Cell(_num(v, 1 if key == PERPLEXITY else 3), v, dim, "right"))
+        cells.append(Cell(_num(r.get("overall"), 3), r.get("overall"), "bold" if not is_base else dim, "right"))
+        style = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
+        cells.append(Cell("-" if delta is None else f"{delta:+.3f}", delta, style, "right"))
+        return cells
+
+    def _matches(self, r: dict) -> bool:
+        if not self.filter_text:
+            return True
+        needle = self.filter_text.lower()
+        hay = " ".join(str(r.get(k) or "") for k in ("corpus", "base", "status", "run_id", "corpus_path"))
+        if r.get("kind") == "baseline":
+            hay += " baseline"
+        return needle in hay.lower()
+
+    # order
+
+    def order(self) -> list[str]:
+        """Run ids in display order: baselines first, then by the sort column and direction,
+        missing values last either way, ties by run id — the service's SQL order, plus the pin."""
+        key = self.sort_key
+        deltas = self._deltas() if key == "delta" else {}
+
+        def value(r: dict):
+            if key == "delta":
+                return deltas.get(r["run_id"])
+            if key in r and key != "scores":
+                return r.get(key)
+            return (r.get("scores") or {}).get(key)
+
+        rows = sorted((r for r in self.rows_by_id.values() if self._matches(r)), key=lambda r: r["run_id"])
+        present = [r for r in rows if value(r) is not None]
+        missing = [r for r in rows if value(r) is None]
+        present.sort(key=value, reverse=self.descending)
+        ordered = present + missing
+        ordered.sort(key=lambda r: r.get("kind") != "baseline")  # stable: the pin keeps the order
+        return [r["run_id"] for r in ordered]
+
+    def apply_order(self, keep: str | None = None) -> None:
+        if keep is None:
+            keep = self.selected_run()
+        if not self.row_count:
+            return
+        pos = {run_id: i for i, run_id in enumerate(self.order())}
+        self.sort("corpus", key=lambda c: pos.get(c.run_id, len(pos)))
+        self.follow(keep)
+
+    def sort_by(self, key: str, descending: bool | None = None) -> None:
+        if descending is None:
+            descending = not self.descending if key == self.sort_key else key not in ("corpus", "base", "status", PERPLEXITY)
+        self.sort_key, self.descending = key, descending
+        self.apply_order()
+
+    def set_filter(self, text: str) -> None:
+        self.filter_text = text.strip()
+        self.set_rows(list(self.rows_by_id.values()))
+
+    def column_labels(self) -> dict[str, str]:
+        return dict(self.wanted_columns())
