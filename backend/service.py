@@ -180,6 +180,10 @@ class Service:
             with self.lock:
                 self.manager.retry(args["run_id"])
             return {"run_id": args["run_id"], "status": "queued"}
+        if op == "run":
+            return self.run_detail(args["run_id"])
+        if op == "log":
+            return self.log_tail(args["run_id"], int(args.get("lines", 200)))
         if op == "probes":
             return self.store.probes(args["run_id"])  # shape: docs/probes.md
         if op == "stop":
@@ -187,6 +191,34 @@ class Service:
             self.stopping.set()
             return {"pid": os.getpid()}
         raise JobError(f"unknown request {op!r}")
+
+    def run_detail(self, run_id: str) -> dict:
+        """One run for the detail screen: every column, its corpus, curve and scene results."""
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise JobError(f"no run {run_id}; `ltm-tui status` lists them")
+        corpus = self.store.get_corpus(run["corpus_id"]) if run.get("corpus_id") else None
+        scores = self.store.run_scores(run_id)
+        return {
+            "run": run,
+            "corpus": corpus,
+            "scores": scores,
+            "curve": self.store.curve(run_id),
+            "scenes": self.store.scene_results(run_id),
+            "progress": self.progress.get(run_id),
+        }
+
+    def log_tail(self, run_id: str, lines: int) -> dict:
+        """The last lines of a run's train.log (the worker's own words), for the log view."""
+        path = self.workspace.run_dir(run_id) / "train.log"
+        if not path.exists():
+            return {"path": str(path), "lines": []}
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 64 * 1024))
+            text = fh.read().decode("utf-8", errors="replace")
+        return {"path": str(path), "lines": text.splitlines()[-max(1, min(lines, 2000)):]}
 
     def jobs(self, runs: list[str] | None = None) -> list[dict]:
         """The status rows: one per run, with live progress where a worker reports it."""

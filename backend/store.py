@@ -564,6 +564,14 @@ class Store:
             rows = cur.execute("SELECT DISTINCT measure FROM scores ORDER BY measure").fetchall()
         return [r[0] for r in rows]
 
+    def run_scores(self, run_id: str) -> dict[str, float | None]:
+        """One run's scores, measure -> value."""
+        with self._cursor() as cur:
+            rows = cur.execute(
+                "SELECT measure, value FROM scores WHERE run_id = ? ORDER BY measure", [run_id]
+            ).fetchall()
+        return dict(rows)
+
     def results(
         self,
         *,

@@ -31,6 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which of your texts teach a model to think better, and how long it takes.",
     )
     _add_workspace(parser)
+    dash = parser.add_argument_group("the dashboard (ltm-tui with no command): the file picker's defaults")
+    dash.add_argument("--base", dest="dash_base", metavar="BASE", help="micro (default), an HF id or a folder")
+    dash.add_argument("--preset", dest="dash_preset", metavar="NAME", help="micro size (default small)")
+    dash.add_argument("--scenes", dest="dash_scenes", metavar="DIR", help="battery folder (default: built-in)")
+    dash.add_argument("--steps", dest="dash_steps", type=int, metavar="N", help="cap on optimizer steps")
+    dash.add_argument("--min-train-tokens", dest="dash_min_train_tokens", type=int, metavar="N",
+                      help="train on at least this many tokens")
+    dash.add_argument("--root", dest="dash_root", metavar="DIR", help="where the file picker opens (default: here)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="train on each file, test, and print the ranked table")
@@ -95,16 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--slots-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
     _add_workspace(srv)
 
+    prb = sub.add_parser("probes", help="what training changed inside a run's network")
+    prb.add_argument("run_id", metavar="RUN")
+    prb.add_argument("--format", choices=["table", "json"], default="table")
+    _add_workspace(prb)
+
     from ltm_tui.estimate_cmd import add_parser as add_estimate
 
     _add_workspace(add_estimate(sub, run))
 
     _add_evaluation_commands(sub)
-
-    prb = sub.add_parser("probes", help="what training changed inside a run's network")
-    prb.add_argument("run_id", metavar="RUN")
-    prb.add_argument("--format", choices=["table", "json"], default="table")
-    _add_workspace(prb)
 
     stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
     stop.add_argument("--all", action="store_true", help="also stop the workers (they checkpoint; retry resumes)")
@@ -121,7 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             from ltm_tui.app import run_app
 
-            return run_app(args.workspace)
+            defaults = {
+                "base": args.dash_base,
+                "preset": args.dash_preset,
+                "scenes": args.dash_scenes,
+                "steps": args.dash_steps,
+                "min_train_tokens": args.dash_min_train_tokens,
+            }
+            return run_app(args.workspace, {k: v for k, v in defaults.items() if v is not None}, args.dash_root)
         handler = {
             "run": cmd_run,
             "results": cmd_results,
@@ -132,11 +147,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "retry": cmd_retry,
             "serve": cmd_serve,
             "stop": cmd_stop,
-            "probes": cmd_probes,
             "compare": cmd_compare,
             "scenes": cmd_scenes,
             "judge": cmd_judge,
             "estimate": cmd_estimate,
+            "probes": cmd_probes,
         }
         return handler[args.command](args)
     except LtmError as exc:
