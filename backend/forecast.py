@@ -158,13 +158,18 @@ def _summarise(result: Mapping[str, Any]) -> dict | None:
     settings = result.get("settings") or {}
     if result.get("kind") != "adapter" or not result.get("tokens_seen") or not settings.get("base"):
         return None
+    evaluation = result.get("eval_seconds")
+    probes = result.get("probes") if isinstance(result.get("probes"), dict) else {}
+    probe_seconds = (probes.get("summary") or {}).get("seconds")
+    if evaluation is not None and isinstance(probe_seconds, (int, float)):
+        evaluation = float(evaluation) + float(probe_seconds)  # the job's time after training
     return {
         "key": settings_key(settings["base"], settings.get("train")),
         "device": str(result.get("device") or "cpu").split(":")[0],
         "tokens": int(result.get("tokens") or 0),
         "tokens_seen": int(result["tokens_seen"]),
         "train_seconds": float(result.get("train_seconds") or 0.0),
-        "eval_seconds": result.get("eval_seconds"),
+        "eval_seconds": evaluation,
         "load_seconds": result.get("load_seconds"),
         "oom_halvings": int(result.get("oom_halvings") or 0),
     }

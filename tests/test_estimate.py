@@ -103,7 +103,7 @@ def _write_result(ws, run_id: str, tokens_seen: int, seconds: float, base=MICRO_
 def test_fit_over_finished_runs_recovers_fixed_and_per_token_time(tmp_path):
     ws = tmp_path / "ws"
     for i, n in enumerate((100_000, 200_000, 400_000, 800_000)):
-        _write_result(ws, f"r{i}", n, 3.0 + 2e-5 * n)
+        _write_result(ws, f"r{i}", n, 3.0 + 2e-5 * n, probes={"summary": {"seconds": 0.5}})
     _write_result(ws, "baseline", 0, 0.0, kind="baseline")
     _write_result(ws, "other", 100_000, 99.0, train={**TRAIN, "block_size": 32})
     pred = forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)
@@ -112,7 +112,7 @@ def test_fit_over_finished_runs_recovers_fixed_and_per_token_time(tmp_path):
     assert pred["per_token_seconds"] == pytest.approx(2e-5, rel=1e-6)
     steps, seen = forecast.trained_tokens(MICRO_TINY, TRAIN, 1_000_000)
     assert pred["train_seconds"] == pytest.approx(3.0 + 2e-5 * seen, abs=0.01)
-    assert (pred["eval_seconds"], pred["load_seconds"]) == (1.5, 0.25)
+    assert (pred["eval_seconds"], pred["load_seconds"]) == (2.0, 0.25)  # evaluation + probes
     assert pred["peak_memory_bytes"] is None  # only a calibration measures memory
 
     # the index remembers parsed files and notices a changed one
