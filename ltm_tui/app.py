@@ -76,26 +76,31 @@ class LtmApp(App):
         return True
 
     def compose(self) -> ComposeResult:
+        # Held, not queried: the app's queries search the screen on top (a picker, a run), and
+        # these are updated by events and workers whatever screen is showing.
+        self.device_panel = DevicePanel(self.monitor, id="devices")
+        self.queue_table = QueueTable(id="queue")
+        self.queue_table.border_title = "queue"
+        self.filter_box = Input(placeholder="filter: part of a corpus, base or status · Enter keeps it · Esc clears",
+                                id="filter", compact=True)
+        self.results_table = ResultsTable(id="results")
+        self.results_table.border_title = "results"
+        self.hint_box = Static(self.status_line, id="hint")
         yield Header()
-        yield DevicePanel(self.monitor, id="devices")
-        queue = QueueTable(id="queue")
-        queue.border_title = "queue"
-        yield queue
-        yield Input(placeholder="filter: part of a corpus, base or status · Enter keeps it · Esc clears",
-                    id="filter", compact=True)
-        results = ResultsTable(id="results")
-        results.border_title = "results"
-        yield results
-        yield Static(self.status_line, id="hint")
+        yield self.device_panel
+        yield self.queue_table
+        yield self.filter_box
+        yield self.results_table
+        yield self.hint_box
         yield Footer()
 
     def on_mount(self) -> None:
-        self.query_one("#filter").display = False
-        self.query_one("#results").focus()
+        self.filter_box.display = False
+        self.results_table.focus()
         self.sub_title = str(self.workspace.root)
         if self.monitor is None and self.poll_seconds:
             self.monitor = DeviceMonitor()
-            self.query_one(DevicePanel).monitor = self.monitor
+            self.device_panel.monitor = self.monitor
         if self.poll_seconds:
             self.poll_devices()
             self.set_interval(self.poll_seconds, self.poll_devices)
@@ -147,7 +152,7 @@ class LtmApp(App):
 
     def on_service_event(self, event: dict) -> None:
         kind = event.get("type")
-        queue = self.query_one(QueueTable)
+        queue = self.queue_table
         if kind == "progress":
             queue.on_progress(event)
         elif kind == "state":
@@ -180,7 +185,7 @@ class LtmApp(App):
             self.hint(Text(exc.one_line(), style="red"))
             return
         self.jobs = jobs
-        self.query_one(QueueTable).set_jobs(jobs)
+        self.queue_table.set_jobs(jobs)
         self._update_queue_title()
 
     @work(exclusive=True, group="results")
@@ -189,7 +194,7 @@ class LtmApp(App):
 
         if self.link is None:
             return
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         sort = table.sort_key if table.sort_key != "delta" else "overall"
         try:
             rows = await self.link.call("results", sort=sort, descending=table.descending)
@@ -205,10 +210,10 @@ class LtmApp(App):
         for j in self.jobs:
             counts[j["status"]] = counts.get(j["status"], 0) + 1
         parts = [f"{n} {s}" for s, n in counts.items() if s in ("training", "evaluating", "starting", "queued", "failed")]
-        self.query_one(QueueTable).border_title = "queue" + (f" · {' · '.join(parts)}" if parts else "")
+        self.queue_table.border_title = "queue" + (f" · {' · '.join(parts)}" if parts else "")
 
     def _update_results_title(self) -> None:
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         label = table.column_labels().get(table.sort_key, table.sort_key)
         arrow = "↓" if table.descending else "↑"
         shown = table.row_count
@@ -218,20 +223,20 @@ class LtmApp(App):
         table.border_title = f"results · {count} · sorted by {label} {arrow}{filt}"
 
     def _summary(self) -> Text:
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         if not table.rows_by_id:
             return Text("No runs yet: press a to pick corpora (or run `ltm-tui run FILE...`).", style="yellow")
         return Text("a add · Enter opens a run · s/d or a header click sorts · / filter · e export · ? help", style="dim")
 
     def hint(self, text: Text | str) -> None:
-        self.query_one("#hint", Static).update(text)
+        self.hint_box.update(text)
 
     # --- devices ---------------------------------------------------------------------------
 
     @work(thread=True, exclusive=True, group="devices")
     def poll_devices(self) -> None:
         snapshot = self.monitor.read()
-        self.call_from_thread(self.query_one(DevicePanel).show, snapshot, job_holders(self.jobs))
+        self.call_from_thread(self.device_panel.show, snapshot, job_holders(self.jobs))
 
     # --- actions ---------------------------------------------------------------------------
 
@@ -265,7 +270,7 @@ class LtmApp(App):
         if isinstance(focused, (QueueTable, ResultsTable)):
             run_id = focused.selected_run()
         else:
-            run_id = self.query_one(ResultsTable).selected_run()
+            run_id = self.results_table.selected_run()
         label = run_id or ""
         for j in self.jobs:
             if j["run_id"] == run_id:
@@ -299,7 +304,7 @@ class LtmApp(App):
             self.push_screen(LogScreen(run_id, label))
 
     def action_open_run(self) -> None:
-        run_id = self.query_one(ResultsTable).selected_run()
+        run_id = self.results_table.selected_run()
         if run_id and self.link is not None:
             self.push_screen(RunScreen(run_id))
 
@@ -313,42 +318,42 @@ class LtmApp(App):
         self.sort_results(str(event.column_key.value))
 
     def sort_results(self, key: str, descending: bool | None = None) -> None:
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         table.sort_by(key, descending)
         self._update_results_title()
 
     def action_cycle_sort(self) -> None:
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         keys = table.column_keys or ["overall"]
         nxt = keys[(keys.index(table.sort_key) + 1) % len(keys)] if table.sort_key in keys else "overall"
         self.sort_results(nxt)
 
     def action_toggle_direction(self) -> None:
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         self.sort_results(table.sort_key, not table.descending)
 
     def action_filter(self) -> None:
-        box = self.query_one("#filter", Input)
+        box = self.filter_box
         box.display = True
         box.focus()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
-        self.query_one(ResultsTable).set_filter(event.value)
+        self.results_table.set_filter(event.value)
         self._update_results_title()
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self, event: Input.Submitted) -> None:
         if not event.value.strip():
             event.input.display = False
-        self.query_one(ResultsTable).focus()
+        self.results_table.focus()
 
     def on_key(self, event) -> None:
-        box = self.query_one("#filter", Input)
+        box = self.filter_box
         if event.key == "escape" and box.has_focus:
             box.value = ""
             box.display = False
-            self.query_one(ResultsTable).focus()
+            self.results_table.focus()
             event.stop()
 
     def action_export(self) -> None:
@@ -361,7 +366,7 @@ class LtmApp(App):
 
         if not path or self.link is None:
             return
-        table = self.query_one(ResultsTable)
+        table = self.results_table
         sort = table.sort_key if table.sort_key not in ("delta",) else "overall"
         try:
             written = await self.link.call("export", path=str(Path(path).expanduser().absolute()), sort=sort)

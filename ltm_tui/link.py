@@ -72,7 +72,10 @@ class Link:
 def _result(raw: bytes, op: str) -> Any:
     if not raw:
         raise LinkError(f"the service closed the connection during {op!r}; see its service.log")
-    reply = json.loads(raw)
+    try:
+        reply = json.loads(raw)
+    except ValueError:
+        raise LinkError(f"the service's answer to {op!r} is not JSON; see its service.log") from None
     if not reply.get("ok"):
         err = reply.get("error") or {}
         raise LtmError(err.get("message", "request failed"), title=err.get("title", "service"))

@@ -115,7 +115,7 @@ class PickerScreen(Screen):
         d = self.defaults
         with Horizontal(id="picker"):
             tree = CorpusTree(self.root, self.marked, id="tree")
-            tree.border_title = f"{self.root}"
+            tree.border_title = self.root.name or str(self.root)
             yield tree
             with Vertical(id="picker-side"):
                 table = DataTable(id="marked", cursor_type="row")
@@ -216,13 +216,20 @@ class PickerScreen(Screen):
         return int(info["words"] * 1.4), False
 
     def _forecast(self, tokens: int) -> dict | None:
-        try:
-            from backend.forecast import predict
-        except ImportError:
-            return None
+        """Predicted time and peak memory from this workspace's calibration and finished runs
+        (`ltm-tui estimate` explains them); a peak above the free memory is flagged, with the fix."""
+        from backend.forecast import free_memory, memory_fix, predict
+
         try:
             settings = self.settings()
-            return predict(self.workspace, settings.base, settings.train, tokens)
+            guess = predict(self.workspace, settings.base, settings.train, tokens)
+            if guess and guess.get("peak_memory_bytes"):
+                free, where = free_memory(settings.base)
+                fix = memory_fix(guess["peak_memory_bytes"], free, settings.base, settings.train, where)
+                if fix:
+                    guess["too_big"] = True
+                    self.query_one("#picker-hint", Static).update(Text(fix, style="bold red"))
+            return guess
         except Exception:  # a forecast is a courtesy: a field being typed must not break the picker
             return None
 

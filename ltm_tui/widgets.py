@@ -244,10 +244,11 @@ class QueueTable(RunTable):
 
 # --- results -------------------------------------------------------------------------------
 
-FIXED = (("corpus", "corpus"), ("base", "base"), ("status", "status"), ("pages", "pages"),
-         ("tokens", "tokens"), ("train_seconds", "train s"))
-TAIL = (("overall", "overall"), ("delta", "Δ base"))
-SQL_SORTABLE = {"corpus", "base", "status", "pages", "tokens", "train_seconds", "overall"}
+# What matters first comes first, so that 80 columns over SSH show the ranking: the corpus, its
+# overall score and its gain over the baseline, then each measure, then the bookkeeping.
+HEAD = (("corpus", "corpus"), ("overall", "overall"), ("delta", "Δ base"))
+TAIL = (("base", "base"), ("status", "status"), ("pages", "pages"), ("tokens", "tokens"),
+        ("train_seconds", "train s"))
 
 
 class ResultsTable(RunTable):
@@ -268,12 +269,13 @@ class ResultsTable(RunTable):
         self.descending = True
         self.filter_text = ""
         self.column_keys: list[str] = []
+        self._shown: dict[str, tuple[dict, float | None]] = {}  # run id -> the row and delta shown
 
     # columns
 
     def wanted_columns(self) -> list[tuple[str, str]]:
         names = measure_names(list(self.rows_by_id.values()))
-        return [*FIXED, *((m, MEASURE_LABELS.get(m, m)) for m in names), *TAIL]
+        return [*HEAD, *((m, MEASURE_LABELS.get(m, m)) for m in names), *TAIL]
 
     def _sync_columns(self) -> None:
         wanted = self.wanted_columns()
@@ -293,25 +295,29 @@ class ResultsTable(RunTable):
         before = list(self.column_keys)
         self._sync_columns()
         if self.column_keys != before:
-            shown: set[str] = set()
-        else:
-            shown = {k.value for k in self.rows}
+            self._shown = {}
         keep = self.selected_run()
         deltas = self._deltas()
-        visible = [r for r in rows if self._matches(r)]
-        visible_ids = {r["run_id"] for r in visible}
-        for key in shown - visible_ids:
+        visible = {r["run_id"]: r for r in rows if self._matches(r)}
+        for key in [k for k in self._shown if k not in visible]:
             self.remove_row(key)
-        for r in visible:
-            cells = self._cells(r, deltas.get(r["run_id"]))
-            if r["run_id"] in shown:
-                old = self.get_row(r["run_id"])
-                for col, new, prev in zip(self.column_keys, cells, old):
+            del self._shown[key]
+        changed = False
+        for run_id, r in visible.items():
+            seen = (r, deltas.get(run_id))
+            if self._shown.get(run_id) == seen:
+                continue  # most rows of a big table did not change since the last reply
+            changed = True
+            cells = self._cells(r, seen[1])
+            if run_id in self._shown:
+                for col, new, prev in zip(self.column_keys, cells, self.get_row(run_id)):
                     if new != prev:
-                        self.update_cell(r["run_id"], col, new)
+                        self.update_cell(run_id, col, new)
             else:
-                self.add_row(*cells, key=r["run_id"])
-        self.apply_order(keep)
+                self.add_row(*cells, key=run_id)
+            self._shown[run_id] = seen
+        if changed or len(visible) != len(self._shown):
+            self.apply_order(keep)
 
     def _deltas(self) -> dict[str, float]:
         base = {
@@ -330,20 +336,25 @@ class ResultsTable(RunTable):
         is_base = r.get("kind") == "baseline"
         scores = r.get("scores") or {}
         dim = "dim" if is_base else ""
-        cells = [
-            Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim, run_id=r["run_id"]),
-            Cell(r["base"], r["base"], dim),
-            Cell(r["status"], r["status"], STATUS_STYLE.get(r["status"], "")),
-            Cell(_num(r.get("pages"), 1), r.get("pages"), dim, "right"),
-            Cell("-" if r.get("tokens") is None else f"{r['tokens']:,}", r.get("tokens"), dim, "right"),
-            Cell(_num(r.get("train_seconds"), 1), r.get("train_seconds"), dim, "right"),
-        ]
-        for key in self.column_keys[len(FIXED) : -len(TAIL)]:
-            v = scores.get(key)
-            cells.append(Cell(_num(v, 1 if key == PERPLEXITY else 3), v, dim, "right"))
-        cells.append(Cell(_num(r.get("overall"), 3), r.get("overall"), "bold" if not is_base else dim, "right"))
-        style = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
-        cells.append(Cell("-" if delta is None else f"{delta:+.3f}", delta, style, "right"))
+        gain = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
+        fixed = {
+            "corpus": Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim,
+                           run_id=r["run_id"]),
+            "overall": Cell(_num(r.get("overall"), 3), r.get("overall"), dim or "bold", "right"),
+            "delta": Cell("-" if delta is None else f"{delta:+.3f}", delta, gain, "right"),
+            "base": Cell(r["base"], r["base"], dim),
+            "status": Cell(r["status"], r["status"], STATUS_STYLE.get(r["status"], "")),
+            "pages": Cell(_num(r.get("pages"), 1), r.get("pages"), dim, "right"),
+            "tokens": Cell("-" if r.get("tokens") is None else f"{r['tokens']:,}", r.get("tokens"), dim, "right"),
+            "train_seconds": Cell(_num(r.get("train_seconds"), 1), r.get("train_seconds"), dim, "right"),
+        }
+        cells = []
+        for key in self.column_keys:
+            if key in fixed:
+                cells.append(fixed[key])
+            else:
+                v = scores.get(key)
+                cells.append(Cell(_num(v, 1 if key == PERPLEXITY else 3), v, dim, "right"))
         return cells
 
     def _matches(self, r: dict) -> bool:

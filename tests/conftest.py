@@ -155,6 +155,48 @@ def tiny_hf_model(tmp_path_factory) -> Path:
     return folder
 
 
+TINY_RUN = ["--preset", "tiny", "--steps", "40", "--block-size", "64", "--micro-batch", "8",
+            "--min-train-tokens", "0", "--epochs", "50", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def finished(tmp_path_factory):
+    """A workspace with two finished micro runs and their baseline, made by `ltm-tui run`, for
+    the dashboard's tests and pictures. Times are pinned afterwards (train 12.5 s, eval 1.5 s) so
+    that the pictures compare; everything else is what the run produced."""
+    import types
+
+    from backend.store import Store
+
+    root = tmp_path_factory.mktemp("dashboard")
+    corpora = root / "corpora"
+    corpora.mkdir()
+    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
+    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
+    battery = write_tiny_battery(root / "battery")
+    ws = root / "ws"
+    done = cli("run", str(corpora / "logic.txt"), str(corpora / "story.txt"), "--scenes", str(battery),
+               "--workspace", str(ws), *TINY_RUN, timeout=900)
+    assert done.returncode == 0, done.stderr
+    stop_service(ws)
+    with Store(ws / "ltm.duckdb") as store:
+        for run in store.list_runs():
+            if run["kind"] != "baseline":
+                store.update_run(run["run_id"], train_seconds=12.5, eval_seconds=1.5)
+    yield types.SimpleNamespace(root=root, ws=ws, corpora=corpora, battery=battery)
+    stop_service(ws)
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """NVML present (mocked: the only mock), two GPUs, one failing sensor."""
+    from tests.fake_nvml import FakeNvml
+
+    fake = FakeNvml(fail_temperature=True)
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    return fake
+
+
 def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
     """Poll a condition of real processes (a state in the store, a pid gone) until it holds."""
     deadline = time.monotonic() + timeout

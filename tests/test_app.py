@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -20,29 +18,7 @@ from ltm_tui.app import LtmApp
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.screens import HelpScreen, LogScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
-from tests.conftest import LOGIC_TEXT, STORY_TEXT, cli, stop_service, write_tiny_battery
-
-TINY = ["--preset", "tiny", "--steps", "40", "--block-size", "64", "--micro-batch", "8",
-        "--min-train-tokens", "0", "--epochs", "50", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A workspace with two finished micro runs and their baseline, made by `ltm-tui run`."""
-    root = tmp_path_factory.mktemp("dashboard")
-    corpora = root / "corpora"
-    corpora.mkdir()
-    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
-    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
-    battery = write_tiny_battery(root / "battery")
-    ws = root / "ws"
-    done = cli("run", str(corpora / "logic.txt"), str(corpora / "story.txt"), "--scenes", str(battery),
-               "--workspace", str(ws), *TINY)
-    assert done.returncode == 0, done.stderr
-    stop_service(ws)
-    yield types.SimpleNamespace(root=root, ws=ws, corpora=corpora, battery=battery)
-    stop_service(ws)
-
+from tests.conftest import LOGIC_TEXT, cli, write_tiny_battery
 
 async def until(pilot, condition, timeout: float = 90.0, what: str = "condition"):
     """Let the app run (its workers, the service's events) until `condition()` holds."""
@@ -221,8 +197,11 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
             baseline = await until(pilot, lambda: next((k for k, r in table.rows_by_id.items()
                                                         if r["kind"] == "baseline"), None), what="baseline row")
             table.move_cursor(row=table.get_row_index(baseline))
+            await pilot.press("question_mark")  # the runs finish while another screen is on top
             await until(pilot, lambda: all(r["status"] == "done" for r in table.rows_by_id.values())
                         and len(table.rows_by_id) == 2, timeout=240, what="both runs done")
+            assert isinstance(app.screen, HelpScreen)
+            await pilot.press("escape")
             # the rows changed in place: the cursor is still on the baseline, the sort unchanged
             assert table.selected_run() == baseline and table.sort_key == "overall"
             logic = next(r for r in table.rows_by_id.values() if r.get("corpus") == "logic.txt")
@@ -279,56 +258,6 @@ def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
 
 
 # --- devices ------------------------------------------------------------------------------------
-
-
-class FakeNvml(types.ModuleType):
-    """pynvml as the nvidia-ml-py package exposes it, for two GPUs (the one permitted mock)."""
-
-    NVML_TEMPERATURE_GPU = 0
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, fail_temperature: bool = False) -> None:
-        super().__init__("pynvml")
-        self.inits = 0
-        self.fail_temperature = fail_temperature
-
-    def nvmlInit(self):
-        self.inits += 1
-
-    def nvmlShutdown(self):
-        pass
-
-    def nvmlDeviceGetCount(self):
-        return 2
-
-    def nvmlDeviceGetHandleByIndex(self, i):
-        return i
-
-    def nvmlDeviceGetName(self, h):
-        return "NVIDIA RTX PRO 6000 Blackwell" if h == 0 else b"NVIDIA H200"
-
-    def nvmlDeviceGetMemoryInfo(self, h):
-        return types.SimpleNamespace(used=(40 if h == 0 else 10) * 2**30, total=(96 if h == 0 else 141) * 2**30)
-
-    def nvmlDeviceGetUtilizationRates(self, h):
-        return types.SimpleNamespace(gpu=87 if h == 0 else 3)
-
-    def nvmlDeviceGetTemperature(self, h, sensor):
-        if self.fail_temperature and h == 1:
-            raise self.NVMLError("Not Supported")
-        return 61
-
-    def nvmlDeviceGetComputeRunningProcesses(self, h):
-        return [types.SimpleNamespace(pid=4242, usedGpuMemory=30 * 2**30)] if h == 0 else []
-
-
-@pytest.fixture
-def fake_nvml(monkeypatch):
-    fake = FakeNvml(fail_temperature=True)
-    monkeypatch.setitem(sys.modules, "pynvml", fake)
-    return fake
 
 
 def test_nvml_readings_per_device_with_failures_as_na(fake_nvml):

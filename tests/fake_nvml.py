@@ -1,0 +1,50 @@
+"""pynvml as the nvidia-ml-py package exposes it, for two GPUs: the one mock this project permits
+(NVML needs an NVIDIA driver, which the test machine does not have)."""
+
+from __future__ import annotations
+
+import types
+
+
+class FakeNvml(types.ModuleType):
+    """Two GPUs: a 96 GB workstation card running one worker (pid 4242), and an H200 whose
+    temperature sensor fails when `fail_temperature` is set."""
+
+    NVML_TEMPERATURE_GPU = 0
+
+    class NVMLError(Exception):
+        pass
+
+    def __init__(self, fail_temperature: bool = False) -> None:
+        super().__init__("pynvml")
+        self.inits = 0
+        self.fail_temperature = fail_temperature
+
+    def nvmlInit(self):
+        self.inits += 1
+
+    def nvmlShutdown(self):
+        pass
+
+    def nvmlDeviceGetCount(self):
+        return 2
+
+    def nvmlDeviceGetHandleByIndex(self, i):
+        return i
+
+    def nvmlDeviceGetName(self, h):
+        return "NVIDIA RTX PRO 6000 Blackwell" if h == 0 else b"NVIDIA H200"
+
+    def nvmlDeviceGetMemoryInfo(self, h):
+        return types.SimpleNamespace(used=(40 if h == 0 else 10) * 2**30, total=(96 if h == 0 else 141) * 2**30)
+
+    def nvmlDeviceGetUtilizationRates(self, h):
+        return types.SimpleNamespace(gpu=87 if h == 0 else 3)
+
+    def nvmlDeviceGetTemperature(self, h, sensor):
+        if self.fail_temperature and h == 1:
+            raise self.NVMLError("Not Supported")
+        return 61
+
+    def nvmlDeviceGetComputeRunningProcesses(self, h):
+        return [types.SimpleNamespace(pid=4242, usedGpuMemory=30 * 2**30)] if h == 0 else []
