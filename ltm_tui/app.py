@@ -306,12 +306,12 @@ class LtmApp(App):
     def action_open_run(self) -> None:
         run_id = self.results_table.selected_run()
         if run_id and self.link is not None:
-            self.push_screen(RunScreen(run_id))
+            self.push_screen(RunScreen(run_id, self.results_table.rows_by_id.get(run_id)))
 
     @on(ResultsTable.RowSelected)
     def _row_selected(self, event: ResultsTable.RowSelected) -> None:
         if isinstance(event.data_table, (QueueTable, ResultsTable)) and event.row_key is not None and self.link:
-            self.push_screen(RunScreen(event.row_key.value))
+            self.push_screen(RunScreen(event.row_key.value, self.results_table.rows_by_id.get(event.row_key.value)))
 
     @on(ResultsTable.HeaderSelected, "#results")
     def _header_clicked(self, event: ResultsTable.HeaderSelected) -> None:

@@ -321,9 +321,10 @@ class RunScreen(Screen):
         Binding("4", "tab('probes')", "Probes", show=False),
     ]
 
-    def __init__(self, run_id: str) -> None:
+    def __init__(self, run_id: str, row: dict | None = None) -> None:
         super().__init__()
         self.run_id = run_id
+        self.row = row or {}  # the run's results row: its intervals
         self.detail: dict | None = None
 
     def compose(self) -> ComposeResult:
@@ -383,7 +384,9 @@ class RunScreen(Screen):
         self.query_one("#run-title", Static).update(title)
         self._plot(detail.get("curve") or [])
         self._scenes(detail.get("scenes") or [])
-        self.query_one("#settings-text", Static).update(_settings_table(run, corpus, detail.get("scores") or {}))
+        self.query_one("#settings-text", Static).update(
+            _settings_table(run, corpus, detail.get("scores") or {}, self.row.get("intervals") or {})
+        )
 
     def _plot(self, curve: list[dict]) -> None:
         plot = self.query_one("#loss", PlotextPlot)
@@ -463,7 +466,7 @@ def _scene_summary(s: dict) -> str:
     return (f"→ {picked}" + (f"  ll {lls[pred]:.2f}" if pred < len(lls) else ""))[:60]
 
 
-def _settings_table(run: dict, corpus: dict, scores: dict) -> Table:
+def _settings_table(run: dict, corpus: dict, scores: dict, intervals: dict) -> Table:
     t = Table.grid(padding=(0, 2))
     t.add_column(style="bold", no_wrap=True)
     t.add_column()
@@ -480,7 +483,9 @@ def _settings_table(run: dict, corpus: dict, scores: dict) -> Table:
         ("final loss", _f(run.get("final_loss"), 4)),
     ]
     for k, v in sorted(scores.items()):
-        rows.append((f"score {k}", _f(v, 4)))
+        ci = intervals.get(k)
+        span = f"  [{ci[0]:.4f}, {ci[1]:.4f}] 95%" if ci and None not in ci else ""
+        rows.append((f"score {k}", _f(v, 4) + span))
     settings = run.get("settings") or {}
     for section in ("base", "train", "lora"):
         for k, v in sorted((settings.get(section) or {}).items()):

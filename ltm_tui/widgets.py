@@ -258,6 +258,7 @@ class ResultsTable(RunTable):
 
     BINDINGS = [
         Binding("enter", "select_cursor", "Open", tooltip="Open the selected run: curve, scenes, settings, probes"),
+        Binding("i", "toggle_intervals", "± CI", tooltip="Show each score's 95% interval (±) or hide it"),
         Binding("c", "app.cancel_selected", "Cancel", show=False),
         Binding("t", "app.retry_selected", "Retry", show=False),
     ]
@@ -270,6 +271,7 @@ class ResultsTable(RunTable):
         self.filter_text = ""
         self.column_keys: list[str] = []
         self._shown: dict[str, tuple[dict, float | None]] = {}  # run id -> the row and delta shown
+        self.show_intervals = False
 
     # columns
 
@@ -354,7 +356,11 @@ class ResultsTable(RunTable):
                 cells.append(fixed[key])
             else:
                 v = scores.get(key)
-                cells.append(Cell(_num(v, 1 if key == PERPLEXITY else 3), v, dim, "right"))
+                text = _num(v, 1 if key == PERPLEXITY else 3)
+                ci = (r.get("intervals") or {}).get(key) if self.show_intervals else None
+                if ci and v is not None and None not in ci:
+                    text += f" ±{(ci[1] - ci[0]) / 2:.{1 if key == PERPLEXITY else 2}f}"
+                cells.append(Cell(text, v, dim, "right"))
         return cells
 
     def _matches(self, r: dict) -> bool:
@@ -407,6 +413,15 @@ class ResultsTable(RunTable):
     def set_filter(self, text: str) -> None:
         self.filter_text = text.strip()
         self.set_rows(list(self.rows_by_id.values()))
+
+    def action_toggle_intervals(self) -> None:
+        """Each score with the half-width of its bootstrap 95% interval (±), or without."""
+        self.show_intervals = not self.show_intervals
+        keep = self.selected_run()
+        self.clear()
+        self._shown = {}
+        self.set_rows(list(self.rows_by_id.values()))
+        self.follow(keep)
 
     def column_labels(self) -> dict[str, str]:
         return dict(self.wanted_columns())

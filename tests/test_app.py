@@ -92,6 +92,14 @@ def test_results_filter_export_and_delta(finished, tmp_path):
             delta = table.get_row(logic["run_id"])[table.column_keys.index("delta")]
             assert delta.text == f"{logic['overall'] - base['overall']:+.3f}"
 
+            depth = table.column_keys.index("reasoning_depth")
+            assert "±" not in table.get_row(logic["run_id"])[depth].text
+            await pilot.press("i")  # intervals on: the bootstrap half-width beside each score
+            lo, hi = logic["intervals"]["reasoning_depth"]
+            assert table.get_row(logic["run_id"])[depth].text.endswith(f"±{(hi - lo) / 2:.2f}")
+            await pilot.press("i")
+            assert "±" not in table.get_row(logic["run_id"])[depth].text
+
             await pilot.press("slash")
             await pilot.press(*"logic")
             assert names(app) == ["logic.txt"]
