@@ -113,7 +113,7 @@ def fmt_interval(value, interval, digits: int = 2) -> str:
     if value is None or not interval or interval[0] is None or interval[1] is None:
         return text
     half = (float(interval[1]) - float(interval[0])) / 2
-    return f"{text}±{half:.{digits}f}"
+    return f"{text}±{half:.{digits}f}".replace("±0.", "±.")  # ±.05: one character less per cell
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -179,7 +179,7 @@ def print_ranked(
     if console is None:
         console = Console()
         if not console.is_terminal:  # a pipe or a file: no screen width to respect
-            console = Console(width=160)
+            console = Console(width=220)
     if not rows:
         console.print("no runs yet: `ltm-tui run FILE...` queues some")
         return
