@@ -21,6 +21,8 @@ as the last line. Keys so far:
   scene at a time, with identical numbers (goal ≥ 3); `eval_batched.speedup_vs_lm_eval` the
   same against lm-evaluation-harness's HF backend, when lm_eval is installed.
 - whatever `benchmarks/ui.py`'s `run(quick)` returns, when that file exists (the dashboard's keys).
+- `probe_cost_ratio` (`benchmarks/probes_bench.py`): probe seconds ÷ evaluation seconds, the
+  worse of a trained micro run and a tiny HF model with LoRA (goal ≤ 0.10).
 """
 
 from __future__ import annotations
@@ -161,17 +163,27 @@ def bench_eval(quick: bool) -> dict:
     return {"eval_batched_speedup": out["speedup"], "eval_batched": out}
 
 
-def bench_ui(quick: bool) -> dict:
-    """The dashboard's own benchmarks (`benchmarks/ui.py`, when it exists) merged in."""
-    path = Path(__file__).with_name("ui.py")
+def _merged(file: str, quick: bool) -> dict:
+    """The keys of a sibling benchmark file's `run(quick)`, when that file exists."""
+    path = Path(__file__).with_name(file)
     if not path.exists():
         return {}
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("benchmarks_ui", path)
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return dict(module.run(quick))
+
+
+def bench_ui(quick: bool) -> dict:
+    """The dashboard's own benchmarks (`benchmarks/ui.py`, when it exists) merged in."""
+    return _merged("ui.py", quick)
+
+
+def bench_probes(quick: bool) -> dict:
+    """`probe_cost_ratio` from `benchmarks/probes_bench.py`, when it exists."""
+    return _merged("probes_bench.py", quick)
 
 
 def main() -> int:
@@ -186,7 +198,7 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
-    cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_ui)
+    cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_ui, bench_probes)
     only = set(args.only.split(",")) if args.only else None
     for case in cases:
         if only and case.__name__.removeprefix("bench_") not in only:
