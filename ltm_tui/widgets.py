@@ -249,6 +249,9 @@ class QueueTable(RunTable):
 HEAD = (("corpus", "corpus"), ("overall", "overall"), ("delta", "Δ base"))
 TAIL = (("base", "base"), ("status", "status"), ("pages", "pages"), ("tokens", "tokens"),
         ("train_seconds", "train s"))
+# The probes' summary (docs/probes.md): how much the weights moved, how the attention's entropy
+# changed, and the layer whose representations drifted most from the base.
+PROBES = (("weight_change", "Δweights"), ("attn_entropy_change", "Δattn H"), ("drift_layer", "drift L"))
 
 
 class ResultsTable(RunTable):
@@ -277,7 +280,8 @@ class ResultsTable(RunTable):
 
     def wanted_columns(self) -> list[tuple[str, str]]:
         names = measure_names(list(self.rows_by_id.values()))
-        return [*HEAD, *((m, MEASURE_LABELS.get(m, m)) for m in names), *TAIL]
+        probes = [(k, label) for k, label in PROBES if any(r.get(k) is not None for r in self.rows_by_id.values())]
+        return [*HEAD, *((m, MEASURE_LABELS.get(m, m)) for m in names), *probes, *TAIL]
 
     def _sync_columns(self) -> None:
         wanted = self.wanted_columns()
@@ -349,6 +353,9 @@ class ResultsTable(RunTable):
             "pages": Cell(_num(r.get("pages"), 1), r.get("pages"), dim, "right"),
             "tokens": Cell("-" if r.get("tokens") is None else f"{r['tokens']:,}", r.get("tokens"), dim, "right"),
             "train_seconds": Cell(_num(r.get("train_seconds"), 1), r.get("train_seconds"), dim, "right"),
+            "weight_change": Cell(_num(r.get("weight_change"), 2), r.get("weight_change"), dim, "right"),
+            "attn_entropy_change": Cell(_num(r.get("attn_entropy_change"), 3), r.get("attn_entropy_change"), dim, "right"),
+            "drift_layer": Cell("-" if r.get("drift_layer") is None else str(r["drift_layer"]), r.get("drift_layer"), dim, "right"),
         }
         cells = []
         for key in self.column_keys:

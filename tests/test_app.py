@@ -92,6 +92,9 @@ def test_results_filter_export_and_delta(finished, tmp_path):
             delta = table.get_row(logic["run_id"])[table.column_keys.index("delta")]
             assert delta.text == f"{logic['overall'] - base['overall']:+.3f}"
 
+            # the probes' summary: how far training moved the weights (the baseline has none)
+            moved = table.get_row(logic["run_id"])[table.column_keys.index("weight_change")]
+            assert logic["weight_change"] > 0 and moved.text == f"{logic['weight_change']:.2f}"
             depth = table.column_keys.index("reasoning_depth")
             assert "±" not in table.get_row(logic["run_id"])[depth].text
             await pilot.press("i")  # intervals on: the bootstrap half-width beside each score
