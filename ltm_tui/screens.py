@@ -379,8 +379,9 @@ class RunScreen(Screen):
             (name, "bold"), f" · {run['base']} · seed {run['seed']} · ",
             (run["status"], "bold"), f" · overall {overall}",
         )
-        if run.get("error"):
-            title.append(f"\n{run['error']}", style="red")
+        if run.get("error"):  # its first line here; the whole of it is in Settings and the log
+            first = " ".join(run["error"].split())
+            title.append(f"\n{first[:150]}{'…' if len(first) > 150 else ''}", style="red")
         self.query_one("#run-title", Static).update(title)
         self._plot(detail.get("curve") or [])
         self._scenes(detail.get("scenes") or [])

@@ -241,7 +241,7 @@ def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
             from backend.config import MICRO_DEFAULTS
             from backend.jobs import JobSettings
 
-            train = {**MICRO_DEFAULTS.to_dict(), "max_steps": 100000, "min_train_tokens": 0}
+            train = {**MICRO_DEFAULTS.to_dict(), "min_train_tokens": 10**9}  # hours of training: it must be cancelled
             train.pop("seed", None)
             settings = JobSettings(base={"base": "micro", "preset": "tiny"}, scenes=str(battery), train=train)
             with connect(Workspace(ws)) as client:
