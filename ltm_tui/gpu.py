@@ -44,10 +44,12 @@ class Snapshot:
     at: float
 
 
-def _nvml_value(read: Callable[[], Any]) -> Any:
+def _reading(read: Callable[[], Any]) -> Any:
+    """One reading, or None (n/a) when it fails: every NVML or psutil call may fail on its own
+    (not supported, a lost device, a sandboxed /proc), and none may take the panel down."""
     try:
         return read()
-    except Exception:  # every NVML call may fail on its own (unsupported, lost device): n/a
+    except Exception:
         return None
 
 
@@ -74,7 +76,7 @@ class DeviceMonitor:
             return
         if self.count == 0:
             self.note = "no NVML device"
-            _nvml_value(pynvml.nvmlShutdown)
+            _reading(pynvml.nvmlShutdown)
             return
         self.nvml = pynvml
 
@@ -94,17 +96,17 @@ class DeviceMonitor:
         nv = self.nvml
         out = []
         for i in range(self.count):
-            handle = _nvml_value(lambda: nv.nvmlDeviceGetHandleByIndex(i))
+            handle = _reading(lambda: nv.nvmlDeviceGetHandleByIndex(i))
             if handle is None:
                 out.append(DeviceReading(index=i, kind="gpu", name=f"GPU {i} (n/a)"))
                 continue
-            name = _nvml_value(lambda: nv.nvmlDeviceGetName(handle))
+            name = _reading(lambda: nv.nvmlDeviceGetName(handle))
             if isinstance(name, bytes):
                 name = name.decode(errors="replace")
-            mem = _nvml_value(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
-            util = _nvml_value(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
-            temp = _nvml_value(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
-            procs = _nvml_value(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+            mem = _reading(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
+            util = _reading(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
+            temp = _reading(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
+            procs = _reading(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle)) or []
             out.append(
                 DeviceReading(
                     index=i,
@@ -121,7 +123,7 @@ class DeviceMonitor:
 
     def close(self) -> None:
         if self.nvml is not None:
-            _nvml_value(self.nvml.nvmlShutdown)
+            _reading(self.nvml.nvmlShutdown)
             self.nvml = None
 
 
@@ -136,9 +138,9 @@ def _read_host() -> DeviceReading:
         import psutil
     except ImportError:
         return DeviceReading(index=0, kind="host", name="CPU · RAM (psutil missing)")
-    cpu = _nvml_value(lambda: psutil.cpu_percent(interval=None))
-    mem = _nvml_value(psutil.virtual_memory)
-    cores = _nvml_value(psutil.cpu_count) or "?"
+    cpu = _reading(lambda: psutil.cpu_percent(interval=None))
+    mem = _reading(psutil.virtual_memory)
+    cores = _reading(psutil.cpu_count) or "?"
     return DeviceReading(
         index=0,
         kind="host",

@@ -142,7 +142,7 @@ class RunTable(DataTable):
 
     def follow(self, run_id: str | None) -> None:
         """Put the cursor back on this run, wherever the rows moved it."""
-        if run_id is not None and run_id in {k.value for k in self.rows}:
+        if run_id is not None and run_id in self.rows:  # row keys compare equal to their strings
             self.move_cursor(row=self.get_row_index(run_id), animate=False)
 
 
@@ -182,9 +182,10 @@ class QueueTable(RunTable):
         for key in [k.value for k in list(self.rows)]:
             if key not in self.jobs:
                 self.remove_row(key)
+        present = {k.value for k in self.rows}
         for run_id in wanted:
             cells = self._cells(self.jobs[run_id])
-            if run_id in {k.value for k in self.rows}:
+            if run_id in present:
                 for (col, _), cell in zip(QUEUE_COLUMNS, cells):
                     self.update_cell(run_id, col, cell)
             else:

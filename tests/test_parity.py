@@ -14,8 +14,6 @@ from pathlib import Path
 
 import pytest
 
-lm_eval = pytest.importorskip("lm_eval")
-
 ITEMS = [
     ("All glims are blorps. All blorps are zents.", "So all glims are", ["zents.", "blorps.", "lamps."], 0),
     ("The lamp is red. Red things glow.", "So the lamp", ["rowed.", "glows.", "hums."], 1),
@@ -60,6 +58,7 @@ def test_choice_scores_equal_lm_eval(task: Path, tiny_hf_model: Path, tmp_path: 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     import torch
+    # the test extra installs lm-eval: a missing harness fails here, it is never skipped
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import LOGIC_TEXT, REPO, write_tiny_battery
 
-pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed")
+pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (a system package, which pip cannot install)")
 
 
 class Tmux:
