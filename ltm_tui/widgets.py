@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from rich.cells import cell_len
 from rich.console import Group
 from rich.progress_bar import ProgressBar
+from rich.segment import Segment
+from rich.style import Style
 from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding
+from textual._two_way_dict import TwoWayDict
 from textual.widgets import DataTable, Static
 
 from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, sparkline
@@ -45,6 +49,15 @@ class Cell:
 
     def __hash__(self) -> int:
         return hash(self.text)
+
+
+_STYLES: dict[str, Style] = {}
+
+
+def _style(name: str) -> Style:
+    if name not in _STYLES:
+        _STYLES[name] = Style.parse(name)
+    return _STYLES[name]
 
 
 def _num(value, digits: int) -> str:
@@ -126,7 +139,43 @@ def _bar(share: float | None, width: int = 16) -> ProgressBar | Text:
 
 
 class RunTable(DataTable):
-    """A table with one row per run, keyed by run id."""
+    """A table with one row per run, keyed by run id.
+
+    Cells of our own kind (`Cell`: one line of plain text that fits its column) render straight
+    to their segments instead of through rich's layout of Padding and Text: a sort or an update
+    of 10,000 runs repaints every visible cell, and the layout was most of that time. The
+    segments are the same as DataTable's own (tests/test_app.py compares them cell by cell);
+    anything else (a progress bar, a header, a cell too wide) goes the DataTable way.
+    """
+
+    def _render_cell(self, row_index: int, column_index: int, base_style: Style, width: int,
+                     cursor: bool = False, hover: bool = False):
+        if row_index < 0 or column_index < 0 or self.fixed_rows or self.fixed_columns:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        row_key = self._row_locations.get_key(row_index)
+        column_key = self._column_locations.get_key(column_index)
+        cache_key = (row_key, column_key, base_style, cursor, hover, self._show_hover_cursor,
+                     self._update_count, self._pseudo_class_state)
+        lines = self._cell_render_cache.get(cache_key)
+        if lines is not None:
+            return lines
+        cell = self._data[row_key][column_key]
+        pad = self.cell_padding
+        room = width - 2 * pad
+        if not isinstance(cell, Cell) or self.rows[row_key].height != 1 or room < 0 or cell_len(cell.text) > room:
+            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
+        component_style, post_style = self._get_styles_to_render_cell(
+            False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor,
+            self.cursor_foreground_priority == "css", self.cursor_background_priority == "css",
+        )
+        pre = base_style + Style.from_meta({"row": row_index, "column": column_index}) + component_style
+        outer = pre + post_style
+        inner = pre + _style(cell.style) + post_style if cell.style else outer
+        gap = " " * (room - cell_len(cell.text))
+        text = gap + cell.text if cell.justify == "right" else cell.text + gap
+        lines = [[Segment(" " * pad, outer), Segment(text, inner), Segment(" " * pad, outer)]]
+        self._cell_render_cache[cache_key] = lines
+        return lines
 
     def selected_run(self) -> str | None:
         if not self.row_count:
@@ -253,6 +302,7 @@ TAIL = (("base", "base"), ("status", "status"), ("pages", "pages"), ("tokens", "
 # The probes' summary (docs/probes.md): how much the weights moved, how the attention's entropy
 # changed, and the layer whose representations drifted most from the base.
 PROBES = (("weight_change", "Δweights"), ("attn_entropy_change", "Δattn H"), ("drift_layer", "drift L"))
+ROW_KEYS = {k for k, _ in (*HEAD, *TAIL, *PROBES)} - {"delta"}  # a row's own fields; the rest are scores
 
 
 class ResultsTable(RunTable):
@@ -275,6 +325,7 @@ class ResultsTable(RunTable):
         self.filter_text = ""
         self.column_keys: list[str] = []
         self._shown: dict[str, tuple[dict, float | None]] = {}  # run id -> the row and delta shown
+        self._by_id: list[dict] | None = None  # the rows sorted by run id (ties of every sort)
         self.show_intervals = False
 
     # columns
@@ -299,6 +350,7 @@ class ResultsTable(RunTable):
     def set_rows(self, rows: list[dict]) -> None:
         """Replace the data; the table changes only where the rows did."""
         self.rows_by_id = {r["run_id"]: r for r in rows}
+        self._by_id = None
         before = list(self.column_keys)
         self._sync_columns()
         if self.column_keys != before:
@@ -386,30 +438,37 @@ class ResultsTable(RunTable):
         """Run ids in display order: baselines first, then by the sort column and direction,
         missing values last either way, ties by run id — the service's SQL order, plus the pin."""
         key = self.sort_key
-        deltas = self._deltas() if key == "delta" else {}
+        if key == "delta":
+            deltas = self._deltas()
+            value = lambda r: deltas.get(r["run_id"])  # noqa: E731
+        elif key in ROW_KEYS:
+            value = lambda r: r.get(key)  # noqa: E731
+        else:
+            value = lambda r: (r.get("scores") or {}).get(key)  # noqa: E731
 
-        def value(r: dict):
-            if key == "delta":
-                return deltas.get(r["run_id"])
-            if key in r and key != "scores":
-                return r.get(key)
-            return (r.get("scores") or {}).get(key)
-
-        rows = sorted((r for r in self.rows_by_id.values() if self._matches(r)), key=lambda r: r["run_id"])
-        present = [r for r in rows if value(r) is not None]
-        missing = [r for r in rows if value(r) is None]
-        present.sort(key=value, reverse=self.descending)
-        ordered = present + missing
-        ordered.sort(key=lambda r: r.get("kind") != "baseline")  # stable: the pin keeps the order
-        return [r["run_id"] for r in ordered]
+        if self._by_id is None:  # once per change of the rows, not once per sort
+            self._by_id = sorted(self.rows_by_id.values(), key=lambda r: r["run_id"])
+        rows = [r for r in self._by_id if self._matches(r)] if self.filter_text else self._by_id
+        values = list(map(value, rows))
+        present = [i for i, v in enumerate(values) if v is not None]
+        present.sort(key=values.__getitem__, reverse=self.descending)  # stable: ties keep run id order
+        ordered = [rows[i] for i in present] + [r for r, v in zip(rows, values) if v is None]
+        pinned = [r["run_id"] for r in ordered if r.get("kind") == "baseline"]
+        return pinned + [r["run_id"] for r in ordered if r.get("kind") != "baseline"]
 
     def apply_order(self, keep: str | None = None) -> None:
+        """Show the rows in `order()`. The row positions are set directly (one pass over the
+        keys) rather than through DataTable.sort, which would sort 10,000 rows again."""
         if keep is None:
             keep = self.selected_run()
         if not self.row_count:
             return
-        pos = {run_id: i for i, run_id in enumerate(self.order())}
-        self.sort("corpus", key=lambda c: pos.get(c.run_id, len(pos)))
+        keys = {key.value: key for key in self._data}
+        placed = [keys.pop(run_id) for run_id in self.order() if run_id in keys]
+        placed += keys.values()  # none: every row in the table matches the filter
+        self._row_locations = TwoWayDict({key: i for i, key in enumerate(placed)})
+        self._update_count += 1
+        self.refresh()
         self.follow(keep)
 
     def sort_by(self, key: str, descending: bool | None = None) -> None:

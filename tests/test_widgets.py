@@ -1,0 +1,108 @@
+"""The results table's own machinery, in a headless app with rows shaped as the service sends
+them: the fast cell rendering against DataTable's, and the order against a plain reference."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+from textual.app import App
+from textual.widgets import DataTable
+
+from benchmarks.ui import synthetic_rows
+from ltm_tui.widgets import ResultsTable
+
+
+class Holder(App):
+    def compose(self):
+        yield ResultsTable(id="results")
+
+
+def rows_with_gaps(n: int) -> list[dict]:
+    """Synthetic rows with missing scores, ties, failed runs, long names and Cyrillic."""
+    rows = synthetic_rows(n, seed=3)
+    rnd = random.Random(5)
+    for i, r in enumerate(rows[4:], 4):
+        if i % 7 == 0:
+            r["overall"] = None
+            r["status"] = "failed"
+        if i % 5 == 0:
+            r["scores"] = {**r["scores"], "consistency": 0.5}  # ties, broken by run id
+        if i % 11 == 0:
+            r["scores"] = {k: v for k, v in r["scores"].items() if k != "pressure"}
+        if i % 3 == 0:
+            r["corpus"] = rnd.choice(["Война и мир.epub", "конспект-лекций.pdf", "notes.md"])
+    return rows
+
+
+def test_fast_cells_render_exactly_as_datatable_renders_them():
+    async def scenario():
+        app = Holder()
+        async with app.run_test(size=(160, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            table.set_rows(rows_with_gaps(60))
+            table.move_cursor(row=5)
+            await pilot.pause()
+            checked = 0
+            for row in range(12):
+                style = table._get_row_style(row, table.rich_style)
+                for col, column in enumerate(table.ordered_columns):
+                    width = column.get_render_width(table)
+                    for cursor, hover in ((False, False), (True, False), (False, True)):
+                        table._cell_render_cache.clear()
+                        ours = table._render_cell(row, col, style, width, cursor, hover)
+                        table._cell_render_cache.clear()
+                        theirs = DataTable._render_cell(table, row, col, style, width, cursor, hover)
+                        assert ours == theirs, (row, column.key.value, cursor, hover)
+                        checked += 1
+            assert checked > 500
+            # a column narrower than its text goes the DataTable way (it cuts with an ellipsis)
+            table._cell_render_cache.clear()
+            narrow = table._render_cell(4, 0, table._get_row_style(4, table.rich_style), 6)
+            assert "".join(seg.text for seg in narrow[0]).rstrip().endswith("…")
+
+    asyncio.run(scenario())
+
+
+def reference_order(rows: list[dict], key: str, descending: bool) -> list[str]:
+    """The service's SQL order spelt out: baselines first; then present values by the key in
+    the direction asked, ties by run id; then missing values by run id."""
+    def value(r):
+        return r.get(key) if key in r and key != "scores" else (r.get("scores") or {}).get(key)
+
+    out = []
+    for group in ([r for r in rows if r["kind"] == "baseline"], [r for r in rows if r["kind"] != "baseline"]):
+        present = sorted((r for r in group if value(r) is not None), key=lambda r: r["run_id"])
+        present.sort(key=value, reverse=descending)
+        missing = sorted((r for r in group if value(r) is None), key=lambda r: r["run_id"])
+        out += [r["run_id"] for r in present + missing]
+    return out
+
+
+def test_the_order_is_the_services_order_for_every_column_and_direction():
+    rows = rows_with_gaps(500)
+    random.Random(1).shuffle(rows)
+
+    async def scenario():
+        app = Holder()
+        async with app.run_test(size=(120, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            table.set_rows(rows)
+            await pilot.pause()
+            table.move_cursor(row=40)
+            await pilot.pause()
+            chosen = table.selected_run()
+            for key in ("overall", "consistency", "pressure", "corpus", "tokens", "status"):
+                for descending in (True, False):
+                    table.sort_by(key, descending)
+                    await pilot.pause()
+                    assert table.displayed() == reference_order(rows, key, descending), (key, descending)
+                    assert table.selected_run() == chosen  # the cursor stays on its run
+            table.set_filter("война")
+            await pilot.pause()
+            shown = table.displayed()
+            assert shown and all("Война" in table.rows_by_id[k]["corpus"] for k in shown)
+            wanted = [r for r in rows if "Война" in (r.get("corpus") or "")]
+            assert shown == reference_order(wanted, "status", False)
+
+    asyncio.run(scenario())
