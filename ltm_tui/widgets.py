@@ -14,6 +14,7 @@ from rich.text import Text
 from textual.binding import Binding
 from textual._two_way_dict import TwoWayDict
 from textual.widgets import DataTable, Static
+from textual.widgets.data_table import ColumnKey
 
 from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, sparkline
 from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, _duration, measure_names
@@ -315,6 +316,7 @@ class ResultsTable(RunTable):
         Binding("i", "toggle_intervals", "± CI", tooltip="Show each score's 95% interval (±) or hide it"),
         Binding("c", "app.cancel_selected", "Cancel", show=False),
         Binding("t", "app.retry_selected", "Retry", show=False),
+        Binding("l", "app.show_log", "Log", show=False, tooltip="The selected run's training log"),
     ]
 
     def __init__(self, **kwargs) -> None:
@@ -326,6 +328,7 @@ class ResultsTable(RunTable):
         self.column_keys: list[str] = []
         self._shown: dict[str, tuple[dict, float | None]] = {}  # run id -> the row and delta shown
         self._by_id: list[dict] | None = None  # the rows sorted by run id (ties of every sort)
+        self._row_keys: dict[str, Any] = {}  # run id -> the table's RowKey for it
         self.show_intervals = False
 
     # columns
@@ -361,6 +364,7 @@ class ResultsTable(RunTable):
         for key in [k for k in self._shown if k not in visible]:
             self.remove_row(key)
             del self._shown[key]
+            del self._row_keys[key]
         changed = False
         for run_id, r in visible.items():
             seen = (r, deltas.get(run_id))
@@ -370,13 +374,18 @@ class ResultsTable(RunTable):
             cells = self._cells(r, seen[1])
             if run_id in self._shown:
                 for col, new, prev in zip(self.column_keys, cells, self.get_row(run_id)):
-                    if new != prev:
-                        self.update_cell(run_id, col, new)
+                    if new != prev:  # a wider text widens its column (a narrower one never scans it)
+                        wider = cell_len(new.text) > self.columns[ColumnKey(col)].content_width
+                        self.update_cell(run_id, col, new, update_width=wider)
             else:
-                self.add_row(*cells, key=run_id)
+                self._row_keys[run_id] = self.add_row(*cells, key=run_id)
             self._shown[run_id] = seen
         if changed or len(visible) != len(self._shown):
             self.apply_order(keep)
+
+    def clear(self, columns: bool = False):
+        self._row_keys = {}
+        return super().clear(columns)
 
     def _deltas(self) -> dict[str, float]:
         base = {
@@ -463,7 +472,7 @@ class ResultsTable(RunTable):
             keep = self.selected_run()
         if not self.row_count:
             return
-        keys = {key.value: key for key in self._data}
+        keys = dict(self._row_keys)
         placed = [keys.pop(run_id) for run_id in self.order() if run_id in keys]
         placed += keys.values()  # none: every row in the table matches the filter
         self._row_locations = TwoWayDict({key: i for i, key in enumerate(placed)})

@@ -106,3 +106,32 @@ def test_the_order_is_the_services_order_for_every_column_and_direction():
             assert shown == reference_order(wanted, "status", False)
 
     asyncio.run(scenario())
+
+
+def test_a_wider_value_in_place_widens_its_column():
+    rows = rows_with_gaps(40)
+
+    async def scenario():
+        app = Holder()
+        async with app.run_test(size=(200, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            table.set_rows(rows)
+            await pilot.pause()
+            fresh = [dict(r) for r in rows]
+            long_name = "a-much-longer-corpus-name-than-any-before.epub"
+            fresh[10]["corpus"] = long_name
+            fresh[11]["tokens"] = 123_456_789_012
+            table.set_rows(fresh)
+            await pilot.pause()
+
+            def shown(run_id: str, key: str) -> str:
+                col = table.get_column_index(key)
+                width = table.ordered_columns[col].get_render_width(table)
+                style = table._get_row_style(table.get_row_index(run_id), table.rich_style)
+                lines = table._render_cell(table.get_row_index(run_id), col, style, width)
+                return "".join(seg.text for seg in lines[0]).strip()
+
+            assert shown(fresh[10]["run_id"], "corpus") == long_name
+            assert shown(fresh[11]["run_id"], "tokens") == "123,456,789,012"
+
+    asyncio.run(scenario())
