@@ -23,6 +23,13 @@ prose), so ``pages = words / 500``, rounded to 2 decimals. "1, 10, 100, 1000 pag
 estimates therefore means 500, 5 000, 50 000 and 500 000 words. Words are whitespace-separated
 runs, exactly what ``str.split()`` would count.
 
+A corpus set (``.corpora``, written by ``ltm-tui attribute`` for a subset of files) is a small
+text file naming member corpora, one path a line (``#`` starts a comment; relative paths are
+relative to the set's folder). It is read in place: ``iter_text`` streams each member in turn
+with a blank line between them, and ``inspect_corpus`` sums the members' counts and hashes their
+hashes, so a set's id changes when a member's bytes do. Sets are named explicitly, never found
+by a folder walk, and do not nest.
+
 Every failure is a ``CorpusError`` whose one line names the file and the reason, with a fix
 where one exists; errors from pypdf, ebooklib and zipfile are wrapped, never re-raised raw.
 """
@@ -55,6 +62,8 @@ FORMAT_BY_SUFFIX: dict[str, str] = {
     ".htm": "html",
 }
 SUPPORTED_SUFFIXES: frozenset[str] = frozenset(FORMAT_BY_SUFFIX)
+SET_SUFFIX = ".corpora"  # a corpus set: member paths, one a line (see the module docstring)
+SET_SEPARATOR = "\n\n"  # between members, so the last word of one never joins the next
 
 _log = logging.getLogger(__name__)
 
@@ -154,6 +163,8 @@ def expand_paths(
                 add(file)
         elif not path.exists():
             errors.append(CorpusError(f"{shown} does not exist"))
+        elif is_corpus_set(path) and path.is_file():
+            add(path.resolve())
         elif format_of(path) is None:
             errors.append(_unsupported(path, shown))
         elif not path.is_file():
@@ -172,6 +183,9 @@ def iter_text(path: str | os.PathLike[str], chunk_chars: int = 1 << 20) -> Itera
     if chunk_chars < 1:
         raise ValueError(f"chunk_chars must be at least 1, got {chunk_chars}")
     shown = os.fspath(path)
+    if is_corpus_set(shown):
+        members = read_corpus_set(shown)
+        return _set_text(members, chunk_chars)
     file, fmt = _checked_file(shown)
     return _extract(file, shown, fmt, chunk_chars, _Reading())
 
@@ -179,6 +193,8 @@ def iter_text(path: str | os.PathLike[str], chunk_chars: int = 1 << 20) -> Itera
 def inspect_corpus(path: str | os.PathLike[str]) -> CorpusInfo:
     """Hash, decode and count one corpus file in a single streaming pass."""
     shown = os.fspath(path)
+    if is_corpus_set(shown):
+        return _inspect_set(shown)
     file, fmt = _checked_file(shown)
     reading = _Reading()
     if fmt in ("pdf", "epub"):
@@ -202,6 +218,110 @@ def inspect_corpus(path: str | os.PathLike[str]) -> CorpusInfo:
         chars=chars,
         words=words.words,
         pages=round(words.words / WORDS_PER_PAGE, 2),
+    )
+
+
+# --- corpus sets: several files read in place as one corpus -------------------------------------
+
+
+def is_corpus_set(path: str | os.PathLike[str]) -> bool:
+    return Path(path).suffix.lower() == SET_SUFFIX
+
+
+def write_corpus_set(path: str | os.PathLike[str], members: Iterable[str | os.PathLike[str]], note: str = "") -> Path:
+    """Write a set naming these files (absolute paths, in this order); atomic (temp + rename)."""
+    target = Path(path)
+    lines = ["# ltm-tui corpus set: these files, read in place, in this order"]
+    lines += [f"# {line}" for line in note.splitlines() if line.strip()]
+    lines += [str(Path(m).expanduser().resolve()) for m in members]
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(target)
+    return target
+
+
+def read_corpus_set(path: str | os.PathLike[str]) -> list[Path]:
+    """The member files a set names, checked: each exists, is a supported file, is no set."""
+    shown = os.fspath(path)
+    file = Path(shown).expanduser()
+    if not file.is_file():
+        raise CorpusError(f"{shown} does not exist")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorpusError(f"{shown} cannot be read as a corpus set ({_why(exc)})") from None
+    members: list[Path] = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        member = Path(line).expanduser()
+        if not member.is_absolute():
+            member = file.parent / member
+        where = f"{shown}:{number}"
+        if is_corpus_set(member):
+            raise CorpusError(f"{where} names another corpus set ({line}); list its files instead")
+        if not member.is_file():
+            raise CorpusError(f"{where} names {line}, which does not exist; "
+                              "restore the file or delete the set to rebuild it")
+        if format_of(member) is None:
+            raise CorpusError(f"{where} names {line}, which has an unsupported type; use {_suffix_list()}")
+        members.append(member.resolve())
+    if not members:
+        raise CorpusError(f"{shown} names no files (one path a line)")
+    return members
+
+
+def _set_text(members: list[Path], chunk_chars: int) -> Iterator[str]:
+    for i, member in enumerate(members):
+        if i:
+            yield SET_SEPARATOR
+        yield from iter_text(member, chunk_chars)
+
+
+_MEMBER_INFO: dict[tuple[str, int, int], CorpusInfo] = {}  # (path, size, mtime_ns) -> its inspection
+
+
+def inspect_cached(member: Path) -> CorpusInfo:
+    """A member's inspection, remembered while its size and mtime stay: the sets of one study
+    share their files, and a PDF should be read once, not once per subset."""
+    member = Path(member)
+    try:
+        st = member.stat()
+    except OSError:
+        return inspect_corpus(member)  # says what is wrong with the path, in one line
+    key = (str(member), st.st_size, st.st_mtime_ns)
+    info = _MEMBER_INFO.get(key)
+    if info is None:
+        info = inspect_corpus(member)
+        if len(_MEMBER_INFO) > 4096:
+            _MEMBER_INFO.clear()
+        _MEMBER_INFO[key] = info
+    return info
+
+
+def corpus_set_id(member_hashes: Iterable[str]) -> str:
+    """A set's id (its `sha256`): a hash of its members' hashes, in the set's order."""
+    digest = hashlib.sha256(b"ltm-tui corpus set\n")
+    for h in member_hashes:
+        digest.update(h.encode() + b"\n")
+    return digest.hexdigest()
+
+
+def _inspect_set(shown: str) -> CorpusInfo:
+    members = [inspect_cached(m) for m in read_corpus_set(shown)]
+    words = sum(m.words for m in members)
+    file = Path(shown).expanduser().resolve()
+    return CorpusInfo(
+        path=file,
+        name=file.name,
+        format="corpora",
+        encoding=None,
+        bytes=sum(m.bytes for m in members),
+        sha256=corpus_set_id([m.sha256 for m in members]),
+        chars=sum(m.chars for m in members) + len(SET_SEPARATOR) * (len(members) - 1),
+        words=words,
+        pages=round(words / WORDS_PER_PAGE, 2),
     )
 
 

@@ -186,6 +186,10 @@ class Service:
             return self.log_tail(args["run_id"], int(args.get("lines", 200)))
         if op == "probes":
             return self.store.probes(args["run_id"])  # shape: docs/probes.md
+        if op in ("attribute", "attribution"):  # attribution studies: shapes in docs/attribution.md
+            from backend.attribution_study import handle as attribution_op
+
+            return attribution_op(self, op, args)
         if op == "stop":
             self.stop_workers = bool(args.get("workers"))
             self.stopping.set()

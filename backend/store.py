@@ -797,6 +797,74 @@ class Store:
             raise
         return target
 
+    # --- attribution studies (005_attribution; backend/attribution_study.py) -----------------
+
+    def save_attribution_study(
+        self, study_id: str, *, files: list[dict], settings: Mapping[str, Any], subsets: int, seeds: list[int]
+    ) -> dict[str, Any]:
+        """Create a study, or widen it: the largest N and every seed asked for are kept."""
+        now = _now()
+        with self._write() as cur:
+            row = cur.execute(
+                "SELECT subsets, seeds FROM attribution_studies WHERE study_id = ?", [study_id]
+            ).fetchone()
+            if row is None:
+                cur.execute(
+                    "INSERT INTO attribution_studies VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [study_id, json.dumps(files), json.dumps(dict(settings)), subsets, json.dumps(sorted(seeds)), now, now],
+                )
+            else:
+                subsets = max(subsets, row[0])
+                seeds = sorted(set(seeds) | set(json.loads(row[1])))
+                cur.execute(
+                    "UPDATE attribution_studies SET files = ?, subsets = ?, seeds = ?, updated_at = ? WHERE study_id = ?",
+                    [json.dumps(files), subsets, json.dumps(seeds), now, study_id],
+                )
+        return self.attribution_study(study_id)
+
+    def attribution_study(self, study_id: str) -> dict[str, Any] | None:
+        """One study (files, settings and seeds decoded), or None."""
+        found = [s for s in self.attribution_studies() if s["study_id"] == study_id]
+        return found[0] if found else None
+
+    def attribution_studies(self) -> list[dict[str, Any]]:
+        """Every study, newest first."""
+        cols = ("study_id", "files", "settings", "subsets", "seeds", "created_at", "updated_at")
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(cols)} FROM attribution_studies ORDER BY updated_at DESC, study_id"
+            ).fetchall()
+        out = []
+        for row in rows:
+            record = {k: (_iso(v) if k in _TIME_COLUMNS else v) for k, v in zip(cols, row)}
+            for k in ("files", "settings", "seeds"):
+                record[k] = json.loads(record[k])
+            out.append(record)
+        return out
+
+    def attribution_slots(self, study_id: str) -> list[dict[str, Any]]:
+        """The study's slots: design, slot, seed, members (file indices) and the run that fills it."""
+        cols = ("design", "slot", "seed", "members", "run_id")
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(cols)} FROM attribution_runs WHERE study_id = ? ORDER BY seed, design, slot",
+                [study_id],
+            ).fetchall()
+        return [{**dict(zip(cols, row)), "members": json.loads(row[3])} for row in rows]
+
+    def set_attribution_slot(
+        self, study_id: str, *, design: str, slot: int, seed: int, members: list[int], run_id: str
+    ) -> None:
+        """Record (or replace) the run that fills one slot of a study."""
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO attribution_runs VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (study_id, design, slot, seed) DO UPDATE SET"
+                " members = excluded.members, run_id = excluded.run_id",
+                [study_id, design, slot, seed, json.dumps(list(members)), run_id],
+            )
+
+
 
 # --- row helpers ---------------------------------------------------------------------------
 

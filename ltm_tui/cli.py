@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     prb.add_argument("--format", choices=["table", "json"], default="table")
     _add_workspace(prb)
 
+    from ltm_tui.attribute_cmd import add_parser as add_attribute
+
+    _add_workspace(add_attribute(sub, run))
+
     from ltm_tui.estimate_cmd import add_parser as add_estimate
 
     _add_workspace(add_estimate(sub, run))
@@ -148,6 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "serve": cmd_serve,
             "stop": cmd_stop,
             "compare": cmd_compare,
+            "attribute": cmd_attribute,
             "scenes": cmd_scenes,
             "judge": cmd_judge,
             "estimate": cmd_estimate,
@@ -452,6 +457,12 @@ def cmd_probes(args) -> int:
     else:
         print("\n".join(probe_lines(data)))
     return EXIT_FAILED if data.get("error") else EXIT_OK
+
+
+def cmd_attribute(args) -> int:
+    from ltm_tui.attribute_cmd import cmd_attribute as run_attribute
+
+    return run_attribute(args)
 
 
 def probe_lines(p: dict) -> list[str]:
