@@ -29,6 +29,11 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (also saved on SIGTERM)
     keep_checkpoints: int = 2  # older checkpoints are deleted
     log_every: int = 10  # steps between progress events
+    # steps between `metric` events with eval_loss, the mean loss on a fixed sample of the
+    # corpus's blocks (the same blocks at every evaluation); 0: off. `ltm-tui search` sets it
+    # to feed its pruner.
+    eval_every: int = 0
+    eval_blocks: int = 8  # blocks in that sample
     seed: int = 0  # seeds data order, dropout and (for micro) the initial weights
 
     @classmethod

@@ -7,9 +7,12 @@ Run it through the worker, e.g.::
     python -m backend.worker ltm-workspace/runs/<run_id>/session.json
 
 Every `log_every` steps it writes a `progress` event (step, total, tokens, loss, tokens_per_s,
-eta_s, gpu_mem_bytes) and one human line; every `checkpoint_every` steps, and on SIGTERM, it
-saves `checkpoints/step-000123/` with the trainable weights, the optimizer and its config, so a
-retry resumes where it stopped without training any step twice.
+eta_s, gpu_mem_bytes) and one human line; every `eval_every` steps (when set) a `metric` event
+{name: "eval_loss", step, value}: the mean loss on a fixed, evenly spaced sample of the corpus's
+blocks, the same at every evaluation, in eval mode (no dropout, no random numbers drawn, so a
+resumed run still trains exactly as an uninterrupted one); every `checkpoint_every` steps,
+and on SIGTERM, it saves `checkpoints/step-000123/` with the trainable weights, the optimizer
+and its config, so a retry resumes where it stopped without training any step twice.
 
 Out of memory in a step: the step's gradients are dropped, the micro-batch is halved and the
 accumulation doubled (the effective batch, and so the data each step sees, stays the same), a
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -192,6 +196,7 @@ def train_model(
         fused=device.type == "cuda",
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+    eval_sample = blocks.batch(_eval_starts(blocks, cfg.eval_blocks)) if cfg.eval_every else None
     ckpt_dir = run_dir / "checkpoints"
     start, before = 0, 0.0
     resume = newest_checkpoint(ckpt_dir)
@@ -271,6 +276,10 @@ def train_model(
                 f"| {tps:,.0f} tok/s | eta {eta:,.0f}s"
             )
             window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
+        if eval_sample is not None and (step % cfg.eval_every == 0 or step == total):
+            value = _eval_loss(model, eval_sample, micro_batch, device)
+            emit("metric", name="eval_loss", step=step, value=round(value, 5), total=total)
+            log(f"step {step:>6}/{total} | eval loss {value:.4f} on {len(eval_sample)} fixed blocks")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             elapsed = before + time.perf_counter() - t0
             save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
@@ -293,6 +302,25 @@ def train_model(
         grad_accum=grad_accum,
         oom_halvings=halvings,
     )
+
+
+def _eval_starts(blocks: PackedBlocks, n: int):
+    """Start indices of `n` blocks spread evenly over the corpus (fewer if it holds fewer)."""
+    count = max(1, blocks.blocks_per_epoch)
+    picks = np.unique(np.linspace(0, count - 1, num=max(1, min(n, count))).round().astype(np.int64))
+    return picks * blocks.block_size
+
+
+@torch.no_grad()
+def _eval_loss(model, sample, micro_batch: int, device: torch.device) -> float:
+    """Mean loss over the sample's blocks, in eval mode, micro_batch blocks a forward pass."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(sample), micro_batch):
+        x = torch.from_numpy(sample[i : i + micro_batch]).to(device)
+        total += float(model(input_ids=x, labels=x).loss) * len(x)
+    model.train()
+    return total / len(sample)
 
 
 def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None):
