@@ -224,6 +224,10 @@ class JobManager:
                 self.start_session(group, free.pop(0), on_event)
             elif (warm := self._warm_worker_for(group)) is not None:
                 self._hand_over(warm, group, on_event)
+            elif (idle := self._lingering_worker()) is not None:
+                # it only waits for work on its own base: its slot goes to this group, which
+                # would otherwise wait out the linger (a search over micro presets, say)
+                idle.request_stop()
 
     def _warm_worker_for(self, group: list[dict]) -> LiveWorker | None:
         """A live worker on the same base and settings, which takes these jobs next without
@@ -231,6 +235,15 @@ class JobManager:
         key = _session_key(group[0]["settings"])
         for worker in self.live.values():
             if worker.key == key and worker.stop_requested is None and not worker.adopted:
+                return worker
+        return None
+
+    def _lingering_worker(self) -> LiveWorker | None:
+        """A live worker whose runs have all ended: it waits for a hand-over it may never get."""
+        for worker in self.live.values():
+            if worker.stop_requested is None and all(
+                JobState(self.store.get_run(r)["status"]).is_terminal() for r in worker.run_ids
+            ):
                 return worker
         return None
 
@@ -514,9 +527,11 @@ class _GoneProcess:
 
 
 def _session_key(settings: dict) -> str:
-    """Runs with the same key can share one worker and its loaded base."""
+    """Runs with the same key can share one worker and its loaded base: the same base and
+    batteries. Training and LoRA settings travel with each job (a search's trials differ only
+    in those, and a warm worker takes them one after another)."""
     s = settings
-    return json.dumps([s["base"], s["scenes"], s.get("train"), s.get("lora")], sort_keys=True)
+    return json.dumps([s["base"], s["scenes"]], sort_keys=True)
 
 
 def _session_slot(path: Path) -> str | None:
