@@ -49,3 +49,9 @@ class JobError(LtmError):
     """A job cannot be queued, moved to a state, or run."""
 
     title = "job"
+
+
+class SpaceError(LtmError):
+    """A search space (ltm-tui search --space) is malformed: names the file and the field."""
+
+    title = "search space"

@@ -190,6 +190,11 @@ class Service:
             from backend.attribution_study import handle as attribution_op
 
             return attribution_op(self, op, args)
+        if op == "search":  # search studies for the dashboard: shape in docs/search.md
+            return self.store.search(args.get("study"))
+        if op == "search_save":  # `ltm-tui search` records its study's summary (backend/search.py)
+            self.store.save_search(args["study"], args.get("trials") or [])
+            return {"study": args["study"]["study"]}
         if op == "stop":
             self.stop_workers = bool(args.get("workers"))
             self.stopping.set()

@@ -171,6 +171,40 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        # Search studies (backend/search.py, docs/search.md): a summary of each Optuna study
+        # (its own record is the journal in search/<study>/), for the dashboard, which loads
+        # neither optuna nor torch. Written by `ltm-tui search` through the service.
+        "006_search",
+        """
+        CREATE TABLE search_studies (
+            study VARCHAR PRIMARY KEY,      -- the study's name (folder search/<study>/)
+            objective VARCHAR NOT NULL,     -- overall or a measure
+            direction VARCHAR NOT NULL,     -- maximize | minimize
+            sampler VARCHAR NOT NULL,       -- tpe | grid
+            target_trials INTEGER,          -- the largest --trials asked for
+            space VARCHAR NOT NULL,         -- JSON: the validated space
+            files VARCHAR NOT NULL,         -- JSON: the corpus paths searched over
+            best_trial INTEGER,
+            best_value DOUBLE,
+            importances VARCHAR,            -- JSON {param: share}, NULL until enough trials
+            created_at TIMESTAMP NOT NULL,
+            updated_at TIMESTAMP NOT NULL
+        );
+        CREATE TABLE search_trials (
+            study VARCHAR NOT NULL,
+            number INTEGER NOT NULL,        -- Optuna's trial number
+            run_id VARCHAR,                 -- the job that trained it (NULL before it was queued)
+            state VARCHAR NOT NULL,         -- RUNNING | COMPLETE | PRUNED | FAIL
+            params VARCHAR NOT NULL,        -- JSON {param: value}
+            value DOUBLE,                   -- the objective (COMPLETE only)
+            last_step INTEGER,              -- the last intermediate evaluation
+            last_value DOUBLE,              -- ... its eval loss
+            error VARCHAR,                  -- why it failed or was pruned
+            PRIMARY KEY (study, number)
+        );
+        """,
+    ),
 )
 
 # --- whitelists: the only identifiers ever formatted into SQL ---------------------------------
@@ -716,6 +750,72 @@ class Store:
                 )
             cur.execute("UPDATE runs SET overall = ?, updated_at = ? WHERE run_id = ?", [overall, _now(), run_id])
 
+    # --- search studies (006_search; backend/search.py writes, the dashboard reads) ---------
+
+    def save_search(self, study: Mapping[str, Any], trials: Iterable[Mapping[str, Any]]) -> None:
+        """Upsert a study's summary and replace its trials' rows, in one transaction."""
+        now = _now()
+        rows = [
+            [study["study"], t["number"], t.get("run_id"), t["state"], json.dumps(t.get("params") or {}),
+             t.get("value"), t.get("last_step"), t.get("last_value"), t.get("error")]
+            for t in trials
+        ]
+        with self._write() as cur:
+            cur.execute(
+                "INSERT INTO search_studies VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (study) DO UPDATE SET objective = excluded.objective,"
+                " direction = excluded.direction, sampler = excluded.sampler,"
+                " target_trials = excluded.target_trials, space = excluded.space, files = excluded.files,"
+                " best_trial = excluded.best_trial, best_value = excluded.best_value,"
+                " importances = excluded.importances, updated_at = excluded.updated_at",
+                [study["study"], study["objective"], study["direction"], study["sampler"],
+                 study.get("target_trials"), json.dumps(study.get("space") or {}),
+                 json.dumps(study.get("files") or []), study.get("best_trial"), study.get("best_value"),
+                 None if study.get("importances") is None else json.dumps(study["importances"]), now, now],
+            )
+            cur.execute("DELETE FROM search_trials WHERE study = ?", [study["study"]])
+            if rows:
+                cur.executemany("INSERT INTO search_trials VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+
+    def search(self, study: str | None = None) -> dict[str, Any]:
+        """The studies (newest first) and one study's trials and best: the named one, else the
+        newest. Shape in docs/search.md."""
+        cols = ("study", "objective", "direction", "sampler", "target_trials", "space", "files",
+                "best_trial", "best_value", "importances", "created_at", "updated_at")
+        with self._read() as cur:
+            found = cur.execute(
+                f"SELECT {', '.join(cols)} FROM search_studies ORDER BY updated_at DESC, study"
+            ).fetchall()
+            studies = []
+            for row in found:
+                rec = dict(zip(cols, row))
+                for key in ("space", "files", "importances"):
+                    rec[key] = None if rec[key] is None else json.loads(rec[key])
+                rec["created_at"], rec["updated_at"] = _iso(rec["created_at"]), _iso(rec["updated_at"])
+                studies.append(rec)
+            chosen = next((s for s in studies if s["study"] == study), None) if study else (studies[0] if studies else None)
+            if study and chosen is None:
+                raise JobError(f"no search study {study!r}; `ltm-tui search --space FILE` starts one")
+            tcols = ("number", "run_id", "state", "params", "value", "last_step", "last_value", "error")
+            trials = []
+            if chosen is not None:
+                for row in cur.execute(
+                    f"SELECT {', '.join(tcols)} FROM search_trials WHERE study = ? ORDER BY number",
+                    [chosen["study"]],
+                ).fetchall():
+                    rec = dict(zip(tcols, row))
+                    rec["params"] = json.loads(rec["params"])
+                    trials.append(rec)
+        best = None
+        if chosen is not None and chosen["best_trial"] is not None:
+            best = next((t for t in trials if t["number"] == chosen["best_trial"]), None)
+        counts: dict[str, int] = {}
+        for t in trials:
+            counts[t["state"]] = counts.get(t["state"], 0) + 1
+        if chosen is not None:
+            chosen["counts"] = counts
+        return {"studies": studies, "study": chosen, "trials": trials, "best": best}
+
     def scene_results(self, run_id: str) -> list[dict[str, Any]]:
         """Per-scene results of one run, by battery then scene id (detail decoded)."""
         with self._cursor() as cur:
@@ -863,7 +963,6 @@ class Store:
                 " members = excluded.members, run_id = excluded.run_id",
                 [study_id, design, slot, seed, json.dumps(list(members)), run_id],
             )
-
 
 
 # --- row helpers ---------------------------------------------------------------------------
