@@ -60,109 +60,351 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
     return whole[: len(ctx)], whole[len(ctx) :]
 
 
-@torch.no_grad()
+# Padded tokens (rows × width) in one forward pass when scoring or generating; a batch of
+# rows this size fits in well under a gigabyte of activations on the micro presets and on a 1B
+# model, and keeps two CPU cores busy without paging.
+BATCH_TOKENS = 16384
+
+
+def clip_pair(ctx: Sequence[int], cont: Sequence[int], max_len: int, max_cont: int | None = None) -> tuple[list[int], list[int]]:
+    """Fit a (context, continuation) pair in the model's window of `max_len` tokens.
+
+    The continuation keeps its first `max_cont` tokens (default: the window), and the context
+    its last tokens that still fit: lm-eval's left truncation, which for a continuation no
+    longer than the window is exactly what `(ctx + cont)[-(max_len + 1):][:-1]` feeds. Without
+    the clip, a continuation longer than the window would be scored against the wrong positions.
+    """
+    cont = list(cont[: min(max_len, max_cont or max_len)])
+    keep = max_len + 1 - len(cont)
+    ctx = list(ctx[-keep:]) if ctx else []
+    if not ctx:
+        raise ValueError("a continuation needs at least one context token (the tokenizer has no BOS or EOS)")
+    return ctx, cont
+
+
+@dataclass
+class _Row:
+    """One sequence of a forward pass: a context, then several continuations that each see the
+    context and themselves only (segments 1, 2, ...; the context is segment 0)."""
+
+    ids: list[int]
+    seg: list[int]
+    pos: list[int]
+    targets: list[tuple[int, int, int]]  # (index in the row, target token, request)
+
+
+def _shared_prefix_ok(model) -> bool:
+    """Whether the model takes a 4D additive attention mask (eager and SDPA attention do;
+    flash-attention kernels take only padding masks)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    return impl in ("eager", "sdpa")
+
+
+def _pair_rows(pairs: Sequence[tuple[list[int], list[int]]], max_len: int, share: bool) -> list[_Row]:
+    """Requests with the same context tokens packed into one row: the context once, then each
+    continuation but its last token, with positions restarting after the context."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        groups.setdefault(tuple(ctx) if share else (i,), []).append(i)
+    rows: list[_Row] = []
+    for members in groups.values():
+        ctx = pairs[members[0]][0]
+        row: _Row | None = None
+        segments = 0
+        for i in members:
+            cont = pairs[i][1]
+            if row is None or len(row.ids) + len(cont) - 1 > max_len:
+                row = _Row(list(ctx), [0] * len(ctx), list(range(len(ctx))), [])
+                rows.append(row)
+                segments = 0
+            segments += 1
+            before = len(row.ids)
+            row.targets.append((len(ctx) - 1, cont[0], i))
+            for j, t in enumerate(cont[1:]):  # token j + 1 is predicted where token j sits
+                row.targets.append((before + j, t, i))
+            row.ids += cont[:-1]
+            row.seg += [segments] * (len(cont) - 1)
+            row.pos += range(len(ctx), len(ctx) + len(cont) - 1)
+    return rows
+
+
+def _batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None) -> list[list[int]]:
+    """Row indices longest first, cut into batches of at most `max_tokens` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens and (max_rows is None or len(out[-1]) < max_rows):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _head_gather(model, flat: torch.Tensor):
+    """Have the output layer project only the hidden states at `flat` (indices into the batch
+    flattened to rows × width): logits for the scored positions, not for every token."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+
+    def pre_hook(module, args):
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1]).index_select(0, flat).unsqueeze(0), *args[1:])
+
+    return head.register_forward_pre_hook(pre_hook)
+
+
+def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int, max_tokens: int,
+                max_requests: int | None = None) -> tuple[list[float], list[bool], list[int]]:
+    """(sum of target log-probs, all targets greedy, target count) per request over `rows`.
+
+    Rows go longest first in batches of at most `max_tokens` padded tokens, each with a 4D mask
+    in which a continuation sees its context and itself; the results stay on the device until
+    one copy to the host at the end.
+    """
+    ll = torch.zeros(n_out, dtype=torch.float64, device=device)
+    misses = torch.zeros(n_out, dtype=torch.float64, device=device)
+    count = torch.zeros(n_out, dtype=torch.float64, device=device)
+    dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    rows_cap = None
+    if max_requests is not None:  # a request cap (the old batch size) as a cap on rows
+        rows_cap = max(1, max_requests)
+    for idx in _batches([len(r.ids) for r in rows], max_tokens, rows_cap):
+        width = len(rows[idx[0]].ids)
+        b = len(idx)
+        ids = torch.full((b, width), pad_id, dtype=torch.long)
+        seg = torch.full((b, width), -1, dtype=torch.long)
+        pos = torch.zeros((b, width), dtype=torch.long)
+        flat, tgt, req = [], [], []
+        for k, i in enumerate(idx):
+            r = rows[i]
+            n = len(r.ids)
+            ids[k, :n] = torch.tensor(r.ids)
+            seg[k, :n] = torch.tensor(r.seg)
+            pos[k, :n] = torch.tensor(r.pos)
+            for p, t, q in r.targets:
+                flat.append(k * width + p)
+                tgt.append(t)
+                req.append(q)
+        ids, seg, pos = ids.to(device), seg.to(device), pos.to(device)
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        allowed = causal & ((sk == 0) | (sk == sq)) & (sk >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
+        mask = torch.zeros((b, 1, width, width), dtype=dtype, device=device)
+        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        flat_t = torch.tensor(flat, device=device)
+        handle = _head_gather(model, flat_t)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        logits = logits[0] if handle is not None else logits.reshape(-1, logits.shape[-1]).index_select(0, flat_t)
+        tgt_t = torch.tensor(tgt, device=device)
+        req_t = torch.tensor(req, device=device)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(1, tgt_t[:, None]).squeeze(1)
+        ll.index_add_(0, req_t, logp.double())
+        misses.index_add_(0, req_t, (logits.argmax(dim=-1) != tgt_t).double())
+        count.index_add_(0, req_t, torch.ones_like(logp, dtype=torch.float64))
+    return ll.tolist(), [m == 0 for m in misses.tolist()], [int(c) for c in count.tolist()]
+
+
+@torch.inference_mode()
+def score_pairs(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    device: torch.device,
+    pad_id: int,
+    max_cont: int | None = None,
+    batch_size: int | None = None,
+    max_tokens: int = BATCH_TOKENS,
+) -> list[tuple[float, bool]]:
+    """(sum of log-probs of the continuation, whether it is the greedy continuation) for token
+    pairs (context, continuation), each clipped to the window (`clip_pair`; `max_cont` caps
+    the continuation). Pairs that share their context tokens are scored in one row: the
+    context is computed once, not once per choice."""
+    max_len = context_length(model)
+    clipped = [clip_pair(ctx, cont, max_len, max_cont) for ctx, cont in pairs]
+    rows = _pair_rows(clipped, max_len, _shared_prefix_ok(model))
+    model.eval()
+    ll, greedy, _ = _score_rows(model, rows, len(clipped), device=device, pad_id=pad_id, max_tokens=max_tokens,
+                                max_requests=batch_size)
+    return list(zip(ll, greedy))
+
+
 def loglikelihoods(
     model,
     tok: Tokenizer,
     requests: Sequence[LoglikRequest],
     *,
     device: torch.device,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    max_tokens: int = BATCH_TOKENS,
 ) -> list[tuple[float, bool]]:
-    """(sum of log-probs of the continuation, whether it is the greedy continuation) per request.
+    """(sum of log-probs of the continuation, whether it is the greedy continuation) per request,
+    in the caller's order, with lm-evaluation-harness's tokenization (`encode_pair`).
 
-    Requests are sorted longest first so each batch pads little and an out-of-memory error, if
-    any, comes on the first batch; results come back in the caller's order.
+    The choices of a scene share their context: it is scored once, in one row with every
+    choice (`score_pairs`). Rows go longest first in batches of `max_tokens` padded tokens
+    (`batch_size`, when given, caps the rows of a batch), so an out-of-memory error, if any,
+    comes on the first batch.
     """
-    max_len = context_length(model)
     prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
-    encoded = []
+    pairs = []
     for req in requests:
         ctx, cont = encode_pair(tok, req.context, req.continuation)
         if not ctx and prefix is not None:
             ctx = [prefix]  # lm-eval scores an empty context after the prefix token
         if not cont:
             raise ValueError(f"empty continuation for context {req.context[:40]!r}")
-        ids = (ctx + cont)[-(max_len + 1) :][:-1]
-        encoded.append((ids, cont))
-    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+        pairs.append((ctx, cont))
+    return score_pairs(model, pairs, device=device, pad_id=tok.pad_id, batch_size=batch_size, max_tokens=max_tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the completion as the scene's checks read it: cut at a blank line, stripped
+    ids: tuple[int, ...]  # the tokens the model chose for it (at most max_new_tokens)
+
+
+def _stop_text(tok: Tokenizer, new: list[int]) -> bool:
+    return len(new) >= 2 and tok.decode(new[-4:]).endswith("\n\n")
+
+
+def _kept_ids(tok: Tokenizer, new: list[int]) -> tuple[int, ...]:
+    """The generated tokens without the blank line (and trailing spaces) that ended them."""
+    end = len(new)
+    while end and not tok.decode(new[end - 1 : end]).strip():
+        end -= 1
+    return tuple(new[:end])
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    tok: Tokenizer,
+    prompts: Sequence[tuple[str, int]],
+    *,
+    device,
+    max_tokens: int = BATCH_TOKENS,
+) -> list[Generation]:
+    """Greedy continuations of (prompt, max_new_tokens) pairs, each cut at end-of-text or a
+    blank line: the same tokens as decoding each prompt alone.
+
+    Prompts are batched longest first (at most `max_tokens` prompt + new tokens a batch), left
+    padded, with explicit positions so padding shifts nothing, and decoded over one KV cache;
+    rows that have stopped leave the batch.
+    """
+    window = context_length(model)
+    encoded = []
+    for prompt, max_new in prompts:
+        ids = tok.encode(prompt)
+        if tok.bos_id is not None and not ids:
+            ids = [tok.bos_id]
+        encoded.append(ids[-max(1, window - max_new) :])
+    out: list[Generation] = [Generation("", ())] * len(prompts)
+    name = _cache_argument(model)
+    keep_one = "logits_to_keep" in _forward_params(model)
     model.eval()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        width = max(len(encoded[i][0]) for i in idx)
-        batch = torch.full((len(idx), width), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids = encoded[i][0]
-            batch[row, : len(ids)] = torch.tensor(ids)
-            mask[row, : len(ids)] = 1
-        logits = model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits
-        logprobs = F.log_softmax(logits.float(), dim=-1).cpu()
-        for row, i in enumerate(idx):
-            ids, cont = encoded[i]
-            n = len(ids)
-            span = logprobs[row, n - len(cont) : n]
-            target = torch.tensor(cont)
-            ll = span.gather(1, target[:, None]).squeeze(1).sum().item()
-            greedy = bool((span.argmax(dim=-1) == target).all())
-            out[i] = (ll, greedy)
+    sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
+    for idx in _batches(sizes, max_tokens, None):
+        b = len(idx)
+        width = max(len(encoded[i]) for i in idx)
+        x = torch.full((b, width), tok.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for k, i in enumerate(idx):
+            x[k, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+            mask[k, width - len(encoded[i]) :] = 1
+        x, mask = x.to(device), mask.to(device)
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        limits = [prompts[i][1] for i in idx]
+        new: list[list[int]] = [[] for _ in idx]
+        live = list(range(b))  # rows of the batch still decoding, in cache order
+        past = None
+        extra = {"logits_to_keep": 1} if keep_one else {}
+        while live:
+            kwargs = {name: past} if past is not None else {}
+            res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs, **extra)
+            past = res[name]
+            nxt = res.logits[:, -1].argmax(dim=-1)
+            still = []
+            for k, t in zip(live, nxt.tolist()):
+                if t == tok.eos_id:
+                    continue
+                new[k].append(t)
+                if len(new[k]) < limits[k] and not _stop_text(tok, new[k]):
+                    still.append(k)
+            if not still:
+                break
+            if len(still) < len(live):  # drop finished rows from the cache, mask and positions
+                keep = torch.tensor([live.index(k) for k in still], device=device)
+                if hasattr(past, "batch_select_indices"):
+                    past.batch_select_indices(keep)
+                else:
+                    past = _select_legacy(past, keep)
+                mask, pos, nxt = mask.index_select(0, keep), pos.index_select(0, keep), nxt.index_select(0, keep)
+                live = still
+            x = nxt[:, None]
+            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+            pos = pos[:, -1:] + 1
+        for k, i in enumerate(idx):
+            out[i] = Generation(tok.decode(new[k]).split("\n\n")[0].strip(), _kept_ids(tok, new[k]))
     return out
 
 
-@torch.no_grad()
-def generate_text(model, tok: Tokenizer, prompt: str, max_new_tokens: int, *, device) -> str:
-    """Greedy continuation of `prompt`, cut at end-of-text or a blank line.
+def _select_legacy(past, keep: torch.Tensor):
+    """Rows of a tuple-of-tuples KV cache (transformers before DynamicCache)."""
+    return tuple(tuple(t.index_select(0, keep) for t in layer) for layer in past)
 
-    A plain loop over the KV cache: for the short answers scenes ask for it is several times
-    faster than `generate()`, whose per-token bookkeeping dominates on a small model.
-    """
-    ids = tok.encode(prompt)
-    if tok.bos_id is not None and not ids:
-        ids = [tok.bos_id]
-    ids = ids[-max(1, context_length(model) - max_new_tokens) :]
-    x = torch.tensor([ids], device=device)
-    name = _cache_argument(model)
-    past = None
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        out = model(input_ids=x, use_cache=True, **({name: past} if past is not None else {}))
-        past = out[name]
-        nxt = int(out.logits[0, -1].argmax())
-        if nxt == tok.eos_id:
-            break
-        new.append(nxt)
-        if len(new) >= 2 and tok.decode(new[-4:]).endswith("\n\n"):
-            break
-        x = torch.tensor([[nxt]], device=device)
-    return tok.decode(new).split("\n\n")[0].strip()
+
+def generate_text(model, tok: Tokenizer, prompt: str, max_new_tokens: int, *, device) -> str:
+    """Greedy continuation of `prompt`, cut at end-of-text or a blank line."""
+    return generate_batch(model, tok, [(prompt, max_new_tokens)], device=device)[0].text
+
+
+def _forward_params(model) -> dict:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return dict(inspect.signature(inner.forward).parameters)
 
 
 def _cache_argument(model) -> str:
     """`cache` in transformers 5.x, `past_key_values` before it."""
-    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    params = inspect.signature(inner.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
 
 
-@torch.no_grad()
+def _text_rows(tok: Tokenizer, texts: Sequence[str], window: int) -> list[_Row]:
+    """Each text (after BOS) cut into windows of the context length, one row each; every token
+    but the first is a target of its text."""
+    rows = []
+    for q, text in enumerate(texts):
+        ids = tok.encode(text)
+        if tok.bos_id is not None:
+            ids = [tok.bos_id] + ids
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[max(0, start - 1) : start + window] if start else ids[:window]
+            rows.append(_Row(chunk, [0] * len(chunk), list(range(len(chunk))),
+                             [(p, t, q) for p, t in enumerate(chunk[1:])]))
+    return rows
+
+
+@torch.inference_mode()
+def text_losses(model, tok: Tokenizer, texts: Sequence[str], *, device, max_tokens: int = BATCH_TOKENS) -> list[tuple[float, int]]:
+    """(mean per-token loss in nats, tokens scored) per text, in windows of the context length,
+    all texts' windows batched together; (nan, 0) for a text with fewer than two tokens."""
+    model.eval()
+    rows = _text_rows(tok, texts, context_length(model))
+    ll, _, count = _score_rows(model, rows, len(texts), device=device, pad_id=tok.pad_id, max_tokens=max_tokens)
+    return [(-s / n, n) if n else (float("nan"), 0) for s, n in zip(ll, count)]
+
+
 def text_loss(model, tok: Tokenizer, text: str, *, device) -> tuple[float, int]:
     """(mean per-token loss in nats, tokens scored) of `text`, in windows of the context length."""
-    ids = tok.encode(text)
-    if tok.bos_id is not None:
-        ids = [tok.bos_id] + ids
-    if len(ids) < 2:
-        return float("nan"), 0
-    window = context_length(model)
-    total, count = 0.0, 0
-    for start in range(0, len(ids) - 1, window):
-        chunk = ids[max(0, start - 1) : start + window] if start else ids[:window]
-        x = torch.tensor([chunk], device=device)
-        logits = model(input_ids=x).logits.float()
-        loss = F.cross_entropy(logits[0, :-1], x[0, 1:], reduction="sum")
-        total += loss.item()
-        count += x.shape[1] - 1
-    return total / count, count
+    return text_losses(model, tok, [text], device=device)[0]
 
 
 def _tags(scene) -> dict:
@@ -177,10 +419,13 @@ def evaluate_battery(
     *,
     device: torch.device,
     corpus_chunks: Callable[[], Iterable[str]] | None = None,
-    batch_size: int = 32,
+    batch_size: int | None = None,
+    generations: dict[str, Generation] | None = None,
 ) -> list[dict]:
     """Scene results for one battery: dicts with battery, scene_id, kind, metric, score,
-    correct and detail (tags, log-likelihoods, generated text, checks)."""
+    correct and detail (tags, log-likelihoods, generated text, checks). `generations` (scene
+    id → Generation) are completions already made, as `evaluate_all` makes them for every
+    battery in one batch; the rest are generated here."""
     results: list[dict] = []
 
     def add(scene, kind: str, score: float, correct: bool | None, detail: dict) -> None:
@@ -227,9 +472,14 @@ def evaluate_battery(
         )
 
     generated: list[tuple[GenerateScene, str, list[tuple[str, bool]]]] = []
+    made = dict(generations or {})
+    todo = [s for s in battery.scenes if isinstance(s, GenerateScene) and s.id not in made]
+    if todo:
+        made.update(zip((s.id for s in todo), generate_batch(
+            model, tok, [(s.prompt, s.max_new_tokens) for s in todo], device=device)))
     for scene in battery.scenes:
         if isinstance(scene, GenerateScene):
-            text = generate_text(model, tok, scene.prompt, scene.max_new_tokens, device=device)
+            text = made[scene.id].text
             checks = [(c.kind, run_check(c, text)) for c in scene.checks]
             generated.append((scene, text, checks))
     if generated:
@@ -253,10 +503,9 @@ def evaluate_battery(
             score, passed = measures.rescore_generate(battery.metric, detail)
             add(scene, "generate", score, passed, detail)
 
-    for scene in battery.scenes:
-        if isinstance(scene, PerplexityScene):
-            loss, count = text_loss(model, tok, scene.text, device=device)
-            add(scene, "perplexity", loss, None, {"tokens": count, "ppl": math.exp(loss)})
+    texts = [s for s in battery.scenes if isinstance(s, PerplexityScene)]
+    for scene, (loss, count) in zip(texts, text_losses(model, tok, [s.text for s in texts], device=device)):
+        add(scene, "perplexity", loss, None, {"tokens": count, "ppl": math.exp(loss)})
     order = {s.id: i for i, s in enumerate(battery.scenes)}
     results.sort(key=lambda r: order[r["scene_id"]])
     return results
@@ -310,17 +559,18 @@ def fixed_base(base_model) -> Callable[[], AbstractContextManager]:
     return lambda: nullcontext(base_model)
 
 
-def _completion_ppl(base, tok, rows: list[dict], *, device) -> list[float]:
-    requests = []
-    for r in rows:
-        prompt, text = r["detail"]["prompt"], r["detail"]["text"]
-        requests.append(LoglikRequest(prompt, text if prompt[-1:].isspace() else " " + text))
-    scored = loglikelihoods(base, tok, requests, device=device)
-    out = []
-    for req, (ll, _) in zip(requests, scored):
-        n = max(1, len(encode_pair(tok, req.context, req.continuation)[1]))
-        out.append(math.exp(-ll / n))
-    return out
+def _completion_ppl(base, tok, prompts: list[str], made: list[Generation], *, device) -> list[float]:
+    """The base's perplexity on each completion given its prompt, on the tokens the model
+    generated (at most the scene's max_new_tokens), not on the text encoded again: an untrained
+    byte model's stray bytes decode to replacement characters three times as long."""
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    pairs = []
+    for prompt, gen in zip(prompts, made):
+        ctx = tok.encode(prompt)
+        pairs.append((ctx or ([prefix] if prefix is not None else []), list(gen.ids)))
+    scored = score_pairs(base, pairs, device=device, pad_id=tok.pad_id)
+    window = context_length(base)
+    return [math.exp(-ll / max(1, min(len(gen.ids), window))) for (ll, _), gen in zip(scored, made)]
 
 
 def evaluate_all(
@@ -340,15 +590,24 @@ def evaluate_all(
     (default: the paragraphs of data/general/).
     """
     t0 = time.perf_counter()
+    # every battery's completions in one batched decode
+    wanted = [(b.name, s) for b in batteries for s in b.scenes if isinstance(s, GenerateScene)]
+    made = generate_batch(model, tok, [(s.prompt, s.max_new_tokens) for _, s in wanted], device=device)
+    by_battery: dict[str, dict[str, Generation]] = {}
+    for (name, scene), gen in zip(wanted, made):
+        by_battery.setdefault(name, {})[scene.id] = gen
     scene_results: list[dict] = []
     for battery in batteries:
-        scene_results += evaluate_battery(model, tok, battery, device=device, corpus_chunks=corpus_chunks)
+        scene_results += evaluate_battery(model, tok, battery, device=device, corpus_chunks=corpus_chunks,
+                                          generations=by_battery.get(battery.name, {}))
     general = general_texts() if general is None else list(general)
     novel = [r for r in scene_results if r["metric"] == "novelty" and r["kind"] == "generate" and r["detail"]["text"]]
-    own = [text_loss(model, tok, text, device=device) for _, text in general]
+    novel_made = [by_battery[r["battery"]][r["scene_id"]] for r in novel]
+    own = text_losses(model, tok, [text for _, text in general], device=device)
     with (reference or (lambda: nullcontext(model)))() as base:
-        base_general = [text_loss(base, tok, text, device=device) for _, text in general]
-        completion_ppl = _completion_ppl(base, tok, novel, device=device) if novel else []
+        base_general = text_losses(base, tok, [text for _, text in general], device=device)
+        prompts = [r["detail"]["prompt"] for r in novel]
+        completion_ppl = _completion_ppl(base, tok, prompts, novel_made, device=device) if novel else []
     if novel:
         count = sum(n for _, n in base_general)
         bound = FLUENCY_RATIO * math.exp(sum(l * n for l, n in base_general) / count) if count else math.inf

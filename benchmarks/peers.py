@@ -269,11 +269,43 @@ def choice_requests(scenes_dir: Path) -> list[list]:
     return out
 
 
-def eval_speedup(shape: dict[str, int], repeats: int = 3, batch_size: int = 32) -> dict[str, Any]:
-    """Batched, length-sorted scoring of every choice scene ÷ the same scenes scored one scene
-    at a time (its choices together), with identical numbers required; and against
-    lm-evaluation-harness's HF backend on the same items, when lm_eval is installed."""
-    from backend.evaluate import loglikelihoods
+def per_scene_loglikelihoods(model, tok, requests, device) -> list[tuple[float, bool]]:
+    """The peer: one scene at a time, as a user would write it with transformers. The scene's
+    choices (context + choice, lm-eval's tokenization) are padded into one batch, one forward
+    pass, and each choice's tokens are gathered from the log-softmax."""
+    import torch.nn.functional as F
+
+    from backend.evaluate import encode_pair
+
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    rows = []
+    for r in requests:
+        ctx, cont = encode_pair(tok, r.context, r.continuation)
+        rows.append(((ctx or [prefix]) + cont, cont))
+    width = max(len(ids) - 1 for ids, _ in rows)
+    batch = torch.full((len(rows), width), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, _) in enumerate(rows):
+        batch[i, : len(ids) - 1] = torch.tensor(ids[:-1])
+        mask[i, : len(ids) - 1] = 1
+    with torch.no_grad():
+        logprobs = F.log_softmax(model(input_ids=batch.to(device), attention_mask=mask.to(device)).logits.float(), -1)
+    out = []
+    for i, (ids, cont) in enumerate(rows):
+        n = len(ids) - 1
+        span = logprobs[i, n - len(cont) : n]
+        target = torch.tensor(cont, device=span.device)
+        out.append((span.gather(1, target[:, None]).sum().item(), bool((span.argmax(-1) == target).all())))
+    return out
+
+
+def eval_speedup(shape: dict[str, int], repeats: int = 3) -> dict[str, Any]:
+    """Our batched scoring of every choice scene (`backend.evaluate.loglikelihoods`: the
+    context once per scene with every choice in one row, rows longest first in batches sized
+    by tokens) ÷ the same scenes scored one scene at a time (`per_scene_loglikelihoods`), with
+    identical numbers required; and against lm-evaluation-harness's HF backend on the same
+    items, when lm_eval is installed."""
+    from backend.evaluate import BATCH_TOKENS, loglikelihoods
     from backend.models import BaseSpec, load_base
     from backend.workspace import default_scenes_dir
 
@@ -288,12 +320,12 @@ def eval_speedup(shape: dict[str, int], repeats: int = 3, batch_size: int = 32) 
         model.eval()
 
         def batched():
-            return loglikelihoods(model, tok, flat, device=cpu, batch_size=batch_size)
+            return loglikelihoods(model, tok, flat, device=cpu)
 
         def per_scene():
             out = []
             for scene in scenes:
-                out += loglikelihoods(model, tok, scene, device=cpu, batch_size=len(scene))
+                out += per_scene_loglikelihoods(model, tok, scene, cpu)
             return out
 
         t_batched, ours = _best(batched, repeats)
@@ -307,9 +339,9 @@ def eval_speedup(shape: dict[str, int], repeats: int = 3, batch_size: int = 32) 
             "scenes": len(scenes),
             "max_abs_loglik_gap": gap,
             "identical": bool(gap < 1e-4 and [a[1] for a in ours] == [b[1] for b in single]),
-            "settings": {"shape": {**shape, "vocab": len(tok.tok)}, "batch_size": batch_size, "dtype": "float32"},
+            "settings": {"shape": {**shape, "vocab": len(tok.tok)}, "batch_tokens": BATCH_TOKENS, "dtype": "float32"},
         }
-        result.update(_lm_eval_side(folder, flat, ours, repeats, batch_size, t_batched))
+        result.update(_lm_eval_side(folder, flat, ours, repeats, 32, t_batched))
     return result
 
 
