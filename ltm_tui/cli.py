@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_workspace(add_estimate(sub, run))
 
+    from ltm_tui.search_cmd import add_parser as add_search
+
+    _add_workspace(add_search(sub, run))
+
     _add_evaluation_commands(sub)
 
     stop = sub.add_parser("stop", help="stop the job service (workers go on unless --all)")
@@ -157,6 +161,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "judge": cmd_judge,
             "estimate": cmd_estimate,
             "probes": cmd_probes,
+            "search": cmd_search,
         }
         return handler[args.command](args)
     except LtmError as exc:
@@ -334,6 +339,12 @@ def cmd_estimate(args) -> int:
     from ltm_tui.estimate_cmd import cmd_estimate as run_estimate
 
     return run_estimate(args)
+
+
+def cmd_search(args) -> int:
+    from ltm_tui.search_cmd import cmd_search as run_search
+
+    return run_search(args)
 
 
 def cmd_follow(args) -> int:

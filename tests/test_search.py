@@ -1,0 +1,260 @@
+"""`ltm-tui search`: the space file's checks, the eval-loss events that feed the pruner, and the
+loop end to end through the real service and workers (micro `tiny`, a few steps, tiny battery):
+a 2×2 grid in 4 trials, TPE resumed after the CLI was killed mid-trial, pruning that cancels."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from backend.errors import SpaceError
+from backend.search import check_base, grid_space, load_space
+from tests.conftest import REPO, cli, wait_for, write_tiny_battery
+
+TINY = ["--preset", "tiny", "--block-size", "64", "--micro-batch", "8", "--min-train-tokens", "0",
+        "--epochs", "50"]
+
+
+def _space(tmp_path: Path, text: str, name: str = "space.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "text, where, says",
+    [
+        ("params: {lr: {low: 1.0e-3}}\n", "params.lr", "high is missing"),
+        ("params: {lr: {low: 1.0e-2, high: 1.0e-3}}\n", "params.lr", "must be below"),
+        ("params: {rank: {choices: [4, 8]}}\n", "params.rank", "unknown parameter"),
+        ("params: {steps: {choices: [10, 10.5]}}\n", "params.steps.choices", "not a whole number"),
+        ("params: {warmup_frac: {low: 0, high: 0.1, log: true}}\n", "params.warmup_frac.low", "log range must start above 0"),
+        ("params: {lr: {low: 0, high: 1}}\n", "params.lr.low", "must be above 0"),
+        ("params: {preset: {low: 1, high: 2}}\n", "params.preset", "takes choices"),
+        ("direction: up\nparams: {lr: {low: 1.0e-3, high: 1.0e-2}}\n", "direction", "maximize or minimize"),
+        ("pruner: {kind: hyperband}\nparams: {lr: {low: 1.0e-3, high: 1.0e-2}}\n", "pruner.kind", "median or none"),
+        ("corpora: some\nparams: {lr: {low: 1.0e-3, high: 1.0e-2}}\n", "corpora", "subsets"),
+        ("params: {lr: 1.0e-3}\n", "params", "nothing to search"),
+        ("params: [lr]\n", "params", "at least one parameter"),
+        ("objective: overall\nparams: {lr: {low: 1, high: 2}\n", "3", "not valid YAML"),
+    ],
+)
+def test_a_bad_space_is_one_line_naming_file_and_field(tmp_path, text, where, says):
+    path = _space(tmp_path, text)
+    with pytest.raises(SpaceError) as info:
+        load_space(path)
+    line = info.value.one_line()
+    assert f"{path}:{where}" in line and says in line and "\n" not in line
+
+
+def test_base_and_grid_checks_name_the_parameter(tmp_path):
+    space = load_space(_space(tmp_path, "params: {lora_r: {choices: [4, 8]}, lr: {low: 1.0e-4, high: 1.0e-3, log: true}}\n"))
+    with pytest.raises(SpaceError, match=r"params\.lora_r: LoRA settings apply to Hugging Face bases"):
+        check_base(space, micro=True)
+    check_base(space, micro=False)
+    with pytest.raises(SpaceError, match=r"params\.lr: a grid needs finite values: add step:"):
+        grid_space(space, ["a.txt"])
+    ok = load_space(_space(tmp_path, "params: {steps: {low: 10, high: 30, step: 10}, lr: {choices: [0.01, 0.02]}}\n", "ok.yaml"))
+    assert grid_space(ok, ["a.txt"]) == {"steps": [10, 20, 30], "lr": [0.01, 0.02]}
+
+
+def test_the_cli_says_a_bad_space_in_one_line(tmp_path, corpora):
+    path = _space(tmp_path, "params: {lora_r: {choices: [4, 8]}}\n")
+    out = cli("search", "--space", str(path), "--trials", "2", str(corpora["logic"]),
+              "--workspace", str(tmp_path / "ws"), *TINY)
+    assert out.returncode == 2
+    assert out.stderr.strip() == (
+        f"ltm-tui: search space: {path}:params.lora_r: LoRA settings apply to Hugging Face bases;"
+        " micro trains all its weights; remove it or change --base"
+    )
+    assert not (tmp_path / "ws" / "search").exists()
+
+
+def test_eval_loss_events_come_every_k_steps_from_fixed_blocks(tmp_path):
+    import torch
+
+    from backend.config import TrainConfig
+    from backend.models import ByteTokenizer, build_micro
+    from backend.packing import tokenize_to_file
+    from backend.train import train_model
+    from tests.conftest import LOGIC_TEXT
+
+    tok = ByteTokenizer()
+    tokens = tmp_path / "tokens.bin"
+    tokenize_to_file([LOGIC_TEXT], tok.encode, tokens, bos_id=tok.bos_id, eos_id=tok.eos_id)
+    cfg = TrainConfig(block_size=64, micro_batch=8, lr=1e-2, epochs=50, min_train_tokens=0, max_steps=25,
+                      checkpoint_every=0, log_every=5, eval_every=10)
+    runs = []
+    for folder in ("a", "b"):
+        events = []
+        train_model(build_micro("tiny", 0, torch.device("cpu")), tokens, tmp_path / folder, cfg,
+                    device=torch.device("cpu"), emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
+        runs.append(events)
+    metrics = [e for e in runs[0] if e["type"] == "metric"]
+    assert [(e["name"], e["step"]) for e in metrics] == [("eval_loss", 10), ("eval_loss", 20), ("eval_loss", 25)]
+    assert metrics[0]["value"] > metrics[-1]["value"]  # it learns, and the measure sees it
+    # the same sample, in eval mode: the same numbers again, and training unchanged by it
+    assert metrics == [e for e in runs[1] if e["type"] == "metric"]
+    events = []
+    plain = TrainConfig(**{**cfg.to_dict(), "eval_every": 0})
+    train_model(build_micro("tiny", 0, torch.device("cpu")), tokens, tmp_path / "c", plain,
+                device=torch.device("cpu"), emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
+    assert not [e for e in events if e["type"] == "metric"]
+    losses = lambda evs: [e["loss"] for e in evs if e["type"] == "progress"]  # noqa: E731
+    assert losses(events) == losses(runs[0])
+
+
+def _search(tmp_path, space: Path, *extra: str, timeout: float = 300):
+    return cli("search", "--space", str(space), *extra, "--workspace", str(tmp_path / "ws"),
+               "--scenes", str(tmp_path / "battery"), "--format", "json", *TINY, timeout=timeout)
+
+
+def _setup(tmp_path, corpora) -> None:
+    if not (tmp_path / "battery").exists():
+        write_tiny_battery(tmp_path / "battery")
+
+
+def test_grid_enumerates_a_2x2_grid_in_four_trials(tmp_path, corpora):
+    _setup(tmp_path, corpora)
+    space = _space(tmp_path, """\
+        objective: overall
+        pruner: none
+        params:
+          lr: {choices: [0.003, 0.01]}
+          steps: {low: 10, high: 20, step: 10}
+        """)
+    out = _search(tmp_path, space, "--trials", "9", "--sampler", "grid", str(corpora["logic"]))
+    assert out.returncode == 0, out.stderr
+    assert "the grid holds 4 points: 4 trials, not 9" in out.stderr
+    report = json.loads(out.stdout)
+    trials = report["trials"]
+    assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+    assert sorted((t["params"]["lr"], t["params"]["steps"]) for t in trials) == [
+        (0.003, 10), (0.003, 20), (0.01, 10), (0.01, 20)]
+    assert len({t["run_id"] for t in trials}) == 4
+    best = max(trials, key=lambda t: t["value"])
+    assert report["best"]["value"] == best["value"] and report["study"]["best_trial"] == report["best"]["number"]
+    assert (tmp_path / "ws" / "search" / "space" / "journal.log").is_file()
+    # each trial is an ordinary run with the trial's settings, and the dashboard's op has them
+    from backend.client import connect
+    from backend.workspace import Workspace
+
+    with connect(Workspace(tmp_path / "ws")) as client:
+        shown = client.call("search", study="space")
+        for t in trials:
+            run = client.call("run", run_id=t["run_id"])["run"]
+            assert run["status"] == "done" and run["kind"] == "adapter"
+            assert run["settings"]["train"]["lr"] == t["params"]["lr"]
+            assert run["steps"] == t["params"]["steps"] and run["settings"]["train"]["eval_every"] == 10
+    assert shown["study"]["best_trial"] == report["best"]["number"]
+    assert [(t["number"], t["run_id"], t["state"]) for t in shown["trials"]] == [
+        (t["number"], t["run_id"], t["state"]) for t in trials]
+
+
+def _journal_trials(tmp_path) -> list[dict]:
+    from backend.client import try_connect
+    from backend.workspace import Workspace
+
+    client = try_connect(Workspace(tmp_path / "ws"))
+    if client is None:
+        return []
+    with client:
+        try:
+            return client.call("search", study="space")["trials"]
+        except Exception:  # noqa: BLE001 - not saved yet
+            return []
+
+
+def test_tpe_resumes_after_the_cli_is_killed_mid_trial(tmp_path, corpora):
+    _setup(tmp_path, corpora)
+    space = _space(tmp_path, """\
+        pruner: {kind: median, startup_trials: 5}
+        eval_every: 5
+        params:
+          lr: {low: 0.002, high: 0.02, log: true}
+          steps: {low: 10, high: 30, step: 5}
+        """)
+    args = ["--space", str(space), "--trials", "2", "--workspace", str(tmp_path / "ws"),
+            "--scenes", str(tmp_path / "battery"), "--format", "json", *TINY, str(corpora["logic"])]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", "search", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        started = wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["run_id"]], 120, "trial 0's job")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # no goodbye: the journal must hold what it needs
+        first.communicate()
+    assert started[0]["number"] == 0 and started[0]["state"] == "RUNNING"
+    second = cli("search", *args)
+    assert second.returncode == 0, second.stderr
+    assert f"trial 0: waiting for its job {started[0]['run_id']}" in second.stderr
+    again = json.loads(second.stdout)["trials"]
+    assert [(t["number"], t["state"]) for t in again] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    assert again[0]["run_id"] == started[0]["run_id"]  # waited for, not asked again
+    args[args.index("--trials") + 1] = "3"
+    third = cli("search", *args)
+    assert third.returncode == 0, third.stderr
+    report = json.loads(third.stdout)
+    trials = report["trials"]
+    assert [t["number"] for t in trials] == [0, 1, 2] and [t["run_id"] for t in trials[:2]] == [t["run_id"] for t in again]
+    assert len({t["run_id"] for t in trials}) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    assert report["best"]["value"] == max(t["value"] for t in trials)
+    assert report["importances"] is None or set(report["importances"]) == {"lr", "steps"}
+    assert report["importances"] is not None or report["importances_note"]
+    table = cli("search", *[a for a in args if a not in ("--format", "json")])  # nothing left: only the report
+    assert table.returncode == 0, table.stderr
+    assert "best: trial" in table.stdout and "importance:" in table.stdout and "3 trials" in table.stdout
+
+
+def test_pruning_cancels_a_diverging_trial(tmp_path, corpora):
+    _setup(tmp_path, corpora)
+    space = _space(tmp_path, """\
+        eval_every: 5
+        pruner: {kind: none, max_eval_loss: 6.0}
+        params:
+          lr: {choices: [3.0, 5.0]}
+          steps: 400
+        """)
+    out = _search(tmp_path, space, "--trials", "2", "--sampler", "grid", str(corpora["logic"]))
+    assert out.returncode == 1, out.stderr  # no trial finished with a score
+    report = json.loads(out.stdout)
+    assert [t["state"] for t in report["trials"]] == ["PRUNED", "PRUNED"] and report["best"] is None
+    from backend.client import connect
+    from backend.workspace import Workspace
+
+    with connect(Workspace(tmp_path / "ws")) as client:
+        for t in report["trials"]:
+            assert t["error"].startswith("pruned at step") and t["last_value"] > 6.0
+            wait_for(lambda: client.call("run", run_id=t["run_id"])["run"]["status"] == "cancelled", 60, "the cancel")
+            steps = [e["step"] for e in _events(tmp_path, t["run_id"]) if e["type"] in ("metric", "progress")]
+            assert steps and max(steps) < 100  # stopped long before its 400 steps
+
+
+def _events(tmp_path, run_id: str) -> list[dict]:
+    from backend.events import read_events
+
+    return read_events(tmp_path / "ws" / "runs" / run_id / "events.jsonl")[0]
+
+
+def test_a_subset_trains_on_a_corpus_set_of_its_files(tmp_path, corpora):
+    from backend.corpora import inspect_corpus, iter_text
+    from backend.search import chosen_files, combined_corpus, subset_keys
+
+    files = [str(corpora["logic"]), str(corpora["story"])]
+    assert subset_keys(files) == ["use:logic.txt", "use:story.txt"]
+    params = {"use:logic.txt": False, "use:story.txt": True}
+    assert chosen_files(params, files, subsets=True) == [files[1]]
+    assert chosen_files(params, files, subsets=False) == files
+    both = combined_corpus(files, tmp_path / "sets")
+    assert both.suffix == ".corpora" and combined_corpus(files, tmp_path / "sets") == both
+    text = "".join(iter_text(both))
+    assert text == corpora["logic"].read_text() + "\n\n" + corpora["story"].read_text()
+    assert inspect_corpus(both).words == sum(inspect_corpus(f).words for f in files)
+    assert combined_corpus(files[:1], tmp_path / "sets") == corpora["logic"]
