@@ -26,8 +26,9 @@ of what either gets alone (the copy is present in half of the other subsets).
 
 Intervals: percentile bootstrap over runs (backend/stats.py), resampling within each kind of
 subset (empty, alone, all, mixed) so every resample keeps the design's shape. Noise: σ is the
-weighted standard deviation of a measure over the runs; the estimate's standard error is about
-2σ/√R with R runs, so an effect δ stands out of its 95% interval with about 16σ²/δ² runs.
+weighted standard deviation of a run's score among the runs with a file and among those without
+it, pooled over the files; the estimate's standard error is about 2σ/√R with R runs (half with,
+half without), so an effect δ stands out of its 95% interval with about 16σ²/δ² runs.
 
 For lower-is-better measures (perplexity, forgetting) the contribution is reported as the
 reduction, so a positive contribution helps on every measure; `standalone` stays the raw score.
@@ -127,13 +128,21 @@ def _banzhaf(rows: Sequence[_Row], i: int) -> float | None:
     return with_i - without
 
 
-def _weighted_sd(rows: Sequence[_Row]) -> float | None:
-    mean = _weighted_mean(rows)
-    if mean is None or len(rows) < 2:
+def _noise(rows: Sequence[_Row], n: int) -> float | None:
+    """σ: the spread of a run's score within the runs with a file and within those without it
+    (weighted, pooled over both sides and over the files). It is what the estimate's standard
+    error is made of, 2σ/√R: the training noise, and every other file's effect."""
+    total = weight = 0.0
+    for i in range(n):
+        for side in ([r for r in rows if i in r.members], [r for r in rows if i not in r.members]):
+            mean = _weighted_mean(side)
+            if mean is None:
+                continue
+            total += sum(r.weight * (r.value - mean) ** 2 for r in side)
+            weight += sum(r.weight for r in side)
+    if len(rows) < 3 or not weight:
         return None
-    weight = sum(r.weight for r in rows)
-    var = sum(r.weight * (r.value - mean) ** 2 for r in rows) / weight
-    return math.sqrt(var * len(rows) / (len(rows) - 1))  # the n/(n−1) correction, as for a plain sd
+    return math.sqrt(total / weight * len(rows) / (len(rows) - 2))  # two means fitted per file
 
 
 def runs_needed(sigma: float | None, effect: float = DEFAULT_EFFECT) -> int | None:
@@ -206,7 +215,7 @@ def estimate(
         betas = [_banzhaf(rows, i) for i in range(n)]
         summary[measure] = {
             "runs": len(rows),
-            "sigma": _r(_weighted_sd(rows)),
+            "sigma": _r(_noise(rows, n)),
             "mean": _r(mean),
             "intercept": _r(None if mean is None or None in betas else mean - sum(betas) / 2),
             "lower_is_better": measure in lower,

@@ -55,17 +55,9 @@ def _comparable(record: dict) -> str:
     return json.dumps({k: v for k, v in record.items() if k != "probes"}, sort_keys=True)
 
 
-def submit_study(
-    manager: JobManager,
-    paths: list[str],
-    settings: JobSettings,
-    *,
-    subsets: int | None = None,
-    seeds: list[int] = (0,),
-    priority: int = 0,
-) -> dict[str, Any]:
-    """Create or resume a study: every slot gets a run, reusing what exists, queueing the rest."""
-    store = manager.store
+def checked_request(paths: list[str], subsets: int | None) -> tuple[list[Path], int, list[str]]:
+    """The study's files (sorted by path), its N and notes; bad input raises one clear line.
+    Reads only the file system, so the CLI checks a request before it starts the service."""
     files, errors = expand_paths(paths)
     if errors:
         raise errors[0]
@@ -75,8 +67,7 @@ def submit_study(
         raise AttributionError(
             f"attribution compares files: give two or more (got {only}); `ltm-tui run FILE` trains on one"
         )
-    infos = [inspect_cached(f) for f in files]
-    n = len(infos)
+    n = len(files)
     mixed = attribution.mixed_count(n)
     asked = default_subsets(n) if subsets is None else int(subsets)
     if asked < min(MIN_SUBSETS, mixed):
@@ -88,6 +79,24 @@ def submit_study(
     if asked > mixed:
         notes.append(f"{n} files have {mixed} mixed subsets, all in the study: more --subsets add nothing, "
                      "more --seeds do")
+    return files, asked, notes
+
+
+def submit_study(
+    manager: JobManager,
+    paths: list[str],
+    settings: JobSettings,
+    *,
+    subsets: int | None = None,
+    seeds: list[int] = (0,),
+    priority: int = 0,
+) -> dict[str, Any]:
+    """Create or resume a study: every slot gets a run, reusing what exists, queueing the rest."""
+    store = manager.store
+    files, asked, notes = checked_request(paths, subsets)
+    infos = [inspect_cached(f) for f in files]
+    n = len(infos)
+    mixed = attribution.mixed_count(n)
     key = _settings_key(settings)
     file_rows = [{"path": str(i.path), "name": i.name, "sha256": i.sha256} for i in infos]
     blob = json.dumps([[(f["path"], f["sha256"]) for f in file_rows], key], sort_keys=True)

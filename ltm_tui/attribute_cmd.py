@@ -62,10 +62,13 @@ def cmd_attribute(args) -> int:
         raise _usage(f"--subsets {args.subsets}: give 0 or more")
     if not args.effect > 0:
         raise _usage(f"--effect {args.effect}: give a positive effect, e.g. 0.05")
+    from backend.attribution_study import checked_request
+
+    paths = [str(Path(p).expanduser().absolute()) for p in args.files]
+    checked_request(args.files, args.subsets)  # bad files or N: one line, before any service starts
     settings = _job_settings(args)
     ws = _workspace(args)
     seeds = list(range(args.seed, args.seed + args.seeds))
-    paths = [str(Path(p).expanduser().absolute()) for p in args.files]
     with connect(ws) as client:
         sub = client.call("attribute", paths=paths, settings=asdict(settings), subsets=args.subsets,
                           seeds=seeds, priority=args.priority)
@@ -106,9 +109,10 @@ def table_lines(report: dict) -> list[str]:
     runs = report["runs"]
     states = ", ".join(f"{runs[k]} {k}" for k in ("done", "queued", "starting", "training", "evaluating",
                                                     "failed", "interrupted", "cancelled") if runs.get(k))
+    drawn = (f"{report['subsets']} of {report['mixed_subsets']} mixed subsets"
+             if report["subsets"] < report["mixed_subsets"] else "every subset")
     lines = [
-        f"attribution study {report['study']} on {report['base']}: {len(report['files'])} files, "
-        f"{report['subsets']} of {report['mixed_subsets']} mixed subsets, seeds "
+        f"attribution study {report['study']} on {report['base']}: {len(report['files'])} files, {drawn}, seeds "
         f"{','.join(map(str, report['seeds']))}; {runs['distinct']} runs ({states})",
         "contribution: Data Banzhaf (mean score with the file − without it, over subsets); "
         "interval: 95% bootstrap over runs",
