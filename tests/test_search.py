@@ -222,10 +222,11 @@ def test_pruning_cancels_a_diverging_trial(tmp_path, corpora):
           lr: {choices: [3.0, 5.0]}
           steps: 400
         """)
-    out = _search(tmp_path, space, "--trials", "2", "--sampler", "grid", str(corpora["logic"]))
+    out = _search(tmp_path, space, "--trials", "1", str(corpora["logic"]))
     assert out.returncode == 1, out.stderr  # no trial finished with a score
     report = json.loads(out.stdout)
-    assert [t["state"] for t in report["trials"]] == ["PRUNED", "PRUNED"] and report["best"] is None
+    assert [t["state"] for t in report["trials"]] == ["PRUNED"] and report["best"] is None
+    assert "trial 0: PRUNED pruned at step 5" in out.stderr
     from backend.client import connect
     from backend.workspace import Workspace
 
@@ -258,3 +259,15 @@ def test_a_subset_trains_on_a_corpus_set_of_its_files(tmp_path, corpora):
     assert text == corpora["logic"].read_text() + "\n\n" + corpora["story"].read_text()
     assert inspect_corpus(both).words == sum(inspect_corpus(f).words for f in files)
     assert combined_corpus(files[:1], tmp_path / "sets") == corpora["logic"]
+
+
+def test_a_failed_job_ends_its_trial_fail_with_the_reason(tmp_path):
+    write_tiny_battery(tmp_path / "battery")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny text", encoding="utf-8")  # too few tokens to train on: the job fails
+    space = _space(tmp_path, "pruner: none\nparams: {lr: {low: 0.001, high: 0.01, log: true}, steps: 10}\n")
+    out = _search(tmp_path, space, "--trials", "1", str(short))
+    assert out.returncode == 1, out.stderr
+    [trial] = json.loads(out.stdout)["trials"]
+    assert trial["state"] == "FAIL" and trial["run_id"]
+    assert trial["error"].startswith("job failed: corpus: only 11 tokens after tokenizing"), trial["error"]
