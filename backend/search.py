@@ -403,7 +403,7 @@ def open_study(folder: Path, space: Space, sampler_name: str, files: list[str], 
         what = [k for k in identity if held.get(k) != identity[k]]
         raise SpaceError(
             f"study {space.study!r} in {folder} was started with other {' and '.join(what)}; "
-            f"resume it as it was, or name a new one with study: in {space.path}"
+            f"resume it as it was, or name a new study (--study NAME, or study: in {space.path})"
         )
     return study
 

@@ -271,3 +271,21 @@ def test_a_failed_job_ends_its_trial_fail_with_the_reason(tmp_path):
     [trial] = json.loads(out.stdout)["trials"]
     assert trial["state"] == "FAIL" and trial["run_id"]
     assert trial["error"].startswith("job failed: corpus: only 11 tokens after tokenizing"), trial["error"]
+
+
+def test_a_study_resumes_only_as_it_was_started(tmp_path):
+    from backend.search import open_study
+
+    first = load_space(_space(tmp_path, "study: s\nparams: {lr: {low: 0.001, high: 0.01, log: true}}\n", "a.yaml"))
+    other = load_space(_space(tmp_path, "study: s\nparams: {lr: {low: 0.001, high: 0.02, log: true}}\n", "b.yaml"))
+    settings = {"base": {"base": "micro", "preset": "tiny"}, "train": {"lr": 0.003}}
+    study = open_study(tmp_path / "s", first, "tpe", ["/x/a.txt"], settings, 0)
+    trial = study.ask()
+    trial.suggest_float("lr", 0.001, 0.01, log=True)
+    study.tell(trial, 0.5)
+    again = open_study(tmp_path / "s", first, "tpe", ["/x/a.txt"], settings, 0)  # the journal, read back
+    assert [t.value for t in again.trials] == [0.5]
+    with pytest.raises(SpaceError, match=r"started with other space; .*--study NAME, or study: in .*b\.yaml"):
+        open_study(tmp_path / "s", other, "tpe", ["/x/a.txt"], settings, 0)
+    with pytest.raises(SpaceError, match=r"started with other files and settings;"):
+        open_study(tmp_path / "s", first, "tpe", ["/x/b.txt"], {**settings, "train": {"lr": 0.01}}, 0)
