@@ -1,0 +1,135 @@
+"""The batched evaluator gives the numbers of the plain one-at-a-time computation: shared-prefix
+rows for a scene's choices, batches cut by tokens, batched greedy decoding that drops finished
+rows, batched text losses; and continuations longer than the window are clipped, not misread."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from backend.evaluate import (
+    Generation,
+    LoglikRequest,
+    _completion_ppl,
+    clip_pair,
+    encode_pair,
+    generate_batch,
+    loglikelihoods,
+    score_pairs,
+    text_loss,
+    text_losses,
+)
+from backend.models import ByteTokenizer, build_micro
+
+CPU = torch.device("cpu")
+
+
+def _plain(model, ctx: list[int], cont: list[int]) -> tuple[float, bool]:
+    """One pair alone: context + continuation in one row, the continuation's log-probs summed."""
+    ids = torch.tensor([(ctx + cont)[:-1]])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
+    span = logp[len(ctx) - 1 :]
+    target = torch.tensor(cont)
+    return span.gather(1, target[:, None]).sum().item(), bool((span.argmax(-1) == target).all())
+
+
+def _plain_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
+    ids = tok.encode(prompt) or [tok.bos_id]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(model(input_ids=torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_id:
+                break
+            new.append(nxt)
+            if len(new) >= 2 and tok.decode(new[-4:]).endswith("\n\n"):
+                break
+    return new
+
+
+def test_shared_prefix_rows_equal_each_pair_scored_alone():
+    model = build_micro("tiny", 0, CPU).eval()
+    tok = ByteTokenizer()
+    requests = [
+        LoglikRequest("All glims are blorps. All blorps are zents. So all glims are", c)
+        for c in (" zents.", " blue", " x", " not zents at all.")
+    ] + [LoglikRequest("The lamp is", c) for c in (" red.", " green.")] + [LoglikRequest("", "Hello")]
+    # a token budget of 64 forces several batches and rows of different widths
+    for kwargs in ({}, {"max_tokens": 64}, {"batch_size": 1}):
+        got = loglikelihoods(model, tok, requests, device=CPU, **kwargs)
+        for req, (ll, greedy) in zip(requests, got):
+            ctx, cont = encode_pair(tok, req.context, req.continuation)
+            want = _plain(model, ctx or [tok.bos_id], cont)
+            assert ll == pytest.approx(want[0], abs=1e-4), (req, kwargs)
+            assert greedy == want[1]
+
+
+def test_a_continuation_longer_than_the_window_is_clipped_to_it():
+    model = build_micro("tiny", 0, CPU).eval()  # a 256-token window
+    window = model.config.max_position_embeddings
+    ctx, cont = list(b"Once upon a time"), list(b"abcdefghij" * 40)  # 400 continuation tokens
+    assert clip_pair(ctx, cont, window) == ([ctx[-1]], cont[:window])
+    assert clip_pair(ctx, cont, window, max_cont=8) == (ctx, cont[:8])
+    (ll, _), = score_pairs(model, [(ctx, cont)], device=CPU, pad_id=ByteTokenizer.pad_id)
+    assert ll == pytest.approx(_plain(model, [ctx[-1]], cont[:window])[0], abs=1e-3)
+    (ll8, _), = score_pairs(model, [(ctx, cont)], device=CPU, pad_id=ByteTokenizer.pad_id, max_cont=8)
+    assert ll8 == pytest.approx(_plain(model, ctx, cont[:8])[0], abs=1e-4)
+    with pytest.raises(ValueError, match="context token"):
+        clip_pair([], cont, window)
+
+
+class _StopAt(ByteTokenizer):
+    """The byte tokenizer with another token as end-of-text, so a random model stops on it."""
+
+    def __init__(self, eos: int) -> None:
+        self.eos_id = eos
+
+
+def test_batched_greedy_decoding_equals_decoding_each_prompt_alone():
+    model = build_micro("tiny", 1, CPU).eval()
+    with torch.no_grad():  # larger weights: greedy decoding wanders instead of repeating one byte
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.mul_(8)
+    prompts = [("All glims are", 12), ("The lamp is red. Red things", 20), ("x", 5),
+               ("Far to the north of Ardo, a young glim", 16), ("", 7)]
+    # end-of-text is the token the third prompt's decoding picks at step 3: rows stop at
+    # different steps and leave the batch while the others go on
+    tok = _StopAt(_plain_greedy(model, ByteTokenizer(), "x", 5)[2])
+    want = [_plain_greedy(model, tok, p, n) for p, n in prompts]
+    assert len(want[2]) == 2 and len({len(w) for w in want}) >= 3
+    for budget in (64, 10_000):  # one prompt a batch, and all in one batch
+        got = generate_batch(model, tok, prompts, device=CPU, max_tokens=budget)
+        for w, g in zip(want, got):
+            assert list(g.ids) == w
+            assert g.text == tok.decode(w).split("\n\n")[0].strip()
+
+
+def test_text_losses_in_one_batch_equal_each_text_alone():
+    model = build_micro("tiny", 2, CPU).eval()
+    tok = ByteTokenizer()
+    texts = ["hello world", "a" * 600, "All glims are blorps. " * 5, ""]  # 600 bytes: three windows
+    got = text_losses(model, tok, texts, device=CPU, max_tokens=300)
+    assert got[3][1] == 0 and math.isnan(got[3][0])
+    for text, (loss, n) in zip(texts[:3], got):
+        ids = [tok.bos_id] + tok.encode(text)
+        assert n == len(ids) - 1
+        assert loss == pytest.approx(text_loss(model, tok, text, device=CPU)[0], abs=1e-5)
+    short = torch.tensor([[tok.bos_id] + tok.encode("hello world")])
+    with torch.no_grad():
+        ref = torch.nn.functional.cross_entropy(model(input_ids=short).logits[0, :-1], short[0, 1:]).item()
+    assert got[0][0] == pytest.approx(ref, abs=1e-5)
+
+
+def test_fluency_is_read_on_the_generated_tokens_not_the_text_encoded_again():
+    model = build_micro("tiny", 0, CPU).eval()
+    tok = ByteTokenizer()
+    # two stray bytes (not UTF-8) decode to two replacement characters, six bytes when encoded again
+    gen = Generation(text=tok.decode([0xC3, 0xC3]), ids=(0xC3, 0xC3))
+    assert len(tok.encode(gen.text)) == 6
+    (ppl,) = _completion_ppl(model, tok, ["A glim"], [gen], device=CPU)
+    ll, _ = _plain(model, tok.encode("A glim"), [0xC3, 0xC3])
+    assert ppl == pytest.approx(math.exp(-ll / 2), rel=1e-4)
