@@ -27,6 +27,7 @@ from typing import Any
 import duckdb
 
 from backend.errors import JobError, StoreError
+from backend.measures import overall_interval
 from backend.states import JobState, can_transition
 
 DEFAULT_CSV_NAME = "ltm_results_table.csv"
@@ -262,6 +263,7 @@ CSV_FIXED_COLUMNS = (
     "run_id", "corpus", "corpus_path", "base", "kind", "status", "pages", "tokens",
     "train_seconds", "overall",
 )
+CSV_PROBE_COLUMNS = ("weight_change", "attn_entropy_change", "drift_layer")
 
 
 def _now() -> datetime:
@@ -854,6 +856,7 @@ class Store:
             target = target / DEFAULT_CSV_NAME
         with self._read() as cur:
             rows, score_map = self._results(cur, sort, descending, None, None, None)
+            intervals = self._intervals(cur, [r[0] for r in rows])
             measures = [r[0] for r in cur.execute(
                 "SELECT DISTINCT measure FROM scores ORDER BY measure").fetchall()]
             counts = {
@@ -874,15 +877,23 @@ class Store:
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
                 writer = csv.writer(fh)
-                writer.writerow([*CSV_FIXED_COLUMNS, *headers, "scenes_passed", "scenes_total"])
+                # after the scores: the probes' summary, then each score's 95% interval
+                bounds = [f"{m}_{end}" for m in ("overall", *measures) for end in ("lo", "hi")]
+                writer.writerow([*CSV_FIXED_COLUMNS, *headers, "scenes_passed", "scenes_total",
+                                 *CSV_PROBE_COLUMNS, *bounds])
                 for row in rows:
                     record = dict(zip(RESULT_KEYS, row))
                     run_scores = score_map.get(record["run_id"], {})
+                    run_ci = intervals.get(record["run_id"], {})
                     passed, total = counts.get(record["run_id"], (0, 0))
+                    overall_ci = overall_interval(run_scores, run_ci) if run_scores else None
                     writer.writerow(
                         [_csv_cell(record[c]) for c in CSV_FIXED_COLUMNS]
                         + [_csv_cell(run_scores.get(m)) for m in measures]
                         + [passed, total]
+                        + [_csv_cell(record[c]) for c in CSV_PROBE_COLUMNS]
+                        + [_csv_cell(ci[i]) for ci in [overall_ci or (None, None)]
+                           + [run_ci.get(m) or (None, None) for m in measures] for i in (0, 1)]
                     )
             # mkstemp makes the file 0600; a results table gets the usual mode for a new file
             umask = os.umask(0)

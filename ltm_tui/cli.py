@@ -273,7 +273,11 @@ def cmd_run(args) -> int:
     with connect(ws) as client:
         rows = [r for r in client.call("results") if r["run_id"] in mine]
     if args.format == "json":
-        print(json.dumps(rows, ensure_ascii=False, indent=1))
+        from backend.measures import parse_weights
+        from ltm_tui.report import reweigh
+
+        # as `results --format json`: intervals per measure and overall_interval per row
+        print(json.dumps(reweigh(rows, parse_weights(args.weights)), ensure_ascii=False, indent=1))
     else:
         from ltm_tui.report import print_ranked
 

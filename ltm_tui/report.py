@@ -243,13 +243,15 @@ def rows_to_csv(rows: list[dict]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
     head = ["run_id", "corpus", "corpus_path", "base", "kind", "status", "pages", "tokens", "train_seconds"]
+    probes = ["weight_change", "attn_entropy_change", "drift_layer"]
     bounds = [f"{n}_{end}" for n in names for end in ("lo", "hi")]
-    writer.writerow(head + names + ["overall"] + bounds)
+    writer.writerow(head + names + ["overall"] + bounds + ["overall_lo", "overall_hi"] + probes)
     for r in rows:
         ci = r.get("intervals") or {}
         writer.writerow(
             [r.get(k) for k in head] + [(r.get("scores") or {}).get(n) for n in names] + [r.get("overall")]
             + [(ci.get(n) or (None, None))[i] for n in names for i in (0, 1)]
+            + list(r.get("overall_interval") or (None, None)) + [r.get(k) for k in probes]
         )
     return out.getvalue()
 

@@ -116,6 +116,8 @@ def test_run_hf_model_with_lora_and_qlora(tmp_path, corpora, tiny_battery, tiny_
     assert run["status"] == "done" and run["tokens"] > 0
     assert run["base"] == str(tiny_hf_model) + (" (4bit)" if quant else "")
     assert "reasoning_depth" in run["scores"]
+    # as `results --format json`: each score's interval and overall's
+    assert run["intervals"] and len(run["overall_interval"]) == 2
     adapter = ws / "runs" / run["run_id"] / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4 and config["peft_type"] == "LORA"

@@ -462,7 +462,9 @@ def test_export_csv_reads_back(ranked: Store, tmp_path: Path):
         rows = list(csv.reader(fh))
     assert rows[0] == ["run_id", "corpus", "corpus_path", "base", "kind", "status", "pages",
                        "tokens", "train_seconds", "overall", "depth", "novelty",
-                       "scenes_passed", "scenes_total"]
+                       "scenes_passed", "scenes_total", "weight_change", "attn_entropy_change",
+                       "drift_layer", "overall_lo", "overall_hi", "depth_lo", "depth_hi",
+                       "novelty_lo", "novelty_hi"]
     by_id = {r[0]: dict(zip(rows[0], r)) for r in rows[1:]}
     assert [r[0] for r in rows[1:]] == ["r-a", "r-b", "base", "r-s", "r-c"]
     assert by_id["r-a"]["corpus"] == "alpha.txt" and float(by_id["r-a"]["overall"]) == 0.70
