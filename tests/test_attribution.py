@@ -220,6 +220,48 @@ def keepers(tmp_path: Path) -> dict[str, Path]:
             "battery": battery}
 
 
+def test_a_study_resumes_queues_nothing_twice_and_retries_what_ended(tmp_path, keepers):
+    """The planning and resume logic on a real store and job manager, with no worker started."""
+    from backend.attribution_study import list_studies, report, submit_study
+    from backend.jobs import JobManager, JobSettings
+    from backend.store import Store
+    from backend.workspace import Workspace
+
+    ws = Workspace(tmp_path / "ws").ensure()
+    settings = JobSettings(base={"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False,
+                                 "device": None}, scenes=str(keepers["battery"]), train={"max_steps": 5}, probes=False)
+    files = [str(keepers[k]) for k in ("story", "facts", "copy")]
+    with Store(ws.db_path) as store:
+        manager = JobManager(ws, store, slots=[None])
+        first = submit_study(manager, files, settings, seeds=[0])
+        # 8 slots, 6 texts: {copy} is {facts}, {copy, story} is {facts, story}
+        assert first["files"] == 3 and first["subsets"] == 3
+        assert sorted(first["queued"]) == sorted(first["run_ids"]) and len(first["run_ids"]) == 6
+        assert len(store.list_runs()) == 6
+        sets = sorted((ws.root / "attribution" / first["study"]).glob("*.corpora"))
+        assert len(sets) == 3 and sets[0].name == "all.corpora"  # one of three draws is a text already run
+        members = [line for line in sets[0].read_text().splitlines() if not line.startswith("#")]
+        assert sorted(members) == sorted(str(Path(f).resolve()) for f in files)
+        singles = {str(keepers["story"].resolve()), str(keepers["copy"].resolve())}  # copy.txt sorts before facts.txt
+        assert {r["corpus_path"] for r in store.list_runs() if r["corpus_path"]} == {str(p) for p in sets} | singles
+
+        again = submit_study(manager, list(reversed(files)), settings, seeds=[0])  # any order: the same study
+        assert again["study"] == first["study"] and again["queued"] == [] and again["retried"] == []
+        assert again["run_ids"] == first["run_ids"] and len(store.list_runs()) == 6
+
+        victim = next(r for r in store.list_runs() if r["kind"] == "adapter")["run_id"]
+        manager.cancel(victim)
+        third = submit_study(manager, files, settings, seeds=[0])
+        assert third["retried"] == [victim] and third["queued"] == []
+        assert store.get_run(victim)["status"] == "queued" and len(store.list_runs()) == 6
+
+        wider = submit_study(manager, files, settings, seeds=[1])  # a seed more: its own six runs
+        assert wider["seeds"] == [0, 1] and len(wider["queued"]) == 6 and len(store.list_runs()) == 12
+        table = report(store, first["study"])
+        assert table["rows"] == [] and table["runs"] == {"slots": 16, "distinct": 12, "queued": 12}
+        assert list_studies(store)[0]["runs"] == 12 and list_studies(store)[0]["done"] == 0
+
+
 def _attribute(files, battery, ws, *extra):
     done = cli("attribute", *map(str, files), "--scenes", str(battery), "--workspace", str(ws), *TINY, *extra,
                timeout=600)
