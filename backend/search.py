@@ -387,10 +387,16 @@ def open_study(folder: Path, space: Space, sampler_name: str, files: list[str], 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     folder.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(folder / "journal.log")))
+    # A resumed TPE continues its random stream where the study stands: re-seeded as at the
+    # start, its first random draw would repeat trial 0's parameters.
+    held_trials = 0
+    if space.study in optuna.study.get_all_study_names(storage):
+        held_trials = len(optuna.load_study(study_name=space.study, storage=storage).get_trials(deepcopy=False))
     if sampler_name == "grid":
         sampler = _GridSampler(grid_space(space, files), seed=seed)
     else:
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(5, max(2, len(space.params))))
+        sampler = optuna.samplers.TPESampler(
+            seed=seed + held_trials, n_startup_trials=min(5, max(2, len(space.params))))
     study = optuna.create_study(
         study_name=space.study, storage=storage, load_if_exists=True, direction=space.direction,
         sampler=sampler, pruner=make_pruner(space.pruner),

@@ -205,6 +205,8 @@ def test_tpe_resumes_after_the_cli_is_killed_mid_trial(tmp_path, corpora):
     trials = report["trials"]
     assert [t["number"] for t in trials] == [0, 1, 2] and [t["run_id"] for t in trials[:2]] == [t["run_id"] for t in again]
     assert len({t["run_id"] for t in trials}) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    # each invocation's sampler goes on where the study stands: no trial repeats another's settings
+    assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 3
     assert report["best"]["value"] == max(t["value"] for t in trials)
     assert report["importances"] is None or set(report["importances"]) == {"lr", "steps"}
     assert report["importances"] is not None or report["importances_note"]
