@@ -21,6 +21,7 @@ from textual.widgets import Footer, Header, Input, Static
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.link import Link
 from ltm_tui.screens import ExportScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
+from ltm_tui.studies import AttributionScreen, SearchScreen, SortTable
 from ltm_tui.widgets import DevicePanel, QueueTable, ResultsTable, job_holders
 
 JOBS_POLL_SECONDS = 5.0  # the event stream moves the bars; this catches anything it missed
@@ -38,13 +39,16 @@ class LtmApp(App):
         Binding("d", "toggle_direction", "Asc/desc", tooltip="Reverse the results' sort"),
         Binding("slash", "filter", "Filter", tooltip="Filter the results by corpus, base or status"),
         Binding("e", "export", "Export", tooltip="Write the results table to CSV"),
+        Binding("f", "attribution", "Files", show=False, tooltip="Which file makes the difference (attribution)"),
+        Binding("o", "search", "Search", show=False, tooltip="Searches over settings: trials and the best"),
         Binding("question_mark", "help", "Help", tooltip="Every key"),
         Binding("r", "refresh", "Refresh", show=False, tooltip="Read the queue and the results again"),
         Binding("q", "quit", "Quit", tooltip="Quit the dashboard (the jobs go on in the service)"),
     ]
 
     # Keys of the dashboard itself: off while another screen (picker, run, help) is on top.
-    DASHBOARD_ACTIONS = frozenset({"add", "cycle_sort", "toggle_direction", "filter", "export", "refresh"})
+    DASHBOARD_ACTIONS = frozenset({"add", "cycle_sort", "toggle_direction", "filter", "export", "refresh",
+                                   "attribution", "search"})
 
     def __init__(
         self,
@@ -378,6 +382,14 @@ class LtmApp(App):
     def action_refresh(self) -> None:
         self.refresh_all()
 
+    def action_attribution(self) -> None:
+        if self.link is not None:
+            self.push_screen(AttributionScreen())
+
+    def action_search(self) -> None:
+        if self.link is not None:
+            self.push_screen(SearchScreen())
+
     def action_help(self) -> None:
         from ltm_tui.screens import CorpusTree
 
@@ -389,6 +401,8 @@ class LtmApp(App):
                     ("Results table", list(ResultsTable.BINDINGS)),
                     ("File picker", list(PickerScreen.BINDINGS) + list(CorpusTree.BINDINGS)),
                     ("Run detail", list(RunScreen.BINDINGS)),
+                    ("Attribution", list(AttributionScreen.BINDINGS) + list(SortTable.BINDINGS)),
+                    ("Search", list(SearchScreen.BINDINGS) + list(SortTable.BINDINGS)),
                     ("Everywhere", [Binding("tab", "", "Next panel"), Binding("ctrl+p", "", "Command palette")]),
                 ]
             )
@@ -403,6 +417,10 @@ class LtmApp(App):
         yield SystemCommand("Export results to CSV", "ltm_results_table.csv", self.action_export)
         yield SystemCommand("Filter results", "By corpus, base or status", self.action_filter)
         yield SystemCommand("Show a job's log", "The selected job's train.log", self.action_show_log)
+        yield SystemCommand("Attribution: which file makes the difference", "Studies of ltm-tui attribute",
+                            self.action_attribution)
+        yield SystemCommand("Search over settings", "Studies of ltm-tui search: trials, best, importances",
+                            self.action_search)
         yield SystemCommand("Help: every key", "All bindings", self.action_help)
 
 

@@ -1,0 +1,138 @@
+"""The dashboard's study screens on a real workspace: an attribution study and a search made by
+the real `ltm-tui attribute` and `ltm-tui search` (micro `tiny`, a few steps, the tiny battery),
+read through the real service."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import textwrap
+import types
+
+import pytest
+
+from ltm_tui.app import LtmApp
+from ltm_tui.screens import HelpScreen, RunScreen
+from ltm_tui.studies import AttributionScreen, SearchScreen, SortTable
+from tests.conftest import LOGIC_TEXT, STORY_TEXT, TINY_RUN, cli, stop_service, write_tiny_battery
+from tests.test_app import until
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studies")
+    corpora = root / "corpora"
+    corpora.mkdir()
+    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
+    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
+    battery = write_tiny_battery(root / "battery")
+    ws = root / "ws"
+    common = ["--scenes", str(battery), "--workspace", str(ws), *TINY_RUN]
+    done = cli("attribute", str(corpora / "logic.txt"), str(corpora / "story.txt"), "--subsets", "2",
+               "--format", "json", *common, timeout=900)
+    assert done.returncode == 0, done.stderr
+    attribution = json.loads(done.stdout)
+    space = root / "space.yaml"
+    space.write_text(textwrap.dedent("""\
+        study: lr-sweep
+        objective: overall
+        params:
+          lr: {choices: [0.001, 0.01]}
+        """), encoding="utf-8")
+    done = cli("search", "--space", str(space), "--trials", "2", "--sampler", "grid", str(corpora / "logic.txt"),
+               "--format", "json", *common, timeout=900)
+    assert done.returncode == 0, done.stderr
+    search = json.loads(done.stdout)
+    yield types.SimpleNamespace(ws=ws, attribution=attribution, search=search)
+    stop_service(ws)
+
+
+def test_attribution_screen_shows_each_file_with_intervals_and_sorts(studies):
+    rows = {(r["corpus"], r["measure"]): r for r in studies.attribution}
+
+    async def scenario():
+        app = LtmApp(str(studies.ws), poll_seconds=0)
+        async with app.run_test(size=(120, 30)) as pilot:
+            await until(pilot, lambda: app.link is not None, what="the service")
+            await pilot.press("f")
+            screen = await until(pilot, lambda: isinstance(app.screen, AttributionScreen) and app.screen, what="screen")
+            grid = screen.query_one(SortTable)
+            await until(pilot, lambda: grid.row_count == 2, what="two files")
+            shown = {key.value: grid.get_row(key) for key in grid.rows}
+            for name in ("logic.txt", "story.txt"):
+                overall = rows[(name, "overall")]
+                cell = shown[name][[c.key.value for c in grid.ordered_columns].index("overall")]
+                assert cell.value == overall["contribution"]
+                assert f"{overall['contribution']:+.3f}" in cell.text
+                assert f"{overall['ci_low']:+.2f}" in cell.text and f"{overall['ci_high']:+.2f}" in cell.text
+            # sorted by overall contribution, best first; `d` reverses, `s` moves on
+            by_overall = sorted(("logic.txt", "story.txt"), key=lambda n: -rows[(n, "overall")]["contribution"])
+            order = lambda: [grid.coordinate_to_cell_key((i, 0)).row_key.value for i in range(grid.row_count)]  # noqa: E731
+            assert order() == by_overall
+            grid.focus()
+            await pilot.press("d")
+            assert order() == by_overall[::-1]
+            await pilot.press("m")  # the detail measure moves on: the standalone column follows it
+            assert screen.measure != "overall"
+            summary = str(screen.query_one("#study-summary").render())
+            assert "2 files" in summary and screen.measure in summary
+            await pilot.press("escape")
+            assert not isinstance(app.screen, AttributionScreen)
+
+    asyncio.run(scenario())
+
+
+def test_search_screen_lists_trials_best_first_and_opens_a_run(studies):
+    trials = {t["number"]: t for t in studies.search["trials"]}
+    best = studies.search["best"]
+
+    async def scenario():
+        app = LtmApp(str(studies.ws), poll_seconds=0)
+        async with app.run_test(size=(120, 34)) as pilot:
+            await until(pilot, lambda: app.link is not None, what="the service")
+            await pilot.press("o")
+            screen = await until(pilot, lambda: isinstance(app.screen, SearchScreen) and app.screen, what="screen")
+            grid = screen.query_one("#trials", SortTable)
+            await until(pilot, lambda: grid.row_count == 2, what="two trials")
+            keys = [c.key.value for c in grid.ordered_columns]
+            assert "p:lr" in keys
+            for number, t in trials.items():
+                row = grid.get_row(str(number))
+                assert row[keys.index("value")].value == t["value"]
+                assert row[keys.index("p:lr")].value == t["params"]["lr"]
+            summary = str(screen.query_one("#study-summary").render())
+            assert screen.query_one("#study").value == "lr-sweep"  # the chooser shows the study
+            assert f"trial {best['number']}" in summary
+            # sort by score, best first, then open the best trial's run
+            grid.focus()
+            grid.sort_by("value", descending=True)
+            grid.move_cursor(row=0)
+            await pilot.pause()
+            assert grid.selected_key() == str(max(trials.values(), key=lambda t: t["value"])["number"])
+            await pilot.press("enter")
+            run_screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen, what="run")
+            assert run_screen.run_id == trials[int(grid.selected_key())]["run_id"]
+            await pilot.press("escape")
+            await until(pilot, lambda: isinstance(app.screen, SearchScreen), what="back")
+
+    asyncio.run(scenario())
+
+
+def test_empty_workspace_study_screens_say_how_to_start(tmp_path):
+    async def scenario():
+        app = LtmApp(str(tmp_path / "ws"), poll_seconds=0)
+        async with app.run_test(size=(100, 30)) as pilot:
+            await until(pilot, lambda: app.link is not None, what="the service")
+            for key, screen_type, says in (("f", AttributionScreen, "ltm-tui attribute"),
+                                            ("o", SearchScreen, "ltm-tui search")):
+                await pilot.press(key)
+                screen = await until(pilot, lambda: isinstance(app.screen, screen_type) and app.screen, what="screen")
+                await until(pilot, lambda: says in str(screen.query_one("#study-summary").render()), what=says)
+                await pilot.press("escape")
+            await pilot.press("question_mark")
+            help_screen = await until(pilot, lambda: isinstance(app.screen, HelpScreen) and app.screen, what="help")
+            titles = [title for title, _ in help_screen.sections]
+            assert "Attribution" in titles and "Search" in titles
+        stop_service(tmp_path / "ws")
+
+    asyncio.run(scenario())
