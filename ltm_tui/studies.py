@@ -18,7 +18,7 @@ from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Select, Static
 from textual_plotext import PlotextPlot
 
-from ltm_tui.widgets import Cell
+from ltm_tui.widgets import Cell, RunTable
 
 REFRESH_SECONDS = 3.0
 STATE_STYLE = {"COMPLETE": "green", "RUNNING": "bold cyan", "PRUNED": "yellow", "FAIL": "bold red", "WAITING": "dim"}
@@ -36,9 +36,10 @@ def _num(value: Any, digits: int = 3) -> str:
     return str(value)
 
 
-class SortTable(DataTable):
+class SortTable(RunTable):
     """A small table of `Cell`s sorted by their raw values: a header click or `s` picks the
-    column, `d` (or a second click) reverses; missing values stay last either way."""
+    column, `d` (or a second click) reverses; missing values stay last either way. Rows are
+    keyed by what they show (a file name, a trial number): `selected_run()` returns that key."""
 
     BINDINGS = [
         Binding("s", "next_sort", "Sort", tooltip="Sort by the next column"),
@@ -52,7 +53,7 @@ class SortTable(DataTable):
 
     def fill(self, columns: list[tuple[str, str]], rows: list[tuple[str, list[Cell]]]) -> None:
         """Replace the contents, keeping the sort and the selected row."""
-        keep = self.selected_key()
+        keep = self.selected_run()
         if [c.key.value for c in self.ordered_columns] != [k for k, _ in columns]:
             self.clear(columns=True)
             for key, label in columns:
@@ -62,16 +63,7 @@ class SortTable(DataTable):
         for key, cells in rows:
             self.add_row(*cells, key=key)
         self.apply_sort()
-        if keep is not None and keep in self.rows:
-            self.move_cursor(row=self.get_row_index(keep), animate=False)
-
-    def selected_key(self) -> str | None:
-        if not self.row_count:
-            return None
-        try:
-            return self.coordinate_to_cell_key(self.cursor_coordinate).row_key.value
-        except Exception:  # the cursor is outside the rows while they change
-            return None
+        self.follow(keep)
 
     def apply_sort(self) -> None:
         if self.sort_key is None or not self.row_count or self.sort_key not in self.columns:
@@ -85,10 +77,9 @@ class SortTable(DataTable):
         if descending is None:
             descending = not self.descending if key == self.sort_key else True
         self.sort_key, self.descending = key, descending
-        keep = self.selected_key()
+        keep = self.selected_run()
         self.apply_sort()
-        if keep is not None:
-            self.move_cursor(row=self.get_row_index(keep), animate=False)
+        self.follow(keep)
 
     def on_data_table_header_selected(self, event: DataTable.HeaderSelected) -> None:
         event.stop()
@@ -341,7 +332,7 @@ class SearchScreen(StudyScreen):
         from ltm_tui.screens import RunScreen
 
         grid = self.query_one("#trials", SortTable)
-        key = grid.selected_key()
+        key = grid.selected_run()
         trial = next((t for t in (self.reply or {}).get("trials") or [] if str(t["number"]) == key), None)
         if trial and trial.get("run_id"):
             self.app.push_screen(RunScreen(trial["run_id"]))

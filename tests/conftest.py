@@ -159,6 +159,15 @@ TINY_RUN = ["--preset", "tiny", "--steps", "40", "--block-size", "64", "--micro-
             "--min-train-tokens", "0", "--epochs", "50", "--quiet"]
 
 
+def write_corpora(root: Path) -> tuple[Path, Path]:
+    """Two small corpora (root/corpora/logic.txt, story.txt) and the tiny battery (root/battery)."""
+    corpora = root / "corpora"
+    corpora.mkdir()
+    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
+    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
+    return corpora, write_tiny_battery(root / "battery")
+
+
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
     """A workspace with two finished micro runs and their baseline, made by `ltm-tui run`, for
@@ -169,11 +178,7 @@ def finished(tmp_path_factory):
     from backend.store import Store
 
     root = tmp_path_factory.mktemp("dashboard")
-    corpora = root / "corpora"
-    corpora.mkdir()
-    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
-    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
-    battery = write_tiny_battery(root / "battery")
+    corpora, battery = write_corpora(root)
     ws = root / "ws"
     done = cli("run", str(corpora / "logic.txt"), str(corpora / "story.txt"), "--scenes", str(battery),
                "--workspace", str(ws), *TINY_RUN, timeout=900)

@@ -14,18 +14,14 @@ import pytest
 from ltm_tui.app import LtmApp
 from ltm_tui.screens import HelpScreen, RunScreen
 from ltm_tui.studies import AttributionScreen, SearchScreen, SortTable
-from tests.conftest import LOGIC_TEXT, STORY_TEXT, TINY_RUN, cli, stop_service, write_tiny_battery
+from tests.conftest import TINY_RUN, cli, stop_service, write_corpora
 from tests.test_app import until
 
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
     root = tmp_path_factory.mktemp("studies")
-    corpora = root / "corpora"
-    corpora.mkdir()
-    (corpora / "logic.txt").write_text(LOGIC_TEXT, encoding="utf-8")
-    (corpora / "story.txt").write_text(STORY_TEXT, encoding="utf-8")
-    battery = write_tiny_battery(root / "battery")
+    corpora, battery = write_corpora(root)
     ws = root / "ws"
     common = ["--scenes", str(battery), "--workspace", str(ws), *TINY_RUN]
     done = cli("attribute", str(corpora / "logic.txt"), str(corpora / "story.txt"), "--subsets", "2",
@@ -108,10 +104,10 @@ def test_search_screen_lists_trials_best_first_and_opens_a_run(studies):
             grid.sort_by("value", descending=True)
             grid.move_cursor(row=0)
             await pilot.pause()
-            assert grid.selected_key() == str(max(trials.values(), key=lambda t: t["value"])["number"])
+            assert grid.selected_run() == str(max(trials.values(), key=lambda t: t["value"])["number"])
             await pilot.press("enter")
             run_screen = await until(pilot, lambda: isinstance(app.screen, RunScreen) and app.screen, what="run")
-            assert run_screen.run_id == trials[int(grid.selected_key())]["run_id"]
+            assert run_screen.run_id == trials[int(grid.selected_run())]["run_id"]
             await pilot.press("escape")
             await until(pilot, lambda: isinstance(app.screen, SearchScreen), what="back")
 
