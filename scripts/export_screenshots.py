@@ -4,8 +4,9 @@
     python scripts/export_screenshots.py [--workspace ltm-workspace]
 
 Pictures: the dashboard (devices, queue, ranked results), the file picker with a corpus marked
-and its preview, a run's loss curve and its scenes, and the help screen. The device panel shows
-this machine as it is (NVML where present, else CPU and RAM).
+and its preview, a run's loss curve and its scenes, the help screen, and where the workspace
+has them, an attribution study (`ltm-tui attribute`) and a search (`ltm-tui search`). The
+device panel shows this machine as it is (NVML where present, else CPU and RAM).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from ltm_tui.app import LtmApp  # noqa: E402
 from ltm_tui.screens import HelpScreen, PickerScreen, RunScreen  # noqa: E402
+from ltm_tui.studies import AttributionScreen, SearchScreen  # noqa: E402
 
 SIZE = (110, 32)
 
@@ -74,6 +76,17 @@ async def shoot(workspace: str | None, out: Path, picker_root: Path) -> list[Pat
         await pilot.press("question_mark")
         await _until(pilot, lambda: isinstance(app.screen, HelpScreen))
         save("help.svg")
+        await pilot.press("escape")
+
+        # the study screens, where the workspace has an attribution study or a search
+        for key, name, screen_type, table_id in (("f", "attribution.svg", AttributionScreen, "#attribution-table"),
+                                                  ("o", "search.svg", SearchScreen, "#trials")):
+            await pilot.press(key)
+            await _until(pilot, lambda: isinstance(app.screen, screen_type) and app.screen.reply is not None)
+            if app.screen.query_one(table_id).row_count:
+                await pilot.pause(0.3)
+                save(name)
+            await pilot.press("escape")
     return written
 
 
