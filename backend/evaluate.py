@@ -605,7 +605,8 @@ def evaluate_all(
     novel_made = [by_battery[r["battery"]][r["scene_id"]] for r in novel]
     own = text_losses(model, tok, [text for _, text in general], device=device)
     with (reference or (lambda: nullcontext(model)))() as base:
-        base_general = text_losses(base, tok, [text for _, text in general], device=device)
+        # a baseline is its own base: its general-text losses are the ones just computed
+        base_general = own if reference is None else text_losses(base, tok, [text for _, text in general], device=device)
         prompts = [r["detail"]["prompt"] for r in novel]
         completion_ppl = _completion_ppl(base, tok, prompts, novel_made, device=device) if novel else []
     if novel:

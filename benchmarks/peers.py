@@ -345,6 +345,35 @@ def eval_speedup(shape: dict[str, int], repeats: int = 3) -> dict[str, Any]:
     return result
 
 
+def eval_run_time(preset: str = "small", repeats: int = 1) -> dict[str, Any]:
+    """Seconds of one run's whole evaluation (`backend.evaluate.evaluate_all`, as the worker
+    calls it) on the built-in batteries: a baseline run of the untrained micro network, whose
+    completions never stop early (every generate scene decodes all its max_new_tokens), so this
+    is the slowest case. Wall and CPU seconds, best of `repeats` after a warm-up call."""
+    from backend.evaluate import evaluate_all
+    from backend.models import BaseSpec, load_base
+    from backend.scenes import GenerateScene, load_batteries
+    from backend.workspace import default_scenes_dir
+
+    batteries = load_batteries(default_scenes_dir())
+    model, tok, device = load_base(BaseSpec(preset=preset, device="cpu"), 0)
+    evaluate_all(model, tok, batteries[:1], device=device, general=[])  # warm-up
+    wall = cpu = math.inf
+    for _ in range(repeats):
+        t0, c0 = time.perf_counter(), time.process_time()
+        _, rows, _ = evaluate_all(model, tok, batteries, device=device)
+        wall, cpu = min(wall, time.perf_counter() - t0), min(cpu, time.process_time() - c0)
+    scenes = [s for b in batteries for s in b.scenes]
+    return {
+        "seconds": round(wall, 2),
+        "cpu_seconds": round(cpu, 2),
+        "scenes": len(scenes),
+        "generate_scenes": sum(isinstance(s, GenerateScene) for s in scenes),
+        "rows": len(rows),
+        "settings": {"model": f"micro:{preset}", "kind": "baseline (untrained)", "threads": torch.get_num_threads()},
+    }
+
+
 def _best(fn, repeats: int):
     """Best time of `repeats` timed calls, after one untimed call that warms everything up."""
     out = fn()

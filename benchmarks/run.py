@@ -20,6 +20,9 @@ as the last line. Keys so far:
 - `eval_batched_speedup`: batched, length-sorted scoring of every built-in choice scene ÷ one
   scene at a time, with identical numbers (goal ≥ 3); `eval_batched.speedup_vs_lm_eval` the
   same against lm-evaluation-harness's HF backend, when lm_eval is installed.
+- `eval_run_seconds`: one run's whole evaluation (every built-in battery, the general text,
+  the scores and their intervals) for the untrained micro `small` network, whose completions
+  never stop early: the slowest case (goal: well under 2 minutes on two CPU cores).
 - whatever `benchmarks/ui.py`'s `run(quick)` returns, when that file exists (the dashboard's keys).
 - `probe_cost_ratio` (`benchmarks/probes_bench.py`): probe seconds ÷ evaluation seconds, the
   worse of a trained micro run and a tiny HF model with LoRA (goal ≤ 0.10).
@@ -163,6 +166,13 @@ def bench_eval(quick: bool) -> dict:
     return {"eval_batched_speedup": out["speedup"], "eval_batched": out}
 
 
+def bench_eval_run(quick: bool) -> dict:
+    from benchmarks.peers import eval_run_time
+
+    out = eval_run_time("small", repeats=1 if quick else 3)
+    return {"eval_run_seconds": out["seconds"], "eval_run": out}
+
+
 def _merged(file: str, quick: bool) -> dict:
     """The keys of a sibling benchmark file's `run(quick)`, when that file exists."""
     path = Path(__file__).with_name(file)
@@ -198,7 +208,7 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
-    cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_ui, bench_probes)
+    cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_eval_run, bench_ui, bench_probes)
     only = set(args.only.split(",")) if args.only else None
     for case in cases:
         if only and case.__name__.removeprefix("bench_") not in only:
