@@ -82,8 +82,8 @@ def test_eval_loss_events_come_every_k_steps_from_fixed_blocks(tmp_path):
 
     from backend.config import TrainConfig
     from backend.models import ByteTokenizer, build_micro
-    from backend.packing import tokenize_to_file
-    from backend.train import train_model
+    from backend.packing import PackedBlocks, load_tokens, tokenize_to_file
+    from backend.train import _eval_starts, train_model
     from tests.conftest import LOGIC_TEXT
 
     tok = ByteTokenizer()
@@ -91,24 +91,25 @@ def test_eval_loss_events_come_every_k_steps_from_fixed_blocks(tmp_path):
     tokenize_to_file([LOGIC_TEXT], tok.encode, tokens, bos_id=tok.bos_id, eos_id=tok.eos_id)
     cfg = TrainConfig(block_size=64, micro_batch=8, lr=1e-2, epochs=50, min_train_tokens=0, max_steps=25,
                       checkpoint_every=0, log_every=5, eval_every=10)
-    runs = []
-    for folder in ("a", "b"):
-        events = []
-        train_model(build_micro("tiny", 0, torch.device("cpu")), tokens, tmp_path / folder, cfg,
+    def train(folder: str, config: TrainConfig) -> list[dict]:
+        events: list[dict] = []
+        train_model(build_micro("tiny", 0, torch.device("cpu")), tokens, tmp_path / folder, config,
                     device=torch.device("cpu"), emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
-        runs.append(events)
-    metrics = [e for e in runs[0] if e["type"] == "metric"]
+        return events
+
+    with_eval = train("a", cfg)
+    metrics = [e for e in with_eval if e["type"] == "metric"]
     assert [(e["name"], e["step"]) for e in metrics] == [("eval_loss", 10), ("eval_loss", 20), ("eval_loss", 25)]
     assert metrics[0]["value"] > metrics[-1]["value"]  # it learns, and the measure sees it
-    # the same sample, in eval mode: the same numbers again, and training unchanged by it
-    assert metrics == [e for e in runs[1] if e["type"] == "metric"]
-    events = []
-    plain = TrainConfig(**{**cfg.to_dict(), "eval_every": 0})
-    train_model(build_micro("tiny", 0, torch.device("cpu")), tokens, tmp_path / "c", plain,
-                device=torch.device("cpu"), emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
-    assert not [e for e in events if e["type"] == "metric"]
+    plain = train("b", TrainConfig(**{**cfg.to_dict(), "eval_every": 0}))
+    assert not [e for e in plain if e["type"] == "metric"]
     losses = lambda evs: [e["loss"] for e in evs if e["type"] == "progress"]  # noqa: E731
-    assert losses(events) == losses(runs[0])
+    assert losses(plain) == losses(with_eval)  # evaluating changes nothing in the training
+    # the sample: blocks spread evenly from the first to the last, the same every time
+    blocks = PackedBlocks(load_tokens(tokens), 64, seed=0)
+    starts = _eval_starts(blocks, 8)
+    assert len(starts) == 8 and starts[0] == 0 and starts[-1] == 64 * (blocks.blocks_per_epoch - 1)
+    assert list(starts) == list(_eval_starts(PackedBlocks(load_tokens(tokens), 64, seed=5), 8))
 
 
 def _search(tmp_path, space: Path, *extra: str, timeout: float = 300):
@@ -291,3 +292,31 @@ def test_a_study_resumes_only_as_it_was_started(tmp_path):
         open_study(tmp_path / "s", other, "tpe", ["/x/a.txt"], settings, 0)
     with pytest.raises(SpaceError, match=r"started with other files and settings;"):
         open_study(tmp_path / "s", first, "tpe", ["/x/b.txt"], {**settings, "train": {"lr": 0.01}}, 0)
+
+
+def test_a_trial_survives_a_reboot_mid_training(tmp_path, corpora):
+    """The CLI killed and the service stopped with its workers (what a reboot leaves): the job
+    ends interrupted; the next search queues it again and it resumes from its checkpoint."""
+    from tests.conftest import stop_service
+
+    write_tiny_battery(tmp_path / "battery")
+    space = _space(tmp_path, "pruner: none\neval_every: 10\nparams: {lr: {choices: [0.01]}, steps: 150}\n")
+    args = ["search", "--space", str(space), "--trials", "1", "--sampler", "grid", "--workspace", str(tmp_path / "ws"),
+            "--scenes", str(tmp_path / "battery"), "--format", "json", *TINY, str(corpora["logic"])]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    first = subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", *args], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        [trial] = wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["run_id"]], 120, "trial 0's job")
+        wait_for(lambda: [e for e in _events(tmp_path, trial["run_id"]) if e["type"] == "metric"], 120, "training")
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    stop_service(tmp_path / "ws")  # the workers checkpoint and stop: the run ends interrupted
+    out = cli(*args)
+    assert out.returncode == 0, out.stderr
+    assert f"trial 0: job {trial['run_id']} was interrupted; queued again (it resumes)" in out.stderr
+    [done] = json.loads(out.stdout)["trials"]
+    assert done["state"] == "COMPLETE" and done["run_id"] == trial["run_id"] and done["last_step"] == 150
+    log = (tmp_path / "ws" / "runs" / trial["run_id"] / "train.log").read_text()
+    assert "resumed from step-" in log
