@@ -274,6 +274,20 @@ def check_base(space: Space, micro: bool) -> None:
             raise SpaceError(f"{space.path}:params.{p.name}: {why}; remove it or change --base")
 
 
+def check_objective(space: Space, scenes: str) -> None:
+    """The objective must be a score the battery gives, else every trial would train in vain."""
+    from backend.measures import AUXILIARY
+    from backend.scenes import load_batteries
+
+    metrics = {b.metric for b in load_batteries(scenes)}
+    known = {"overall", "forgetting"} | metrics | set(AUXILIARY)
+    if space.objective not in known and not (space.objective.startswith("depth@") and "reasoning_depth" in metrics):
+        raise SpaceError(
+            f"{space.path}:objective: {space.objective!r} is not a score of the battery in {scenes};"
+            f" use overall or one of {', '.join(sorted(metrics | {'forgetting'}))}"
+        )
+
+
 def grid_space(space: Space, files: list[str]) -> dict[str, list]:
     """The grid sampler's search space; one SpaceError for the first range without a step."""
     grid: dict[str, list] = {}

@@ -65,6 +65,7 @@ def cmd_search(args) -> int:
         raise SpaceError(f"--trials {args.trials}: give at least 1")
     settings = _job_settings(args)
     S.check_base(space, settings.base["base"] == "micro")
+    S.check_objective(space, settings.scenes)
     ws = _workspace(args).ensure()
     folder = S.study_dir(ws.root, space.study)
     files = _files(args, space, folder)
@@ -76,6 +77,9 @@ def cmd_search(args) -> int:
             target = size
     base = asdict(settings)
     study = S.open_study(folder, space, args.sampler, files, base, args.seed)
+    record = folder / "files.json"  # the files a resume takes when none are named
+    if not record.exists():
+        record.write_text(json.dumps(files, indent=1), encoding="utf-8")
     loop = SearchLoop(ws, study, space, args.sampler, files, base, target, args)
     try:
         loop.run()
@@ -103,9 +107,6 @@ def _files(args, space, folder: Path) -> list[str]:
         files = json.loads(record.read_text(encoding="utf-8"))
     else:
         raise SpaceError(f"study {space.study!r} is new: name the files to search over (FILE...)")
-    if not record.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(files, indent=1), encoding="utf-8")
     return files
 
 
@@ -252,6 +253,8 @@ class SearchLoop:
             pass  # it ended meanwhile: nothing to stop
 
     def finish(self, trial, state: str, *, value: float | None = None, error: str | None = None) -> None:
+        from backend import search as S
+
         if error:
             trial.set_user_attr("error", error)
         if state == "COMPLETE":
@@ -259,8 +262,6 @@ class SearchLoop:
         else:
             self.study.tell(trial, state=_state(state))
         self.save()
-        from backend import search as S
-
         top = S.best(self.study)
         best = f"; best so far {top.value:.4f} (trial {top.number})" if top else ""
         what = f"{self.space.objective} {value:.4f}" if value is not None else (error or "")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from backend.errors import SpaceError
-from backend.search import check_base, grid_space, load_space
+from backend.search import check_base, check_objective, grid_space, load_space
 from tests.conftest import REPO, cli, wait_for, write_tiny_battery
 
 TINY = ["--preset", "tiny", "--block-size", "64", "--micro-batch", "8", "--min-train-tokens", "0",
@@ -63,6 +63,13 @@ def test_base_and_grid_checks_name_the_parameter(tmp_path):
         grid_space(space, ["a.txt"])
     ok = load_space(_space(tmp_path, "params: {steps: {low: 10, high: 30, step: 10}, lr: {choices: [0.01, 0.02]}}\n", "ok.yaml"))
     assert grid_space(ok, ["a.txt"]) == {"steps": [10, 20, 30], "lr": [0.01, 0.02]}
+    battery = write_tiny_battery(tmp_path / "battery")
+    check_objective(ok, str(battery))  # overall
+    typo = load_space(_space(tmp_path, "objective: reasoning_dept\nparams: {lr: {choices: [0.01, 0.02]}}\n", "typo.yaml"))
+    with pytest.raises(SpaceError, match=r"typo\.yaml:objective: 'reasoning_dept' is not a score of the battery in .*;"
+                                         r" use overall or one of forgetting, perplexity, reasoning_depth$"):
+        check_objective(typo, str(battery))
+    assert load_space(_space(tmp_path, "objective: perplexity\nparams: {lr: {choices: [0.01]}}\n", "ppl.yaml")).direction == "minimize"
 
 
 def test_the_cli_says_a_bad_space_in_one_line(tmp_path, corpora):
