@@ -128,14 +128,15 @@ class SearchLoop:
         with connect(self.ws) as client:
             return client.call(op, **kwargs)
 
-    def save(self) -> dict:
-        """The study's summary into DuckDB (through the service) for the dashboard."""
+    def save(self) -> tuple[dict, str | None]:
+        """The study's summary into DuckDB (through the service) for the dashboard; returns it
+        and why the importances are missing, if they are."""
         from backend import search as S
 
-        imp, _ = S.importances(self.study)
+        imp, why = S.importances(self.study)
         summary = S.study_summary(self.study, self.space, self.sampler, self.files, self.target, imp)
         self.call("search_save", study=summary, trials=S.trial_rows(self.study))
-        return summary
+        return summary, why
 
     def log(self, line: str) -> None:
         if not self.quiet:
@@ -270,11 +271,11 @@ class SearchLoop:
     def report(self) -> dict:
         from backend import search as S
 
-        summary = self.save()
-        imp, why = S.importances(self.study)
+        summary, why = self.save()
         rows = S.trial_rows(self.study)
         top = next((r for r in rows if r["number"] == summary["best_trial"]), None)
-        return {"study": summary, "trials": rows, "best": top, "importances": imp, "importances_note": why,
+        return {"study": summary, "trials": rows, "best": top, "importances": summary["importances"],
+                "importances_note": why,
                 "journal": self.study_path()}
 
 

@@ -72,6 +72,21 @@ def test_base_and_grid_checks_name_the_parameter(tmp_path):
     assert load_space(_space(tmp_path, "objective: perplexity\nparams: {lr: {choices: [0.01]}}\n", "ppl.yaml")).direction == "minimize"
 
 
+def test_a_trial_sets_training_lora_and_base_settings(tmp_path):
+    from backend.search import trial_settings
+
+    space = load_space(_space(tmp_path, "eval_every: 7\nparams: {lr: {low: 0.0001, high: 0.001, log: true},"
+                                        " lora_r: {choices: [4, 8]}, lora_alpha: 16, steps: {low: 10, high: 20, step: 10}}\n"))
+    base = {"base": {"base": "/m/llama", "preset": None}, "scenes": "/s", "train": {"lr": 2e-4, "max_steps": 0},
+            "lora": {"r": 16, "alpha": 32, "dropout": 0.05}, "probes": False}
+    out = trial_settings(base, space, {"lr": 5e-4, "lora_r": 8, "steps": 20})
+    assert out["train"] == {"lr": 5e-4, "max_steps": 20, "eval_every": 7}
+    assert out["lora"] == {"r": 8, "alpha": 16, "dropout": 0.05}  # alpha pinned by the space
+    assert base["lora"]["r"] == 16 and "eval_every" not in base["train"]  # the command's settings untouched
+    micro = load_space(_space(tmp_path, "params: {preset: {choices: [tiny, small]}}\n", "m.yaml"))
+    assert trial_settings({**base, "lora": {}}, micro, {"preset": "small"})["base"]["preset"] == "small"
+
+
 def test_the_cli_says_a_bad_space_in_one_line(tmp_path, corpora):
     path = _space(tmp_path, "params: {lora_r: {choices: [4, 8]}}\n")
     out = cli("search", "--space", str(path), "--trials", "2", str(corpora["logic"]),
