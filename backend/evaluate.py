@@ -93,12 +93,20 @@ class _Row:
     targets: list[tuple[int, int, int]]  # (index in the row, target token, request)
 
 
-def _shared_prefix_ok(model) -> bool:
-    """Whether the model takes a 4D additive attention mask (eager and SDPA attention do;
-    flash-attention kernels take only padding masks)."""
+def _attention(model) -> str:
+    """The model's attention kernel: "sdpa" and "eager" take a custom 4D mask (a bool one and
+    an additive one), so a scene's choices can share their context's row; any other kernel
+    (flash attention) takes padding masks only, and each request gets a row of its own."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = getattr(inner.config, "_attn_implementation", None) or "eager"
-    return impl in ("eager", "sdpa")
+    return impl if impl in ("eager", "sdpa") else "other"
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype activations have: the embeddings' (a 4-bit base keeps them in bf16/fp16/fp32)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
 
 
 def _pair_rows(pairs: Sequence[tuple[list[int], list[int]]], max_len: int, share: bool) -> list[_Row]:
@@ -166,9 +174,8 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
     ll = torch.zeros(n_out, dtype=torch.float64, device=device)
     misses = torch.zeros(n_out, dtype=torch.float64, device=device)
     count = torch.zeros(n_out, dtype=torch.float64, device=device)
-    dtype = next(model.parameters()).dtype
-    if not dtype.is_floating_point:
-        dtype = torch.float32
+    kernel = _attention(model)
+    dtype = _compute_dtype(model)
     rows_cap = None
     if max_requests is not None:  # a request cap (the old batch size) as a cap on rows
         rows_cap = max(1, max_requests)
@@ -190,12 +197,18 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
                 tgt.append(t)
                 req.append(q)
         ids, seg, pos = ids.to(device), seg.to(device), pos.to(device)
-        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-        sq, sk = seg[:, :, None], seg[:, None, :]
-        allowed = causal & ((sk == 0) | (sk == sq)) & (sk >= 0)
-        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
-        mask = torch.zeros((b, 1, width, width), dtype=dtype, device=device)
-        mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+        if kernel == "other":  # one request a row: a padding mask is all it needs
+            mask = (seg >= 0).long()
+        else:
+            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+            sq, sk = seg[:, :, None], seg[:, None, :]
+            allowed = causal & ((sk == 0) | (sk == sq)) & (sk >= 0)
+            allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
+            if kernel == "sdpa":
+                mask = allowed[:, None]
+            else:
+                mask = torch.zeros((b, 1, width, width), dtype=dtype, device=device)
+                mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
         flat_t = torch.tensor(flat, device=device)
         handle = _head_gather(model, flat_t)
         try:
@@ -230,7 +243,7 @@ def score_pairs(
     context is computed once, not once per choice."""
     max_len = context_length(model)
     clipped = [clip_pair(ctx, cont, max_len, max_cont) for ctx, cont in pairs]
-    rows = _pair_rows(clipped, max_len, _shared_prefix_ok(model))
+    rows = _pair_rows(clipped, max_len, _attention(model) != "other")
     model.eval()
     ll, greedy, _ = _score_rows(model, rows, len(clipped), device=device, pad_id=pad_id, max_tokens=max_tokens,
                                 max_requests=batch_size)

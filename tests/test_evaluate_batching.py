@@ -50,8 +50,10 @@ def _plain_greedy(model, tok, prompt: str, max_new: int) -> list[int]:
     return new
 
 
-def test_shared_prefix_rows_equal_each_pair_scored_alone():
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])  # a bool 4D mask, an additive one
+def test_shared_prefix_rows_equal_each_pair_scored_alone(attention):
     model = build_micro("tiny", 0, CPU).eval()
+    model.set_attn_implementation(attention)
     tok = ByteTokenizer()
     requests = [
         LoglikRequest("All glims are blorps. All blorps are zents. So all glims are", c)
