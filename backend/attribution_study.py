@@ -248,7 +248,7 @@ def advice(overall: dict | None, have: int, study: dict, n: int, effect: float) 
         return None
     sigma, needed = overall["sigma"], attribution.runs_needed(overall["sigma"], effect)
     line = (f"noise on overall: σ = {sigma:.3f} a run; an effect of δ = {effect:g} stands out of its 95% "
-            f"interval with about 16σ²/δ² = {needed} runs; this study has {have}")
+            f"interval with about 16σ²/δ² = {needed} run{'s' * (needed != 1)}; this study has {have}")
     if needed <= have:
         return line + ": enough"
     seeds = max(1, len(study["seeds"]))

@@ -96,12 +96,18 @@ def cmd_attribute(args) -> int:
     return EXIT_FAILED if failed else EXIT_OK
 
 
-def _signed(v) -> str:
-    return "-" if v is None else f"{v:+.3f}"
+def _digits(values) -> int:
+    """Decimals for one measure's block: 3 on a 0..1 measure, fewer for perplexities in the hundreds."""
+    scale = max([abs(v) for v in values if v is not None] + [0.0])
+    return 3 if scale < 10 else 2 if scale < 100 else 1
 
 
-def _plain(v) -> str:
-    return "-" if v is None else f"{v:.3f}"
+def _signed(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:+.{digits}f}"
+
+
+def _plain(v, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
 
 
 def table_lines(report: dict) -> list[str]:
@@ -126,14 +132,15 @@ def table_lines(report: dict) -> list[str]:
         direction = "lower is better: the contribution is the reduction" if info.get("lower_is_better") \
             else "higher is better"
         base = report["baseline"].get(measure)
-        lines += ["", f"{measure} ({direction}; baseline {_plain(base)}, σ {_plain(info.get('sigma'))} a run)"]
+        d = _digits([base] + [r[k] for r in rows for k in ("contribution", "ci_low", "ci_high", "standalone")])
+        lines += ["", f"{measure} ({direction}; baseline {_plain(base, d)}, σ {_plain(info.get('sigma'), d)} a run)"]
         lines.append(f"  {'rank':>4}  {'file':<{width}}  {'contribution':>12}  {'95% interval':^18}  "
                      f"{'alone':>7}  runs (with/without)")
         for r in rows:
-            ci = f"[{_signed(r['ci_low'])}, {_signed(r['ci_high'])}]" if r["ci_low"] is not None else "-"
+            ci = f"[{_signed(r['ci_low'], d)}, {_signed(r['ci_high'], d)}]" if r["ci_low"] is not None else "-"
             lines.append(
-                f"  {r['rank']:>4}  {r['corpus']:<{width}}  {_signed(r['contribution']):>12}  {ci:^18}  "
-                f"{_plain(r['standalone']):>7}  {r['runs']} ({r['runs_with']}/{r['runs_without']})"
+                f"  {r['rank']:>4}  {r['corpus']:<{width}}  {_signed(r['contribution'], d):>12}  {ci:^18}  "
+                f"{_plain(r['standalone'], d):>7}  {r['runs']} ({r['runs_with']}/{r['runs_without']})"
             )
     if not report["rows"]:
         lines += ["", "no finished runs yet: `ltm-tui follow` shows them; this command again prints the table"]
