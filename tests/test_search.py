@@ -322,7 +322,7 @@ def test_a_trial_survives_a_reboot_mid_training(tmp_path, corpora):
     from tests.conftest import stop_service
 
     write_tiny_battery(tmp_path / "battery")
-    space = _space(tmp_path, "pruner: none\neval_every: 10\nparams: {lr: {choices: [0.01]}, steps: 150}\n")
+    space = _space(tmp_path, "pruner: none\neval_every: 10\nparams: {lr: {choices: [0.01]}, steps: 60}\n")
     args = ["search", "--space", str(space), "--trials", "1", "--sampler", "grid", "--workspace", str(tmp_path / "ws"),
             "--scenes", str(tmp_path / "battery"), "--format", "json", *TINY, str(corpora["logic"])]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -339,6 +339,6 @@ def test_a_trial_survives_a_reboot_mid_training(tmp_path, corpora):
     assert out.returncode == 0, out.stderr
     assert f"trial 0: job {trial['run_id']} was interrupted; queued again (it resumes)" in out.stderr
     [done] = json.loads(out.stdout)["trials"]
-    assert done["state"] == "COMPLETE" and done["run_id"] == trial["run_id"] and done["last_step"] == 150
+    assert done["state"] == "COMPLETE" and done["run_id"] == trial["run_id"] and done["last_step"] == 60
     log = (tmp_path / "ws" / "runs" / trial["run_id"] / "train.log").read_text()
     assert "resumed from step-" in log
