@@ -129,7 +129,7 @@ def submit_study(
                     path = str(members[0].path)
                     if len(members) > 1:
                         folder.mkdir(parents=True, exist_ok=True)
-                        name = "all" if slot.design == "all" else f"subset-{slot.slot:02d}"
+                        name = "all" if slot.design == "all" else f"subset-{slot.slot:02d}-{_stems(infos, slot)}"
                         path = str(write_corpus_set(
                             folder / f"{name}.corpora", [m.path for m in members],
                             note=f"attribution study {study_id}: {slot.design} {slot.slot}",
@@ -164,6 +164,12 @@ def submit_study(
         "seeds": study["seeds"],
         "notes": notes,
     }
+
+
+def _stems(infos, slot: attribution.Slot) -> str:
+    """Which files a subset holds, for its set's name (the results table shows it)."""
+    stems = [Path(infos[i].name).stem[:12] for i in slot.members]
+    return "+".join(stems[:3]) + (f"+{len(stems) - 3}more" if len(stems) > 3 else "")
 
 
 def _reusable(runs) -> dict[tuple, dict]:
