@@ -13,11 +13,12 @@ Scores with their bootstrap intervals come from `backend.measures.score_run`.
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import math
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -91,6 +92,33 @@ class _Row:
     seg: list[int]
     pos: list[int]
     targets: list[tuple[int, int, int]]  # (index in the row, target token, request)
+    doc: list[int] = field(default_factory=list)  # packed rows: which one each token is of
+
+
+def _pack(rows: Sequence[_Row]) -> list[_Row]:
+    """Rows laid end to end in lines as wide as the widest row (best fit, longest first): a
+    batch then holds rows, not padding. A token sees only tokens of its own row (`doc`)."""
+    width = max((len(r.ids) for r in rows), default=0)
+    lines: list[_Row] = []
+    free: list[tuple[int, int]] = []  # (room left, line), ascending
+    for r in sorted(rows, key=lambda r: -len(r.ids)):
+        n = len(r.ids)
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            lines.append(_Row([], [], [], [], []))
+            room, k = width, len(lines) - 1
+        else:
+            room, k = free.pop(at)
+        line = lines[k]
+        offset, doc = len(line.ids), (line.doc[-1] + 1 if line.doc else 0)
+        line.ids += r.ids
+        line.seg += r.seg
+        line.pos += r.pos
+        line.doc += [doc] * n
+        line.targets += [(p + offset, t, q) for p, t, q in r.targets]
+        if room - n > 0:
+            bisect.insort(free, (room - n, k))
+    return lines
 
 
 def _attention(model) -> str:
@@ -167,9 +195,10 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
                 max_requests: int | None = None) -> tuple[list[float], list[bool], list[int]]:
     """(sum of target log-probs, all targets greedy, target count) per request over `rows`.
 
-    Rows go longest first in batches of at most `max_tokens` padded tokens, each with a 4D mask
-    in which a continuation sees its context and itself; the results stay on the device until
-    one copy to the host at the end.
+    Rows are packed end to end into lines as wide as the widest (`_pack`), which go in batches
+    of at most `max_tokens` tokens, each with a 4D mask in which a token sees its own row only,
+    and a continuation its context and itself; the results stay on the device until one copy
+    to the host at the end.
     """
     ll = torch.zeros(n_out, dtype=torch.float64, device=device)
     misses = torch.zeros(n_out, dtype=torch.float64, device=device)
@@ -179,11 +208,14 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
     rows_cap = None
     if max_requests is not None:  # a request cap (the old batch size) as a cap on rows
         rows_cap = max(1, max_requests)
+    if kernel != "other":
+        rows = _pack(rows)
     for idx in _batches([len(r.ids) for r in rows], max_tokens, rows_cap):
         width = len(rows[idx[0]].ids)
         b = len(idx)
         ids = torch.full((b, width), pad_id, dtype=torch.long)
         seg = torch.full((b, width), -1, dtype=torch.long)
+        doc = torch.zeros((b, width), dtype=torch.long)
         pos = torch.zeros((b, width), dtype=torch.long)
         flat, tgt, req = [], [], []
         for k, i in enumerate(idx):
@@ -192,17 +224,20 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
             ids[k, :n] = torch.tensor(r.ids)
             seg[k, :n] = torch.tensor(r.seg)
             pos[k, :n] = torch.tensor(r.pos)
+            if r.doc:
+                doc[k, :n] = torch.tensor(r.doc)
             for p, t, q in r.targets:
                 flat.append(k * width + p)
                 tgt.append(t)
                 req.append(q)
-        ids, seg, pos = ids.to(device), seg.to(device), pos.to(device)
+        ids, seg, doc, pos = ids.to(device), seg.to(device), doc.to(device), pos.to(device)
         if kernel == "other":  # one request a row: a padding mask is all it needs
             mask = (seg >= 0).long()
         else:
             causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
             sq, sk = seg[:, :, None], seg[:, None, :]
-            allowed = causal & ((sk == 0) | (sk == sq)) & (sk >= 0)
+            same_row = doc[:, :, None] == doc[:, None, :]
+            allowed = causal & same_row & ((sk == 0) | (sk == sq)) & (sk >= 0)
             allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
             if kernel == "sdpa":
                 mask = allowed[:, None]
