@@ -191,73 +191,93 @@ def _head_gather(model, flat: torch.Tensor):
     return head.register_forward_pre_hook(pre_hook)
 
 
+def _row_batch(rows: Sequence[_Row], idx: Sequence[int], *, device, pad_id: int, kernel: str, dtype):
+    """The tensors of one batch of rows: ids, attention mask (4D: a token sees its own row only,
+    and a continuation its context and itself; 2D padding for other kernels), positions, and
+    for the targets their flat index (row × width + position), token and request."""
+    width = len(rows[idx[0]].ids)
+    b = len(idx)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    doc = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    flat, tgt, req = [], [], []
+    for k, i in enumerate(idx):
+        r = rows[i]
+        n = len(r.ids)
+        ids[k, :n] = torch.tensor(r.ids)
+        seg[k, :n] = torch.tensor(r.seg)
+        pos[k, :n] = torch.tensor(r.pos)
+        if r.doc:
+            doc[k, :n] = torch.tensor(r.doc)
+        for p, t, q in r.targets:
+            flat.append(k * width + p)
+            tgt.append(t)
+            req.append(q)
+    ids, seg, doc, pos = ids.to(device), seg.to(device), doc.to(device), pos.to(device)
+    if kernel == "other":  # one request a row: a padding mask is all it needs
+        mask = (seg >= 0).long()
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        same_row = doc[:, :, None] == doc[:, None, :]
+        allowed = causal & same_row & ((sk == 0) | (sk == sq)) & (sk >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
+        if kernel == "sdpa":
+            mask = allowed[:, None]
+        else:
+            mask = torch.zeros((b, 1, width, width), dtype=dtype, device=device)
+            mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return ids, mask, pos, as_tensor(flat), as_tensor(tgt), as_tensor(req)
+
+
+def pair_batches(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, device, pad_id: int,
+                 max_cont: int | None = None, max_tokens: int = BATCH_TOKENS, max_rows: int | None = None):
+    """Token pairs (context, continuation) as forward-pass batches: each pair clipped to the
+    window (`clip_pair`), pairs with the same context in one row (`_pair_rows`), rows packed
+    (`_pack`) and cut by tokens. Yields (input_ids, attention_mask, position_ids, flat, target,
+    request) per batch (see `_row_batch`)."""
+    max_len = context_length(model)
+    kernel = _attention(model)
+    rows = _pair_rows([clip_pair(c, x, max_len, max_cont) for c, x in pairs], max_len, kernel != "other")
+    yield from _batched_rows(model, rows, device=device, pad_id=pad_id, max_tokens=max_tokens, max_rows=max_rows)
+
+
+def _batched_rows(model, rows: Sequence[_Row], *, device, pad_id: int, max_tokens: int, max_rows: int | None):
+    kernel = _attention(model)
+    dtype = _compute_dtype(model)
+    if kernel != "other":
+        rows = _pack(rows)
+    for idx in _batches([len(r.ids) for r in rows], max_tokens, max_rows):
+        yield _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
+
+
 def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int, max_tokens: int,
                 max_requests: int | None = None) -> tuple[list[float], list[bool], list[int]]:
     """(sum of target log-probs, all targets greedy, target count) per request over `rows`.
 
     Rows are packed end to end into lines as wide as the widest (`_pack`), which go in batches
-    of at most `max_tokens` tokens, each with a 4D mask in which a token sees its own row only,
-    and a continuation its context and itself; the results stay on the device until one copy
-    to the host at the end.
+    of at most `max_tokens` tokens (`_row_batch`); the output layer projects only the scored
+    positions, and the results stay on the device until one copy to the host at the end.
     """
     ll = torch.zeros(n_out, dtype=torch.float64, device=device)
     misses = torch.zeros(n_out, dtype=torch.float64, device=device)
     count = torch.zeros(n_out, dtype=torch.float64, device=device)
-    kernel = _attention(model)
-    dtype = _compute_dtype(model)
-    rows_cap = None
-    if max_requests is not None:  # a request cap (the old batch size) as a cap on rows
-        rows_cap = max(1, max_requests)
-    if kernel != "other":
-        rows = _pack(rows)
-    for idx in _batches([len(r.ids) for r in rows], max_tokens, rows_cap):
-        width = len(rows[idx[0]].ids)
-        b = len(idx)
-        ids = torch.full((b, width), pad_id, dtype=torch.long)
-        seg = torch.full((b, width), -1, dtype=torch.long)
-        doc = torch.zeros((b, width), dtype=torch.long)
-        pos = torch.zeros((b, width), dtype=torch.long)
-        flat, tgt, req = [], [], []
-        for k, i in enumerate(idx):
-            r = rows[i]
-            n = len(r.ids)
-            ids[k, :n] = torch.tensor(r.ids)
-            seg[k, :n] = torch.tensor(r.seg)
-            pos[k, :n] = torch.tensor(r.pos)
-            if r.doc:
-                doc[k, :n] = torch.tensor(r.doc)
-            for p, t, q in r.targets:
-                flat.append(k * width + p)
-                tgt.append(t)
-                req.append(q)
-        ids, seg, doc, pos = ids.to(device), seg.to(device), doc.to(device), pos.to(device)
-        if kernel == "other":  # one request a row: a padding mask is all it needs
-            mask = (seg >= 0).long()
-        else:
-            causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
-            sq, sk = seg[:, :, None], seg[:, None, :]
-            same_row = doc[:, :, None] == doc[:, None, :]
-            allowed = causal & same_row & ((sk == 0) | (sk == sq)) & (sk >= 0)
-            allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
-            if kernel == "sdpa":
-                mask = allowed[:, None]
-            else:
-                mask = torch.zeros((b, 1, width, width), dtype=dtype, device=device)
-                mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-        flat_t = torch.tensor(flat, device=device)
-        handle = _head_gather(model, flat_t)
+    max_rows = None if max_requests is None else max(1, max_requests)  # the old batch size, as rows
+    for ids, mask, pos, flat, tgt, req in _batched_rows(model, rows, device=device, pad_id=pad_id,
+                                                        max_tokens=max_tokens, max_rows=max_rows):
+        handle = _head_gather(model, flat)
         try:
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         finally:
             if handle is not None:
                 handle.remove()
-        logits = logits[0] if handle is not None else logits.reshape(-1, logits.shape[-1]).index_select(0, flat_t)
-        tgt_t = torch.tensor(tgt, device=device)
-        req_t = torch.tensor(req, device=device)
-        logp = F.log_softmax(logits.float(), dim=-1).gather(1, tgt_t[:, None]).squeeze(1)
-        ll.index_add_(0, req_t, logp.double())
-        misses.index_add_(0, req_t, (logits.argmax(dim=-1) != tgt_t).double())
-        count.index_add_(0, req_t, torch.ones_like(logp, dtype=torch.float64))
+        logits = logits[0] if handle is not None else logits.reshape(-1, logits.shape[-1]).index_select(0, flat)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).squeeze(1)
+        ll.index_add_(0, req, logp.double())
+        misses.index_add_(0, req, (logits.argmax(dim=-1) != tgt).double())
+        count.index_add_(0, req, torch.ones_like(logp, dtype=torch.float64))
     return ll.tolist(), [m == 0 for m in misses.tolist()], [int(c) for c in count.tolist()]
 
 
@@ -332,6 +352,30 @@ def _kept_ids(tok: Tokenizer, new: list[int]) -> tuple[int, ...]:
     return tuple(new[:end])
 
 
+# Evaluating a model this narrow or narrower on the CPU uses one intra-op thread (_one_thread).
+ONE_THREAD_HIDDEN = 1024
+
+
+@contextmanager
+def _one_thread(model, device):
+    """One intra-op thread while evaluating a small model on the CPU. A decoding step is some
+    hundred tiny operations; a second thread gains little on them, and when another process
+    holds the other core every operation waits for it: the built-in batteries' completions on
+    micro `small` took 2.3 s with one thread and 87 s with two while a training job ran beside
+    them on this 2-core machine (the whole evaluation: 4.9 s against 62 s)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = int(getattr(inner.config, "hidden_size", 0) or 0)
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or hidden > ONE_THREAD_HIDDEN or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @torch.inference_mode()
 def generate_batch(
     model,
@@ -360,49 +404,55 @@ def generate_batch(
     keep_one = "logits_to_keep" in _forward_params(model)
     model.eval()
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
-    for idx in _batches(sizes, max_tokens, None):
-        b = len(idx)
-        width = max(len(encoded[i]) for i in idx)
-        x = torch.full((b, width), tok.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for k, i in enumerate(idx):
-            x[k, width - len(encoded[i]) :] = torch.tensor(encoded[i])
-            mask[k, width - len(encoded[i]) :] = 1
-        x, mask = x.to(device), mask.to(device)
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        limits = [prompts[i][1] for i in idx]
-        new: list[list[int]] = [[] for _ in idx]
-        live = list(range(b))  # rows of the batch still decoding, in cache order
-        past = None
-        extra = {"logits_to_keep": 1} if keep_one else {}
-        while live:
-            kwargs = {name: past} if past is not None else {}
-            res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs, **extra)
-            past = res[name]
-            nxt = res.logits[:, -1].argmax(dim=-1)
-            still = []
-            for k, t in zip(live, nxt.tolist()):
-                if t == tok.eos_id:
-                    continue
-                new[k].append(t)
-                if len(new[k]) < limits[k] and not _stop_text(tok, new[k]):
-                    still.append(k)
-            if not still:
-                break
-            if len(still) < len(live):  # drop finished rows from the cache, mask and positions
-                keep = torch.tensor([live.index(k) for k in still], device=device)
-                if hasattr(past, "batch_select_indices"):
-                    past.batch_select_indices(keep)
-                else:
-                    past = _select_legacy(past, keep)
-                mask, pos, nxt = mask.index_select(0, keep), pos.index_select(0, keep), nxt.index_select(0, keep)
-                live = still
-            x = nxt[:, None]
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-            pos = pos[:, -1:] + 1
-        for k, i in enumerate(idx):
-            out[i] = Generation(tok.decode(new[k]).split("\n\n")[0].strip(), _kept_ids(tok, new[k]))
+    with _one_thread(model, device):
+        for idx in _batches(sizes, max_tokens, None):
+            _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one)
     return out
+
+
+def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, *, device, name: str, keep_one: bool) -> None:
+    """Greedy decoding of one batch of prompts (`generate_batch`), results into `out`."""
+    b = len(idx)
+    width = max(len(encoded[i]) for i in idx)
+    x = torch.full((b, width), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for k, i in enumerate(idx):
+        x[k, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+        mask[k, width - len(encoded[i]) :] = 1
+    x, mask = x.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    limits = [prompts[i][1] for i in idx]
+    new: list[list[int]] = [[] for _ in idx]
+    live = list(range(b))  # rows of the batch still decoding, in cache order
+    past = None
+    extra = {"logits_to_keep": 1} if keep_one else {}
+    while live:
+        kwargs = {name: past} if past is not None else {}
+        res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs, **extra)
+        past = res[name]
+        nxt = res.logits[:, -1].argmax(dim=-1)
+        still = []
+        for k, t in zip(live, nxt.tolist()):
+            if t == tok.eos_id:
+                continue
+            new[k].append(t)
+            if len(new[k]) < limits[k] and not _stop_text(tok, new[k]):
+                still.append(k)
+        if not still:
+            break
+        if len(still) < len(live):  # drop finished rows from the cache, mask and positions
+            keep = torch.tensor([live.index(k) for k in still], device=device)
+            if hasattr(past, "batch_select_indices"):
+                past.batch_select_indices(keep)
+            else:
+                past = _select_legacy(past, keep)
+            mask, pos, nxt = mask.index_select(0, keep), pos.index_select(0, keep), nxt.index_select(0, keep)
+            live = still
+        x = nxt[:, None]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        pos = pos[:, -1:] + 1
+    for k, i in enumerate(idx):
+        out[i] = Generation(tok.decode(new[k]).split("\n\n")[0].strip(), _kept_ids(tok, new[k]))
 
 
 def _select_legacy(past, keep: torch.Tensor):
@@ -637,6 +687,12 @@ def evaluate_all(
     it gates novelty on fluency and gives the base's loss on `general` text for `forgetting`
     (default: the paragraphs of data/general/).
     """
+    with _one_thread(model, device):
+        return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
+                             reference=reference, general=general)
+
+
+def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general):
     t0 = time.perf_counter()
     # every battery's completions in one batched decode
     wanted = [(b.name, s) for b in batteries for s in b.scenes if isinstance(s, GenerateScene)]

@@ -379,27 +379,36 @@ def attention_and_drift(adapted, base, tok: Tokenizer, batteries, *, device, set
 
 
 @torch.no_grad()
-def _lens_logliks(model, tok: Tokenizer, requests: list[tuple[list[int], list[int]]], device, batch_size: int) -> list[list[float]]:
+def _lens_logliks(model, tok: Tokenizer, requests: list[tuple[list[int], list[int]]], device) -> list[list[float]]:
     """For each (context, continuation) pair, the continuation's log-likelihood read through the
-    logit lens at every depth 0..L (0: the embeddings; L: the model's own output)."""
-    _, _, norm, head = _parts(model)
-    max_len = context_length(_inner(model))
-    out: list[list[float]] = []
-    for start in range(0, len(requests), batch_size):
-        chunk = requests[start : start + batch_size]
-        seqs = [(ctx + cont)[-(max_len + 1) :][:-1] for ctx, cont in chunk]
-        hidden, _ = _forward(model, seqs, tok.pad_id, device, attentions=False)
-        for row, ((ctx, cont), seq) in enumerate(zip(chunk, seqs)):
-            n = len(seq)
-            target = torch.tensor(cont, device=hidden[0].device)
-            per_layer = []
-            for h in hidden:
-                span = h[row, n - len(cont) : n]
-                logits = head(norm(span).to(head.weight.dtype))
-                logprobs = F.log_softmax(logits.float(), dim=-1)
-                per_layer.append(float(logprobs.gather(1, target[:, None]).sum()))
-            out.append(per_layer)
-    return out
+    logit lens at every depth 0..L (0: the embeddings; L: the model's own output). Batched as
+    evaluation batches choices (`backend.evaluate.pair_batches`): a scene's context once with
+    all its choices in one row, rows packed end to end and cut by tokens."""
+    from backend.evaluate import pair_batches
+
+    embed, layers, norm, head = _parts(model)
+    hidden: list[torch.Tensor | None] = [None] * (len(layers) + 1)
+
+    def keep(index):
+        def hook(module, args, output):  # noqa: ARG001 - hook signature
+            hidden[index] = output[0] if isinstance(output, (tuple, list)) else output
+
+        return hook
+
+    ll = torch.zeros((len(requests), len(hidden)), dtype=torch.float64, device=device)
+    handles = [embed.register_forward_hook(keep(0))]
+    handles += [layer.register_forward_hook(keep(i + 1)) for i, layer in enumerate(layers)]
+    try:
+        for ids, mask, pos, flat, target, req in pair_batches(model, requests, device=device, pad_id=tok.pad_id):
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+            for depth, h in enumerate(hidden):
+                picked = h.reshape(-1, h.shape[-1]).index_select(0, flat)
+                logprobs = F.log_softmax(head(norm(picked).to(head.weight.dtype)).float(), dim=-1)
+                ll[:, depth].index_add_(0, req, logprobs.gather(1, target[:, None]).squeeze(1).double())
+    finally:
+        for h in handles:
+            h.remove()
+    return ll.tolist()
 
 
 def logit_lens(adapted, base, tok: Tokenizer, batteries, *, device, settings: ProbeSettings) -> dict:
@@ -422,8 +431,8 @@ def logit_lens(adapted, base, tok: Tokenizer, batteries, *, device, settings: Pr
             ctx, cont = encode_pair(tok, context, c)
             requests.append((ctx or ([prefix] if prefix is not None else []), cont))
     with _as_base(adapted, base) as model:
-        lls_base = _lens_logliks(model, tok, requests, device, settings.batch_size)
-    lls_adapted = _lens_logliks(adapted, tok, requests, device, settings.batch_size)
+        lls_base = _lens_logliks(model, tok, requests, device)
+    lls_adapted = _lens_logliks(adapted, tok, requests, device)
     rows = []
     pos = 0
     for battery_name, scene in scenes:

@@ -135,3 +135,18 @@ def test_fluency_is_read_on_the_generated_tokens_not_the_text_encoded_again():
     (ppl,) = _completion_ppl(model, tok, ["A glim"], [gen], device=CPU)
     ll, _ = _plain(model, tok.encode("A glim"), [0xC3, 0xC3])
     assert ppl == pytest.approx(math.exp(-ll / 2), rel=1e-4)
+
+
+def test_a_small_model_is_evaluated_on_one_cpu_thread_and_the_setting_comes_back():
+    model = build_micro("tiny", 0, CPU).eval()
+    seen: list[int] = []
+    handle = model.register_forward_hook(lambda *args: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        generate_batch(model, ByteTokenizer(), [("All glims are", 4)], device=CPU)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        handle.remove()
+        torch.set_num_threads(before)
