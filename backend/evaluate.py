@@ -352,12 +352,12 @@ def _kept_ids(tok: Tokenizer, new: list[int]) -> tuple[int, ...]:
     return tuple(new[:end])
 
 
-# Evaluating a model this narrow or narrower on the CPU uses one intra-op thread (_one_thread).
+# Evaluating a model this narrow or narrower on the CPU uses one intra-op thread (one_thread).
 ONE_THREAD_HIDDEN = 1024
 
 
 @contextmanager
-def _one_thread(model, device):
+def one_thread(model, device):
     """One intra-op thread while evaluating a small model on the CPU. A decoding step is some
     hundred tiny operations; a second thread gains little on them, and when another process
     holds the other core every operation waits for it: the built-in batteries' completions on
@@ -404,7 +404,7 @@ def generate_batch(
     keep_one = "logits_to_keep" in _forward_params(model)
     model.eval()
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
-    with _one_thread(model, device):
+    with one_thread(model, device):
         for idx in _batches(sizes, max_tokens, None):
             _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one)
     return out
@@ -687,7 +687,7 @@ def evaluate_all(
     it gates novelty on fluency and gives the base's loss on `general` text for `forgetting`
     (default: the paragraphs of data/general/).
     """
-    with _one_thread(model, device):
+    with one_thread(model, device):
         return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
                              reference=reference, general=general)
 

@@ -481,9 +481,11 @@ def run_probes(
     `adapted` is a PEFT model (its base: the same model with the adapter switched off) or, with
     `base` given, a trained network compared with `base`, its initialisation (micro).
     """
+    from backend.evaluate import one_thread  # small models on the CPU: one thread, as evaluation
+
     settings = settings or ProbeSettings()
     t0 = time.perf_counter()
-    with _eval_mode(adapted), (_eval_mode(base) if base is not None else nullcontext()):
+    with one_thread(adapted, device), _eval_mode(adapted), (_eval_mode(base) if base is not None else nullcontext()):
         if base is not None:
             weight = full_weight_change(adapted, base, settings.top_singular)
         else:
