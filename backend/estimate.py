@@ -109,17 +109,20 @@ def _sample_text(sample: Sequence[Path] | None) -> tuple[str, int, str]:
 
 def _time_batteries(model, tok, batteries, device, log, per_battery: int = 4) -> float:
     """Seconds for one pass over the batteries, from the first `per_battery` scenes of each,
-    scaled by its scene count: a battery of 40 generation scenes would otherwise make the
-    calibration longer than a short training run. Finished runs replace it with measured times."""
+    scaled by the scene count: a battery of 40 generation scenes would otherwise make the
+    calibration longer than a short training run. The samples go through one evaluation, as a
+    run's batteries do (their completions decode in one batch), and the general text, which
+    does not grow with the batteries, is timed once unscaled. Finished runs replace it with
+    measured times."""
     import dataclasses
 
     from backend.evaluate import evaluate_all
 
-    total = 0.0
-    for battery in batteries:
-        sample = dataclasses.replace(battery, scenes=tuple(battery.scenes[:per_battery]))
-        _, _, seconds = evaluate_all(model, tok, [sample], device=device)
-        total += seconds * len(battery.scenes) / max(1, len(sample.scenes))
+    sample = [dataclasses.replace(b, scenes=tuple(b.scenes[:per_battery])) for b in batteries]
+    n_all, n_sample = sum(len(b.scenes) for b in batteries), sum(len(b.scenes) for b in sample)
+    _, _, scenes_seconds = evaluate_all(model, tok, sample, device=device, general=[])
+    _, _, general_seconds = evaluate_all(model, tok, [], device=device)
+    total = scenes_seconds * n_all / max(1, n_sample) + general_seconds
     log(f"one pass over {len(batteries)} batteries: {total:.2f} s (from {per_battery} scenes each)")
     return total
 
