@@ -1,11 +1,13 @@
 """The testbench: run batteries of scenes on a model and score them.
 
-- `choice` scenes: log-likelihood of each choice after the context, batched and sorted by
-  length, with lm-evaluation-harness's conventions (continuation tokens = tokens of
-  context+choice past the context's tokens; acc, and acc_norm = log-likelihood per character).
-- `generate` scenes: greedy decoding, then the scene's checks; novelty completions are also
-  scored by the base model, which gates them on fluency.
-- `perplexity` scenes: mean per-token loss of the text.
+- `choice` scenes: log-likelihood of each choice after the context, with lm-evaluation-harness's
+  conventions (continuation tokens = tokens of context+choice past the context's tokens; acc,
+  and acc_norm = log-likelihood per character). A scene's context is computed once, its
+  choices in the same row; rows are packed end to end and batched by tokens.
+- `generate` scenes: greedy decoding of every battery's prompts in one batch over a KV cache,
+  then the scene's checks; novelty completions are also scored by the base model on the
+  generated tokens, which gates them on fluency.
+- `perplexity` scenes: mean per-token loss of the text, all texts batched.
 - general text (`data/general/`): loss of the model and of its base, for `forgetting`.
 
 Scores with their bootstrap intervals come from `backend.measures.score_run`.
