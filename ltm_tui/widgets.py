@@ -53,6 +53,18 @@ class Cell:
 
 
 _STYLES: dict[str, Style] = {}
+_METAS: dict[tuple[int, int], Style] = {}
+
+
+def _meta(row: int, column: int) -> Style:
+    """The click target of a cell (DataTable reads row and column from it). The same places are
+    painted again at every sort, and a style made once also makes rich's cached style sums hit."""
+    style = _METAS.get((row, column))
+    if style is None:
+        if len(_METAS) > 100_000:  # a long scroll through a big table: start again
+            _METAS.clear()
+        style = _METAS[(row, column)] = Style.from_meta({"row": row, "column": column})
+    return style
 
 
 def _style(name: str) -> Style:
@@ -169,7 +181,7 @@ class RunTable(DataTable):
             False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor,
             self.cursor_foreground_priority == "css", self.cursor_background_priority == "css",
         )
-        pre = base_style + Style.from_meta({"row": row_index, "column": column_index}) + component_style
+        pre = base_style + _meta(row_index, column_index) + component_style
         outer = pre + post_style
         inner = pre + _style(cell.style) + post_style if cell.style else outer
         gap = " " * (room - cell_len(cell.text))
