@@ -99,8 +99,6 @@ class SortTable(RunTable):
 class StudyScreen(Screen):
     """What both study screens share: a study chooser, a summary, a table, a timer."""
 
-    OP = ""
-    EMPTY = ""
     BINDINGS = [
         Binding("escape", "app.pop_screen", "Back"),
         Binding("r", "reload", "Reload", tooltip="Read the study again"),
@@ -110,6 +108,7 @@ class StudyScreen(Screen):
         super().__init__()
         self.study: str | None = None
         self.reply: Any = None
+        self._options: list[tuple[str, str]] = []  # the chooser's (label, study) as last set
 
     def compose_top(self) -> ComposeResult:
         yield Select([], prompt="study", id="study", allow_blank=True)
@@ -126,10 +125,11 @@ class StudyScreen(Screen):
             self.study = value
             self.action_reload()
 
-    def set_studies(self, names: list[tuple[str, str]], current: str | None) -> None:
+    def set_studies(self, options: list[tuple[str, str]], current: str | None) -> None:
+        """The chooser's (label, study) pairs; set again only when one changed (a label carries
+        the study's progress, so it changes as runs finish)."""
         select = self.query_one("#study", Select)
-        options = [(label, value) for label, value in names]
-        if [v for _, v in options] != [v for _, v in getattr(self, "_options", [])]:
+        if options != self._options:
             self._options = options
             with select.prevent(Select.Changed):
                 select.set_options(options)

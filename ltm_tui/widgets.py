@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 from rich.cells import cell_len
 from rich.console import Group
@@ -34,13 +34,12 @@ ACTIVE = ("starting", "training", "evaluating")
 
 
 class Cell:
-    """A table cell that shows text and sorts by its raw value; the first cell of a row also
-    carries the row's run id, so an order computed on the rows can be applied to the table."""
+    """A table cell that shows one line of text and sorts by its raw value."""
 
-    __slots__ = ("text", "value", "style", "justify", "run_id")
+    __slots__ = ("text", "value", "style", "justify")
 
-    def __init__(self, text: str, value: Any = None, style: str = "", justify: str = "left", run_id: str = "") -> None:
-        self.text, self.value, self.style, self.justify, self.run_id = text, value, style, justify, run_id
+    def __init__(self, text: str, value: Any = None, style: str = "", justify: str = "left") -> None:
+        self.text, self.value, self.style, self.justify = text, value, style, justify
 
     def __rich__(self) -> Text:
         return Text(self.text, style=self.style, justify=self.justify, no_wrap=True, overflow="ellipsis")
@@ -52,7 +51,6 @@ class Cell:
         return hash(self.text)
 
 
-_STYLES: dict[str, Style] = {}
 _METAS: dict[tuple[int, int], Style] = {}
 
 
@@ -65,12 +63,6 @@ def _meta(row: int, column: int) -> Style:
             _METAS.clear()
         style = _METAS[(row, column)] = Style.from_meta({"row": row, "column": column})
     return style
-
-
-def _style(name: str) -> Style:
-    if name not in _STYLES:
-        _STYLES[name] = Style.parse(name)
-    return _STYLES[name]
 
 
 def _num(value, digits: int) -> str:
@@ -152,12 +144,12 @@ def _bar(share: float | None, width: int = 16) -> ProgressBar | Text:
 
 
 class RunTable(DataTable):
-    """A table with one row per run, keyed by run id.
+    """A table with one row per run (or per file, per trial), keyed by its id.
 
     Cells of our own kind (`Cell`: one line of plain text that fits its column) render straight
     to their segments instead of through rich's layout of Padding and Text: a sort or an update
     of 10,000 runs repaints every visible cell, and the layout was most of that time. The
-    segments are the same as DataTable's own (tests/test_app.py compares them cell by cell);
+    segments are the same as DataTable's own (tests/test_widgets.py compares them cell by cell);
     anything else (a progress bar, a header, a cell too wide) goes the DataTable way.
     """
 
@@ -183,12 +175,22 @@ class RunTable(DataTable):
         )
         pre = base_style + _meta(row_index, column_index) + component_style
         outer = pre + post_style
-        inner = pre + _style(cell.style) + post_style if cell.style else outer
+        inner = pre + Style.parse(cell.style) + post_style if cell.style else outer  # parse is cached
         gap = " " * (room - cell_len(cell.text))
         text = gap + cell.text if cell.justify == "right" else cell.text + gap
         lines = [[Segment(" " * pad, outer), Segment(text, inner), Segment(" " * pad, outer)]]
         self._cell_render_cache[cache_key] = lines
         return lines
+
+    def place(self, order: Iterable[str]) -> None:
+        """Show the rows in this order of keys (rows it does not name go last). The positions are
+        set in one pass: DataTable.sort would sort every row again to get the same order."""
+        keys = {key.value: key for key in self.rows}
+        placed = [keys.pop(k) for k in order if k in keys]
+        placed += keys.values()
+        self._row_locations = TwoWayDict({key: i for i, key in enumerate(placed)})
+        self._update_count += 1
+        self.refresh()
 
     def selected_run(self) -> str | None:
         if not self.row_count:
@@ -252,9 +254,7 @@ class QueueTable(RunTable):
                     self.update_cell(run_id, col, cell)
             else:
                 self.add_row(*cells, key=run_id)
-        pos = {r: i for i, r in enumerate(wanted)}
-        if self.row_count:
-            self.sort("corpus", key=lambda c: pos.get(c.run_id, 0))
+        self.place(wanted)
         self.follow(keep)
 
     def on_progress(self, event: dict) -> None:
@@ -294,7 +294,7 @@ class QueueTable(RunTable):
         tps = job.get("tokens_per_s")
         extra = job.get("error") if status in ("failed", "interrupted") else None
         return [
-            Cell(label, run_id=job["run_id"]),
+            Cell(label),
             Cell(status, style=STATUS_STYLE.get(status, "")),
             bar,
             Cell(f"{step or 0}/{total}" if total else (str(step) if step else "-"), justify="right"),
@@ -340,7 +340,6 @@ class ResultsTable(RunTable):
         self.column_keys: list[str] = []
         self._shown: dict[str, tuple[dict, float | None]] = {}  # run id -> the row and delta shown
         self._by_id: list[dict] | None = None  # the rows sorted by run id (ties of every sort)
-        self._row_keys: dict[str, Any] = {}  # run id -> the table's RowKey for it
         self.show_intervals = False
 
     # columns
@@ -376,7 +375,6 @@ class ResultsTable(RunTable):
         for key in [k for k in self._shown if k not in visible]:
             self.remove_row(key)
             del self._shown[key]
-            del self._row_keys[key]
         changed = False
         for run_id, r in visible.items():
             seen = (r, deltas.get(run_id))
@@ -390,14 +388,10 @@ class ResultsTable(RunTable):
                         wider = cell_len(new.text) > self.columns[ColumnKey(col)].content_width
                         self.update_cell(run_id, col, new, update_width=wider)
             else:
-                self._row_keys[run_id] = self.add_row(*cells, key=run_id)
+                self.add_row(*cells, key=run_id)
             self._shown[run_id] = seen
         if changed or len(visible) != len(self._shown):
             self.apply_order(keep)
-
-    def clear(self, columns: bool = False):
-        self._row_keys = {}
-        return super().clear(columns)
 
     def _deltas(self) -> dict[str, float]:
         base = {
@@ -418,8 +412,7 @@ class ResultsTable(RunTable):
         dim = "dim" if is_base else ""
         gain = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
         fixed = {
-            "corpus": Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim,
-                           run_id=r["run_id"]),
+            "corpus": Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim),
             "overall": Cell(_num(r.get("overall"), 3), r.get("overall"), dim or "bold", "right"),
             "delta": Cell("-" if delta is None else f"{delta:+.3f}", delta, gain, "right"),
             "base": Cell(r["base"], r["base"], dim),
@@ -478,19 +471,11 @@ class ResultsTable(RunTable):
         return pinned + [r["run_id"] for r in ordered if r.get("kind") != "baseline"]
 
     def apply_order(self, keep: str | None = None) -> None:
-        """Show the rows in `order()`. The row positions are set directly (one pass over the
-        keys) rather than through DataTable.sort, which would sort 10,000 rows again."""
         if keep is None:
             keep = self.selected_run()
-        if not self.row_count:
-            return
-        keys = dict(self._row_keys)
-        placed = [keys.pop(run_id) for run_id in self.order() if run_id in keys]
-        placed += keys.values()  # none: every row in the table matches the filter
-        self._row_locations = TwoWayDict({key: i for i, key in enumerate(placed)})
-        self._update_count += 1
-        self.refresh()
-        self.follow(keep)
+        if self.row_count:
+            self.place(self.order())
+            self.follow(keep)
 
     def sort_by(self, key: str, descending: bool | None = None) -> None:
         if descending is None:
