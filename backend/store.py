@@ -18,7 +18,7 @@ import os
 import re
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -788,26 +788,17 @@ class Store:
             found = cur.execute(
                 f"SELECT {', '.join(cols)} FROM search_studies ORDER BY updated_at DESC, study"
             ).fetchall()
-            studies = []
-            for row in found:
-                rec = dict(zip(cols, row))
-                for key in ("space", "files", "importances"):
-                    rec[key] = None if rec[key] is None else json.loads(rec[key])
-                rec["created_at"], rec["updated_at"] = _iso(rec["created_at"]), _iso(rec["updated_at"])
-                studies.append(rec)
+            studies = [_record(cols, row, ("space", "files", "importances")) for row in found]
             chosen = next((s for s in studies if s["study"] == study), None) if study else (studies[0] if studies else None)
             if study and chosen is None:
                 raise JobError(f"no search study {study!r}; `ltm-tui search --space FILE` starts one")
             tcols = ("number", "run_id", "state", "params", "value", "last_step", "last_value", "error")
             trials = []
             if chosen is not None:
-                for row in cur.execute(
+                trials = [_record(tcols, row, ("params",)) for row in cur.execute(
                     f"SELECT {', '.join(tcols)} FROM search_trials WHERE study = ? ORDER BY number",
                     [chosen["study"]],
-                ).fetchall():
-                    rec = dict(zip(tcols, row))
-                    rec["params"] = json.loads(rec["params"])
-                    trials.append(rec)
+                ).fetchall()]
         best = None
         if chosen is not None and chosen["best_trial"] is not None:
             best = next((t for t in trials if t["number"] == chosen["best_trial"]), None)
@@ -945,13 +936,7 @@ class Store:
             rows = cur.execute(
                 f"SELECT {', '.join(cols)} FROM attribution_studies ORDER BY updated_at DESC, study_id"
             ).fetchall()
-        out = []
-        for row in rows:
-            record = {k: (_iso(v) if k in _TIME_COLUMNS else v) for k, v in zip(cols, row)}
-            for k in ("files", "settings", "seeds"):
-                record[k] = json.loads(record[k])
-            out.append(record)
-        return out
+        return [_record(cols, row, ("files", "settings", "seeds")) for row in rows]
 
     def attribution_slots(self, study_id: str) -> list[dict[str, Any]]:
         """The study's slots: design, slot, seed, members (file indices) and the run that fills it."""
@@ -961,7 +946,7 @@ class Store:
                 f"SELECT {', '.join(cols)} FROM attribution_runs WHERE study_id = ? ORDER BY seed, design, slot",
                 [study_id],
             ).fetchall()
-        return [{**dict(zip(cols, row)), "members": json.loads(row[3])} for row in rows]
+        return [_record(cols, row, ("members",)) for row in rows]
 
     def set_attribution_slot(
         self, study_id: str, *, design: str, slot: int, seed: int, members: list[int], run_id: str
@@ -979,8 +964,17 @@ class Store:
 # --- row helpers ---------------------------------------------------------------------------
 
 
+def _record(cols: Sequence[str], row: tuple[Any, ...], json_cols: Iterable[str] = ()) -> dict[str, Any]:
+    """A row as a dict: timestamps as ISO text, the named JSON columns decoded (NULL stays None)."""
+    record = {k: (_iso(v) if k in _TIME_COLUMNS else v) for k, v in zip(cols, row)}
+    for k in json_cols:
+        if record[k] is not None:
+            record[k] = json.loads(record[k])
+    return record
+
+
 def _run_dict(row: tuple[Any, ...]) -> dict[str, Any]:
-    record = {k: (_iso(v) if k in _TIME_COLUMNS else v) for k, v in zip(_RUN_COLUMNS, row)}
+    record = _record(_RUN_COLUMNS, row)
     record["settings"] = json.loads(record["settings"]) if record["settings"] else {}
     return record
 
