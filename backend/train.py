@@ -193,7 +193,7 @@ def train_model(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=cfg.lr,
         betas=(0.9, 0.95),
-        fused=device.type == "cuda",
+        fused=device.type in ("cuda", "cpu"),  # one kernel over all tensors (CPU too since torch 2.4)
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
     eval_sample = blocks.batch(_eval_starts(blocks, cfg.eval_blocks)) if cfg.eval_every else None

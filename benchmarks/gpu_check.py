@@ -79,10 +79,10 @@ def case(name: str, quant: bool, device, dtype, ceiling: float, started: float) 
     with tempfile.TemporaryDirectory() as tmp:
         tokens = peers.demo_tokens(Path(tmp), steps * micro_batch * accum * block + block + 1, shape["vocab"])
 
-        def build():
+        def build(peer=False):
             t0 = time.perf_counter()
-            m = (peers.quantized_lora_model(shape, device=device) if quant
-                 else peers.lora_model(shape, dtype=dtype, device=device))
+            m = (peers.quantized_lora_model(shape, device=device, peer=peer) if quant
+                 else peers.lora_model(shape, dtype=dtype, device=device, peer=peer))
             out.setdefault("build_seconds", round(time.perf_counter() - t0, 1))
             return m
 
@@ -98,7 +98,7 @@ def case(name: str, quant: bool, device, dtype, ceiling: float, started: float) 
         if time.perf_counter() - started > BUDGET_S * 0.85:
             out["hf_trainer"] = {"skipped": "time budget"}
             return out
-        model = build()
+        model = build(peer=True)
         peer = peers.train_hf_trainer(model, tokens, cfg, device, bf16=dtype == torch.bfloat16)
         del model
         _free()

@@ -2,14 +2,19 @@
 
 Used by `benchmarks/run.py` (CPU-sized shapes) and `benchmarks/gpu_check.py` (1B- and 7B-shaped
 Llamas). Both sides of every comparison get the same randomly initialised model built from a
-config (no download), the same LoRA adapter (`backend.worker.attach_lora`), the same packed
+config (no download), the same LoRA adapter (`backend.worker.attach_lora`; the peer's keeps PEFT's
+own dropout, ours `backend.dropout.FastDropout` at the same rate), the same packed
 blocks in the same order, the same optimizer (AdamW, betas 0.9/0.95, weight decay 0.01, clip
 1.0), the same schedule (no warm-up, cosine to 10% of the peak) and the same precision.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -42,10 +47,13 @@ def llama(shape: dict[str, int], seed: int = 0, dtype=torch.float32, device="cpu
     return model
 
 
-def lora_model(shape, seed=0, dtype=torch.float32, device="cpu", r=16):
+def lora_model(shape, seed=0, dtype=torch.float32, device="cpu", r=16, peer: bool = False):
+    """Our LoRA model; `peer=True` gives plain PEFT (its own dropout), what the Trainer side runs.
+    Both start from the same weights."""
     from backend.worker import attach_lora
 
-    return attach_lora(llama(shape, seed, dtype, device), LoraSettings(r=r, alpha=2 * r), seed)
+    return attach_lora(llama(shape, seed, dtype, device), LoraSettings(r=r, alpha=2 * r), seed,
+                       fast_dropout=not peer)
 
 
 def demo_tokens(folder: Path, n_tokens: int, vocab: int) -> Path:
@@ -150,20 +158,50 @@ def train_hf_trainer(model, tokens: Path, cfg: TrainConfig, device, bf16: bool =
             "final_loss": losses[-1], "first_loss": losses[0]}
 
 
+def train_side(spec: dict[str, Any]) -> dict[str, Any]:
+    """One side of `train_ratio` in this process: `spec` names the side ("ours" or "peer"), the
+    shape, the run (steps, block, micro_batch, grad_accum), dtype, device, LoRA rank and quant,
+    and the token file. Ours starts as the worker does (`keep_freed_memory`)."""
+    from backend.worker import keep_freed_memory
+
+    ours = spec["side"] == "ours"
+    if ours:
+        keep_freed_memory()
+    device, dtype = spec["device"], getattr(torch, spec["dtype"])
+    cfg = train_config(spec["steps"], spec["block"], spec["micro_batch"], spec["grad_accum"])
+    model = (quantized_lora_model(spec["shape"], device=device, r=spec["r"], peer=not ours) if spec["quant"]
+             else lora_model(spec["shape"], dtype=dtype, device=device, r=spec["r"], peer=not ours))
+    tokens = Path(spec["tokens"])
+    if ours:
+        return train_ours(model, tokens, cfg, device)
+    return train_hf_trainer(model, tokens, cfg, device, bf16=dtype == torch.bfloat16)
+
+
+def _side_in_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """`train_side` in a fresh Python process, as a worker runs: nothing carried over from the
+    other side (allocator state, garbage, warmed caches)."""
+    code = "import json, sys; from benchmarks.peers import train_side; print(json.dumps(train_side(json.loads(sys.argv[1]))))"
+    done = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], cwd=PROJECT_ROOT, capture_output=True,
+                          text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    if done.returncode != 0:
+        raise RuntimeError(f"{spec['side']} side failed: {done.stderr.strip()[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def train_ratio(shape, steps, block, micro_batch, grad_accum, *, device="cpu", dtype=torch.float32,
                 repeats: int = 2, r: int = 16, quant: bool = False) -> dict[str, Any]:
     """Our tokens/s ÷ HF Trainer + PEFT tokens/s, alternating the sides `repeats` times (best of
-    each), with both final losses: the same model, data, order and settings must reach the same
-    loss."""
-    cfg = train_config(steps, block, micro_batch, grad_accum)
+    each), each side in a process of its own, with both final losses: the same model, data,
+    order and settings must reach the same loss."""
     ours, peer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tokens = demo_tokens(Path(tmp), steps * micro_batch * grad_accum * block + block + 1, shape["vocab"])
+        spec = {"shape": shape, "steps": steps, "block": block, "micro_batch": micro_batch, "grad_accum": grad_accum,
+                "device": str(device), "dtype": str(dtype).replace("torch.", ""), "r": r, "quant": quant,
+                "tokens": str(tokens)}
         for _ in range(repeats):
-            build = (lambda: quantized_lora_model(shape, device=device, r=r)) if quant else (
-                lambda: lora_model(shape, dtype=dtype, device=device, r=r))
-            ours.append(train_ours(build(), tokens, cfg, device))
-            peer.append(train_hf_trainer(build(), tokens, cfg, device, bf16=dtype == torch.bfloat16))
+            ours.append(_side_in_process({**spec, "side": "ours"}))
+            peer.append(_side_in_process({**spec, "side": "peer"}))
     best_ours = max(ours, key=lambda x: x["tokens_per_s"])
     best_peer = max(peer, key=lambda x: x["tokens_per_s"])
     loss_gap = abs(best_ours["final_loss"] - best_peer["final_loss"]) / max(1e-9, best_peer["final_loss"])
@@ -175,12 +213,12 @@ def train_ratio(shape, steps, block, micro_batch, grad_accum, *, device="cpu", d
         "hf_trainer_loss": [round(best_peer["first_loss"], 4), round(best_peer["final_loss"], 4)],
         "same_loss": bool(loss_gap < 0.02 and best_ours["final_loss"] < best_ours["first_loss"]),
         "settings": {"shape": shape, "steps": steps, "block": block, "micro_batch": micro_batch,
-                     "grad_accum": grad_accum, "lora_r": r, "dtype": str(dtype).replace("torch.", ""),
-                     "quant": "nf4" if quant else None, "device": str(device)},
+                     "grad_accum": grad_accum, "lora_r": r, "dtype": spec["dtype"],
+                     "quant": "nf4" if quant else None, "device": str(device), "each_side": "own process"},
     }
 
 
-def quantized_lora_model(shape, device="cuda", r=16, seed=0):
+def quantized_lora_model(shape, device="cuda", r=16, seed=0, peer: bool = False):
     """A QLoRA model: the random Llama saved and loaded back in 4-bit nf4 by the project's loader."""
     from backend.models import BaseSpec, load_hf_base
     from backend.worker import attach_lora
@@ -194,7 +232,7 @@ def quantized_lora_model(shape, device="cuda", r=16, seed=0):
         (Path(tmp) / "config.json").write_text(
             json.dumps({**json.loads((Path(tmp) / "config.json").read_text()), "use_cache": False}))
         base = load_hf_base(BaseSpec(base=tmp, quant="4bit", device=str(device)), torch.device(device))
-    return attach_lora(base, LoraSettings(r=r, alpha=2 * r), seed)
+    return attach_lora(base, LoraSettings(r=r, alpha=2 * r), seed, fast_dropout=not peer)
 
 
 def step_flops(model, block: int, micro_batch: int, device="cpu") -> int:

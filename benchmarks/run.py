@@ -221,7 +221,10 @@ def main() -> int:
         "quick": args.quick,
     }
     cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_eval_run, bench_ui, bench_probes)
-    only = set(args.only.split(",")) if args.only else None
+    names = [case.__name__.removeprefix("bench_") for case in cases]
+    only = {name.strip() for name in args.only.split(",")} if args.only else None
+    if only and only - set(names):
+        parser.error(f"unknown case {', '.join(sorted(only - set(names)))}; choose from {', '.join(names)}")
     for case in cases:
         if only and case.__name__.removeprefix("bench_") not in only:
             continue

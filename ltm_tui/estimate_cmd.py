@@ -69,6 +69,9 @@ def cmd_estimate(args) -> int:
     base, train = settings.base, settings.train
     if args.recalibrate or forecast.load_calibration(ws, base, train) is None:
         from backend.estimate import ensure_calibration
+        from backend.worker import keep_freed_memory
+
+        keep_freed_memory()  # as the worker does, so the calibration's steps run at the worker's speed
 
         say = (lambda s: None) if args.format == "json" else (lambda s: print(f"calibrating: {s}", file=sys.stderr))
         ensure_calibration(
