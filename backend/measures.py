@@ -90,9 +90,10 @@ def reasoning_depth(results: Iterable[Mapping]) -> float | None:
     return _mean(point["accuracy"] for point in curve.values())
 
 
-def depth_max(results: Iterable[Mapping]) -> float | None:
-    """The largest depth whose accuracy is clearly above chance (p < 0.05), 0 when none is."""
-    curve = depth_curve(results)
+def depth_max(results: Iterable[Mapping], curve: dict[int, dict] | None = None) -> float | None:
+    """The largest depth whose accuracy is clearly above chance (p < 0.05), 0 when none is
+    (`curve`: the results' `depth_curve`, when already computed)."""
+    curve = depth_curve(results) if curve is None else curve
     if not curve:
         return None
     above = [d for d, point in curve.items() if point["p_above_chance"] < ABOVE_CHANCE_P]
@@ -281,12 +282,13 @@ def _by_scene(r: Mapping) -> str:
 def _specs(metric: str, rows: list[Mapping]) -> list[tuple[str, Statistic, Callable, Callable | None]]:
     """(score name, statistic, bootstrap cluster, bootstrap stratum) for one measure's rows."""
     if metric == "reasoning_depth":
+        curve = _LastCurve()  # the depth scores all read one curve per resample
         specs = [
-            ("reasoning_depth", reasoning_depth, _by_scene, _depth),
-            ("depth_max", depth_max, _by_scene, _depth),
+            ("reasoning_depth", lambda rs: _mean(p["accuracy"] for p in curve(rs).values()), _by_scene, _depth),
+            ("depth_max", lambda rs: depth_max(rs, curve(rs)), _by_scene, _depth),
         ]
         for depth in sorted({_depth(r) for r in _rows(rows)}):
-            specs.append((f"depth@{depth}", _accuracy_at(depth), _by_scene, _depth))
+            specs.append((f"depth@{depth}", _accuracy_at(depth, curve), _by_scene, _depth))
         return specs
     if metric == "consistency":
         return [("consistency", consistency, _group, None), ("consistency_scenes", consistency_scenes, _group, None)]
@@ -303,9 +305,24 @@ def _specs(metric: str, rows: list[Mapping]) -> list[tuple[str, Statistic, Calla
     return [(metric, mean_score, _by_scene, None)]
 
 
-def _accuracy_at(depth: int) -> Statistic:
+class _LastCurve:
+    """`depth_curve` of the rows it was last called with, kept while they are passed again:
+    the bootstrap reads every depth score on one resample before drawing the next."""
+
+    def __init__(self) -> None:
+        self._rows: object = None
+        self._curve: dict[int, dict] = {}
+
+    def __call__(self, rows: list) -> dict[int, dict]:
+        if rows is not self._rows:  # identity: the list is held, so its id cannot be reused
+            self._rows, self._curve = rows, depth_curve(rows)
+        return self._curve
+
+
+def _accuracy_at(depth: int, curve: _LastCurve) -> Statistic:
     def statistic(rows: list) -> float | None:
-        return _mean(float(_right(r)) for r in _rows(rows) if _depth(r) == depth)
+        point = curve(rows).get(depth)
+        return None if point is None else point["accuracy"]
 
     return statistic
 
@@ -319,17 +336,27 @@ def score_run(scene_results: Iterable[Mapping], *, intervals: bool = True) -> di
         by_metric[metric].append(r)
     scores: dict[str, dict] = {}
     for metric, rows in by_metric.items():
-        for name, statistic, cluster, stratum in _specs(metric, rows):
-            value = statistic(rows)
-            if value is None:
-                continue
-            entry = {"value": round(value, 6), "n": len(_rows(rows)), "lo": None, "hi": None}
-            if intervals:
-                ci = stats.bootstrap_interval(_rows(rows), statistic, cluster=cluster, stratum=stratum)
-                if ci is not None:
-                    entry["lo"], entry["hi"] = round(ci[0], 6), round(ci[1], 6)
-            scores[name] = entry
+        for (cluster, stratum), specs in _shared_draws(_specs(metric, rows)).items():
+            cis = (stats.bootstrap_intervals(_rows(rows), specs, cluster=cluster, stratum=stratum)
+                   if intervals else {})
+            for name, statistic in specs.items():
+                value = statistic(rows)
+                if value is None:
+                    continue
+                ci = cis.get(name)
+                scores[name] = {"value": round(value, 6), "n": len(_rows(rows)),
+                                "lo": None if ci is None else round(ci[0], 6),
+                                "hi": None if ci is None else round(ci[1], 6)}
     return scores
+
+
+def _shared_draws(specs) -> dict[tuple, dict[str, Statistic]]:
+    """A measure's statistics grouped by (cluster, stratum): those in one group are bootstrapped
+    on the same resamples (drawn once; the intervals are the same as drawing them for each)."""
+    groups: dict[tuple, dict[str, Statistic]] = defaultdict(dict)
+    for name, statistic, cluster, stratum in specs:
+        groups[(cluster, stratum)][name] = statistic
+    return groups
 
 
 def pooled_scores(runs: list[list[Mapping]]) -> dict[str, dict]:
@@ -346,12 +373,15 @@ def pooled_scores(runs: list[list[Mapping]]) -> dict[str, dict]:
         per_run = [_rows(rows) for rows in per_run if _rows(rows)]
         if not per_run:
             continue
-        for name, statistic, cluster, stratum in _specs(metric, [r for rows in per_run for r in rows]):
-            mean, ci = stats.bootstrap_over_runs(per_run, statistic, cluster=cluster, stratum=stratum)
-            if mean is None:
-                continue
-            scores[name] = {"value": round(mean, 6), "n": sum(len(rows) for rows in per_run), "seeds": len(per_run),
-                            "lo": None if ci is None else round(ci[0], 6), "hi": None if ci is None else round(ci[1], 6)}
+        groups = _shared_draws(_specs(metric, [r for rows in per_run for r in rows]))
+        for (cluster, stratum), specs in groups.items():
+            pooled = stats.bootstrap_over_runs_many(per_run, specs, cluster=cluster, stratum=stratum)
+            for name, (mean, ci) in pooled.items():
+                if mean is None:
+                    continue
+                scores[name] = {"value": round(mean, 6), "n": sum(len(rows) for rows in per_run), "seeds": len(per_run),
+                                "lo": None if ci is None else round(ci[0], 6),
+                                "hi": None if ci is None else round(ci[1], 6)}
     return scores
 
 

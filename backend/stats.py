@@ -100,18 +100,36 @@ def bootstrap_interval(
     copies); a stratum keeps its count in every resample (each depth of the depth curve). None
     when the statistic is undefined on the data.
     """
-    if statistic(list(rows)) is None:
-        return None
+    return bootstrap_intervals(rows, {"": statistic}, cluster=cluster, stratum=stratum, samples=samples, seed=seed)[""]
+
+
+def bootstrap_intervals(
+    rows: Sequence,
+    statistics: Mapping[str, Callable[[list], float | None]],
+    *,
+    cluster: Callable[[object], Hashable] = id,
+    stratum: Callable[[object], Hashable] | None = None,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, tuple[float, float] | None]:
+    """`bootstrap_interval` for several statistics of the same rows, clusters and strata: the
+    resamples are drawn once and each statistic read on every one. The draws do not depend on
+    the statistic, so each interval is exactly the one `bootstrap_interval` gives it alone."""
+    defined = {name: fn for name, fn in statistics.items() if fn(list(rows)) is not None}
+    out: dict[str, tuple[float, float] | None] = {name: None for name in statistics}
+    if not defined:
+        return out
     strata = _clusters(rows, cluster, stratum)
     rng = random.Random(seed)
-    values = []
+    values: dict[str, list[float]] = {name: [] for name in defined}
     for _ in range(samples):
-        value = statistic(_resample(strata, rng))
-        if value is not None and not math.isnan(value):
-            values.append(value)
-    if not values:
-        return None
-    return _percentiles(values)
+        sample = _resample(strata, rng)
+        for name, fn in defined.items():
+            value = fn(sample)
+            if value is not None and not math.isnan(value):
+                values[name].append(value)
+    out.update({name: _percentiles(v) for name, v in values.items() if v})
+    return out
 
 
 def bootstrap_over_runs(
@@ -125,24 +143,55 @@ def bootstrap_over_runs(
 ) -> tuple[float | None, tuple[float, float] | None]:
     """(mean over runs, 95% interval) for repeats with different seeds: a two-level bootstrap
     that draws seeds with replacement, then the clusters of each drawn seed's scenes."""
-    per_run = [statistic(list(rows)) for rows in runs]
-    usable = [(rows, v) for rows, v in zip(runs, per_run) if v is not None]
-    if not usable:
-        return None, None
-    mean = sum(v for _, v in usable) / len(usable)
-    levels = [_clusters(rows, cluster, stratum) for rows, _ in usable]
-    rng = random.Random(seed)
-    values = []
-    for _ in range(samples):
-        total, count = 0.0, 0
-        for _ in range(len(levels)):
-            value = statistic(_resample(levels[rng.randrange(len(levels))], rng))
-            if value is not None and not math.isnan(value):
-                total += value
-                count += 1
-        if count:
-            values.append(total / count)
-    return mean, (_percentiles(values) if values else None)
+    return bootstrap_over_runs_many(runs, {"": statistic}, cluster=cluster, stratum=stratum,
+                                    samples=samples, seed=seed)[""]
+
+
+def bootstrap_over_runs_many(
+    runs: Sequence[Sequence],
+    statistics: Mapping[str, Callable[[list], float | None]],
+    *,
+    cluster: Callable[[object], Hashable] = id,
+    stratum: Callable[[object], Hashable] | None = None,
+    samples: int = BOOTSTRAP_SAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+) -> dict[str, tuple[float | None, tuple[float, float] | None]]:
+    """`bootstrap_over_runs` for several statistics, drawing the seeds and clusters once (each
+    result equals the one-statistic call's)."""
+    out: dict[str, tuple[float | None, tuple[float, float] | None]] = {}
+    plans = {}  # name -> (indices of the runs where it is defined, their values)
+    for name, fn in statistics.items():
+        per_run = [fn(list(rows)) for rows in runs]
+        usable = [i for i, v in enumerate(per_run) if v is not None]
+        if not usable:
+            out[name] = (None, None)
+            continue
+        plans[name] = usable
+        out[name] = (sum(per_run[i] for i in usable) / len(usable), None)
+    # The one-statistic bootstrap draws over the runs where its statistic is defined; statistics
+    # defined on the same runs share the draws.
+    by_runs: dict[tuple[int, ...], list[str]] = defaultdict(list)
+    for name, usable in plans.items():
+        by_runs[tuple(usable)].append(name)
+    for usable, names in by_runs.items():
+        levels = [_clusters(runs[i], cluster, stratum) for i in usable]
+        rng = random.Random(seed)
+        values: dict[str, list[float]] = {name: [] for name in names}
+        for _ in range(samples):
+            totals = {name: [0.0, 0] for name in names}
+            for _ in range(len(levels)):
+                sample = _resample(levels[rng.randrange(len(levels))], rng)
+                for name in names:
+                    value = statistics[name](sample)
+                    if value is not None and not math.isnan(value):
+                        totals[name][0] += value
+                        totals[name][1] += 1
+            for name, (total, count) in totals.items():
+                if count:
+                    values[name].append(total / count)
+        for name in names:
+            out[name] = (out[name][0], _percentiles(values[name]) if values[name] else None)
+    return out
 
 
 def combine_intervals(

@@ -133,3 +133,25 @@ def test_overall_interval_combines_independent_measures():
     ci = measures.overall_interval({"a": 0.5, "b": 0.7}, {"a": (0.4, 0.6), "b": (0.6, 0.8)})
     half = 1.96 * math.sqrt(2 * (0.2 / 3.92) ** 2) / 2
     assert ci == pytest.approx((0.6 - half, 0.6 + half), abs=1e-6)
+
+
+def test_depth_scores_read_one_curve_per_resample_and_keep_their_intervals():
+    # The depth scores share each resample's curve; every interval must equal bootstrapping
+    # that score on its own with the plain functions.
+    from backend import stats
+
+    rows = []
+    for depth, right in ((1, 7), (2, 5), (3, 2)):
+        rows += [r(f"d{depth}-{i}", float(i < right), metric="reasoning_depth", depth=depth, n_choices=3)
+                 for i in range(9)]
+    scores = measures.score_run(rows)
+
+    def accuracy_at(depth):
+        return lambda rs: measures._mean(float(measures._right(x)) for x in rs if measures._depth(x) == depth)
+
+    alone = {"reasoning_depth": measures.reasoning_depth, "depth_max": measures.depth_max,
+             **{f"depth@{d}": accuracy_at(d) for d in (1, 2, 3)}}
+    for name, fn in alone.items():
+        ci = stats.bootstrap_interval(rows, fn, cluster=measures._by_scene, stratum=measures._depth)
+        assert (scores[name]["lo"], scores[name]["hi"]) == (round(ci[0], 6), round(ci[1], 6)), name
+        assert scores[name]["value"] == round(fn(rows), 6)

@@ -95,3 +95,32 @@ def test_weak_scenes_flags_no_spread_and_chance_everywhere():
     }
     weak = {w["scene_id"]: w["reasons"] for w in stats.weak_scenes(runs)}
     assert weak == {"same": ["no spread"], "guess": ["at chance"]}
+
+
+def test_several_statistics_on_shared_draws_equal_each_bootstrapped_alone():
+    rng = random.Random(3)
+    rows = [(f"c{i // 3}", i % 4, float(rng.random() < 0.6)) for i in range(60)]
+
+    def mean(xs):
+        return sum(v for *_, v in xs) / len(xs)
+
+    def share_of_stratum_0(xs):  # undefined on resamples without stratum 0? never: strata keep their size
+        picked = [v for _, s, v in xs if s == 0]
+        return sum(picked) / len(picked) if picked else None
+
+    def sometimes_nan(xs):
+        m = mean(xs)
+        return math.nan if m > 0.65 else m
+
+    statistics = {"mean": mean, "s0": share_of_stratum_0, "nan": sometimes_nan, "never": lambda xs: None}
+    kw = {"cluster": lambda row: row[0], "stratum": lambda row: row[1], "samples": 300}
+    shared = stats.bootstrap_intervals(rows, statistics, **kw)
+    assert shared == {name: stats.bootstrap_interval(rows, fn, **kw) for name, fn in statistics.items()}
+    assert shared["never"] is None and shared["mean"] is not None
+
+    # Over seeds: a statistic defined on only some runs draws over those runs, as alone.
+    runs = [rows[:30], rows[30:], [row for row in rows if row[1] != 0]]
+    statistics["s0"] = share_of_stratum_0
+    pooled = stats.bootstrap_over_runs_many(runs, statistics, **kw)
+    assert pooled == {name: stats.bootstrap_over_runs(runs, fn, **kw) for name, fn in statistics.items()}
+    assert pooled["never"] == (None, None)
