@@ -65,21 +65,21 @@ def _chance(r: Mapping) -> float:
 def depth_curve(results: Iterable[Mapping]) -> dict[int, dict]:
     """Per depth: accuracy, scenes, chance (mean of 1/choices) and the one-sided p-value of the
     right answers against chance (exact binomial)."""
-    by_depth: dict[int, list[Mapping]] = defaultdict(list)
-    for r in _rows(results):
-        by_depth[_depth(r)].append(r)
-    curve = {}
-    for depth in sorted(by_depth):
-        rows = by_depth[depth]
-        right = sum(_right(r) for r in rows)
-        chance = fmean(_chance(r) for r in rows)
-        curve[depth] = {
-            "accuracy": right / len(rows),
-            "n": len(rows),
-            "chance": chance,
-            "p_above_chance": stats.binomial_tail(right, len(rows), chance),
-        }
-    return curve
+    by_depth: dict[int, tuple[list[bool], list[float]]] = {}
+    for r in results:  # one pass, as the bootstrap calls this a thousand times a run
+        if r.get("score") is None:
+            continue
+        right, chances = by_depth.setdefault(_depth(r), ([], []))
+        right.append(_right(r))
+        chances.append(_chance(r))
+    return {depth: _curve_point(*by_depth[depth]) for depth in sorted(by_depth)}
+
+
+def _curve_point(right: list[bool], chances: list[float]) -> dict:
+    hits, n = sum(right), len(right)
+    chance = math.fsum(chances) / n  # = statistics.fmean
+    return {"accuracy": hits / n, "n": n, "chance": chance,
+            "p_above_chance": stats.binomial_tail(hits, n, chance)}
 
 
 def reasoning_depth(results: Iterable[Mapping]) -> float | None:
@@ -282,7 +282,7 @@ def _by_scene(r: Mapping) -> str:
 def _specs(metric: str, rows: list[Mapping]) -> list[tuple[str, Statistic, Callable, Callable | None]]:
     """(score name, statistic, bootstrap cluster, bootstrap stratum) for one measure's rows."""
     if metric == "reasoning_depth":
-        curve = _LastCurve()  # the depth scores all read one curve per resample
+        curve = _LastCurve(rows)  # the depth scores all read one curve per resample
         specs = [
             ("reasoning_depth", lambda rs: _mean(p["accuracy"] for p in curve(rs).values()), _by_scene, _depth),
             ("depth_max", lambda rs: depth_max(rs, curve(rs)), _by_scene, _depth),
@@ -306,17 +306,34 @@ def _specs(metric: str, rows: list[Mapping]) -> list[tuple[str, Statistic, Calla
 
 
 class _LastCurve:
-    """`depth_curve` of the rows it was last called with, kept while they are passed again:
-    the bootstrap reads every depth score on one resample before drawing the next."""
+    """`depth_curve` for the bootstrap of one run's depth scenes: each row's depth, outcome and
+    chance are read once (a resample holds the same row objects), and the curve of the rows it
+    was last called with is kept while they are passed again (every depth score reads one
+    curve per resample). Rows it has not seen go through `depth_curve` itself."""
 
-    def __init__(self) -> None:
-        self._rows: object = None
+    def __init__(self, rows: list[Mapping]) -> None:
+        self._held = rows  # keeps the rows alive, so their ids stay theirs
+        self._facts = {id(r): (_depth(r), _right(r), _chance(r)) for r in _rows(rows)}
+        self._last: object = None
         self._curve: dict[int, dict] = {}
 
     def __call__(self, rows: list) -> dict[int, dict]:
-        if rows is not self._rows:  # identity: the list is held, so its id cannot be reused
-            self._rows, self._curve = rows, depth_curve(rows)
+        if rows is not self._last:  # identity: the list is held, so its id cannot be reused
+            self._last, self._curve = rows, self._compute(rows)
         return self._curve
+
+    def _compute(self, rows: list) -> dict[int, dict]:
+        facts = self._facts
+        try:
+            picked = [facts[id(r)] for r in rows if r.get("score") is not None]
+        except KeyError:
+            return depth_curve(rows)
+        by_depth: dict[int, tuple[list[bool], list[float]]] = {}
+        for depth, right, chance in picked:
+            rights, chances = by_depth.setdefault(depth, ([], []))
+            rights.append(right)
+            chances.append(chance)
+        return {depth: _curve_point(*by_depth[depth]) for depth in sorted(by_depth)}
 
 
 def _accuracy_at(depth: int, curve: _LastCurve) -> Statistic:

@@ -8,6 +8,7 @@ docs/measures.md says what each interval means.
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections import defaultdict
@@ -21,6 +22,7 @@ BOOTSTRAP_SEED = 20240229  # fixed: intervals are reproducible
 # --- exact tests ---------------------------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=4096)  # the depth bootstrap asks the same few (k, n, p) many times
 def binomial_tail(k: int, n: int, p: float) -> float:
     """P(X >= k) for X ~ Binomial(n, p): the one-sided p-value of k successes in n at chance p."""
     if k <= 0:
@@ -85,6 +87,15 @@ def _resample(strata: list[list[list]], rng: random.Random) -> list:
     return sample
 
 
+@functools.lru_cache(maxsize=32)
+def _draws(sizes: tuple[int, ...], samples: int, seed: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
+    """The cluster indices `_resample` draws, sample by sample and stratum by stratum, for strata
+    of these sizes. They depend only on the sizes and the seed, so a warm worker scoring one
+    battery run after run draws them once."""
+    rng = random.Random(seed)
+    return tuple(tuple(tuple(rng.randrange(n) for _ in range(n)) for n in sizes) for _ in range(samples))
+
+
 def bootstrap_interval(
     rows: Sequence,
     statistic: Callable[[list], float | None],
@@ -120,10 +131,9 @@ def bootstrap_intervals(
     if not defined:
         return out
     strata = _clusters(rows, cluster, stratum)
-    rng = random.Random(seed)
     values: dict[str, list[float]] = {name: [] for name in defined}
-    for _ in range(samples):
-        sample = _resample(strata, rng)
+    for picks in _draws(tuple(len(clusters) for clusters in strata), samples, seed):
+        sample = [row for clusters, drawn in zip(strata, picks) for i in drawn for row in clusters[i]]
         for name, fn in defined.items():
             value = fn(sample)
             if value is not None and not math.isnan(value):
