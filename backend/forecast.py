@@ -256,6 +256,9 @@ def tokens_for_pages(workspace, base_spec, train, pages: float) -> int:
     return int(round(pages * WORDS_PER_PAGE * per_word))
 
 
+WARM_LOAD_SECONDS = 0.1  # a run's load below this was a warm worker's: the base was already loaded
+
+
 def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None:
     """Seconds and peak memory for one job on a corpus of `tokens` tokens, or None when neither
     a calibration nor a finished run with these settings is known.
@@ -293,13 +296,15 @@ def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None
             fixed = 0.0
     train_seconds = fixed + per_token * seen
 
-    def measured(name: str) -> float:
-        values = [float(r[name]) for r in runs if r.get(name) is not None]
+    def measured(name: str, least: float = 0.0) -> float:
+        values = [float(r[name]) for r in runs if r.get(name) is not None and float(r[name]) >= least]
         if values:
             return statistics.median(values)
         return float((calib or {}).get(name) or 0.0)
 
-    load_seconds = measured("load_seconds")
+    # A job that a warm worker ran after another on the same base loaded nothing (its load is
+    # about 0.01 s); the forecast is for a corpus on its own, so it counts a real load.
+    load_seconds = measured("load_seconds", least=WARM_LOAD_SECONDS)
     eval_seconds = measured("eval_seconds")
     tok_rate = (calib or {}).get("tokenize_tokens_per_s")
     tokenize_seconds = tokens / float(tok_rate) if tok_rate else 0.0

@@ -120,6 +120,11 @@ def test_fit_over_finished_runs_recovers_fixed_and_per_token_time(tmp_path):
     _write_result(ws, "r0", 100_000, 13.0 + 2e-5 * 100_000)
     assert forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)["fixed_seconds"] != pred["fixed_seconds"]
 
+    # Jobs a warm worker ran after the first loaded nothing: the forecast still counts a load.
+    for i in range(5):
+        _write_result(ws, f"warm{i}", 100_000, 5.0, load_seconds=0.012)
+    assert forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)["load_seconds"] == 0.25
+
 
 def test_runs_of_one_length_take_the_slope_from_the_calibration(tmp_path, tiny_battery):
     """Every micro run on a short corpus trains the same 1.2M-token floor: the runs then set the
