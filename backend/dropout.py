@@ -8,7 +8,10 @@ out of each 64-bit word that `Tensor.random_` draws, so a mask costs a quarter o
 and keeps the mask as booleans for the backward pass.
 
 The drop rate is rounded to a multiple of 1/65536 (0.05 becomes 0.0500030518), and the kept
-values are scaled by 1 / (1 - that rate), so the expectation is unchanged. The draws come
+values are scaled by 1 / (1 - that rate), so in float32 the expectation is unchanged (in bf16
+and fp16 the scale is rounded to the tensor's type, as `nn.Dropout`'s is). A rate that rounds to
+0 or to 1 (below 1/131072 or above 1 - 1/131072) goes to `F.dropout` instead. A dropped element
+is 0 even where the input was NaN or infinite (`nn.Dropout` gives NaN there). The draws come
 from torch's default generator: `torch.manual_seed` and a checkpoint's saved RNG state give the
 same masks again. On a GPU, where `bernoulli_` is cheap, it is plain `F.dropout`.
 """
@@ -54,11 +57,12 @@ class FastDropout(torch.nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout rate {p} must be in [0, 1)")
         self.p = p
+        self._lanes = 0 < round(p * _LEVELS) < _LEVELS  # the rate survives rounding to 1/65536
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return x
-        if x.device.type != "cpu":
+        if x.device.type != "cpu" or not self._lanes:
             return F.dropout(x, self.p, True)
         return _MaskedScale.apply(x, self.p)
 

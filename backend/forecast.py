@@ -155,8 +155,11 @@ def load_calibration(workspace, base_spec, train) -> dict | None:
 
 
 def _summarise(result: Mapping[str, Any]) -> dict | None:
+    """What the forecast reads from one run's result.json: adapter runs give training,
+    evaluation and load times; a baseline (nothing trained) only its load."""
     settings = result.get("settings") or {}
-    if result.get("kind") != "adapter" or not result.get("tokens_seen") or not settings.get("base"):
+    kind = result.get("kind")
+    if not settings.get("base") or not (kind == "baseline" or (kind == "adapter" and result.get("tokens_seen"))):
         return None
     evaluation = result.get("eval_seconds")
     probes = result.get("probes") if isinstance(result.get("probes"), dict) else {}
@@ -164,6 +167,7 @@ def _summarise(result: Mapping[str, Any]) -> dict | None:
     if evaluation is not None and isinstance(probe_seconds, (int, float)):
         evaluation = float(evaluation) + float(probe_seconds)  # the job's time after training
     return {
+        "kind": kind,
         "key": settings_key(settings["base"], settings.get("train")),
         "device": str(result.get("device") or "cpu").split(":")[0],
         "tokens": int(result.get("tokens") or 0),
@@ -171,8 +175,12 @@ def _summarise(result: Mapping[str, Any]) -> dict | None:
         "train_seconds": float(result.get("train_seconds") or 0.0),
         "eval_seconds": evaluation,
         "load_seconds": result.get("load_seconds"),
+        "warm": result.get("warm"),  # None in runs from before it was recorded
         "oom_halvings": int(result.get("oom_halvings") or 0),
     }
+
+
+SUMMARY_VERSION = 2  # in each index entry's stamp: a summary of an older shape is read again
 
 
 def finished_runs(workspace) -> list[dict]:
@@ -193,7 +201,7 @@ def finished_runs(workspace) -> list[dict]:
             st = path.stat()
         except OSError:
             continue
-        stamp = [st.st_size, st.st_mtime_ns]
+        stamp = [SUMMARY_VERSION, st.st_size, st.st_mtime_ns]
         old = index.get(path.parent.name)
         if old and old.get("stamp") == stamp:
             fresh[path.parent.name] = old
@@ -256,7 +264,7 @@ def tokens_for_pages(workspace, base_spec, train, pages: float) -> int:
     return int(round(pages * WORDS_PER_PAGE * per_word))
 
 
-WARM_LOAD_SECONDS = 0.1  # a run's load below this was a warm worker's: the base was already loaded
+WARM_LOAD_SECONDS = 0.1  # in runs that do not record `warm`: a load below this was a warm worker's
 
 
 def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None:
@@ -271,7 +279,8 @@ def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None
     calib = load_calibration(workspace, base_spec, train)
     key = settings_key(base_spec, train)
     kind = "cpu" if device_tag(base_spec).startswith("cpu") else "cuda"
-    runs = [r for r in finished_runs(workspace) if r["key"] == key and r["device"] == kind]
+    alike = [r for r in finished_runs(workspace) if r["key"] == key and r["device"] == kind]
+    runs = [r for r in alike if r.get("kind") == "adapter"]
     if calib is None and not runs:
         return None
     steps, seen = trained_tokens(base_spec, train, tokens, (calib or {}).get("block_size"))
@@ -296,15 +305,19 @@ def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None
             fixed = 0.0
     train_seconds = fixed + per_token * seen
 
-    def measured(name: str, least: float = 0.0) -> float:
-        values = [float(r[name]) for r in runs if r.get(name) is not None and float(r[name]) >= least]
+    def measured(name: str, among=runs) -> float:
+        values = [float(r[name]) for r in among if r.get(name) is not None]
         if values:
             return statistics.median(values)
         return float((calib or {}).get(name) or 0.0)
 
-    # A job that a warm worker ran after another on the same base loaded nothing (its load is
-    # about 0.01 s); the forecast is for a corpus on its own, so it counts a real load.
-    load_seconds = measured("load_seconds", least=WARM_LOAD_SECONDS)
+    # A job that a warm worker ran after another found the imports done and an HF base loaded
+    # (its load is about 0.01 s); the forecast is for a corpus on its own, so it counts the load
+    # of a worker's first job. Runs from before `warm` was recorded: a load under 0.1 s was warm.
+    # A baseline is usually a worker's first job: its load counts too.
+    cold = [r for r in alike if r.get("warm") is False
+            or (r.get("warm") is None and float(r.get("load_seconds") or 0.0) >= WARM_LOAD_SECONDS)]
+    load_seconds = measured("load_seconds", cold)
     eval_seconds = measured("eval_seconds")
     tok_rate = (calib or {}).get("tokenize_tokens_per_s")
     tokenize_seconds = tokens / float(tok_rate) if tok_rate else 0.0

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import random
+from array import array
 from collections import defaultdict
 from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
@@ -87,13 +88,25 @@ def _resample(strata: list[list[list]], rng: random.Random) -> list:
     return sample
 
 
-@functools.lru_cache(maxsize=32)
-def _draws(sizes: tuple[int, ...], samples: int, seed: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
-    """The cluster indices `_resample` draws, sample by sample and stratum by stratum, for strata
-    of these sizes. They depend only on the sizes and the seed, so a warm worker scoring one
-    battery run after run draws them once."""
+_CACHED_DRAWS = 2_000_000  # cluster indices (4 bytes each) at most in one cached set of draws
+
+
+def _draws(sizes: tuple[int, ...], samples: int, seed: int) -> tuple[array, ...]:
+    """The cluster indices `_resample` draws, one flat array per sample (stratum after stratum,
+    in `_resample`'s order), for strata of these sizes. They depend only on the sizes and the
+    seed, so a warm worker scoring one battery run after run draws them once: sets of up to
+    `_CACHED_DRAWS` indices (8 MB) are kept, the 8 most recent."""
+    if sum(sizes) * samples <= _CACHED_DRAWS:
+        return _cached_draws(sizes, samples, seed)
+    return _make_draws(sizes, samples, seed)
+
+
+def _make_draws(sizes: tuple[int, ...], samples: int, seed: int) -> tuple[array, ...]:
     rng = random.Random(seed)
-    return tuple(tuple(tuple(rng.randrange(n) for _ in range(n)) for n in sizes) for _ in range(samples))
+    return tuple(array("I", [rng.randrange(n) for n in sizes for _ in range(n)]) for _ in range(samples))
+
+
+_cached_draws = functools.lru_cache(maxsize=8)(_make_draws)
 
 
 def bootstrap_interval(
@@ -131,9 +144,10 @@ def bootstrap_intervals(
     if not defined:
         return out
     strata = _clusters(rows, cluster, stratum)
+    owners = [clusters for clusters in strata for _ in clusters]  # the stratum each draw picks from
     values: dict[str, list[float]] = {name: [] for name in defined}
     for picks in _draws(tuple(len(clusters) for clusters in strata), samples, seed):
-        sample = [row for clusters, drawn in zip(strata, picks) for i in drawn for row in clusters[i]]
+        sample = [row for clusters, i in zip(owners, picks) for row in clusters[i]]
         for name, fn in defined.items():
             value = fn(sample)
             if value is not None and not math.isnan(value):
@@ -169,7 +183,7 @@ def bootstrap_over_runs_many(
     """`bootstrap_over_runs` for several statistics, drawing the seeds and clusters once (each
     result equals the one-statistic call's)."""
     out: dict[str, tuple[float | None, tuple[float, float] | None]] = {}
-    plans = {}  # name -> (indices of the runs where it is defined, their values)
+    plans = {}  # name -> indices of the runs where it is defined
     for name, fn in statistics.items():
         per_run = [fn(list(rows)) for rows in runs]
         usable = [i for i, v in enumerate(per_run) if v is not None]

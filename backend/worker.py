@@ -59,9 +59,11 @@ def keep_freed_memory() -> bool:
     serves an allocation above its threshold with a fresh `mmap` and returns it on free, so the
     next step faults every page in again: on `benchmarks/run.py`'s CPU training shape that was
     about 8,000 page faults and 13–20 ms of system time a step (6% of it). With a 32 MiB
-    threshold (glibc's largest) and 1 GiB kept before trimming, the faults go away; the cost is
-    that the worker's resident memory stays at its peak, which it reaches again at the next
-    step anyway. Called once at the worker's start; False where the C library is not glibc."""
+    threshold (glibc's largest) and 1 GiB kept before trimming, allocations up to 32 MiB are
+    reused from the heap and those faults go away (larger ones, such as the logits of a
+    32k-token vocabulary, are still mapped afresh); the cost is that the worker's resident memory
+    stays at its peak, which it reaches again at the next step anyway. Called once at the
+    worker's start; False where the C library is not glibc."""
     import ctypes
     import ctypes.util
 
@@ -89,6 +91,7 @@ class Worker:
         self.spec = BaseSpec(**session["base"])
         self.batteries = load_batteries(session["scenes"])
         self._base = None  # (model, tokenizer, device) of an HF base, loaded once
+        self.jobs_started = 0  # a job after the first finds the imports done and an HF base loaded
 
     def base(self, seed: int):
         from backend.models import load_base
@@ -118,6 +121,8 @@ class Worker:
                 return
             events.emit("phase", phase="starting")
             seed = int(job.get("seed", 0))
+            warm = self.jobs_started > 0
+            self.jobs_started += 1
             t_load = time.perf_counter()
             model, tok, device = self.base(seed)
             load_seconds = time.perf_counter() - t_load
@@ -167,6 +172,7 @@ class Worker:
                 "train_seconds": round(outcome.train_seconds, 3) if outcome else 0.0,
                 "eval_seconds": round(eval_seconds, 3),
                 "load_seconds": round(load_seconds, 3),
+                "warm": warm,  # this worker had run a job before: its load was not a cold start's
                 "final_loss": outcome.final_loss if outcome else None,
                 # what the steps ran with: smaller than asked when out-of-memory halved it
                 "micro_batch_used": outcome.micro_batch if outcome else None,

@@ -4,7 +4,7 @@ Used by `benchmarks/run.py` (CPU-sized shapes) and `benchmarks/gpu_check.py` (1B
 Llamas). Both sides of every comparison get the same randomly initialised model built from a
 config (no download), the same LoRA adapter (`backend.worker.attach_lora`; the peer's keeps PEFT's
 own dropout, ours `backend.dropout.FastDropout` at the same rate), the same packed
-blocks in the same order, the same optimizer (AdamW, betas 0.9/0.95, weight decay 0.01, clip
+blocks in the same order, the same optimizer (fused AdamW, betas 0.9/0.95, weight decay 0.01, clip
 1.0), the same schedule (no warm-up, cosine to 10% of the peak) and the same precision.
 """
 
@@ -143,7 +143,7 @@ def train_hf_trainer(model, tokens: Path, cfg: TrainConfig, device, bf16: bool =
             warmup_steps=0, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.95,
             max_grad_norm=cfg.grad_clip, logging_steps=cfg.log_every, save_strategy="no", report_to=[],
             use_cpu=torch.device(device).type == "cpu", bf16=bf16, dataloader_num_workers=0, seed=cfg.seed,
-            disable_tqdm=True, optim="adamw_torch_fused" if torch.device(device).type == "cuda" else "adamw_torch",
+            disable_tqdm=True, optim="adamw_torch_fused",  # the Trainer's own default with torch ≥ 2.8, CPU and GPU
         )
         trainer = InOrder(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
                           callbacks=[Losses()])

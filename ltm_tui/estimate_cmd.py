@@ -130,8 +130,9 @@ def _print_table(rows: list[dict], calib: dict, base: dict, train: dict) -> None
         f"{calib['tokens_per_word_source']}); a run trains max({cfg.epochs:g} epochs, "
         f"{cfg.min_train_tokens:,} tokens); evaluation = one pass over the batteries"
     )
-    print("load = loading the base and tokenizing the corpus; a worker loads the base once, "
-          "so corpora queued behind the first on the same base skip that part")
+    print("load = starting on the base as a worker's first job does (imports, loading or building "
+          "the base) plus tokenizing the corpus; a worker keeps an HF base loaded, so corpora "
+          "queued behind the first on it skip the base's load")
     head = ("pages", "tokens", "trained", "load", "train", "eval", "total", "peak memory")
     table = [head] + [
         (f"{r['pages']:g}", f"{r['tokens']:,}", f"{r['trained_tokens']:,}", fs(r["load_seconds"] + r["tokenize_seconds"]),

@@ -52,6 +52,10 @@ def test_same_seed_same_masks_and_eval_is_identity():
     assert torch.equal(FastDropout(0.0).train()(x), x)
     with pytest.raises(ValueError):
         FastDropout(1.0)
+    # Rates that 16 bits cannot hold go to F.dropout: nearly all dropped, or nearly none.
+    big = torch.ones(100_000)
+    assert int((FastDropout(0.999999).train()(big) != 0).sum()) < 10
+    assert int((FastDropout(1e-7).train()(big) == 0).sum()) < 3
 
 
 def _tiny_llama():

@@ -120,10 +120,19 @@ def test_fit_over_finished_runs_recovers_fixed_and_per_token_time(tmp_path):
     _write_result(ws, "r0", 100_000, 13.0 + 2e-5 * 100_000)
     assert forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)["fixed_seconds"] != pred["fixed_seconds"]
 
-    # Jobs a warm worker ran after the first loaded nothing: the forecast still counts a load.
+    # Jobs a warm worker ran after its first found everything loaded: the forecast, for one
+    # corpus on its own, still counts a cold start's load. Runs from before `warm` was recorded
+    # count as warm when their load was under 0.1 s.
     for i in range(5):
-        _write_result(ws, f"warm{i}", 100_000, 5.0, load_seconds=0.012)
+        _write_result(ws, f"warm{i}", 100_000, 5.0, load_seconds=0.3, warm=True)
+        _write_result(ws, f"old-warm{i}", 100_000, 5.0, load_seconds=0.012)
     assert forecast.predict(ws, MICRO_TINY, TRAIN, 1_000_000)["load_seconds"] == 0.25
+    # A recorded cold start counts whatever its length (a micro build is fast), and a baseline,
+    # usually a worker's first job, counts for the load though it trained nothing.
+    quick = tmp_path / "quick"
+    _write_result(quick, "first", 0, 0.0, load_seconds=0.05, warm=False, kind="baseline")
+    _write_result(quick, "second", 100_000, 5.0, load_seconds=0.01, warm=True)
+    assert forecast.predict(quick, MICRO_TINY, TRAIN, 1_000_000)["load_seconds"] == 0.05
 
 
 def test_runs_of_one_length_take_the_slope_from_the_calibration(tmp_path, tiny_battery):

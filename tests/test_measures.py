@@ -155,3 +155,27 @@ def test_depth_scores_read_one_curve_per_resample_and_keep_their_intervals():
         ci = stats.bootstrap_interval(rows, fn, cluster=measures._by_scene, stratum=measures._depth)
         assert (scores[name]["lo"], scores[name]["hi"]) == (round(ci[0], 6), round(ci[1], 6)), name
         assert scores[name]["value"] == round(fn(rows), 6)
+
+
+def _golden_rows(seed: int) -> list[dict]:
+    rows = [{"battery": "depth", "metric": "reasoning_depth", "scene_id": f"d{i}", "score": 1.0,
+             "correct": (i * 7 + seed) % 5 < 3 - i % 3, "detail": {"depth": 1 + i % 4, "n_choices": 3}}
+            for i in range(48)]
+    rows += [{"battery": "press", "metric": "pressure", "scene_id": f"p{i}", "score": 1.0,
+              "correct": (i * 3 + seed) % 4 != 0, "detail": ({"of": f"p{i - i % 3}"} if i % 3 else {})}
+             for i in range(30)]
+    return rows
+
+
+def test_intervals_are_the_ones_stored_before_the_draws_were_shared():
+    # Recorded with the code of commit a1ad7eb, which drew 1000 resamples for each score on its
+    # own: sharing and caching the draws must not move any stored interval.
+    run = {"depth@1": [0.166667, 0.666667], "depth@2": [0.25, 0.833333], "depth@3": [0.083333, 0.583333],
+           "depth@4": [0.083333, 0.583333], "depth_max": [0.0, 3.0], "pressure": [0.666667, 0.833333],
+           "reasoning_depth": [0.270833, 0.541667]}
+    pooled = {"depth@1": [0.222222, 0.555556], "depth@2": [0.25, 0.583333], "depth@3": [0.25, 0.583333],
+              "depth@4": [0.222222, 0.555556], "depth_max": [0.0, 2.333333], "pressure": [0.699722, 0.8],
+              "reasoning_depth": [0.319444, 0.486111]}
+    assert {k: [v["lo"], v["hi"]] for k, v in measures.score_run(_golden_rows(0)).items()} == run
+    got = measures.pooled_scores([_golden_rows(0), _golden_rows(1), _golden_rows(2)])
+    assert {k: [v["lo"], v["hi"]] for k, v in got.items()} == pooled

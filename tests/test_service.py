@@ -9,6 +9,7 @@ import signal
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -204,6 +205,12 @@ def test_a_warm_worker_takes_the_next_corpus_on_its_base(tmp_path, corpora, tiny
     with Store(ws.db_path) as store:
         runs = {r["corpus_path"].rsplit("/", 1)[-1]: r for r in store.list_runs() if r["corpus_path"]}
     assert runs["story.txt"]["worker_pid"] == runs["logic.txt"]["worker_pid"] == job["pid"]
+    # result.json says which job started the worker (the forecast counts only such loads): the
+    # baseline runs first, then the two corpora in the same worker
+    with Store(ws.db_path) as store:
+        warm = {(r["corpus_path"] or "baseline").rsplit("/", 1)[-1]:
+                json.loads((Path(r["run_dir"]) / "result.json").read_text())["warm"] for r in store.list_runs()}
+    assert warm == {"baseline": False, "logic.txt": True, "story.txt": True}
 
 
 def test_a_subscriber_that_leaves_does_not_keep_the_service_busy(tmp_path):
