@@ -153,6 +153,9 @@ class RunTable(DataTable):
     anything else (a progress bar, a header, a cell too wide) goes the DataTable way.
     """
 
+    _by_value: dict | None = None  # see _located
+    _one_line = False  # every row is one line high (then place() also fills DataTable's offsets)
+
     def _render_cell(self, row_index: int, column_index: int, base_style: Style, width: int,
                      cursor: bool = False, hover: bool = False):
         if row_index < 0 or column_index < 0 or self.fixed_rows or self.fixed_columns:
@@ -185,12 +188,41 @@ class RunTable(DataTable):
     def place(self, order: Iterable[str]) -> None:
         """Show the rows in this order of keys (rows it does not name go last). The positions are
         set in one pass: DataTable.sort would sort every row again to get the same order."""
-        keys = {key.value: key for key in self.rows}
-        placed = [keys.pop(k) for k in order if k in keys]
-        placed += keys.values()
-        self._row_locations = TwoWayDict({key: i for i, key in enumerate(placed)})
+        located = self._located()
+        placed = [located[k] for k in dict.fromkeys(order) if k in located]
+        if len(placed) < len(located):
+            named = {key.value for key, _ in placed}
+            placed += [pair for k, pair in located.items() if k not in named]
+        self._row_locations = TwoWayDict({key: i for i, (key, _) in enumerate(placed)})
         self._update_count += 1
+        # DataTable would rebuild these two lists on the next paint and cursor move by looking up
+        # every row's position, and the offsets a list per row (a third of an update of 10,000
+        # runs); we have the order at hand. Both are keyed by the update count, so any later
+        # change makes DataTable compute its own again.
+        self._ordered_row_cache[(len(placed), self._update_count)] = [row for _, row in placed]
+        if self._one_line:
+            self._offset_cache[self._update_count] = [(key, 0) for key, _ in placed]
         self.refresh()
+
+    def _located(self) -> dict:
+        """Row id -> (its RowKey, its Row), kept until a row is added or removed: looking the
+        rows up by RowKey calls its Python-level hash once a row and a placement."""
+        if self._by_value is None:
+            self._by_value = {key.value: (key, row) for key, row in self.rows.items()}
+            self._one_line = all(row.height == 1 for row in self.rows.values())
+        return self._by_value
+
+    def add_row(self, *cells, **kwargs):
+        self._by_value = None
+        return super().add_row(*cells, **kwargs)
+
+    def remove_row(self, row_key):
+        self._by_value = None
+        return super().remove_row(row_key)
+
+    def clear(self, columns: bool = False):
+        self._by_value = None
+        return super().clear(columns)
 
     def selected_run(self) -> str | None:
         if not self.row_count:

@@ -135,3 +135,39 @@ def test_a_wider_value_in_place_widens_its_column():
             assert shown(fresh[11]["run_id"], "tokens") == "123,456,789,012"
 
     asyncio.run(scenario())
+
+
+def test_placing_rows_fills_datatables_caches_as_it_would_itself():
+    rows = rows_with_gaps(120)
+
+    async def scenario():
+        app = Holder()
+        async with app.run_test(size=(120, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            table.set_rows(rows)
+            await pilot.pause()
+
+            def check() -> None:
+                ours = (list(table.ordered_rows), list(table._y_offsets))
+                table._ordered_row_cache.clear()
+                table._offset_cache.clear()
+                assert ours == (list(table.ordered_rows), list(table._y_offsets))
+                assert [row.key.value for row in ours[0]] == table.displayed()
+
+            for key in ("overall", "corpus", "tokens"):
+                table.sort_by(key)
+                await pilot.pause()
+                check()
+            # rows that leave and arrive between placements (a new reply, a filter)
+            fresh = [dict(r) for r in rows[:100]] + [{**rows[0], "run_id": "zz-new", "corpus": "new.md"}]
+            table.set_rows(fresh)
+            await pilot.pause()
+            check()
+            assert "zz-new" in table.displayed() and rows[110]["run_id"] not in table.displayed()
+            assert len(table.displayed()) == 101
+            table.set_filter("new.md")
+            await pilot.pause()
+            check()
+            assert table.displayed() == ["zz-new"]
+
+    asyncio.run(scenario())
