@@ -4,6 +4,7 @@ them: the fast cell rendering against DataTable's, and the order against a plain
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 
 from textual.app import App
@@ -16,6 +17,17 @@ from ltm_tui.widgets import ResultsTable
 class Holder(App):
     def compose(self):
         yield ResultsTable(id="results")
+
+
+@contextlib.asynccontextmanager
+async def showing(rows: list[dict], size: tuple[int, int]):
+    """A headless app with a results table holding these rows: (table, pilot)."""
+    app = Holder()
+    async with app.run_test(size=size) as pilot:
+        table = app.query_one(ResultsTable)
+        table.set_rows(rows)
+        await pilot.pause()
+        yield table, pilot
 
 
 def rows_with_gaps(n: int) -> list[dict]:
@@ -37,10 +49,7 @@ def rows_with_gaps(n: int) -> list[dict]:
 
 def test_fast_cells_render_exactly_as_datatable_renders_them():
     async def scenario():
-        app = Holder()
-        async with app.run_test(size=(160, 30)) as pilot:
-            table = app.query_one(ResultsTable)
-            table.set_rows(rows_with_gaps(60))
+        async with showing(rows_with_gaps(60), (160, 30)) as (table, pilot):
             table.move_cursor(row=5)
             await pilot.pause()
             checked = 0
@@ -84,11 +93,7 @@ def test_the_order_is_the_services_order_for_every_column_and_direction():
     random.Random(1).shuffle(rows)
 
     async def scenario():
-        app = Holder()
-        async with app.run_test(size=(120, 30)) as pilot:
-            table = app.query_one(ResultsTable)
-            table.set_rows(rows)
-            await pilot.pause()
+        async with showing(rows, (120, 30)) as (table, pilot):
             table.move_cursor(row=40)
             await pilot.pause()
             chosen = table.selected_run()
@@ -112,11 +117,7 @@ def test_a_wider_value_in_place_widens_its_column():
     rows = rows_with_gaps(40)
 
     async def scenario():
-        app = Holder()
-        async with app.run_test(size=(200, 30)) as pilot:
-            table = app.query_one(ResultsTable)
-            table.set_rows(rows)
-            await pilot.pause()
+        async with showing(rows, (200, 30)) as (table, pilot):
             fresh = [dict(r) for r in rows]
             long_name = "a-much-longer-corpus-name-than-any-before.epub"
             fresh[10]["corpus"] = long_name
@@ -141,11 +142,7 @@ def test_placing_rows_fills_datatables_caches_as_it_would_itself():
     rows = rows_with_gaps(120)
 
     async def scenario():
-        app = Holder()
-        async with app.run_test(size=(120, 30)) as pilot:
-            table = app.query_one(ResultsTable)
-            table.set_rows(rows)
-            await pilot.pause()
+        async with showing(rows, (120, 30)) as (table, pilot):
 
             def check() -> None:
                 ours = (list(table.ordered_rows), list(table._y_offsets))
