@@ -3,7 +3,8 @@
 - `table_sort_ms_10k`: median time to re-sort the results table holding 10,000 runs (a key or a
   header click), measured in the real widget in a headless app. Goal < 100 ms.
 - `table_update_ms_10k`: median time to take a fresh `results` reply for 10,000 runs in which 10
-  runs changed (runs finishing overnight), keeping cursor, sort and scroll. Goal < 100 ms.
+  runs changed their overall score (runs finishing overnight), sorted by overall as the dashboard
+  opens, so the rows move; cursor, sort and scroll are kept. Goal < 100 ms.
 - `table_load_s_10k`: the first fill of that table (once per dashboard start).
 - `first_paint_ms`: from launching a Python process to the dashboard's first screen, headless,
   with an empty workspace; `ui_imports_torch` says whether torch got imported (it must not).
@@ -72,6 +73,8 @@ async def _table_bench(n: int, repeats: int) -> dict:
             table.sort_by(key)
             await pilot.pause()
             sorts.append(time.perf_counter() - t0)
+        table.sort_by("overall", descending=True)  # the dashboard's own order, which the changes move
+        await pilot.pause()
         updates = []
         for i in range(repeats):
             fresh = [dict(r) for r in rows]

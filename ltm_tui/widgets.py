@@ -395,8 +395,12 @@ class ResultsTable(RunTable):
 
     def set_rows(self, rows: list[dict]) -> None:
         """Replace the data; the table changes only where the rows did."""
+        previous = self._by_id
         self.rows_by_id = {r["run_id"]: r for r in rows}
-        self._by_id = None
+        same_runs = previous is not None and len(previous) == len(self.rows_by_id) and all(
+            r["run_id"] in self.rows_by_id for r in previous)
+        # The run-id order (every sort's ties) carries over when no run came or went.
+        self._by_id = [self.rows_by_id[r["run_id"]] for r in previous] if same_runs else None
         before = list(self.column_keys)
         self._sync_columns()
         if self.column_keys != before:
@@ -404,25 +408,29 @@ class ResultsTable(RunTable):
         keep = self.selected_run()
         deltas = self._deltas()
         visible = {r["run_id"]: r for r in rows if self._matches(r)}
+        moved = False  # whether the order can have changed: a row came, went or changed its sort value
         for key in [k for k in self._shown if k not in visible]:
             self.remove_row(key)
             del self._shown[key]
-        changed = False
+            moved = True
         for run_id, r in visible.items():
             seen = (r, deltas.get(run_id))
-            if self._shown.get(run_id) == seen:
+            shown = self._shown.get(run_id)
+            if shown == seen:
                 continue  # most rows of a big table did not change since the last reply
-            changed = True
             cells = self._cells(r, seen[1])
-            if run_id in self._shown:
+            if shown is not None:
+                moved = moved or (self._sort_value(*shown) != self._sort_value(*seen)
+                                  or shown[0].get("kind") != r.get("kind"))
                 for col, new, prev in zip(self.column_keys, cells, self.get_row(run_id)):
                     if new != prev:  # a wider text widens its column (a narrower one never scans it)
                         wider = cell_len(new.text) > self.columns[ColumnKey(col)].content_width
                         self.update_cell(run_id, col, new, update_width=wider)
             else:
                 self.add_row(*cells, key=run_id)
+                moved = True
             self._shown[run_id] = seen
-        if changed or len(visible) != len(self._shown):
+        if moved:
             self.apply_order(keep)
 
     def _deltas(self) -> dict[str, float]:
@@ -483,14 +491,8 @@ class ResultsTable(RunTable):
     def order(self) -> list[str]:
         """Run ids in display order: baselines first, then by the sort column and direction,
         missing values last either way, ties by run id — the service's SQL order, plus the pin."""
-        key = self.sort_key
-        if key == "delta":
-            deltas = self._deltas()
-            value = lambda r: deltas.get(r["run_id"])  # noqa: E731
-        elif key in ROW_KEYS:
-            value = lambda r: r.get(key)  # noqa: E731
-        else:
-            value = lambda r: (r.get("scores") or {}).get(key)  # noqa: E731
+        deltas = self._deltas() if self.sort_key == "delta" else {}
+        value = lambda r: self._sort_value(r, deltas.get(r["run_id"]))  # noqa: E731
 
         if self._by_id is None:  # once per change of the rows, not once per sort
             self._by_id = sorted(self.rows_by_id.values(), key=lambda r: r["run_id"])
@@ -501,6 +503,15 @@ class ResultsTable(RunTable):
         ordered = [rows[i] for i in present] + [r for r, v in zip(rows, values) if v is None]
         pinned = [r["run_id"] for r in ordered if r.get("kind") == "baseline"]
         return pinned + [r["run_id"] for r in ordered if r.get("kind") != "baseline"]
+
+    def _sort_value(self, row: dict, delta: float | None):
+        """The value the sort column shows for this row (its Δ base given)."""
+        key = self.sort_key
+        if key == "delta":
+            return delta
+        if key in ROW_KEYS:
+            return row.get(key)
+        return (row.get("scores") or {}).get(key)
 
     def apply_order(self, keep: str | None = None) -> None:
         if keep is None:

@@ -76,7 +76,13 @@ def test_fast_cells_render_exactly_as_datatable_renders_them():
 def reference_order(rows: list[dict], key: str, descending: bool) -> list[str]:
     """The service's SQL order spelt out: baselines first; then present values by the key in
     the direction asked, ties by run id; then missing values by run id."""
+    base = {(r["base"], r.get("seed")): r.get("overall") for r in rows if r["kind"] == "baseline"}
+
     def value(r):
+        if key == "delta":  # Δ base: the run's overall less its baseline's
+            ref = base.get((r["base"], r.get("seed")))
+            ok = r["kind"] != "baseline" and ref is not None and r.get("overall") is not None
+            return r["overall"] - ref if ok else None
         return r.get(key) if key in r and key != "scores" else (r.get("scores") or {}).get(key)
 
     out = []
@@ -166,5 +172,30 @@ def test_placing_rows_fills_datatables_caches_as_it_would_itself():
             await pilot.pause()
             check()
             assert table.displayed() == ["zz-new"]
+
+    asyncio.run(scenario())
+
+
+def test_a_fresh_reply_keeps_the_order_right_whether_or_not_rows_move():
+    rows = rows_with_gaps(300)
+
+    async def scenario():
+        async with showing(rows, (120, 30)) as (table, pilot):
+            table.move_cursor(row=30)
+            await pilot.pause()
+            chosen = table.selected_run()
+            current = rows
+            for i, (key, descending) in enumerate((("tokens", True), ("overall", True), ("delta", False))):
+                table.sort_by(key, descending)
+                await pilot.pause()
+                current = [dict(r) for r in current]
+                rnd = random.Random(i)
+                for r in rnd.sample(current[4:], 10):
+                    r["overall"] = rnd.random()  # moves rows sorted by overall or Δ base, not by tokens
+                current[0]["overall"] = rnd.random()  # a baseline: every Δ base of its runs changes
+                table.set_rows(current)
+                await pilot.pause()
+                assert table.displayed() == reference_order(current, key, descending), key
+                assert table.selected_run() == chosen
 
     asyncio.run(scenario())
