@@ -97,11 +97,11 @@ def test_attach_lora_swaps_every_adapter_dropout_and_nothing_else():
     assert losses[0] == pytest.approx(losses[1], rel=0.05)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="keep_freed_memory is glibc's mallopt (a no-op elsewhere) and the check reads /proc")
 def test_worker_keeps_freed_memory_in_the_process():
     # A freed 24 MiB activation: with glibc's defaults it goes back to the system (and the next
     # step faults its pages in again); with the worker's setting it stays for the next step.
-    if not sys.platform.startswith("linux"):
-        pytest.skip("glibc's mallopt and /proc are Linux-only")
     script = textwrap.dedent(
         """
         import os, sys, torch

@@ -43,15 +43,20 @@ def studies(tmp_path_factory):
     stop_service(ws)
 
 
+async def open_screen(app, pilot, key: str, kind: type):
+    """Wait for the service, press the screen's key, and return the screen once it shows."""
+    await until(pilot, lambda: app.link is not None, what="the service")
+    await pilot.press(key)
+    return await until(pilot, lambda: isinstance(app.screen, kind) and app.screen, what=kind.__name__)
+
+
 def test_attribution_screen_shows_each_file_with_intervals_and_sorts(studies):
     rows = {(r["corpus"], r["measure"]): r for r in studies.attribution}
 
     async def scenario():
         app = LtmApp(str(studies.ws), poll_seconds=0)
         async with app.run_test(size=(120, 30)) as pilot:
-            await until(pilot, lambda: app.link is not None, what="the service")
-            await pilot.press("f")
-            screen = await until(pilot, lambda: isinstance(app.screen, AttributionScreen) and app.screen, what="screen")
+            screen = await open_screen(app, pilot, "f", AttributionScreen)
             grid = screen.query_one(SortTable)
             await until(pilot, lambda: grid.row_count == 2, what="two files")
             shown = {key.value: grid.get_row(key) for key in grid.rows}
@@ -85,9 +90,7 @@ def test_search_screen_lists_trials_best_first_and_opens_a_run(studies):
     async def scenario():
         app = LtmApp(str(studies.ws), poll_seconds=0)
         async with app.run_test(size=(120, 34)) as pilot:
-            await until(pilot, lambda: app.link is not None, what="the service")
-            await pilot.press("o")
-            screen = await until(pilot, lambda: isinstance(app.screen, SearchScreen) and app.screen, what="screen")
+            screen = await open_screen(app, pilot, "o", SearchScreen)
             grid = screen.query_one("#trials", SortTable)
             await until(pilot, lambda: grid.row_count == 2, what="two trials")
             keys = [c.key.value for c in grid.ordered_columns]
@@ -118,11 +121,9 @@ def test_empty_workspace_study_screens_say_how_to_start(tmp_path):
     async def scenario():
         app = LtmApp(str(tmp_path / "ws"), poll_seconds=0)
         async with app.run_test(size=(100, 30)) as pilot:
-            await until(pilot, lambda: app.link is not None, what="the service")
             for key, screen_type, says in (("f", AttributionScreen, "ltm-tui attribute"),
                                             ("o", SearchScreen, "ltm-tui search")):
-                await pilot.press(key)
-                screen = await until(pilot, lambda: isinstance(app.screen, screen_type) and app.screen, what="screen")
+                screen = await open_screen(app, pilot, key, screen_type)
                 await until(pilot, lambda: says in str(screen.query_one("#study-summary").render()), what=says)
                 await pilot.press("escape")
             await pilot.press("question_mark")
