@@ -1,8 +1,9 @@
 """`events.jsonl`: the one channel from a worker to whoever watches its run folder.
 
-One JSON object a line with `ts`, `run_id`, `type` in {phase, progress, metric, log, error,
-result}. The worker only appends; readers tail the file by byte offset and ignore a last line
-that is not finished yet.
+One JSON object a line with `ts`, `run_id`, `attempt`, `type` in {phase, progress, metric, log,
+error, result}. The worker only appends; readers tail the file by byte offset and ignore a last
+line that is not finished yet. One file holds every attempt of a run (a retry appends to it), so
+a reader keeps only the events of the attempt it watches (`of_attempt`).
 """
 
 from __future__ import annotations
@@ -19,16 +20,17 @@ EVENT_TYPES = frozenset({"phase", "progress", "metric", "log", "error", "result"
 class EventLog:
     """Appends events for one run; each line is flushed so a tailing reader sees it at once."""
 
-    def __init__(self, path: Path, run_id: str) -> None:
+    def __init__(self, path: Path, run_id: str, attempt: int = 0) -> None:
         self.path = path
         self.run_id = run_id
+        self.attempt = attempt
         path.parent.mkdir(parents=True, exist_ok=True)
         self._fh = open(path, "a", encoding="utf-8")
 
     def emit(self, type: str, **payload: Any) -> dict:
         if type not in EVENT_TYPES:
             raise ValueError(f"unknown event type {type!r}")
-        event = {"ts": round(time.time(), 3), "run_id": self.run_id, "type": type, **payload}
+        event = {"ts": round(time.time(), 3), "run_id": self.run_id, "attempt": self.attempt, "type": type, **payload}
         self._fh.write(json.dumps(event, ensure_ascii=False) + "\n")
         self._fh.flush()
         return event
@@ -57,6 +59,12 @@ def read_events(path: Path, offset: int = 0) -> tuple[list[dict], int]:
         except json.JSONDecodeError:
             continue  # a torn line from a killed writer: skip it, keep the rest
     return events, offset + end + 1
+
+
+def of_attempt(event: dict, attempt: int) -> bool:
+    """Whether an event belongs to this attempt of its run (events written before attempts were
+    numbered count as the first)."""
+    return event.get("attempt", 0) == attempt
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -20,14 +20,18 @@ from typing import Any, Callable, Iterable
 
 from backend.corpora import expand_paths, inspect_corpus
 from backend.errors import CorpusError, JobError, LtmError
-from backend.events import read_events
+from backend.events import of_attempt, read_events
 from backend.executor import Executor, LocalExecutor, WorkerHandle
 from backend.states import JobState
 from backend.store import Store
-from backend.workspace import Workspace
+from backend.worker import EXIT_DISK_FULL
+from backend.workspace import Workspace, cancel_marker
 
 EventHook = Callable[[dict], None]
 STOP_GRACE_SECONDS = 30.0
+# A cancelled run's worker stops it at the next training step, or after the evaluation in progress;
+# a worker that has not let go of it by then is stopped whole (its other runs go back to the queue).
+CANCEL_GRACE_SECONDS = 300.0
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,21 @@ class Submission:
     errors: list[CorpusError]
 
 
+Inspection = tuple[list, list[CorpusError]]  # (CorpusInfo of each good file, one error per bad one)
+
+
+def inspect_files(paths: Iterable[str | os.PathLike]) -> Inspection:
+    """Expand folders and inspect every file (streamed: bounded memory whatever its size)."""
+    files, errors = expand_paths(paths)
+    infos = []
+    for path in files:
+        try:
+            infos.append(inspect_corpus(path))
+        except CorpusError as exc:
+            errors.append(exc)
+    return infos, errors
+
+
 def new_run_id(label: str, seed: int) -> str:
     stem = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()[:24] or "run"
     return f"{stem}-s{seed}-{secrets.token_hex(3)}"
@@ -103,35 +122,41 @@ class JobManager:
     ) -> Submission:
         """Inspect each corpus and queue one run per corpus and seed, plus the baselines the
         batch needs. A bad file becomes an error in the result; the good ones are queued."""
-        files, errors = expand_paths(paths)
-        infos = []
-        for path in files:
-            try:
-                infos.append(inspect_corpus(path))
-            except CorpusError as exc:
-                errors.append(exc)
+        return self.enqueue(inspect_files(paths), settings, seeds=seeds, priority=priority)
+
+    def enqueue(
+        self,
+        inspected: Inspection,
+        settings: JobSettings,
+        *,
+        seeds: Iterable[int] = (0,),
+        priority: int = 0,
+    ) -> Submission:
+        """Queue the inspected corpora (`inspect_files`, which reads every file and so runs
+        outside the service's lock): all of the submission's rows are stored, or none."""
+        infos, errors = inspected
         # one read of the battery files per submission, not one per corpus and seed
         keys = {seed: settings.baseline_key(seed) for seed in seeds}
-        baselines = [self._ensure_baseline(settings, seed, keys[seed], priority) for seed in keys] if infos else []
         run_ids = []
-        for info in infos:
-            corpus_id = self.store.add_corpus(info.to_dict())
-            for seed in keys:
-                run_id = new_run_id(Path(info.name).stem, seed)
-                run_dir = self.workspace.run_dir(run_id)
-                self.store.create_run(
-                    run_id,
-                    kind="adapter",
-                    base=settings.base_label(),
-                    settings=self._settings_record(settings, keys[seed]),
-                    corpus_id=corpus_id,
-                    corpus_path=str(info.path),
-                    seed=seed,
-                    priority=priority,
-                    run_dir=str(run_dir),
-                )
-                run_ids.append(run_id)
-        return Submission(run_ids, [b for b in baselines if b], errors)
+        with self.store.batch():
+            baselines = [self._ensure_baseline(settings, seed, keys[seed], priority) for seed in keys] if infos else []
+            for info in infos:
+                corpus_id = self.store.add_corpus(info.to_dict())
+                for seed in keys:
+                    run_id = new_run_id(Path(info.name).stem, seed)
+                    self.store.create_run(
+                        run_id,
+                        kind="adapter",
+                        base=settings.base_label(),
+                        settings=self._settings_record(settings, keys[seed]),
+                        corpus_id=corpus_id,
+                        corpus_path=str(info.path),
+                        seed=seed,
+                        priority=priority,
+                        run_dir=str(self.workspace.run_dir(run_id)),
+                    )
+                    run_ids.append(run_id)
+        return Submission(run_ids, [b for b in baselines if b], list(errors))
 
     def _settings_record(self, settings: JobSettings, baseline_key: str) -> dict:
         return {
@@ -163,19 +188,35 @@ class JobManager:
         )
         return run_id
 
-    def cancel(self, run_id: str) -> None:
-        """Cancel a run: a queued one at once; a running one's worker is stopped (SIGTERM, it
-        checkpoints; the worker's other runs go back to the queue or end interrupted)."""
-        self._run(run_id)
+    def cancel(self, run_id: str, on_event: EventHook | None = None) -> None:
+        """Cancel one run and nothing else. A worker holding it in its session skips it; a worker
+        training or evaluating it checkpoints, lets go of it and goes on with its other runs."""
+        run = self._run(run_id)
+        was = JobState(run["status"])
+        # the marker first: a worker that reads the new state from nowhere else must not miss it
+        marker = cancel_marker(Path(run["run_dir"]), run["attempt"])
+        if not was.is_terminal():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
         self.store.transition(run_id, JobState.CANCELLED, error="cancelled by the user")
         for worker in self.live.values():
-            if run_id in worker.run_ids:
-                worker.request_stop()
+            if run_id not in worker.run_ids:
+                continue
+            if was is JobState.QUEUED:
+                worker.run_ids.remove(run_id)  # it will skip the job: nothing more to watch
+            else:
+                worker.stopping[run_id] = time.monotonic()
+        if on_event is not None:
+            on_event({"type": "state", "run_id": run_id, "status": JobState.CANCELLED.value,
+                      "error": "cancelled by the user"})
 
-    def retry(self, run_id: str) -> None:
-        """Back to the queue; the worker resumes from the newest checkpoint in the run folder."""
+    def retry(self, run_id: str, on_event: EventHook | None = None) -> None:
+        """Back to the queue as a new attempt; its worker resumes from the newest checkpoint. A
+        worker still letting go of the old attempt keeps it until then (it is still held)."""
         self._run(run_id)
         self.store.transition(run_id, JobState.QUEUED)
+        if on_event is not None:
+            on_event({"type": "state", "run_id": run_id, "status": JobState.QUEUED.value})
 
     def _run(self, run_id: str) -> dict:
         run = self.store.get_run(run_id)
@@ -210,6 +251,7 @@ class JobManager:
         exited, and start workers for queued runs while slots are free."""
         for worker in list(self.live.values()):
             self._pump(worker, on_event)
+            worker.enforce_cancel()
             worker.enforce_stop()
             code = worker.exit_code()
             if code is not None:
@@ -330,6 +372,7 @@ class JobManager:
                     "corpus_path": r["corpus_path"],
                     "run_dir": r["run_dir"],
                     "seed": r["seed"],
+                    "attempt": r["attempt"],
                     "train": s.get("train") or {},
                     "lora": s.get("lora") or {},
                     "probes": s.get("probes", True),
@@ -388,30 +431,41 @@ class JobManager:
                 self._settle(ghost, on_event, reason="worker died while no service watched it")
 
     def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
-        for run_id in worker.run_ids:
+        for run_id in list(worker.run_ids):
             path = self.workspace.run_dir(run_id) / "events.jsonl"
-            events, worker.offsets[run_id] = read_events(path, worker.offsets.get(run_id, 0))
+            events, end = read_events(path, worker.offsets.get(run_id, 0))
             if events:
                 worker.seen_events = True
             for event in events:
+                if event.get("phase") == "cancelled" and run_id in worker.stopping:
+                    del worker.stopping[run_id]  # it let go of the cancelled run
+                    worker.run_ids.remove(run_id)
+                    break
+                # raises if the store cannot be written (a full disk): the offset stays, and the
+                # events are read again next time (applying one twice changes nothing)
                 self._apply(run_id, event, on_event)
+            worker.offsets[run_id] = end
 
     def _settle(self, worker: LiveWorker, on_event: EventHook, reason: str | None = None) -> None:
         """After a worker exits, every run it held is settled: one it had started ends
         `interrupted` with the tail of its log (retry resumes it); one it never reached goes back
-        to the queue, unless the worker died before doing anything at all (then it fails, so a
-        worker that cannot start does not loop)."""
+        to the queue, except the first when the worker died before doing anything at all (that
+        one fails, so a worker that cannot start does not loop)."""
         code = worker.exit_code()
         for more in worker.session_path.parent.glob(f"{worker.session_path.stem}.more-*.json"):
             more.rename(more.with_suffix(".orphan"))  # handed over too late: back to the queue
+        # a worker stopped on purpose, or one that got as far as an event, is no run's fault
+        charged = bool(worker.stop_requested or reason or worker.seen_events)
         for run_id in worker.run_ids:
             run = self.store.get_run(run_id)
             state = JobState(run["status"])
             if state.is_terminal():
                 continue
-            if state is JobState.QUEUED and (worker.stop_requested or reason or worker.seen_events):
-                continue  # never started: the next free worker takes it
-            why = reason or f"worker exited with code {code}"
+            if state is JobState.QUEUED:
+                if charged:
+                    continue  # never started: the next free worker takes it
+                charged = True
+            why = reason or self._exit_reason(code)
             tail = log_tail(self.workspace.run_dir(run_id) / "train.log") or log_tail(
                 worker.session_path.with_suffix(".log")
             )
@@ -420,11 +474,20 @@ class JobManager:
             self.store.transition(run_id, target, error=message)
             on_event({"type": "state", "run_id": run_id, "status": target.value, "error": message})
 
+    def _exit_reason(self, code: int | None) -> str:
+        if code == EXIT_DISK_FULL:
+            return (f"the disk under {self.workspace.root} filled up: free space and retry "
+                    "(it resumes from its newest checkpoint)")
+        return f"worker exited with code {code}"
+
     def _apply(self, run_id: str, event: dict, on_event: EventHook) -> None:
         """One event from a worker → the run's state (guarded) and the caller's hook. Replaying
         a file from the start (after a restart) changes nothing twice."""
         kind = event.get("type")
-        state = JobState(self.store.get_run(run_id)["status"])
+        run = self.store.get_run(run_id)
+        if not of_attempt(event, run["attempt"]):
+            return  # an earlier attempt's events (its error, its phases) are not this one's
+        state = JobState(run["status"])
         if state.is_terminal():
             return  # a cancelled run's late events change nothing
         try:
@@ -483,6 +546,7 @@ class LiveWorker:
     seen_events: bool = False
     key: str | None = None  # base and settings it serves, for handing it more jobs
     adopted: bool = False  # started by an earlier service
+    stopping: dict[str, float] = field(default_factory=dict)  # cancelled run -> when it was asked
 
     @property
     def pid(self) -> int:
@@ -500,6 +564,11 @@ class LiveWorker:
         if self.stop_requested is None and self.exit_code() is None:
             self.stop_requested = time.monotonic()
             self.process.terminate()
+
+    def enforce_cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """A worker that has not let go of a cancelled run within the grace period is stopped."""
+        if any(time.monotonic() - asked > grace for asked in self.stopping.values()):
+            self.request_stop()
 
     def enforce_stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         if self.stop_requested is not None and time.monotonic() - self.stop_requested > grace:

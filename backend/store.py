@@ -206,6 +206,25 @@ MIGRATIONS: tuple[tuple[str, str], ...] = (
         );
         """,
     ),
+    (
+        # Each attempt of a run is its own: a retry starts attempt n+1, whose worker stamps every
+        # event with n+1, so the events of an earlier attempt (its `error`, its phases) can never
+        # be read as the new one's. The outcome of every attempt that ended is kept.
+        "007_attempts",
+        """
+        ALTER TABLE runs ADD COLUMN attempt INTEGER DEFAULT 0;
+        UPDATE runs SET attempt = 0;
+        CREATE TABLE run_attempts (
+            run_id VARCHAR NOT NULL,
+            attempt INTEGER NOT NULL,       -- 0 for the first, +1 per retry
+            status VARCHAR NOT NULL,        -- the terminal state it ended in
+            error VARCHAR,
+            started_at TIMESTAMP,
+            finished_at TIMESTAMP NOT NULL,
+            PRIMARY KEY (run_id, attempt)
+        );
+        """,
+    ),
 )
 
 # --- whitelists: the only identifiers ever formatted into SQL ---------------------------------
@@ -214,7 +233,7 @@ _RUN_COLUMNS = (
     "run_id", "kind", "corpus_id", "corpus_path", "base", "settings", "seed", "status",
     "priority", "error", "created_at", "started_at", "finished_at", "updated_at", "tokens",
     "steps", "train_seconds", "eval_seconds", "final_loss", "overall", "run_dir", "ingested",
-    "worker_pid", "worker_start", "session_path",
+    "worker_pid", "worker_start", "session_path", "attempt",
 )
 _TIME_COLUMNS = frozenset({"created_at", "started_at", "finished_at", "updated_at", "added_at"})
 
@@ -310,6 +329,7 @@ class Store:
         self._write_lock = threading.RLock()
         self._cursor_lock = threading.Lock()
         self._closed = False
+        self._batch = threading.local()  # the cursor of this thread's open batch(), if any
         if self.path == ":memory:":
             target = ":memory:"
         else:
@@ -361,7 +381,12 @@ class Store:
 
     @contextmanager
     def _write(self) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A cursor inside one transaction, under the write lock; rolled back on any error."""
+        """A cursor inside one transaction, under the write lock; rolled back on any error.
+        Inside `batch()` (same thread) it is the batch's cursor and transaction."""
+        outer = getattr(self._batch, "cur", None)
+        if outer is not None:
+            yield outer
+            return
         with self._write_lock, self._cursor() as cur:
             cur.execute("BEGIN TRANSACTION")
             try:
@@ -370,6 +395,23 @@ class Store:
                 cur.execute("ROLLBACK")
                 raise
             cur.execute("COMMIT")
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        """Every write inside is one transaction: all of it is stored, or none (a submission
+        that meets a full disk leaves no corpus without its runs)."""
+        with self._write_lock, self._cursor() as cur:
+            cur.execute("BEGIN TRANSACTION")
+            self._batch.cur = cur
+            try:
+                yield
+            except BaseException:
+                cur.execute("ROLLBACK")
+                raise
+            else:
+                cur.execute("COMMIT")
+            finally:
+                self._batch.cur = None
 
     @contextmanager
     def _read(self) -> Iterator[duckdb.DuckDBPyConnection]:
@@ -489,9 +531,9 @@ class Store:
             sets = ["status = ?", "updated_at = ?"]
             params: list[Any] = [target.value, now]
             if target is JobState.QUEUED:
-                # A retry resumes the same run: its old failure and end no longer apply, and its
-                # next result must be recorded, so it is no longer marked ingested.
-                sets += ["error = NULL", "finished_at = NULL", "ingested = false"]
+                # A retry resumes the same run as a new attempt: its old failure and end no
+                # longer apply, and its next result must be recorded, so it is no longer ingested.
+                sets += ["error = NULL", "finished_at = NULL", "ingested = false", "attempt = attempt + 1"]
             elif error is not None:
                 sets.append("error = ?")
                 params.append(error)
@@ -502,7 +544,26 @@ class Store:
                 sets.append("finished_at = ?")
                 params.append(now)
             cur.execute(f"UPDATE runs SET {', '.join(sets)} WHERE run_id = ?", [*params, run_id])
+            if target.is_terminal():
+                cur.execute(
+                    """
+                    INSERT OR REPLACE INTO run_attempts
+                    SELECT run_id, attempt, status, error, started_at, finished_at
+                    FROM runs WHERE run_id = ?
+                    """,
+                    [run_id],
+                )
         return old
+
+    def attempts(self, run_id: str) -> list[dict[str, Any]]:
+        """How each ended attempt of a run ended, oldest first."""
+        cols = ("attempt", "status", "error", "started_at", "finished_at")
+        with self._cursor() as cur:
+            rows = cur.execute(
+                f"SELECT {', '.join(cols)} FROM run_attempts WHERE run_id = ? ORDER BY attempt",
+                [run_id],
+            ).fetchall()
+        return [_record(cols, row) for row in rows]
 
     def update_run(self, run_id: str, /, **fields: Any) -> None:
         """Set result columns of a run (tokens, steps, ..., settings, error)."""
@@ -836,11 +897,14 @@ class Store:
         return [dict(zip(("step", "loss", "lr", "tokens", "tokens_per_s"), r)) for r in rows]
 
     def export_csv(
-        self, path: str | os.PathLike[str], *, sort: str = "overall", descending: bool = True
+        self, path: str | os.PathLike[str], *, sort: str = "overall", descending: bool = True,
+        mode: int = 0o644,
     ) -> Path:
         """Write the ranked table as CSV (atomically: temp file, then rename); returns the path.
 
-        A folder as `path` gets ltm_results_table.csv inside it.
+        A folder as `path` gets ltm_results_table.csv inside it. `mode` is the file's: the
+        asking client's usual mode for a new file (`backend.workspace.file_mode()`), since the service that
+        writes it keeps its own files private.
         """
         target = Path(path).expanduser()
         if target.is_dir():
@@ -879,17 +943,14 @@ class Store:
                     passed, total = counts.get(record["run_id"], (0, 0))
                     overall_ci = overall_interval(run_scores, run_ci) if run_scores else None
                     writer.writerow(
-                        [_csv_cell(record[c]) for c in CSV_FIXED_COLUMNS]
-                        + [_csv_cell(run_scores.get(m)) for m in measures]
+                        [csv_cell(record[c]) for c in CSV_FIXED_COLUMNS]
+                        + [csv_cell(run_scores.get(m)) for m in measures]
                         + [passed, total]
-                        + [_csv_cell(record[c]) for c in CSV_PROBE_COLUMNS]
-                        + [_csv_cell(ci[i]) for ci in [overall_ci or (None, None)]
+                        + [csv_cell(record[c]) for c in CSV_PROBE_COLUMNS]
+                        + [csv_cell(ci[i]) for ci in [overall_ci or (None, None)]
                            + [run_ci.get(m) or (None, None) for m in measures] for i in (0, 1)]
                     )
-            # mkstemp makes the file 0600; a results table gets the usual mode for a new file
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
+            os.chmod(tmp, mode & 0o777)  # mkstemp made it 0600
             os.replace(tmp, target)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
@@ -979,8 +1040,18 @@ def _run_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     return record
 
 
-def _csv_cell(value: Any) -> Any:
-    return "" if value is None else value
+# A text cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets
+# (`=HYPERLINK(...)` in a corpus name would be live); a leading quote makes it text (OWASP's advice).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: Any) -> Any:
+    """A value as a CSV cell: None empty, text that a spreadsheet would run as a formula quoted."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_STARTS):
+        return "'" + value
+    return value
 
 
 def _score_rows(scores: Mapping[str, Any]) -> list[tuple[str, Any, Any, Any, Any]]:

@@ -126,9 +126,28 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def resume_newest(model, optimizer, scheduler, ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path | None, int, float]:
+    """Restore the newest checkpoint that loads; one that does not (a torn write, a bad disk
+    block) is set aside as `broken-step-…` and the one before it is tried. Returns (the
+    checkpoint, its step, the seconds before it), or (None, 0, 0.0) to start from the beginning."""
+    while (path := newest_checkpoint(ckpt_dir)) is not None:
+        try:
+            step, before = load_checkpoint(model, optimizer, scheduler, path)
+            return path, step, before
+        except Exception as exc:  # noqa: BLE001 - safetensors, pickle and shape errors alike
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            aside = path.with_name(f"broken-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            log(f"checkpoint {path.name} does not load ({reason}); set aside as {aside.name}, trying the one before")
+    return None, 0, 0.0
+
+
 def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float]:
-    """Restore a checkpoint; returns (step, training seconds spent before it)."""
+    """Restore a checkpoint; returns (step, training seconds spent before it). Both files are
+    read before anything is changed, so an unreadable checkpoint leaves the model as it was."""
     weights = load_file(str(path / "trainable.safetensors"))
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     params = _trainable(model)
     missing = set(params) - set(weights)
     if missing:
@@ -136,7 +155,6 @@ def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(weights[name].to(p.device, p.dtype))
-    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
@@ -198,10 +216,8 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
     eval_sample = blocks.batch(_eval_starts(blocks, cfg.eval_blocks)) if cfg.eval_every else None
     ckpt_dir = run_dir / "checkpoints"
-    start, before = 0, 0.0
-    resume = newest_checkpoint(ckpt_dir)
+    resume, start, before = resume_newest(model, optimizer, scheduler, ckpt_dir, log)
     if resume is not None:
-        start, before = load_checkpoint(model, optimizer, scheduler, resume)
         log(f"resumed from {resume.name} (step {start} of {total})")
         emit("log", message=f"resumed from {resume.name}", step=start)
     model.train()

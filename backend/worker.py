@@ -11,7 +11,9 @@ and exits with code 3; a failed job is reported and the next one still runs (exi
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import signal
 import sys
 import time
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED, EXIT_BAD_SESSION = 0, 1, 3, 2
+EXIT_DISK_FULL = 4  # the disk filled up so far that not even the error could be written
 
 
 class Stop:
@@ -34,6 +37,27 @@ class Stop:
 
         signal.signal(signal.SIGTERM, handler)
         signal.signal(signal.SIGINT, handler)
+
+
+class CancelWatch:
+    """Whether one attempt of one run was cancelled (its marker file exists). Called every
+    training step, it looks at the disk at most twice a second; `now()` always looks."""
+
+    def __init__(self, marker: Path, every: float = 0.5) -> None:
+        self.marker = marker
+        self.every = every
+        self._next = 0.0
+        self._seen = False
+
+    def now(self) -> bool:
+        self._seen = self._seen or self.marker.exists()
+        return self._seen
+
+    def __call__(self) -> bool:
+        if not self._seen and time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.every
+            self.now()
+        return self._seen
 
 
 class RunLog:
@@ -108,16 +132,25 @@ class Worker:
         from backend.measures import overall
         from backend.models import count_params
         from backend.config import LoraSettings, TrainConfig
-        from backend.train import train_model
+        from backend.train import StopRequested, train_model
+        from backend.workspace import cancel_marker
 
         run_dir = Path(job["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
-        events = EventLog(run_dir / "events.jsonl", job["run_id"])
+        attempt = int(job.get("attempt", 0))
+        cancelled = CancelWatch(cancel_marker(run_dir, attempt))
+        if cancelled.now():
+            return  # cancelled while it waited in this worker's session: never started
+        events = EventLog(run_dir / "events.jsonl", job["run_id"], attempt)
         log = RunLog(run_dir / "train.log")
         adapter = None
         try:
             if (run_dir / "result.json").exists():
-                log("result.json already written; nothing to do")
+                # an earlier attempt finished but its result never reached the store (the run
+                # was marked failed or interrupted meanwhile): report it for this attempt
+                log("result.json already written by an earlier attempt; reporting it")
+                result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+                events.emit("result", overall=result.get("overall"))
                 return
             events.emit("phase", phase="starting")
             seed = int(job.get("seed", 0))
@@ -146,10 +179,10 @@ class Worker:
                     device=device,
                     emit=events.emit,
                     log=log,
-                    should_stop=lambda: Stop.requested,
+                    should_stop=lambda: Stop.requested or cancelled(),
                 )
                 self._save(model, run_dir)
-            if Stop.requested:
+            if Stop.requested or cancelled.now():
                 raise _stopped()
             events.emit("phase", phase="evaluating")
             chunks = _corpus_chunks(job["corpus_path"]) if job.get("corpus_path") else None
@@ -191,9 +224,17 @@ class Worker:
                 "curve": curve,
                 "probes": probes,
             }
+            if cancelled.now():
+                raise _stopped()
             write_json_atomic(run_dir / "result.json", result)
             events.emit("result", overall=result["overall"], scores={k: v["value"] for k, v in scores.items()})
             log(f"done: overall {result['overall']} | {json.dumps(result['scores'])}")
+        except StopRequested:
+            if Stop.requested:
+                raise  # the whole worker stops
+            # only this run was cancelled: say so (the service lets go of it), then the next job
+            events.emit("phase", phase="cancelled")
+            log("cancelled by the user; `ltm-tui retry` resumes it from its newest checkpoint")
         finally:
             if adapter is not None:
                 adapter.unload()  # the base goes back untouched for the next job
@@ -304,10 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     if len(argv) != 1:
         print("usage: python -m backend.worker SESSION.json", file=sys.stderr)
         return EXIT_BAD_SESSION
+    from backend.workspace import keep_private
+
     Stop.install()
     keep_freed_memory()
+    keep_private()
     from backend.errors import LtmError
-    from backend.train import StopRequested
 
     try:
         session = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
@@ -319,6 +362,22 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         print(f"worker: cannot read session {argv[0]}: {exc}", file=sys.stderr)
         return EXIT_BAD_SESSION
+    try:
+        return _run_jobs(worker, session, Path(argv[0]))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        try:
+            print(f"worker: disk full while writing {exc.filename or 'a run folder'}", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # its log is on the same disk: the exit code says it
+        return EXIT_DISK_FULL
+
+
+def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:
+    from backend.errors import LtmError
+    from backend.train import StopRequested
+
     failed = False
     jobs = list(session["jobs"])
     while jobs:
@@ -335,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
                 _report(job, _describe(exc), traceback.format_exc())
             if Stop.requested:
                 return EXIT_STOPPED
-        jobs = claim_more(Path(argv[0]), float(session.get("linger") or 0))
+        jobs = claim_more(session_path, float(session.get("linger") or 0))
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
@@ -376,7 +435,7 @@ def _report(job: dict, message: str, trace: str | None = None) -> None:
     if trace:
         with open(run_dir / "train.log", "a", encoding="utf-8") as fh:
             fh.write(trace)
-    events = EventLog(run_dir / "events.jsonl", job["run_id"])
+    events = EventLog(run_dir / "events.jsonl", job["run_id"], int(job.get("attempt", 0)))
     events.emit("error", message=message)
     events.close()
     print(f"{job['run_id']}: {message}", file=sys.stderr, flush=True)
@@ -388,4 +447,10 @@ def _report_all(session: dict, message: str) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    # Every run file is closed by now (run_job's `finally`). Skipping the interpreter's teardown
+    # of torch and its threads saves a second or more at each worker's exit, which the slot's
+    # next job would otherwise wait out.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -14,6 +14,7 @@ from backend.evaluate import LoglikRequest, encode_pair, loglikelihoods, text_lo
 from backend.models import ByteTokenizer, build_micro
 from backend.packing import PackedBlocks, batches, load_tokens, real_token_share, tokenize_to_file
 from backend.train import lr_factor, newest_checkpoint, train_model
+from tests.conftest import WAIT
 
 CPU = torch.device("cpu")
 
@@ -137,6 +138,38 @@ def test_stop_then_resume_equals_uninterrupted(tmp_path):
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
+    path, _ = _tokens(tmp_path, "Red things glow. The lamp is red. " * 80)
+    cfg = _tiny_cfg(checkpoint_every=4, keep_checkpoints=2)
+    straight_dir, torn_dir = tmp_path / "a", tmp_path / "b"
+    straight_dir.mkdir(); torn_dir.mkdir()
+    straight = build_micro("tiny", 0, CPU)
+    train_model(straight, path, straight_dir, cfg, device=CPU, emit=lambda *a, **k: None, log=lambda s: None)
+
+    from backend.train import StopRequested
+
+    calls = {"n": 0}
+
+    def stop_at_nine():
+        calls["n"] += 1
+        return calls["n"] == 9
+
+    with pytest.raises(StopRequested):
+        train_model(build_micro("tiny", 0, CPU), path, torn_dir, cfg, device=CPU, emit=lambda *a, **k: None,
+                    log=lambda s: None, should_stop=stop_at_nine)
+    ckpts = torn_dir / "checkpoints"
+    assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-000008", "step-000009"]
+    (ckpts / "step-000009" / "trainable.safetensors").write_bytes(b"torn")  # a write the disk lost
+    lines = []
+    resumed = build_micro("tiny", 0, CPU)
+    out = train_model(resumed, path, torn_dir, cfg, device=CPU, emit=lambda *a, **k: None, log=lines.append)
+    assert out.resumed_from == 8 and out.steps == 12
+    assert (ckpts / "broken-step-000009").is_dir()  # set aside, not deleted
+    assert any("step-000009 does not load" in line for line in lines)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-5), name
+
+
 def test_loglikelihood_matches_a_hand_computation():
     torch.manual_seed(0)
     model = build_micro("tiny", 0, CPU).eval()
@@ -210,6 +243,7 @@ def test_out_of_memory_at_micro_batch_one_fails_with_one_line(tmp_path, monkeypa
     assert "\n" not in line and "micro-batch 1" in line and "--quant 4bit" in line
 
 
+@pytest.mark.slow
 def test_worker_goes_on_after_out_of_memory_and_says_so(tmp_path, monkeypatch, corpora, tiny_battery):
     """Through a real worker process: the job finishes, its events and result say what happened;
     with the floor reached the job fails with the reason as its one error line."""
@@ -230,7 +264,7 @@ def test_worker_goes_on_after_out_of_memory_and_says_so(tmp_path, monkeypatch, c
     runs = [store.get_run(r) for r in manager.submit([corpora["logic"], corpora["story"]], settings).run_ids]
 
     monkeypatch.setenv(FAULT_OOM_ENV, "1")
-    assert manager.start_worker(manager._write_session([runs[0]])).wait(timeout=300) == 0
+    assert manager.start_worker(manager._write_session([runs[0]])).wait(timeout=WAIT) == 0
     run_dir = ws.run_dir(runs[0]["run_id"])
     result = json.loads((run_dir / "result.json").read_text())
     assert (result["micro_batch_used"], result["grad_accum_used"], result["oom_halvings"]) == (1, 4, 2)
@@ -238,7 +272,7 @@ def test_worker_goes_on_after_out_of_memory_and_says_so(tmp_path, monkeypatch, c
     assert any(e["type"] == "log" and "micro-batch now 1" in e.get("message", "") for e in events)
 
     monkeypatch.setenv(FAULT_OOM_ENV, "0")
-    assert manager.start_worker(manager._write_session([runs[1]])).wait(timeout=300) == 1
+    assert manager.start_worker(manager._write_session([runs[1]])).wait(timeout=WAIT) == 1
     events, _ = read_events(ws.run_dir(runs[1]["run_id"]) / "events.jsonl")
     errors = [e["message"] for e in events if e["type"] == "error"]
     assert len(errors) == 1 and errors[0].startswith("out of memory: a step does not fit even at micro-batch 1")
