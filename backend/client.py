@@ -19,7 +19,10 @@ from typing import Any, Iterator
 from backend.errors import LtmError
 from backend.workspace import PROJECT_ROOT, Workspace
 
-START_TIMEOUT = 30.0
+# The request/reply format of the service's socket. A client and a service of different versions
+# (an upgrade while a service ran) refuse each other with one line instead of misreading replies.
+PROTOCOL_VERSION = 2
+START_TIMEOUT = 120.0  # a loaded machine imports slowly; a start that fails says so at once
 # A service a client started on demand exits after this long with nothing queued, running or
 # watching; the next client starts it again. `ltm-tui serve` in the foreground never does.
 ON_DEMAND_IDLE_EXIT = 600
@@ -94,10 +97,17 @@ def try_connect(workspace: Workspace) -> Client | None:
         return None
     try:
         client = Client(workspace)
-        client.call("ping")
-        return client
-    except (OSError, LtmError):
+        pong = client.call("ping")
+    except (OSError, LtmError, ValueError):
         return None
+    if pong.get("protocol") != PROTOCOL_VERSION:
+        client.close()
+        raise ServiceError(
+            f"the service on {workspace.root} (pid {pong.get('pid')}) speaks protocol "
+            f"{pong.get('protocol')} and this ltm-tui {PROTOCOL_VERSION}: stop it with `ltm-tui stop` "
+            "(its workers go on and the new service adopts them), then run the command again"
+        )
+    return client
 
 
 def start_service(workspace: Workspace) -> subprocess.Popen:
@@ -105,7 +115,7 @@ def start_service(workspace: Workspace) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    with open(workspace.log_path, "ab") as log:
+    with workspace.open_log() as log:
         return subprocess.Popen(
             [sys.executable, "-m", "backend.service", "--workspace", str(workspace.root),
              "--idle-exit", str(ON_DEMAND_IDLE_EXIT)],

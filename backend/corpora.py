@@ -39,6 +39,7 @@ from __future__ import annotations
 import codecs
 import hashlib
 import logging
+import errno
 import os
 import re
 import warnings
@@ -162,7 +163,7 @@ def expand_paths(
             for file in files:
                 add(file)
         elif not path.exists():
-            errors.append(CorpusError(f"{shown} does not exist"))
+            errors.append(_missing(path, shown))
         elif is_corpus_set(path) and path.is_file():
             add(path.resolve())
         elif format_of(path) is None:
@@ -355,11 +356,23 @@ def _folder_files(folder: Path, shown: str) -> tuple[list[Path], list[CorpusErro
     return files, errors
 
 
+def _missing(path: Path, shown: str) -> CorpusError:
+    """Why a path cannot be opened: missing, a link to nothing, or a loop of links."""
+    if path.is_symlink():
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return CorpusError(f"{shown} is a loop of symbolic links; point it at a file")
+        return CorpusError(f"{shown} is a link to {os.readlink(path)}, which does not exist")
+    return CorpusError(f"{shown} does not exist")
+
+
 def _checked_file(shown: str) -> tuple[Path, str]:
     path = Path(shown).expanduser()
     fmt = format_of(path)
     if not path.exists():
-        raise CorpusError(f"{shown} does not exist")
+        raise _missing(path, shown)
     if path.is_dir():
         raise CorpusError(f"{shown} is a folder; pass the files in it, or use expand_paths")
     if fmt is None:

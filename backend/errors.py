@@ -15,7 +15,10 @@ class LtmError(Exception):
 
     @property
     def message(self) -> str:
-        return str(self.args[0]) if self.args else self.title
+        """The message on one line: a newline inside it (a file name may hold one) is shown as
+        `\\n`, so one error is always one line of a log or a terminal."""
+        text = str(self.args[0]) if self.args else self.title
+        return text.replace("\r", "\\r").replace("\n", "\\n")
 
     def one_line(self) -> str:
         return f"{self.title}: {self.message}"

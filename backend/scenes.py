@@ -157,11 +157,22 @@ def run_check(check: Check, text: str) -> bool:
     raise BatteryError(f"unknown check {check.kind!r} (checks: {', '.join(CHECK_KINDS)})")
 
 
+# A battery of ten thousand scenes is about 3 MB. Past this a file is refused before it is read:
+# the YAML parser holds some twenty times a file's size while it works.
+MAX_BATTERY_BYTES = 8 << 20
+
+
 def load_battery(path: str | Path) -> Battery:
     """Read, parse and validate one battery file; raise BatteryError naming file:line and field."""
     path = Path(path)
     name = str(path)  # as the user wrote it, so the message points where they look
     try:
+        size = path.stat().st_size
+        if size > MAX_BATTERY_BYTES and path.is_file():
+            raise BatteryError(
+                f"{name}: {size / 2**20:.1f} MiB; a battery is at most {MAX_BATTERY_BYTES >> 20} MiB: "
+                "split its scenes into several files in one folder"
+            )
         raw = path.read_bytes()
     except FileNotFoundError:
         raise BatteryError(f"{name}: no such file") from None
@@ -174,8 +185,24 @@ def load_battery(path: str | Path) -> Battery:
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise BatteryError(f"{name}:{line}: not UTF-8 text (byte {raw[exc.start]:#04x})") from None
-    root = _compose(name, text)
-    return _Reader(name).battery(root, path)
+    try:
+        return _Reader(name).battery(_compose(name, text), path)
+    except RecursionError:
+        raise BatteryError(
+            f"{name}:{_deep_line(text)}: lists or mappings nested too deeply to read; "
+            "a scene needs a few levels"
+        ) from None
+
+
+def _deep_line(text: str, depth: int = 50) -> int:
+    """The line where flow brackets first nest `depth` deep (where a nesting bomb starts), else 1."""
+    level = 0
+    for i, ch in enumerate(text):
+        level += ch in "[{"
+        level -= ch in "]}"
+        if level >= depth:
+            return text.count("\n", 0, i) + 1
+    return 1
 
 
 def load_batteries(path: str | Path) -> list[Battery]:

@@ -14,10 +14,12 @@ re-attaches to them.
 from __future__ import annotations
 
 import argparse
+import errno
 import fcntl
 import json
 import os
 import queue
+import re
 import select
 import signal
 import socket
@@ -26,16 +28,23 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
+from backend.client import PROTOCOL_VERSION
 from backend.errors import JobError, LtmError
-from backend.jobs import JobManager, JobSettings, detect_slots
+from backend.jobs import JobManager, JobSettings, detect_slots, inspect_files
 from backend.store import Store
-from backend.workspace import Workspace
+from backend.workspace import Workspace, keep_private
 
-PROTOCOL_VERSION = 1
 TICK_SECONDS = 0.25
+TROUBLE_PAUSE_SECONDS = 2.0  # after a failed tick (a full disk), before the next try
+# The longest request line read: a submit of thousands of paths or a judge's rescore fits; a line
+# past this is refused and its connection closed, so no client can make the service hold more.
+MAX_REQUEST_BYTES = 8 << 20
+# A run id names a folder under runs/: letters, digits, '.', '_', '-', never a path.
+_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 WARM_LINGER_SECONDS = 20.0  # a worker with nothing left waits this long for more on its base
 
 
@@ -62,6 +71,7 @@ class Service:
         self.stopping = threading.Event()
         self.stop_workers = False
         self.idle_exit = idle_exit
+        self.trouble: str | None = None  # why the last tick failed, until one succeeds
         self._last_busy = time.monotonic()
         self.server: _Server | None = None
 
@@ -104,9 +114,15 @@ class Service:
         self.log(f"serving {self.workspace.root} on {self.workspace.socket_path} (pid {os.getpid()})")
         try:
             while not self.stopping.is_set():
-                with self.lock:
-                    self.manager.tick(self.broadcast)
-                    busy = not self.manager.idle()
+                try:
+                    with self.lock:
+                        self.manager.tick(self.broadcast)
+                        busy = not self.manager.idle()
+                    self.trouble = None
+                except Exception as exc:  # noqa: BLE001 - a full disk or a bug must not end the queue
+                    self._in_trouble(exc)
+                    self.stopping.wait(TROUBLE_PAUSE_SECONDS)
+                    continue
                 if busy or self.subscribers:
                     self._last_busy = time.monotonic()
                 elif self.idle_exit and time.monotonic() - self._last_busy > self.idle_exit:
@@ -133,7 +149,23 @@ class Service:
         self.log("stopped")
 
     def log(self, line: str) -> None:
-        print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
+        try:
+            print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}", flush=True)
+        except OSError:
+            pass  # service.log is on the full disk too: the broadcast still says it
+
+    def _in_trouble(self, exc: Exception) -> None:
+        """A tick failed (the disk is full, the database cannot be written): say so once, keep
+        every worker running, and try again shortly. Events not yet applied are read again."""
+        if _disk_full(exc):
+            message = f"disk full under {self.workspace.root}: free space; the queue goes on by itself"
+        else:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            message = f"the queue stalled on {type(exc).__name__}: {first[:200]}; see service.log"
+        if message != self.trouble:
+            self.trouble = message
+            self.log(f"{message}\n{traceback.format_exc()}")
+            self.broadcast({"type": "service", "status": "trouble", "message": message})
 
     # -- events ------------------------------------------------------------------------------
 
@@ -146,13 +178,21 @@ class Service:
     # -- requests ----------------------------------------------------------------------------
 
     def handle(self, op: str, args: dict[str, Any]) -> Any:
+        run_id = args.get("run_id")
+        if run_id is not None and not (isinstance(run_id, str) and _RUN_ID.fullmatch(run_id)):
+            raise JobError(f"{run_id!r} is not a run id; `ltm-tui status` lists them")
         if op == "ping":
-            return {"pid": os.getpid(), "workspace": str(self.workspace.root), "protocol": PROTOCOL_VERSION}
+            return {"pid": os.getpid(), "workspace": str(self.workspace.root), "protocol": PROTOCOL_VERSION,
+                    "trouble": self.trouble}
         if op == "submit":
             settings = JobSettings(**args["settings"])
+            paths = args["paths"]
+            if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+                raise JobError("submit: paths must be a list of file or folder names")
+            inspected = inspect_files(paths)  # reads every file: outside the lock, status stays quick
             with self.lock:
-                sub = self.manager.submit(
-                    args["paths"], settings, seeds=args.get("seeds", [0]), priority=args.get("priority", 0)
+                sub = self.manager.enqueue(
+                    inspected, settings, seeds=args.get("seeds", [0]), priority=args.get("priority", 0)
                 )
             return {
                 "run_ids": sub.run_ids,
@@ -171,14 +211,17 @@ class Service:
             self.store.rescore_run(args["run_id"], args["scene_results"], args["scores"], args.get("overall"))
             return {"run_id": args["run_id"]}
         if op == "export":
-            return str(self.store.export_csv(args["path"], sort=args.get("sort", "overall")))
+            mode = args.get("mode", 0o644)
+            if not isinstance(mode, int) or not 0 <= mode <= 0o777:
+                raise JobError("export: mode is a file mode such as 420 (0o644)")
+            return str(self.store.export_csv(args["path"], sort=args.get("sort", "overall"), mode=mode))
         if op == "cancel":
             with self.lock:
-                self.manager.cancel(args["run_id"])
+                self.manager.cancel(args["run_id"], self.broadcast)
             return {"run_id": args["run_id"], "status": "cancelled"}
         if op == "retry":
             with self.lock:
-                self.manager.retry(args["run_id"])
+                self.manager.retry(args["run_id"], self.broadcast)
             return {"run_id": args["run_id"], "status": "queued"}
         if op == "run":
             return self.run_detail(args["run_id"])
@@ -215,6 +258,7 @@ class Service:
             "curve": self.store.curve(run_id),
             "scenes": self.store.scene_results(run_id),
             "progress": self.progress.get(run_id),
+            "attempts": self.store.attempts(run_id),  # how each earlier attempt ended
         }
 
     def log_tail(self, run_id: str, lines: int) -> dict:
@@ -227,7 +271,7 @@ class Service:
             size = fh.tell()
             fh.seek(max(0, size - 64 * 1024))
             text = fh.read().decode("utf-8", errors="replace")
-        return {"path": str(path), "lines": text.splitlines()[-max(1, min(lines, 2000)):]}
+        return {"path": str(path), "lines": text.splitlines()[-max(1, min(int(lines), 2000)):]}
 
     def jobs(self, runs: list[str] | None = None) -> list[dict]:
         """The status rows: one per run, with live progress where a worker reports it."""
@@ -267,6 +311,15 @@ def _peer_uid(sock: socket.socket) -> int | None:
     return struct.unpack("3i", creds)[1]
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """ENOSPC, raised by Python or reported inside a DuckDB error (a WAL that could not grow)."""
+    return (isinstance(exc, OSError) and exc.errno == errno.ENOSPC) or "No space left on device" in str(exc)
+
+
+def _error(rid, title: str, message: str) -> dict:
+    return {"id": rid, "ok": False, "error": {"title": title, "message": message}}
+
+
 def _handler_for(service: Service):
     class Handler(socketserver.StreamRequestHandler):
         def handle(self) -> None:
@@ -274,25 +327,44 @@ def _handler_for(service: Service):
             if uid is not None and uid != os.getuid():
                 self._send({"ok": False, "error": {"title": "service", "message": "this workspace belongs to another user"}})
                 return
-            for raw in self.rfile:
+            while True:
+                raw = self.rfile.readline(MAX_REQUEST_BYTES + 1)
+                if not raw:
+                    return
+                if len(raw) > MAX_REQUEST_BYTES:
+                    self._send(_error(None, "protocol", f"a request line is at most {MAX_REQUEST_BYTES >> 20} MiB"))
+                    return  # the rest of the line cannot be told from the next request
                 try:
                     req = json.loads(raw)
-                    op, rid = req.get("op"), req.get("id")
-                except (ValueError, AttributeError):
-                    self._send({"ok": False, "error": {"title": "protocol", "message": "a request is one JSON object a line"}})
+                except ValueError:
+                    req = None
+                if not isinstance(req, dict) or not isinstance(req.get("op"), str) or not isinstance(req.get("args") or {}, dict):
+                    self._send(_error(None, "protocol", 'a request is one JSON object a line: {"id": 1, "op": "jobs", "args": {}}'))
                     continue
-                if op == "subscribe":
+                rid = req.get("id")
+                if req["op"] == "subscribe":
                     self._stream(rid)
                     return
-                try:
-                    result = service.handle(op, req.get("args") or {})
-                    reply = {"id": rid, "ok": True, "result": result}
-                except LtmError as exc:
-                    reply = {"id": rid, "ok": False, "error": {"title": exc.title, "message": exc.message}}
-                except (ValueError, KeyError, TypeError) as exc:
-                    reply = {"id": rid, "ok": False, "error": {"title": "request", "message": str(exc)}}
-                if not self._send(reply):
+                if not self._send(self._answer(rid, req["op"], req.get("args") or {})):
                     return
+
+        def _answer(self, rid, op: str, args: dict) -> dict:
+            """Every request gets a reply: its result, or one line saying what was wrong."""
+            try:
+                return {"id": rid, "ok": True, "result": service.handle(op, args)}
+            except LtmError as exc:
+                return _error(rid, exc.title, exc.message)
+            except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as exc:
+                what = f"missing argument {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                return _error(rid, "request", f"{op}: {what}")
+            except Exception as exc:  # noqa: BLE001 - a bug must not cost the client its reply
+                if _disk_full(exc):
+                    return _error(rid, "disk full", f"{op}: no space left under {service.workspace.root}; "
+                                  "free space and try again (nothing was half-stored)")
+                if isinstance(exc, OSError):
+                    return _error(rid, "service", f"{op}: {exc.strerror or exc} ({exc.filename or 'workspace'})")
+                service.log(f"request {op!r} failed:\n{traceback.format_exc()}")
+                return _error(rid, "service", f"{op} failed: {type(exc).__name__}; see service.log")
 
         def _send(self, obj: dict) -> bool:
             try:
@@ -340,6 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-exit", type=float, default=float(os.environ.get("LTM_SERVICE_IDLE_EXIT", 0)),
                         help="exit after this many seconds with nothing queued, running or watching (0: never)")
     args = parser.parse_args(argv)
+    keep_private()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         service = Service(Workspace.resolve(args.workspace), slots_per_gpu=args.slots_per_gpu, idle_exit=args.idle_exit)

@@ -16,6 +16,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.markup import escape
 from textual.widgets import Footer, Header, Input, Static
 
 from ltm_tui.gpu import DeviceMonitor
@@ -60,9 +61,10 @@ class LtmApp(App):
         picker_root: str | None = None,
     ) -> None:
         super().__init__()
-        from backend.workspace import Workspace
+        from backend.workspace import Workspace, file_mode
 
         self.workspace = Workspace.resolve(workspace)
+        self.file_mode = file_mode()  # read now, before the app's threads start: exports get it
         self.defaults = defaults or {}
         self.monitor = monitor
         self.poll_seconds = poll_seconds
@@ -73,6 +75,12 @@ class LtmApp(App):
         self._results_due = False
 
     # --- layout ----------------------------------------------------------------------------
+
+    def notify(self, message: str, *, title: str = "", severity="information", timeout: float | None = None,
+               markup: bool = False) -> None:
+        """A notification names files, runs and errors as they are: never read as markup (a file
+        called `[reverse]x.txt` shows as that)."""
+        super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in self.DASHBOARD_ACTIONS and len(self.screen_stack) > 1:
@@ -223,7 +231,7 @@ class LtmApp(App):
         shown = table.row_count
         total = len(table.rows_by_id)
         count = f"{shown} of {total} runs" if table.filter_text else f"{total} runs"
-        filt = f" · filter “{table.filter_text}”" if table.filter_text else ""
+        filt = f" · filter “{escape(table.filter_text)}”" if table.filter_text else ""
         table.border_title = f"results · {count} · sorted by {label} {arrow}{filt}"
 
     def _summary(self) -> Text:
@@ -373,7 +381,8 @@ class LtmApp(App):
         table = self.results_table
         sort = table.sort_key if table.sort_key not in ("delta",) else "overall"
         try:
-            written = await self.link.call("export", path=str(Path(path).expanduser().absolute()), sort=sort)
+            written = await self.link.call("export", path=str(Path(path).expanduser().absolute()), sort=sort,
+                                          mode=self.file_mode)
         except LtmError as exc:
             self.notify(exc.one_line(), severity="error", timeout=10)
             return

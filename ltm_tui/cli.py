@@ -187,18 +187,19 @@ def _workspace(args):
 
 
 def _ask(args, op: str, direct, **kwargs):
-    """Ask the running service; with none running, read the workspace's database directly."""
-    from backend.client import try_connect
+    """Ask the workspace's service, starting it when none runs. The service owns the database:
+    read directly, the file would show runs as live that no process moves any more (the service
+    settles them when it starts), and a reader holding it keeps a starting service out."""
+    from backend.client import connect
     from backend.store import Store
 
     ws = _workspace(args)
-    client = try_connect(ws)
-    if client is not None:
-        with client:
-            return client.call(op, **kwargs)
-    # no workspace yet: an empty in-memory store still checks the request (e.g. the sort column)
-    with Store(ws.db_path if ws.db_path.exists() else ":memory:") as store:
-        return direct(store)
+    if not ws.db_path.exists():
+        # no workspace yet: an empty in-memory store still checks the request (e.g. the sort column)
+        with Store(":memory:") as store:
+            return direct(store)
+    with connect(ws) as client:
+        return client.call(op, **kwargs)
 
 
 def _job_settings(args):
@@ -383,12 +384,15 @@ def cmd_results(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from backend.workspace import file_mode
+
     target = str(Path(args.csv).expanduser().absolute())
+    mode = file_mode()  # the service writes it; the file is the user's, with their usual mode
     try:
         path = _ask(
             args, "export",
-            lambda st: st.export_csv(target, sort=args.sort),
-            path=target, sort=args.sort,
+            lambda st: st.export_csv(target, sort=args.sort, mode=mode),
+            path=target, sort=args.sort, mode=mode,
         )
     except ValueError as exc:
         print(f"ltm-tui: {exc}", file=sys.stderr)
@@ -400,30 +404,10 @@ def cmd_export(args) -> int:
     return EXIT_OK
 
 
-def _status_rows(store) -> list[dict]:
-    return [
-        {
-            "run_id": r["run_id"],
-            "corpus": Path(r["corpus_path"]).name if r.get("corpus_path") else None,
-            "kind": r["kind"],
-            "base": r["base"],
-            "status": r["status"],
-            "step": r.get("steps"),
-            "total": None,
-            "loss": None,
-            "tokens_per_s": None,
-            "pid": None,
-            "eta_s": None,
-            "error": r.get("error"),
-        }
-        for r in store.list_runs()
-    ]
-
-
 def cmd_status(args) -> int:
     from ltm_tui.report import print_status
 
-    jobs = _ask(args, "jobs", _status_rows)
+    jobs = _ask(args, "jobs", lambda st: [])
     if args.format == "json":
         print(json.dumps(jobs, ensure_ascii=False, indent=1))
     else:
@@ -664,7 +648,7 @@ def cmd_scenes(args) -> int:
         return EXIT_OK
     from backend.stats import weak_scenes
 
-    runs = _ask(args, "jobs", _status_rows)
+    runs = _ask(args, "jobs", lambda st: [])
     done = [r["run_id"] for r in runs if r["status"] == "done"]
     weak = weak_scenes(_scene_results(args, done)) if done else []
     if args.format == "json":

@@ -7,6 +7,7 @@ import io
 from typing import Iterable
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -20,7 +21,7 @@ class RunProgress:
         self.console = Console(stderr=True)
         self.enabled = enabled
         self.progress = Progress(
-            TextColumn("{task.fields[label]:<24}"),
+            TextColumn("{task.fields[label]:<24}", markup=False),  # a file name is text, not markup
             TextColumn("{task.fields[phase]:<10}"),
             BarColumn(bar_width=28),
             TextColumn("{task.completed:>6.0f}/{task.total:<6.0f}"),
@@ -55,7 +56,7 @@ class RunProgress:
             if kind == "state":
                 label = self.progress.tasks[task].fields["label"]
                 extra = event.get("error") or (f"overall {event['overall']}" if "overall" in event else "")
-                self.console.print(f"{label}: {event['status']} {extra}".rstrip(), soft_wrap=True)
+                self.console.print(f"{label}: {event['status']} {extra}".rstrip(), soft_wrap=True, markup=False)
             return
         if kind == "progress":
             self.progress.update(
@@ -214,8 +215,8 @@ def print_ranked(
         intervals = r.get("intervals") or {}
         cells = [
             "base" if is_base else str(i - len(baselines) + 1),
-            "(baseline)" if is_base else (r.get("corpus") or "-"),
-            *([] if one_base else [r["base"]]),
+            "(baseline)" if is_base else escape(r.get("corpus") or "-"),
+            *([] if one_base else [escape(r["base"])]),
             *([] if all_done else [r["status"]]),
             _fmt(r.get("pages"), 1),
             _fmt(r.get("train_seconds"), 1),
@@ -241,7 +242,7 @@ def _cell(name: str, value, interval) -> str:
 def rows_to_csv(rows: list[dict]) -> str:
     names = measure_names(rows)
     out = io.StringIO()
-    writer = csv.writer(out)
+    writer = _SafeWriter(out)
     head = ["run_id", "corpus", "corpus_path", "base", "kind", "status", "pages", "tokens", "train_seconds"]
     probes = ["weight_change", "attn_entropy_change", "drift_layer"]
     bounds = [f"{n}_{end}" for n in names for end in ("lo", "hi")]
@@ -262,7 +263,7 @@ def print_status(jobs: list[dict], console: Console | None = None) -> None:
     for col in ("run_id", "corpus", "kind", "status", "error"):
         table.add_column(col)
     for j in jobs:
-        table.add_row(j["run_id"], j.get("corpus") or "-", j["kind"], j["status"], (j.get("error") or "")[:60])
+        table.add_row(j["run_id"], escape(j.get("corpus") or "-"), j["kind"], j["status"], escape((j.get("error") or "")[:60]))
     console.print(table)
 
 
@@ -284,3 +285,15 @@ def print_battery_counts(counts: dict, console: Console | None = None) -> None:
         per.add_row(metric, str(m["batteries"]), str(m["scenes"]), *(str(m["langs"].get(lang, 0)) for lang in langs))
     console.print(per)
     console.print("every battery loaded and validated (`-`: scenes without a lang field)", style="dim")
+
+
+class _SafeWriter:
+    """csv.writer whose text cells can never be read as a formula by a spreadsheet."""
+
+    def __init__(self, out) -> None:
+        from backend.store import csv_cell
+
+        self._writer, self._cell = csv.writer(out), csv_cell
+
+    def writerow(self, row: Iterable) -> None:
+        self._writer.writerow([self._cell(v) for v in row])

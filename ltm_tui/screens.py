@@ -11,6 +11,7 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
@@ -115,7 +116,7 @@ class PickerScreen(Screen):
         d = self.defaults
         with Horizontal(id="picker"):
             tree = CorpusTree(self.root, self.marked, id="tree")
-            tree.border_title = self.root.name or str(self.root)
+            tree.border_title = escape(self.root.name or str(self.root))
             yield tree
             with Vertical(id="picker-side"):
                 table = DataTable(id="marked", cursor_type="row")
@@ -556,7 +557,7 @@ class LogScreen(ModalScreen):
 
     def compose(self) -> ComposeResult:
         log = Log(id="log", auto_scroll=True)
-        log.border_title = f"log · {self.label} · Esc closes"
+        log.border_title = f"log · {escape(self.label)} · Esc closes"
         yield log
 
     def on_mount(self) -> None:

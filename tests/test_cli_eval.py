@@ -12,7 +12,7 @@ import pytest
 
 from backend import measures
 from backend.store import Store
-from tests.conftest import cli
+from tests.conftest import cli, stop_service
 
 
 def choice(scene_id, right, *, group=None, n=3):
@@ -98,12 +98,14 @@ def test_compare_and_weak_scenes(workspace: Path):
     assert {w["scene_id"]: w["reasons"] for w in weak} == {"guess": ["no spread", "at chance"]}
 
 
+@pytest.mark.slow
 def test_judge_grades_and_stores_verdicts(workspace: Path, tiny_hf_model: Path):
     res = cli("judge", "run-a", "--model", str(tiny_hf_model), "--device", "cpu", "--format", "json",
               "--workspace", str(workspace))
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)[0]
     assert report["graded"] == 1 and report["yes"] + report["no"] + report["parse_failures"] == 1
+    stop_service(workspace)  # the verdicts went through the service, which holds the database
     with Store(workspace / "ltm.duckdb") as store:
         scenes = {r["scene_id"]: r for r in store.scene_results("run-a")}
         verdict = scenes["gl1"]["detail"]["judge"]

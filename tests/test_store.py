@@ -17,6 +17,7 @@ import pytest
 from backend.errors import JobError, StoreError
 from backend.states import JobState
 from backend.store import MIGRATIONS, RESULT_KEYS, SORT_COLUMNS, Store
+from tests.conftest import WAIT, cli
 
 SHA_A = "a" * 64
 SHA_B = "b" * 64
@@ -148,7 +149,7 @@ def test_db_locked_by_another_process_is_store_error(tmp_path: Path):
         assert "\n" not in message
     finally:
         holder.stdin.close()
-        holder.wait(timeout=10)
+        holder.wait(timeout=WAIT)
         holder.stdout.close()
 
 
@@ -542,14 +543,20 @@ def test_concurrent_writes_to_one_run_do_not_conflict(store: Store):
     assert store.get_run("shared")["steps"] in {t * 100 + 24 for t in range(4)}
 
 
-def test_exported_csv_has_the_usual_file_mode(tmp_path: Path):
-    old = os.umask(0o022)
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_exported_csv_has_the_users_usual_file_mode(tmp_path: Path, umask: int):
+    """The service keeps the workspace private (umask 077), but the table it writes for a user
+    gets the mode of that user's own new files."""
+    with Store(tmp_path / "ws" / "ltm.duckdb"):
+        pass
+    old = os.umask(umask)
     try:
-        with Store(":memory:") as s:
-            path = s.export_csv(tmp_path / "t.csv")
+        out = cli("export", "--csv", str(tmp_path / "t.csv"), "--workspace", str(tmp_path / "ws"))
     finally:
         os.umask(old)
-    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE((tmp_path / "t.csv").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((tmp_path / "ws" / "service.log").stat().st_mode) == 0o600
 
 
 def _run_in_four_threads(work) -> None:
@@ -557,4 +564,37 @@ def _run_in_four_threads(work) -> None:
     for th in threads:
         th.start()
     for th in threads:
-        th.join(timeout=60)
+        th.join(timeout=WAIT)
+
+
+def test_a_batch_is_stored_whole_or_not_at_all(tmp_path: Path):
+    """A submission that fails half-way (a full disk, a clash) leaves no corpus without its runs."""
+    with Store(tmp_path / "ltm.duckdb") as s:
+        s.create_run("taken", kind="adapter", base="micro", settings={})
+        with pytest.raises(JobError, match="already exists"):
+            with s.batch():
+                s.add_corpus(corpus_info(SHA_A, "/texts/alpha.txt"))
+                s.create_run("fresh", kind="adapter", base="micro", settings={}, corpus_id=SHA_A)
+                s.create_run("taken", kind="adapter", base="micro", settings={}, corpus_id=SHA_A)
+        assert s.get_corpus(SHA_A) is None and s.get_run("fresh") is None
+        with s.batch():
+            s.add_corpus(corpus_info(SHA_A, "/texts/alpha.txt"))
+            s.create_run("fresh", kind="adapter", base="micro", settings={}, corpus_id=SHA_A)
+            s.transition("fresh", JobState.STARTING)
+        assert s.get_corpus(SHA_A)["name"] == "alpha.txt" and s.get_run("fresh")["status"] == "starting"
+
+
+def test_each_attempt_of_a_run_keeps_its_outcome(tmp_path: Path):
+    with Store(tmp_path / "ltm.duckdb") as s:
+        s.create_run("r", kind="adapter", base="micro", settings={})
+        s.transition("r", JobState.STARTING)
+        s.transition("r", JobState.FAILED, error="out of memory")
+        assert s.get_run("r")["attempt"] == 0
+        s.transition("r", JobState.QUEUED)  # retry
+        assert s.get_run("r")["attempt"] == 1 and s.get_run("r")["error"] is None
+        s.transition("r", JobState.CANCELLED, error="cancelled by the user")
+        s.transition("r", JobState.QUEUED)
+        for state in (JobState.STARTING, JobState.TRAINING, JobState.EVALUATING, JobState.DONE):
+            s.transition("r", state)
+        assert [(a["attempt"], a["status"], a["error"]) for a in s.attempts("r")] == [
+            (0, "failed", "out of memory"), (1, "cancelled", "cancelled by the user"), (2, "done", None)]
