@@ -2,6 +2,12 @@
 
 Nothing here downloads: the Hugging Face model is a randomly initialised Llama saved to disk
 with a word-level tokenizer trained on a few sentences, and loaded back by the real code.
+
+No test depends on the machine's speed. Every wait is for something a test can observe (a
+state, a step, a file, a process gone) and ends the moment it happens; its deadline, WAIT, holds
+on a machine four times slower than a quiet two-core one (a GPU box where another job trains:
+`scripts/test-under-load.sh` runs the suite beside a busy loop on every core). A deadline that
+passes says what was awaited. Tests never assert an elapsed time: timings are benchmarks.
 """
 
 from __future__ import annotations
@@ -20,6 +26,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The deadline of any one wait, in seconds. The slowest event a test awaits (a tiny run trained
+# and evaluated end to end) takes under a minute on a quiet two-core machine.
+WAIT = 300.0
 
 LOGIC_TEXT = (
     "All glims are blorps. All blorps are zents.\nSo all glims are zents.\n"
@@ -50,9 +60,7 @@ def stop_service(workspace: Path) -> None:
         return
     with client:
         pid = client.call("stop", workers=True)["pid"]
-    deadline = time.monotonic() + 60
-    while process_alive(pid, None) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_for(lambda: not process_alive(pid, None), what=f"the service of {workspace} to stop", poll=0.05)
 
 
 @pytest.fixture
@@ -170,9 +178,11 @@ def write_corpora(root: Path) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="session")
 def finished(tmp_path_factory):
-    """A workspace with two finished micro runs and their baseline, made by `ltm-tui run`, for
-    the dashboard's tests and pictures. Times are pinned afterwards (train 12.5 s, eval 1.5 s) so
-    that the pictures compare; everything else is what the run produced."""
+    """A workspace with two finished micro runs and their baseline, made once per test session by
+    `ltm-tui run` (TINY_RUN), for every test that needs trained runs but not a training of its
+    own: the dashboard's tests and pictures, the CLI's ranking and export. Times are pinned
+    afterwards (train 12.5 s, eval 1.5 s) so that the pictures compare; everything else is what
+    the run produced. Tests read it and never change it."""
     import types
 
     from backend.store import Store
@@ -188,7 +198,7 @@ def finished(tmp_path_factory):
         for run in store.list_runs():
             if run["kind"] != "baseline":
                 store.update_run(run["run_id"], train_seconds=12.5, eval_seconds=1.5)
-    yield types.SimpleNamespace(root=root, ws=ws, corpora=corpora, battery=battery)
+    yield types.SimpleNamespace(root=root, ws=ws, corpora=corpora, battery=battery, run_output=done.stdout)
     stop_service(ws)
 
 
@@ -202,27 +212,40 @@ def fake_nvml(monkeypatch):
     return fake
 
 
-def wait_for(predicate, timeout: float = 120.0, what: str = "condition"):
+def wait_for(predicate, timeout: float = WAIT, what: str = "condition", poll: float = 0.2):
     """Poll a condition of real processes (a state in the store, a pid gone) until it holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def cli(*args: str, cwd: Path | None = None, timeout: float = 300, env: dict | None = None):
+def exit_code(proc, what: str, timeout: float = WAIT) -> int:
+    """A process's exit code, once it exits; a deadline that passes names what was awaited."""
+    import subprocess
+
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what} to exit") from None
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 2 * WAIT, env: dict | None = None):
     """Run the real `ltm-tui` entry point in a subprocess."""
     import subprocess
 
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "COLUMNS": "200", **(env or {})}
-    return subprocess.run(
-        [sys.executable, "-m", "ltm_tui.cli", *args],
-        cwd=cwd or REPO,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=full_env,
-    )
+    try:
+        return subprocess.run(
+            [sys.executable, "-m", "ltm_tui.cli", *args],
+            cwd=cwd or REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=full_env,
+        )
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"`ltm-tui {' '.join(args)}` did not finish within {timeout:.0f}s") from None

@@ -19,9 +19,9 @@ from ltm_tui.app import LtmApp
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.screens import HelpScreen, LogScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
-from tests.conftest import LOGIC_TEXT, cli, write_tiny_battery
+from tests.conftest import LOGIC_TEXT, WAIT, cli, write_tiny_battery
 
-async def until(pilot, condition, timeout: float = 90.0, what: str = "condition"):
+async def until(pilot, condition, timeout: float = WAIT, what: str = "condition"):
     """Let the app run (its workers, the service's events) until `condition()` holds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -29,7 +29,7 @@ async def until(pilot, condition, timeout: float = 90.0, what: str = "condition"
         if value:
             return value
         await pilot.pause(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
 def run(coro):
@@ -177,6 +177,7 @@ def test_help_lists_every_binding_and_the_palette_offers_the_actions(finished):
 # --- queueing, live progress, cancel and retry ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
     folder = tmp_path / "texts"
     folder.mkdir()
@@ -211,7 +212,7 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
             table.move_cursor(row=table.get_row_index(baseline))
             await pilot.press("question_mark")  # the runs finish while another screen is on top
             await until(pilot, lambda: all(r["status"] == "done" for r in table.rows_by_id.values())
-                        and len(table.rows_by_id) == 2, timeout=240, what="both runs done")
+                        and len(table.rows_by_id) == 2, what="both runs done")
             assert isinstance(app.screen, HelpScreen)
             await pilot.press("escape")
             # the rows changed in place: the cursor is still on the baseline, the sort unchanged
@@ -226,6 +227,7 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
     assert {r["status"] for r in rows} == {"done"} and len(rows) == 2
 
 
+@pytest.mark.slow
 def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
     from dataclasses import asdict
 
@@ -249,7 +251,7 @@ def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
                 sub = client.call("submit", paths=[str(tmp_path / "long.txt")], settings=asdict(settings), seeds=[0])
             run_id = sub["run_ids"][0]
             queue = app.query_one(QueueTable)
-            await until(pilot, lambda: queue.jobs.get(run_id, {}).get("status") == "training", timeout=120,
+            await until(pilot, lambda: queue.jobs.get(run_id, {}).get("status") == "training",
                         what="training")
             await until(pilot, lambda: queue.jobs[run_id].get("step"), what="a progress event")
             queue.focus()
@@ -259,12 +261,11 @@ def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
             await until(pilot, lambda: log.shown, what="log lines")
             await pilot.press("escape")
             await pilot.press("c")
-            await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", timeout=60, what="cancelled")
+            await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", what="cancelled")
             await pilot.press("t")
-            await until(pilot, lambda: queue.jobs[run_id]["status"] in ("queued", "starting", "training"),
-                        timeout=60, what="queued again")
+            await until(pilot, lambda: queue.jobs[run_id]["status"] in ("queued", "starting", "training"), what="queued again")
             await pilot.press("c")
-            await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", timeout=60, what="cancelled again")
+            await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", what="cancelled again")
 
     run(scenario())
 

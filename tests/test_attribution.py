@@ -269,6 +269,7 @@ def _attribute(files, battery, ws, *extra):
     return done
 
 
+@pytest.mark.slow
 def test_attribute_finds_the_carrier_shares_a_duplicate_and_resumes(tmp_path, keepers):
     ws = tmp_path / "ws"
     k = keepers

@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 
-from tests.conftest import cli
+from tests.conftest import TINY_RUN, cli, stop_service
 
-TINY = ["--preset", "tiny", "--steps", "40", "--block-size", "64", "--micro-batch", "8",
-        "--min-train-tokens", "0", "--epochs", "50", "--quiet"]
+TINY = TINY_RUN
 RESULT_KEYS = {"run_id", "corpus", "corpus_path", "base", "status", "pages", "tokens",
                "train_seconds", "scores", "overall"}
 
 
-def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, corpora, tiny_battery):
-    ws = tmp_path / "ws"
-    done = cli("run", str(corpora["logic"]), str(corpora["story"]), "--scenes", str(tiny_battery),
-               "--workspace", str(ws), *TINY)
-    assert done.returncode == 0, done.stderr
-    assert "logic.txt" in done.stdout and "(baseline)" in done.stdout
+def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, finished):
+    """`ltm-tui run logic.txt story.txt` (the session's shared run, TINY_RUN) and what it stored."""
+    ws, corpora = finished.ws, {"logic": finished.corpora / "logic.txt"}
+    assert "logic.txt" in finished.run_output and "(baseline)" in finished.run_output
 
     res = cli("results", "--format", "json", "--workspace", str(ws))
     assert res.returncode == 0, res.stderr
@@ -59,13 +57,21 @@ def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, corpora, tiny_bat
     result = json.loads((run_dir / "result.json").read_text())
     assert result["settings"]["train"]["max_steps"] == 40 and result["steps"] == 40
 
-    # a second batch on the same base and battery reuses the finished baseline
-    again = cli("run", str(corpora["logic"]), "--scenes", str(tiny_battery), "--workspace", str(ws), *TINY)
+
+
+@pytest.mark.slow
+def test_a_second_batch_on_the_same_base_reuses_the_finished_baseline(tmp_path, finished):
+    stop_service(finished.ws)  # a copy of a database is taken while nothing writes it
+    ws = tmp_path / "ws"
+    shutil.copytree(finished.ws, ws, ignore=shutil.ignore_patterns("service.*"))
+    again = cli("run", str(finished.corpora / "logic.txt"), "--scenes", str(finished.battery),
+                "--workspace", str(ws), *TINY_RUN)
     assert again.returncode == 0, again.stderr
     rows = json.loads(cli("results", "--format", "json", "--workspace", str(ws)).stdout)
     assert sum(r["corpus"] is None for r in rows) == 1 and len(rows) == 4
 
 
+@pytest.mark.slow
 def test_bad_inputs_end_in_one_line_and_good_files_finish(tmp_path, corpora, tiny_battery):
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -101,6 +107,7 @@ def test_malformed_battery_names_file_line_and_field(tmp_path, corpora):
     assert "oops.yaml:9" in line and "answer" in line
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quant", [None, "4bit"], ids=["lora", "qlora"])
 def test_run_hf_model_with_lora_and_qlora(tmp_path, corpora, tiny_battery, tiny_hf_model, quant):
     ws = tmp_path / "ws"

@@ -173,6 +173,7 @@ def test_memory_warning_names_the_fix():
     assert where == "RAM" and free > 0
 
 
+@pytest.mark.slow
 def test_estimate_command_answers_in_json_then_from_the_cache(tmp_path, tiny_battery):
     ws = tmp_path / "ws"
     args = ("estimate", "--workspace", str(ws), "--preset", "tiny", "--device", "cpu", "--pages", "1,10,2.5",

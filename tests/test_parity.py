@@ -54,6 +54,7 @@ def task(tmp_path: Path) -> Path:
     return task
 
 
+@pytest.mark.slow
 def test_choice_scores_equal_lm_eval(task: Path, tiny_hf_model: Path, tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))

@@ -239,9 +239,10 @@ TINY = ["--preset", "tiny", "--steps", "30", "--block-size", "64", "--micro-batc
         "--min-train-tokens", "0", "--epochs", "50", "--quiet", "--format", "json"]
 
 
-def test_a_real_run_stores_probes_and_the_cli_prints_them(tmp_path, corpora, tiny_battery, tiny_hf_model):
-    ws = tmp_path / "ws"
-    done = cli("run", str(corpora["logic"]), "--scenes", str(tiny_battery), "--workspace", str(ws), *TINY)
+@pytest.mark.slow
+def test_a_real_run_stores_probes_and_the_cli_prints_them(tmp_path, corpora, tiny_battery, tiny_hf_model, finished):
+    shared = finished.ws  # the session's micro runs, probed as `ltm-tui run` does by default
+    done = cli("results", "--format", "json", "--workspace", str(shared))
     assert done.returncode == 0, done.stderr
     rows = {r["corpus"]: r for r in json.loads(done.stdout)}
     run, baseline = rows["logic.txt"], rows[None]
@@ -249,7 +250,7 @@ def test_a_real_run_stores_probes_and_the_cli_prints_them(tmp_path, corpora, tin
     assert isinstance(run["attn_entropy_change"], float)
     assert baseline["weight_change"] is None
 
-    shown = cli("probes", run["run_id"], "--format", "json", "--workspace", str(ws))
+    shown = cli("probes", run["run_id"], "--format", "json", "--workspace", str(shared))
     assert shown.returncode == 0, shown.stderr
     probes = json.loads(shown.stdout)
     assert probes["run_id"] == run["run_id"] and probes["method"] == "full"
@@ -259,17 +260,18 @@ def test_a_real_run_stores_probes_and_the_cli_prints_them(tmp_path, corpora, tin
     assert {e["module"] for e in probes["weight"]} >= {"model.layers.0.self_attn.q_proj", "model.embed_tokens"}
     assert [s["scene_id"] for s in probes["logit_lens"]["scenes"]] == ["d1", "d2"]
     # the same in the result file the worker wrote
-    result = json.loads((ws / "runs" / run["run_id"] / "result.json").read_text())
+    result = json.loads((shared / "runs" / run["run_id"] / "result.json").read_text())
     assert result["probes"]["cka"] == probes["cka"]
 
-    table = cli("probes", run["run_id"], "--workspace", str(ws))
+    table = cli("probes", run["run_id"], "--workspace", str(shared))
     assert table.returncode == 0 and "drift layer" in table.stdout and "largest updates" in table.stdout
 
-    refused = cli("probes", baseline["run_id"], "--workspace", str(ws))
+    refused = cli("probes", baseline["run_id"], "--workspace", str(shared))
     assert refused.returncode == 2 and "Traceback" not in refused.stderr
     assert "baseline" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
 
     # --no-probes: the run is stored without them, and `probes` says why
+    ws = tmp_path / "ws"
     off = cli("run", str(corpora["story"]), "--scenes", str(tiny_battery), "--workspace", str(ws),
               "--no-probes", *TINY)
     assert off.returncode == 0, off.stderr

@@ -144,6 +144,7 @@ def _setup(tmp_path, corpora) -> None:
         write_tiny_battery(tmp_path / "battery")
 
 
+@pytest.mark.slow
 def test_grid_enumerates_a_2x2_grid_in_four_trials(tmp_path, corpora):
     _setup(tmp_path, corpora)
     space = _space(tmp_path, """\
@@ -195,6 +196,7 @@ def _journal_trials(tmp_path) -> list[dict]:
             return []
 
 
+@pytest.mark.slow
 def test_tpe_resumes_after_the_cli_is_killed_mid_trial(tmp_path, corpora):
     _setup(tmp_path, corpora)
     space = _space(tmp_path, """\
@@ -238,6 +240,7 @@ def test_tpe_resumes_after_the_cli_is_killed_mid_trial(tmp_path, corpora):
     assert "best: trial" in table.stdout and "importance:" in table.stdout and "3 trials" in table.stdout
 
 
+@pytest.mark.slow
 def test_pruning_cancels_a_diverging_trial(tmp_path, corpora):
     _setup(tmp_path, corpora)
     space = _space(tmp_path, """\
@@ -286,6 +289,7 @@ def test_a_subset_trains_on_a_corpus_set_of_its_files(tmp_path, corpora):
     assert combined_corpus(files[:1], tmp_path / "sets") == corpora["logic"]
 
 
+@pytest.mark.slow
 def test_a_failed_job_ends_its_trial_fail_with_the_reason(tmp_path):
     write_tiny_battery(tmp_path / "battery")
     short = tmp_path / "short.txt"
@@ -316,6 +320,7 @@ def test_a_study_resumes_only_as_it_was_started(tmp_path):
         open_study(tmp_path / "s", first, "tpe", ["/x/b.txt"], {**settings, "train": {"lr": 0.01}}, 0)
 
 
+@pytest.mark.slow
 def test_a_trial_survives_a_reboot_mid_training(tmp_path, corpora):
     """The CLI killed and the service stopped with its workers (what a reboot leaves): the job
     ends interrupted; the next search queues it again and it resumes from its checkpoint."""

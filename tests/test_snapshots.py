@@ -15,6 +15,7 @@ from ltm_tui.app import LtmApp
 from ltm_tui.gpu import DeviceMonitor, DeviceReading, Snapshot
 from ltm_tui.screens import HelpScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import DevicePanel, ResultsTable
+from tests.conftest import WAIT
 
 HOST = Snapshot(
     devices=[DeviceReading(index=0, kind="host", name="CPU (2 cores) · RAM", memory_used=9 * 2**30,
@@ -23,11 +24,11 @@ HOST = Snapshot(
 )
 
 
-async def ready(pilot, condition, timeout: float = 60.0):
+async def ready(pilot, condition, timeout: float = WAIT):
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError("the dashboard did not get ready")
+            raise AssertionError(f"the dashboard did not get ready within {timeout:.0f}s")
         await pilot.pause(0.05)
 
 

@@ -50,6 +50,7 @@ async def open_screen(app, pilot, key: str, kind: type):
     return await until(pilot, lambda: isinstance(app.screen, kind) and app.screen, what=kind.__name__)
 
 
+@pytest.mark.slow  # the module's study: an attribution and a search, trained
 def test_attribution_screen_shows_each_file_with_intervals_and_sorts(studies):
     rows = {(r["corpus"], r["measure"]): r for r in studies.attribution}
 
@@ -83,6 +84,7 @@ def test_attribution_screen_shows_each_file_with_intervals_and_sorts(studies):
     asyncio.run(scenario())
 
 
+@pytest.mark.slow  # the module's study: an attribution and a search, trained
 def test_search_screen_lists_trials_best_first_and_opens_a_run(studies):
     trials = {t["number"]: t for t in studies.search["trials"]}
     best = studies.search["best"]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import LOGIC_TEXT, REPO, write_tiny_battery
+from tests.conftest import LOGIC_TEXT, REPO, WAIT, wait_for, write_tiny_battery
 
 pytestmark = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (a system package, which pip cannot install)")
 
@@ -42,7 +42,7 @@ class Tmux:
     def alive(self) -> bool:
         return self._run("has-session", "-t", self.session, check=False).returncode == 0
 
-    def wait(self, pattern: str, timeout: float = 60.0) -> str:
+    def wait(self, pattern: str, timeout: float = WAIT) -> str:
         deadline = time.monotonic() + timeout
         screen = ""
         while time.monotonic() < deadline:
@@ -65,6 +65,7 @@ def _binary() -> str:
     return found or f"{sys.executable} -m ltm_tui.cli"
 
 
+@pytest.mark.slow
 def test_queue_from_the_picker_wait_sort_and_quit(tmp_path):
     texts = tmp_path / "texts"
     texts.mkdir()
@@ -81,16 +82,16 @@ def test_queue_from_the_picker_wait_sort_and_quit(tmp_path):
     tmux = Tmux(f"ltm-test-{os.getpid()}")
     try:
         tmux.start(command, env)
-        tmux.wait(r"No runs yet", timeout=60)
+        tmux.wait(r"No runs yet")
         tmux.keys("a")
-        tmux.wait(r"marked: none", timeout=30)
+        tmux.wait(r"marked: none")
         tmux.wait(r"logic\.txt")
         tmux.keys("Down", "Space")
         tmux.wait(r"marked: 1")
         tmux.wait(r"logic\.txt\s+\d+\.\d+\s+[\d,]+")  # the preview: pages and tokens
         tmux.keys("Enter")  # Enter on a file queues the marked files
-        tmux.wait(r"queued 1 run", timeout=30)
-        screen = tmux.wait(r"logic\.txt\s+\d\.\d{3}\s+[+-]\d\.\d{3}", timeout=300)  # overall and Δ base
+        tmux.wait(r"queued 1 run")
+        screen = tmux.wait(r"logic\.txt\s+\d\.\d{3}\s+[+-]\d\.\d{3}")  # overall and Δ base
         assert "(baseline)" in screen
         current = re.search(r"sorted by (\S+)", screen).group(1)
         for _ in range(12):  # `s` walks the columns, one per press; stop at the depth score
@@ -102,9 +103,7 @@ def test_queue_from_the_picker_wait_sort_and_quit(tmp_path):
         tmux.keys("d")
         tmux.wait(r"sorted by depth ↑")
         tmux.keys("q")
-        deadline = time.monotonic() + 30
-        while not done.exists() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        wait_for(done.exists, what="the dashboard to quit")
         assert done.read_text().strip() == "0"
     finally:
         tmux.kill()

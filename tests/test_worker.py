@@ -6,11 +6,13 @@ import json
 import os
 import signal
 
+import pytest
+
 from backend.events import read_events
 from backend.jobs import JobManager, JobSettings
 from backend.store import Store
 from backend.workspace import Workspace
-from tests.conftest import wait_for
+from tests.conftest import WAIT, exit_code, wait_for
 
 TRAIN = {"block_size": 64, "micro_batch": 4, "min_train_tokens": 0, "epochs": 1000,
          "max_steps": 3000, "checkpoint_every": 0, "log_every": 5}
@@ -25,6 +27,7 @@ def _manager(tmp_path, battery):
     return JobManager(ws, store), store, settings
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery):
     manager, store, settings = _manager(tmp_path, tiny_battery)
     sub = manager.submit([corpora["logic"]], settings)
@@ -40,7 +43,7 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery
 
     wait_for(progressed)
     os.killpg(proc.pid, signal.SIGTERM)
-    assert proc.wait(timeout=60) == 3
+    assert exit_code(proc, "the worker after SIGTERM") == 3
     ckpts = sorted((tmp_path / "ws" / "runs" / run["run_id"] / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1
     stopped_at = int(ckpts[0].name.split("-")[1])
@@ -51,7 +54,7 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery
     short = json.loads(session.read_text())
     short["jobs"][0]["train"] = {**TRAIN, "max_steps": stopped_at + 10}
     session.write_text(json.dumps(short))
-    assert manager.start_worker(session).wait(timeout=120) == 0
+    assert manager.start_worker(session).wait(timeout=WAIT) == 0
     result = json.loads((events_path.parent / "result.json").read_text())
     assert result["steps"] == stopped_at + 10
     log = (events_path.parent / "train.log").read_text()
@@ -61,6 +64,7 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery
     store.close()
 
 
+@pytest.mark.slow
 def test_killed_worker_leaves_runs_interrupted_with_log_tail(tmp_path, corpora, tiny_battery):
     manager, store, settings = _manager(tmp_path, tiny_battery)
     sub = manager.submit([corpora["logic"]], settings)
