@@ -175,6 +175,9 @@ class LtmApp(App):
                 self.refresh_jobs()
         elif kind == "worker":
             self.refresh_jobs()
+        elif kind == "service" and event.get("status") == "trouble":
+            self.notify(event.get("message") or "the job service is in trouble; see service.log",
+                        severity="error", timeout=30)
 
     def _results_if_due(self) -> None:
         if self._results_due and self.link is not None:

@@ -408,6 +408,9 @@ def cmd_status(args) -> int:
     from ltm_tui.report import print_status
 
     jobs = _ask(args, "jobs", lambda st: [])
+    trouble = _ask(args, "ping", lambda st: {}).get("trouble")
+    if trouble:  # the queue stands still until it is mended (a full disk, say)
+        print(f"ltm-tui: service: {trouble}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(jobs, ensure_ascii=False, indent=1))
     else:

@@ -534,3 +534,22 @@ def test_module_imports_no_ui_no_torch_and_no_parsers_up_front() -> None:
         cwd=Path(__file__).resolve().parents[1],
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_link_loop_and_a_dangling_link_say_what_they_are(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").symlink_to(tmp_path / "b.txt")
+    (tmp_path / "b.txt").symlink_to(tmp_path / "a.txt")
+    (tmp_path / "gone.txt").symlink_to(tmp_path / "nowhere.txt")
+    _, errors = expand_paths([tmp_path / "a.txt", tmp_path / "gone.txt"])
+    assert [e.message for e in errors] == [
+        f"{tmp_path / 'a.txt'} is a loop of symbolic links; point it at a file",
+        f"{tmp_path / 'gone.txt'} is a link to {tmp_path / 'nowhere.txt'}, which does not exist",
+    ]
+
+
+def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path: Path) -> None:
+    odd = tmp_path / "two\nlines.txt"
+    odd.write_bytes(b"")
+    with pytest.raises(CorpusError) as info:
+        inspect_corpus(odd)
+    assert "\n" not in info.value.one_line() and "two\\nlines.txt" in info.value.one_line()

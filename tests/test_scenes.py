@@ -520,3 +520,22 @@ def test_the_control_corpora_are_up_to_date_with_logic_md():
     logic = (REPO / "data" / "demo" / "logic.md").read_text(encoding="utf-8")
     shuffled = (REPO / "data" / "demo" / "shuffled.md").read_text(encoding="utf-8")
     assert Counter(shuffled.split()) == Counter(logic.split()) and shuffled.split() != logic.split()
+
+
+def test_a_battery_too_big_to_parse_is_refused_before_it_is_read(tmp_path):
+    big = tmp_path / "huge.yaml"
+    scene = "  - {id: s, kind: perplexity, text: " + "word " * 40 + "}\n"
+    big.write_text(HEAD + scene * (10 * 2**20 // len(scene)), encoding="utf-8")  # 10 MiB
+    with pytest.raises(BatteryError) as info:
+        load_battery(big)
+    line = info.value.one_line()
+    assert str(big) in line and "MiB" in line and "split" in line and "\n" not in line
+
+
+def test_nesting_too_deep_to_parse_names_file_and_line(tmp_path):
+    deep = tmp_path / "deep.yaml"
+    deep.write_text(HEAD + "  - id: s\n    kind: choice\n    prompt: " + "[" * 5000 + "]" * 5000 + "\n",
+                    encoding="utf-8")
+    with pytest.raises(BatteryError) as info:
+        load_battery(deep)
+    assert info.value.one_line().startswith(f"battery: {deep}:{HEAD.count(chr(10)) + 3}: ")
