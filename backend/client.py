@@ -36,8 +36,10 @@ class Client:
     def __init__(self, workspace: Workspace, timeout: float | None = 60.0) -> None:
         self.workspace = workspace
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(timeout)
+        # a blocking connect waits for a place in a busy service's backlog; with a timeout set
+        # first, a Unix socket fails at once with EAGAIN (thousands of clients at once)
         self.sock.connect(str(workspace.socket_path))
+        self.sock.settimeout(timeout)
         self.rfile = self.sock.makefile("rb")
         self._ids = itertools.count(1)
 

@@ -55,6 +55,7 @@ class ServiceBusy(LtmError):
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024  # many clients connecting at once wait in the backlog, not refused
 
 
 class Service:
@@ -276,8 +277,9 @@ class Service:
     def jobs(self, runs: list[str] | None = None) -> list[dict]:
         """The status rows: one per run, with live progress where a worker reports it."""
         wanted = set(runs) if runs else None
-        with self.lock:
-            pids = {r: w.pid for w in self.manager.live.values() for r in w.run_ids}
+        # no lock: a submission of thousands of files holds it while it stores their rows, and
+        # status must answer meanwhile; copying the live workers and their runs is atomic enough
+        pids = {r: w.pid for w in list(self.manager.live.values()) for r in list(w.run_ids)}
         rows = []
         for run in self.store.list_runs():
             run_id = run["run_id"]
@@ -354,8 +356,10 @@ def _handler_for(service: Service):
                 return {"id": rid, "ok": True, "result": service.handle(op, args)}
             except LtmError as exc:
                 return _error(rid, exc.title, exc.message)
-            except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as exc:
-                what = f"missing argument {exc}" if isinstance(exc, KeyError) else str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            except KeyError as exc:
+                return _error(rid, "request", f"{op}: missing argument {exc}")
+            except (ValueError, TypeError, AttributeError, ArithmeticError) as exc:
+                what = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 return _error(rid, "request", f"{op}: {what}")
             except Exception as exc:  # noqa: BLE001 - a bug must not cost the client its reply
                 if _disk_full(exc):

@@ -6,7 +6,10 @@ The session file names the base and a list of jobs (see `backend.jobs.write_sess
 worker writes only inside each job's run folder: `events.jsonl`, `train.log`, `tokens.bin`,
 `checkpoints/`, `model/` (micro) or `adapter/` (PEFT format), and `result.json`, written to a
 temp name and renamed. It never opens the results database. On SIGTERM it saves a checkpoint
-and exits with code 3; a failed job is reported and the next one still runs (exit code 1).
+and exits with code 3; a failed job is reported and the next one still runs (exit code 1). A
+job whose `cancel.<attempt>` file appears (`ltm-tui cancel`) is skipped, or checkpointed and
+left, and the next job runs. Every event carries the job's attempt. A disk so full that not
+even a job's error can be written ends the worker with code 4.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ as the last line. Keys so far:
   settings and battery on both sides. Goal ≥ 5.
 - `status_ms_500`: median time of a `jobs` request over the service's socket with 500 jobs in
   the queue (goal < 200 ms).
+- `status_during_submit`: the same request, asked over and over while another client submits a
+  folder of 2,000 one-page files (the service inspects each file and stores 2,001 runs): the
+  median and the slowest answer, against `idle_ms`, the median on the same service before the
+  submission (goal: the slowest under 1,000 ms).
+- `service_flood`: 2,000 clients connect at once to a service holding 500 finished runs and each
+  asks for `results` (0.3 MB a reply): the answers received and the service's resident memory
+  idle, at its peak (VmHWM) and after (goal: every answer, peak under 500 MB).
 - `train_ratio_vs_hf_trainer`: our training loop's tokens/s ÷ transformers.Trainer + PEFT on the
   same random Llama (built from a config), the same LoRA, packed blocks in the same order, the
   same optimizer, schedule and precision (fp32 on the CPU); `train_vs_hf_trainer.same_loss`
@@ -130,6 +137,112 @@ def bench_status(quick: bool) -> dict:
     return {"status_ms_500": round(statistics.median(times), 1)}
 
 
+def bench_status_submit(quick: bool) -> dict:
+    import threading
+
+    from backend.client import connect
+
+    n = 500 if quick else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws").ensure()
+        folder = Path(tmp) / "books"
+        folder.mkdir()
+        _one_page_corpora(folder, n)
+        settings = {"base": {"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False,
+                             "device": "cpu"},
+                    "scenes": str(REPO / "scenes" / "depth.yaml"), "train": {"max_steps": 1}, "probes": False}
+        with connect(ws) as client:
+            idle = []
+            for _ in range(10):
+                t0 = time.perf_counter()
+                client.call("jobs")
+                idle.append((time.perf_counter() - t0) * 1000)
+            submitted: dict = {}
+
+            def submit() -> None:
+                with connect(ws) as other:
+                    t0 = time.perf_counter()
+                    submitted["runs"] = len(other.call("submit", paths=[str(folder)], settings=settings)["run_ids"])
+                    submitted["seconds"] = time.perf_counter() - t0
+
+            thread = threading.Thread(target=submit)
+            thread.start()
+            busy = []
+            while thread.is_alive():
+                t0 = time.perf_counter()
+                client.call("jobs")
+                busy.append((time.perf_counter() - t0) * 1000)
+                time.sleep(0.05)  # a dashboard or a `watch ltm-tui status`, not a flood
+            thread.join()
+            assert submitted["runs"] == n, submitted
+            client.call("stop", workers=True)
+        deadline = time.monotonic() + 60
+        while ws.socket_path.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+    return {"status_during_submit": {
+        "files": n, "submit_seconds": round(submitted["seconds"], 1), "asked": len(busy),
+        "median_ms": round(statistics.median(busy), 1), "max_ms": round(max(busy), 1),
+        "idle_ms": round(statistics.median(idle), 1)}}
+
+
+def _vm(pid: int, key: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_flood(quick: bool) -> dict:
+    import socket
+    import threading
+
+    from backend.client import connect
+
+    clients = 500 if quick else 2000
+    with tempfile.TemporaryDirectory() as tmp:
+        ws = Workspace(Path(tmp) / "ws").ensure()
+        with Store(ws.db_path) as store:
+            scores = {m: {"value": 0.5, "n": 40, "lo": 0.4, "hi": 0.6}
+                      for m in ("reasoning_depth", "consistency", "pressure", "novelty", "compression")}
+            for i in range(500):
+                run_id = f"r{i:03d}"
+                store.create_run(run_id, kind="adapter", base="micro:tiny", settings={},
+                                 corpus_path=f"/books/book-{i:03d}.txt", run_dir=str(ws.run_dir(run_id)))
+                for state in ("starting", "training", "evaluating"):
+                    store.transition(run_id, state)
+                store.ingest_result(run_id, {"scores": scores, "scene_results": [], "overall": 0.5})
+                store.transition(run_id, "done")
+        with connect(ws) as client:
+            pid = client.call("ping")["pid"]
+            client.call("results")  # warm: the first answer's caches are not the flood's
+        idle = _vm(pid, "VmRSS")
+        start = threading.Barrier(clients)
+        sizes: list[int] = []
+
+        def ask() -> None:  # one `ltm-tui results`: connect, ask, read its own reply
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                start.wait()
+                sock.connect(str(ws.socket_path))  # blocking, as backend.client does: waits in the backlog
+                sock.settimeout(600)
+                sock.sendall(b'{"id": 1, "op": "results", "args": {}}\n')
+                with sock.makefile("rb") as reader:
+                    line = reader.readline()
+                if line and json.loads(line)["ok"]:
+                    sizes.append(len(line))
+
+        threads = [threading.Thread(target=ask) for _ in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        answered, size = len(sizes), max(sizes, default=0)
+        peak, after = _vm(pid, "VmHWM"), _vm(pid, "VmRSS")
+        with connect(ws) as client:
+            client.call("stop", workers=True)
+    return {"service_flood": {"clients": clients, "answered": answered, "reply_mb": round(size / 2**20, 2),
+                              "idle_rss_mb": round(idle), "peak_rss_mb": round(peak), "after_rss_mb": round(after)}}
+
+
 # Shapes for the CPU: Llama-proportioned (SwiGLU ffn ≈ 2.7 × hidden, grouped KV heads), small
 # enough that both sides of a comparison run in seconds on two cores.
 TRAIN_SHAPE = {"hidden": 256, "layers": 4, "heads": 8, "kv": 4, "ffn": 688, "vocab": 4096, "context": 512}
@@ -220,7 +333,7 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
-    cases = (bench_warm_worker, bench_status, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_eval_run, bench_ui, bench_probes)
+    cases = (bench_warm_worker, bench_status, bench_status_submit, bench_flood, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_eval_run, bench_ui, bench_probes)
     names = [case.__name__.removeprefix("bench_") for case in cases]
     only = {name.strip() for name in args.only.split(",")} if args.only else None
     if only and only - set(names):

@@ -147,6 +147,30 @@ def test_cancel_touches_only_its_own_run_and_the_warm_worker_goes_on(tmp_path, c
     assert "cancelled by the user" in (logic_dir / "train.log").read_text()
 
 
+@pytest.mark.slow
+def test_cancel_during_evaluation_stores_no_result_and_the_worker_goes_on(tmp_path, corpora):
+    """A battery long enough to catch a run evaluating: cancelled there, it writes no result,
+    and the next corpus on the same worker is trained and scored."""
+    battery = tmp_path / "long-battery"
+    battery.mkdir()
+    scenes = "".join(f"  - {{id: g{i}, kind: generate, prompt: 'All glims are', max_new_tokens: 48,"
+                     " checks: [{max_words: 40}]}\n" for i in range(200))
+    (battery / "long.yaml").write_text(f"battery: long\ndescription: slow to evaluate\nmetric: novelty\n"
+                                       f"scenes:\n{scenes}", encoding="utf-8")
+    ws = Workspace(tmp_path / "ws")
+    client = _start_run(ws, corpora["logic"], corpora["story"], scenes=battery, extra=[*QUICK, "--no-probes"])
+    job = wait_for(lambda: ws.socket_path.exists() and (j := _jobs(ws).get("logic.txt")) and
+                   j["status"] == "evaluating" and j, what="logic.txt evaluating")
+    with connect(ws) as c:  # at once, not after a CLI's start-up
+        c.call("cancel", run_id=job["run_id"])
+    assert exit_code(client, "`ltm-tui run` of logic and story") == 1
+    jobs = _jobs(ws)
+    assert jobs["logic.txt"]["status"] == "cancelled" and jobs["story.txt"]["status"] == "done"
+    assert not (ws.run_dir(job["run_id"]) / "result.json").exists()
+    story = _run_detail(ws, jobs["story.txt"]["run_id"])["run"]
+    assert story["worker_pid"] == job["pid"]  # the same worker went on
+
+
 # --- a killed service ------------------------------------------------------------------------------
 
 
