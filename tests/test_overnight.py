@@ -444,5 +444,8 @@ def test_a_kill_storm_ends_every_run_exactly_once(tmp_path, tiny_battery):
             assert len(ids) == len(set(ids)) and ("depth", "d1") in ids
     assert cli("stop", "--all", "--workspace", str(ws.root)).returncode == 0
     wait_for(lambda: not ws.socket_path.exists(), what="service stopped")
-    leftover = subprocess.run(["pgrep", "-f", str(ws.root)], capture_output=True, text=True).stdout.split()
-    assert leftover == []
+
+    def leftover() -> list[str]:  # the service and the workers it stopped, still on their way out
+        return subprocess.run(["pgrep", "-f", str(ws.root)], capture_output=True, text=True).stdout.split()
+
+    wait_for(lambda: not leftover(), what="every process of the workspace to exit")
