@@ -14,14 +14,14 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from backend.errors import LtmError
 from backend.workspace import PROJECT_ROOT, Workspace
 
 # The request/reply format of the service's socket. A client and a service of different versions
 # (an upgrade while a service ran) refuse each other with one line instead of misreading replies.
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 START_TIMEOUT = 120.0  # a loaded machine imports slowly; a start that fails says so at once
 # A service a client started on demand exits after this long with nothing queued, running or
 # watching; the next client starts it again. `ltm-tui serve` in the foreground never does.
@@ -151,3 +151,35 @@ def connect(workspace: Workspace, *, start: bool = True) -> Client:
             raise ServiceError(f"the service did not start (exit {code}): {' '.join(tail)}")
         time.sleep(0.1)
     raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f}s; see {workspace.log_path}")
+
+
+def run_task(workspace: Workspace, kind: str, say: Callable[[str], None], **args: Any) -> dict:
+    """Ask the service for a task (a calibration or a judge: backend/tasks.py), report its lines
+    through `say` and return its finished row, result included. It waits for a worker slot like
+    a run. Ctrl-C cancels the task; a task that fails raises its one line."""
+    with connect(workspace) as watch:
+        events = watch.subscribe()  # before the task exists: none of its events can be missed
+        with connect(workspace) as client:
+            task = client.call("task", kind=kind, **args)
+        if task["task_id"] is None:
+            return task
+        if task.get("waiting"):
+            say(f"waiting: {task['waiting']}")
+        try:
+            for event in events:
+                if event.get("type") == "service" and event.get("status") == "stopped":
+                    raise ServiceError(f"the service stopped before {task['what']} finished; run the command again")
+                if event.get("type") != "task" or event.get("task_id") != task["task_id"]:
+                    continue
+                if event.get("message"):
+                    say(event["message"])
+                status = event.get("status")
+                if status == "done":
+                    return {**task, "status": status, "result": event.get("result")}
+                if status in ("failed", "cancelled"):
+                    raise LtmError(f"{task['what']}: {event.get('error') or status}", title=kind)
+        except KeyboardInterrupt:
+            with connect(workspace) as client:
+                client.call("task_cancel", task_id=task["task_id"])
+            raise
+    raise ServiceError(f"the service closed the connection before {task['what']} finished")

@@ -24,6 +24,7 @@ from backend.events import of_attempt, read_events
 from backend.executor import Executor, LocalExecutor, WorkerHandle
 from backend.states import JobState
 from backend.store import Store
+from backend.tasks import Task, Tasks
 from backend.worker import EXIT_DISK_FULL
 from backend.workspace import Workspace, cancel_marker
 
@@ -109,6 +110,7 @@ class JobManager:
         # how long a worker that finished its jobs waits for more on the same base (warm worker)
         self.linger = linger
         self.live: dict[int, LiveWorker] = {}  # by pid
+        self.tasks = Tasks(self.workspace, self.executor)  # calibrations and judges, in the same slots
 
     # -- queueing ---------------------------------------------------------------------------
 
@@ -243,7 +245,7 @@ class JobManager:
         return sorted(groups.values(), key=lambda g: (-max(r["priority"] for r in g), g[0]["created_at"]))
 
     def free_slots(self) -> list[int]:
-        used = {w.slot for w in self.live.values()}
+        used = {w.slot for w in self.live.values()} | self.tasks.used_slots()
         return [i for i in range(len(self.slots)) if i not in used]
 
     def tick(self, on_event: EventHook) -> None:
@@ -258,18 +260,57 @@ class JobManager:
                 self._pump(worker, on_event)
                 self._settle(worker, on_event)
                 del self.live[worker.pid]
+        self.tasks.tick(self._task_result, on_event)
         free = self.free_slots()
+        waiting = self.tasks.waiting()
+        for task in waiting:  # a task is short: it takes a free slot before the queue's runs
+            if not free:
+                break
+            index = free.pop(0)
+            self.tasks.start(task, index, self.slots[index], on_event)
+        tasks_wait = bool(self.tasks.waiting())
+        if tasks_wait and (idle := self._lingering_worker()) is not None:
+            idle.request_stop()
         for group in self.sessions():
             # a free slot runs the group in parallel; with none, a worker already holding the
-            # same base takes it next (a 13B base loads slower than it trains on one page)
+            # same base takes it next (a 13B base loads slower than it trains on one page),
+            # unless a task waits for a slot: then the worker ends with its session
             if free:
                 self.start_session(group, free.pop(0), on_event)
-            elif (warm := self._warm_worker_for(group)) is not None:
+            elif not tasks_wait and (warm := self._warm_worker_for(group)) is not None:
                 self._hand_over(warm, group, on_event)
             elif (idle := self._lingering_worker()) is not None:
                 # it only waits for work on its own base: its slot goes to this group, which
                 # would otherwise wait out the linger (a search over micro presets, say)
                 idle.request_stop()
+
+    # -- tasks: calibrations and judges (backend.tasks) -------------------------------------
+
+    def submit_task(self, kind: str, spec: dict[str, Any], what: str) -> Task:
+        """Queue a task for the next free slot; its events reach the hook given to `tick`."""
+        return self.tasks.add(kind, spec, what)
+
+    def task_wait(self, task: Task) -> str | None:
+        """Why a task has not started yet, in one line (None once it has)."""
+        ahead = [t for t in self.tasks.waiting() if t.created < task.created]
+        if task.status != "waiting" or len(self.free_slots()) > len(ahead):
+            return None  # it starts at the next tick
+        busy = [f"worker {w.pid} with {len(w.run_ids)} run(s)" for w in self.live.values()]
+        busy += [f"task {t.task_id}" for t in self.tasks.running()]
+        line = f"every worker slot is busy ({'; '.join(busy) or 'starting'})"
+        if ahead:
+            line += f"; {len(ahead)} task(s) ahead"
+        return line + "; it starts when one frees, ahead of runs no worker holds yet"
+
+    def _task_result(self, task: Task, result: dict) -> Any:
+        """What a finished task's client gets; a judge's grades are stored first."""
+        if task.kind != "judge":
+            return result
+        report = []
+        for r in result["runs"]:
+            self.store.rescore_run(r["run_id"], r["scene_results"], r["scores"], r["overall"])
+            report.append({"run_id": r["run_id"], "judge": r["judge"], "overall": r["overall"], **r["counts"]})
+        return report
 
     def _warm_worker_for(self, group: list[dict]) -> LiveWorker | None:
         """A live worker on the same base and settings, which takes these jobs next without
@@ -306,7 +347,7 @@ class JobManager:
         on_event({"type": "worker", "pid": worker.pid, "runs": [r["run_id"] for r in runs], "warm": True})
 
     def idle(self) -> bool:
-        return not self.live and not self.sessions()
+        return not self.live and not self.sessions() and not self.tasks.waiting() and not self.tasks.running()
 
     def run_queue(self, on_event: EventHook | None = None, poll_seconds: float = 0.25) -> bool:
         """Run every queued job to a terminal state in this process; True when all ended done."""

@@ -160,7 +160,7 @@ def parse_space(data: Any, shown: str, default_study: str = "search") -> Space:
     if direction not in ("maximize", "minimize"):
         raise fail("direction", f"{direction!r}: use maximize or minimize")
     study = str(data.get("study", default_study))
-    if not STUDY_NAME.match(study):
+    if not STUDY_NAME.fullmatch(study):
         raise fail("study", f"{study!r}: use letters, digits, _ . - (at most 64)")
     eval_every = data.get("eval_every", 10)
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 1:
@@ -527,6 +527,15 @@ def study_summary(study, space: Space, sampler: str, files: list[str], target: i
 
 def finished_count(rows: Iterable[dict]) -> int:
     return sum(1 for r in rows if r["state"] in FINISHED)
+
+
+def params_text(params: dict) -> str:
+    """A trial's parameters in one line: lr=0.003 steps=20."""
+    return " ".join(f"{k}={fmt_value(v)}" for k, v in params.items())
+
+
+def fmt_value(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
 
 
 def check_files(files: list[str], subsets: bool, shown: str) -> list[str]:

@@ -75,6 +75,9 @@ class Service:
         self.trouble: str | None = None  # why the last tick failed, until one succeeds
         self._last_busy = time.monotonic()
         self.server: _Server | None = None
+        from backend.search_study import Searches
+
+        self.searches = Searches(self)  # search studies, each a thread: backend/search_study.py
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -111,6 +114,7 @@ class Service:
         self._bind()
         with self.lock:
             self.manager.reattach(self.broadcast)
+        self.searches.resume_all()
         threading.Thread(target=self.server.serve_forever, name="socket", daemon=True).start()
         self.log(f"serving {self.workspace.root} on {self.workspace.socket_path} (pid {os.getpid()})")
         try:
@@ -118,7 +122,7 @@ class Service:
                 try:
                     with self.lock:
                         self.manager.tick(self.broadcast)
-                        busy = not self.manager.idle()
+                        busy = not self.manager.idle() or self.searches.busy()
                     self.trouble = None
                 except Exception as exc:  # noqa: BLE001 - a full disk or a bug must not end the queue
                     self._in_trouble(exc)
@@ -135,8 +139,10 @@ class Service:
         return 0
 
     def shutdown(self) -> None:
-        if self.stop_workers:
-            with self.lock:
+        self.searches.stop_all()  # first: their loops use the store and the manager
+        with self.lock:
+            self.manager.tasks.stop_all()  # their clients wait on this service: they are told it stopped
+            if self.stop_workers:
                 self.manager.shutdown_workers(self.broadcast, reason="stopped with the service")
         self.broadcast({"type": "service", "status": "stopped"})
         if self.server is not None:
@@ -184,7 +190,7 @@ class Service:
             raise JobError(f"{run_id!r} is not a run id; `ltm-tui status` lists them")
         if op == "ping":
             return {"pid": os.getpid(), "workspace": str(self.workspace.root), "protocol": PROTOCOL_VERSION,
-                    "trouble": self.trouble}
+                    "trouble": self.trouble, "searches": self.searches.running()}
         if op == "submit":
             settings = JobSettings(**args["settings"])
             paths = args["paths"]
@@ -235,15 +241,53 @@ class Service:
 
             return attribution_op(self, op, args)
         if op == "search":  # search studies for the dashboard: shape in docs/search.md
-            return self.store.search(args.get("study"))
-        if op == "search_save":  # `ltm-tui search` records its study's summary (backend/search.py)
-            self.store.save_search(args["study"], args.get("trials") or [])
-            return {"study": args["study"]["study"]}
+            found = self.store.search(args.get("study"))
+            running = set(self.searches.running())
+            for study in [*found["studies"], *([found["study"]] if found["study"] else [])]:
+                study["running"] = study["study"] in running
+            return found
+        if op == "search_start":  # run a study here, or find it running (backend/search_study.py)
+            return self.searches.start(args)
+        if op == "search_stop":
+            return self.searches.stop(str(args.get("study")))
+        if op in ("task", "task_cancel", "tasks"):  # calibrations and judges: backend/tasks.py
+            return self.task_op(op, args)
         if op == "stop":
             self.stop_workers = bool(args.get("workers"))
             self.stopping.set()
             return {"pid": os.getpid()}
         raise JobError(f"unknown request {op!r}")
+
+    def task_op(self, op: str, args: dict[str, Any]) -> Any:
+        if op == "tasks":
+            with self.lock:
+                return [t.row() for t in self.manager.tasks.tasks.values()]
+        if op == "task_cancel":
+            with self.lock:
+                return self.manager.tasks.cancel(str(args.get("task_id")), self.broadcast).row()
+        kind, skipped = args.get("kind"), []
+        if kind == "calibrate":
+            spec = {k: args.get(k) for k in ("base", "train", "lora", "steps", "scenes", "sample")}
+            if not isinstance(spec["base"], dict) or not isinstance(spec["base"].get("base"), str):
+                raise JobError("task calibrate: base must be a base spec such as {\"base\": \"micro\"}")
+            what = f"calibrate {JobSettings(base=spec['base'], scenes='').base_label()}"
+        elif kind == "judge":
+            runs, model = args.get("runs"), args.get("model")
+            if not isinstance(runs, list) or not all(isinstance(r, str) and _RUN_ID.fullmatch(r) for r in runs):
+                raise JobError("task judge: runs must be a list of run ids")
+            if not isinstance(model, str) or not model:
+                raise JobError("task judge: model must be a local model folder")
+            found = {r: self.store.scene_results(r) for r in runs}
+            skipped = [r for r in runs if not found[r]]
+            spec = {"model": model, "device": args.get("device"), "runs": {r: v for r, v in found.items() if v}}
+            what = f"judge {len(spec['runs'])} run(s) with {model}"
+        else:
+            raise JobError(f"task: kind must be calibrate or judge, not {kind!r}")
+        with self.lock:
+            if kind == "judge" and not spec["runs"]:
+                return {"task_id": None, "status": "done", "result": [], "skipped": skipped}
+            task = self.manager.submit_task(kind, spec, what)
+            return {**task.row(), "waiting": self.manager.task_wait(task), "skipped": skipped}
 
     def run_detail(self, run_id: str) -> dict:
         """One run for the detail screen: every column, its corpus, curve and scene results."""

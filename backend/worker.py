@@ -1,6 +1,7 @@
 """The worker process: load a base once, then for each job train → save → evaluate → report.
 
     python -m backend.worker <session.json>
+    python -m backend.worker tasks/<id>/task.json   (a calibration or a judge: backend.task_worker)
 
 The session file names the base and a list of jobs (see `backend.jobs.write_session`). The
 worker writes only inside each job's run folder: `events.jsonl`, `train.log`, `tokens.bin`,
@@ -350,9 +351,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_SESSION
     from backend.workspace import keep_private
 
+    keep_private()
+    task = _read_task(Path(argv[0]))
+    if task is not None:  # a calibration or a judge (backend.tasks), not a session of runs
+        from backend.task_worker import run_task
+
+        return run_task(task)
     Stop.install()
     keep_freed_memory()
-    keep_private()
     from backend.errors import LtmError
 
     try:
@@ -375,6 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass  # its log is on the same disk: the exit code says it
         return EXIT_DISK_FULL
+
+
+def _read_task(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # main() says what is wrong with the file
+    return found if isinstance(found, dict) and "task" in found else None
 
 
 def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:

@@ -408,13 +408,19 @@ def cmd_status(args) -> int:
     from ltm_tui.report import print_status
 
     jobs = _ask(args, "jobs", lambda st: [])
-    trouble = _ask(args, "ping", lambda st: {}).get("trouble")
-    if trouble:  # the queue stands still until it is mended (a full disk, say)
-        print(f"ltm-tui: service: {trouble}", file=sys.stderr)
+    pong = _ask(args, "ping", lambda st: {})
+    if pong.get("trouble"):  # the queue stands still until it is mended (a full disk, say)
+        print(f"ltm-tui: service: {pong['trouble']}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(jobs, ensure_ascii=False, indent=1))
-    else:
-        print_status(jobs)
+        return EXIT_OK
+    print_status(jobs)
+    for task in _ask(args, "tasks", lambda st: []):  # calibrations and judges in the worker slots
+        if task["status"] in ("waiting", "running"):
+            pid = f", pid {task['pid']}" if task["pid"] else ""
+            print(f"task {task['task_id']}: {task['what']}: {task['status']}{pid}")
+    for study in pong.get("searches") or []:
+        print(f"search {study}: running in the service (`ltm-tui search --stop --study {study}` stops it)")
     return EXIT_OK
 
 
@@ -668,8 +674,34 @@ def cmd_scenes(args) -> int:
 def cmd_judge(args) -> int:
     from backend.judge import judge_rows, make_judge, rescore
 
-    judge = make_judge(model=args.model, endpoint=args.endpoint, judge_model=args.judge_model,
-                       key_env=args.key_env, device=args.device)
+    if args.model and not args.endpoint:
+        report = _judge_in_a_slot(args)
+    else:
+        report = _judge_here(args, make_judge(model=args.model, endpoint=args.endpoint, judge_model=args.judge_model,
+                                              key_env=args.key_env, device=args.device), judge_rows, rescore)
+    if args.format == "json":
+        print(json.dumps(report, ensure_ascii=False, indent=1))
+    for r in report if args.format == "table" else ():
+        print(f"{r['run_id']}: {r['graded']} graded by {r['judge']}: {r['yes']} yes, {r['no']} no,"
+              f" {r['parse_failures']} unparsed; overall now {r['overall']}")
+    return EXIT_OK if report else EXIT_FAILED
+
+
+def _judge_in_a_slot(args) -> list[dict]:
+    """A local judge model is loaded by a worker in one of the service's slots (backend/tasks.py),
+    never beside a run on the same card; the service stores the grades."""
+    from backend.client import run_task
+
+    model = str(Path(args.model).expanduser().absolute())
+    say = (lambda s: None) if args.format == "json" else (lambda s: print(f"judge: {s}", file=sys.stderr))
+    task = run_task(_workspace(args), "judge", say, runs=list(args.runs), model=model, device=args.device)
+    for run_id in task.get("skipped") or []:
+        print(f"ltm-tui: run {run_id} has no scene results; skipped", file=sys.stderr)
+    return task["result"]
+
+
+def _judge_here(args, judge, judge_rows, rescore) -> list[dict]:
+    """An endpoint judge runs on another server: this process only sends the prompts."""
     found = _scene_results(args, args.runs)
     report = []
     for run_id in args.runs:
@@ -682,12 +714,7 @@ def cmd_judge(args) -> int:
         _ask(args, "rescore", lambda st: st.rescore_run(run_id, rows, scores, overall),
              run_id=run_id, scene_results=rows, scores=scores, overall=overall)
         report.append({"run_id": run_id, "judge": judge.name, "overall": overall, **counts})
-    if args.format == "json":
-        print(json.dumps(report, ensure_ascii=False, indent=1))
-    for r in report if args.format == "table" else ():
-        print(f"{r['run_id']}: {r['graded']} graded by {r['judge']}: {r['yes']} yes, {r['no']} no,"
-              f" {r['parse_failures']} unparsed; overall now {r['overall']}")
-    return EXIT_OK if report else EXIT_FAILED
+    return report
 
 
 if __name__ == "__main__":

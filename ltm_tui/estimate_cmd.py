@@ -3,7 +3,8 @@
     ltm-tui estimate --base micro --preset small --pages 1,10,100,1000 [--format json]
 
 The first call for a device, base and settings runs the calibration (`backend.estimate`, a few
-real optimizer steps; it imports torch, lazily, only here); later calls read the cache and the
+real optimizer steps), as a task of the job service: a worker in a free slot measures it, so it
+never loads a model beside a run on the same card; later calls read the cache and the
 workspace's finished runs (`backend.forecast`, no torch). `forecast_before_queueing` prints the
 same forecast per corpus for `ltm-tui run`.
 """
@@ -68,15 +69,14 @@ def cmd_estimate(args) -> int:
     ws = _workspace(args)
     base, train = settings.base, settings.train
     if args.recalibrate or forecast.load_calibration(ws, base, train) is None:
-        from backend.estimate import ensure_calibration
-        from backend.worker import keep_freed_memory
+        from backend.client import run_task
 
-        keep_freed_memory()  # as the worker does, so the calibration's steps run at the worker's speed
-
+        # measured by a worker in one of the service's slots: never beside a run on the same card
         say = (lambda s: None) if args.format == "json" else (lambda s: print(f"calibrating: {s}", file=sys.stderr))
-        ensure_calibration(
-            ws, base, train, settings.lora or None, force=True, steps=max(1, args.calibration_steps),
-            scenes=settings.scenes, sample=[Path(p).expanduser() for p in args.sample or []] or None, log=say,
+        run_task(
+            ws, "calibrate", say, base=base, train=train, lora=settings.lora or None,
+            steps=max(1, args.calibration_steps), scenes=settings.scenes,
+            sample=[str(Path(p).expanduser().absolute()) for p in args.sample or []] or None,
         )
     calib = forecast.load_calibration(ws, base, train)
     free, where = forecast.free_memory(base)

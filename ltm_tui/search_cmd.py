@@ -1,14 +1,14 @@
 """`ltm-tui search`: hyperparameters (and corpus subsets) searched with Optuna, one job a trial.
 
     ltm-tui search --space SPACE.yaml --trials N [--sampler tpe|grid] [FILE...] [--scenes DIR]
+    ltm-tui search --stop --study NAME
 
-The loop runs in this process with Optuna's ask-and-tell interface: ask a trial, queue its job
-through the job service (like `ltm-tui run`), read the job's `eval_loss` events from its run
-folder into trial.report() and cancel the job when the pruner says so, then tell the study the
-run's score. The study is a journal file in WORKSPACE/search/<study>/, so the same command
-resumes it after any stop: a trial whose job is still queued or running is waited for, an
-interrupted one is retried (it resumes from its checkpoint), a failed one ends FAIL with the
-job's reason. The summary goes to DuckDB through the service (op `search`, docs/search.md).
+This command checks the space, the files and the settings (one line for the first problem),
+then hands the study to the job service (op `search_start`), which runs the ask-and-tell loop
+(backend/search_study.py), and follows its lines until the study has its trials. The study
+lives in the service, so Ctrl-C, a closed terminal or a dropped SSH connection stops only the
+following: the same command follows it again (or resumes it, after a restart), and
+`--stop` ends it. The study is a journal file in WORKSPACE/search/<study>/ (docs/search.md).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -27,22 +26,19 @@ SHARED_WITH_RUN = (
     "steps", "epochs", "min_train_tokens", "lr", "block_size", "micro_batch", "grad_accum",
     "lora_r", "lora_alpha", "quiet",
 )
-POLL_SECONDS = 0.5
-MAX_RETRIES = 2  # an interrupted trial job (service or machine restart) is queued again this often
-# the pruner is asked only while a quarter of the training remains: stopping later saves little
-# and loses the trial's score (the demo pruned a trial at step 140 of 150)
-PRUNE_BEFORE = 0.75
 
 
 def add_parser(sub, run: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p = sub.add_parser("search", help="search hyperparameters (and file subsets) with Optuna; resumable")
+    p = sub.add_parser("search", help="search hyperparameters (and file subsets) with Optuna; runs in the service")
     p.add_argument("files", nargs="*", metavar="FILE",
                    help="corpora searched over (default on resume: the study's own)")
-    p.add_argument("--space", required=True, metavar="SPACE.yaml", help="the search space (docs/search.md)")
-    p.add_argument("--trials", required=True, type=int, metavar="N",
+    p.add_argument("--space", metavar="SPACE.yaml", help="the search space (docs/search.md)")
+    p.add_argument("--trials", type=int, metavar="N",
                    help="trials in the study; a resumed study runs only the ones missing")
     p.add_argument("--sampler", choices=["tpe", "grid"], default="tpe", help="tpe (default) or grid")
     p.add_argument("--study", metavar="NAME", help="the study's name (default: the space's study: or file name)")
+    p.add_argument("--stop", action="store_true",
+                   help="stop the study (its running trial's job is cancelled); give --study or --space")
     p.add_argument("--probes", action="store_true", help="also look inside each trial's network (slower)")
     p.add_argument("--format", choices=["table", "json"], default="table", help="final output")
     for action in run._actions:
@@ -56,10 +52,14 @@ def cmd_search(args) -> int:
     from backend.errors import SpaceError
     from ltm_tui.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, _job_settings, _workspace
 
+    if args.study and not S.STUDY_NAME.fullmatch(args.study):
+        raise SpaceError(f"--study {args.study!r}: use letters, digits, _ . - (at most 64)")
+    if args.stop:
+        return _stop(args, _workspace(args))
+    if not args.space or args.trials is None:
+        raise SpaceError("search needs --space SPACE.yaml and --trials N (docs/search.md)")
     space = S.load_space(args.space)
     if args.study:
-        if not S.STUDY_NAME.match(args.study):
-            raise SpaceError(f"--study {args.study!r}: use letters, digits, _ . - (at most 64)")
         space = replace(space, study=args.study)
     if args.trials < 1:
         raise SpaceError(f"--trials {args.trials}: give at least 1")
@@ -75,25 +75,77 @@ def cmd_search(args) -> int:
         if target > size:
             _say(f"the grid holds {size} points: {size} trials, not {target}")
             target = size
-    base = asdict(settings)
-    study = S.open_study(folder, space, args.sampler, files, base, args.seed)
+    import yaml
+
+    data = yaml.safe_load(Path(args.space).read_text(encoding="utf-8"))
+    request = {
+        "study": space.study, "space": json.loads(json.dumps(data, default=str)),
+        "space_path": str(Path(args.space).expanduser().absolute()), "sampler": args.sampler,
+        "files": files, "settings": asdict(settings), "target": target, "seed": args.seed,
+        "priority": args.priority,
+    }
     record = folder / "files.json"  # the files a resume takes when none are named
     if not record.exists():
+        folder.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps(files, indent=1), encoding="utf-8")
-    loop = SearchLoop(ws, study, space, args.sampler, files, base, target, args)
-    try:
-        loop.run()
-    except KeyboardInterrupt:
-        loop.save()
-        _say(f"search {space.study} stopped; a queued or running trial goes on in the service."
-             " The same command resumes the study.")
+    report = follow_study(ws, request, quiet=args.quiet)
+    if report is None:
         return EXIT_INTERRUPTED
-    report = loop.report()
     if args.format == "json":
         print(json.dumps(report, ensure_ascii=False, indent=1))
     else:
         print("\n".join(report_lines(report)))
     return EXIT_OK if report["best"] is not None else EXIT_FAILED
+
+
+def follow_study(ws, request: dict, *, quiet: bool) -> dict | None:
+    """Start (or find) the study in the service and print its lines until it ends; its report,
+    or None when the following stopped first (Ctrl-C: the study goes on)."""
+    from backend.client import ServiceError, connect
+    from backend.errors import LtmError
+
+    name = request["study"]
+    say = (lambda line: None) if quiet else _say
+    with connect(ws) as watch:
+        events = watch.subscribe()  # before the start: no line of the study can fall between
+        with connect(ws) as client:
+            started = client.call("search_start", **request)
+        last = 0
+        for line in started["lines"]:
+            say(line["message"])
+            last = line["seq"]
+        try:
+            for event in events:
+                if event.get("type") == "service" and event.get("status") == "stopped":
+                    raise ServiceError(f"the service stopped; study {name} goes on when it starts again "
+                                       "(this command starts it and follows the study)")
+                if event.get("type") != "search" or event.get("study") != name or event["seq"] <= last:
+                    continue
+                last = event["seq"]
+                say(event["message"])
+                if event.get("status") in ("finished", "stopped"):
+                    return event["report"]
+                if event.get("status") == "failed":
+                    raise LtmError(event["error"], title="search")
+        except KeyboardInterrupt:
+            _say(f"stopped following search {name}; it goes on in the service. The same command follows it "
+                 f"again; `ltm-tui search --stop --study {name}` stops it.")
+            return None
+    raise ServiceError(f"the service closed the connection while search {name} ran; see its service.log")
+
+
+def _stop(args, ws) -> int:
+    from backend import search as S
+    from backend.client import connect
+    from backend.errors import SpaceError
+
+    name = args.study or (S.load_space(args.space).study if args.space else None)
+    if not name:
+        raise SpaceError("search --stop needs --study NAME (or the --space that names it)")
+    with connect(ws) as client:
+        out = client.call("search_stop", study=name)
+    _say(f"search {name}: {out['status']}")
+    return 0
 
 
 def _files(args, space, folder: Path) -> list[str]:
@@ -114,189 +166,10 @@ def _say(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-class SearchLoop:
-    def __init__(self, ws, study, space, sampler: str, files: list[str], base: dict, target: int, args) -> None:
-        self.ws, self.study, self.space, self.sampler = ws, study, space, sampler
-        self.files, self.base, self.target, self.args = files, base, target, args
-        self.quiet = args.quiet  # the lines go to stderr: JSON on stdout stays clean
-
-    # -- the service, a connection per request (a restarted service is found again) ----------
-
-    def call(self, op: str, **kwargs):
-        from backend.client import connect
-
-        with connect(self.ws) as client:
-            return client.call(op, **kwargs)
-
-    def save(self) -> tuple[dict, str | None]:
-        """The study's summary into DuckDB (through the service) for the dashboard; returns it
-        and why the importances are missing, if they are."""
-        from backend import search as S
-
-        imp, why = S.importances(self.study)
-        summary = S.study_summary(self.study, self.space, self.sampler, self.files, self.target, imp)
-        self.call("search_save", study=summary, trials=S.trial_rows(self.study))
-        return summary, why
-
-    def log(self, line: str) -> None:
-        if not self.quiet:
-            _say(line)
-
-    # -- the loop ----------------------------------------------------------------------------
-
-    def run(self) -> None:
-        from backend import search as S
-
-        rows = S.trial_rows(self.study)
-        self.log(
-            f"study {self.space.study}: {S.finished_count(rows)} of {self.target} trials finished;"
-            f" {self.sampler} sampler; {self.study_path()}"
-        )
-        self.save()
-        for frozen in self.study.get_trials(deepcopy=False, states=[_state("RUNNING")]):
-            self.resume(frozen)
-        while S.finished_count(S.trial_rows(self.study)) < self.target:
-            self.one_trial()
-
-    def study_path(self) -> str:
-        from backend import search as S
-
-        return str(S.study_dir(self.ws.root, self.space.study) / "journal.log")
-
-    def resume(self, frozen) -> None:
-        """A trial asked before a stop: wait for its job, or end it if it never got one."""
-        import optuna
-
-        trial = optuna.trial.Trial(self.study, frozen._trial_id)
-        run_id = frozen.user_attrs.get("run_id")
-        if run_id is None:
-            self.finish(trial, "FAIL", error="stopped before its job was queued")
-            return
-        self.log(f"trial {trial.number}: waiting for its job {run_id} (asked before the last stop)")
-        self.watch(trial, run_id, seen=set(frozen.intermediate_values))
-
-    def one_trial(self) -> None:
-        from backend import search as S
-
-        trial = self.study.ask()
-        params = S.suggest(trial, self.space, self.files)
-        shown = _params_text(params)
-        members = S.chosen_files(params, self.files, self.space.subsets)
-        if not members:
-            self.finish(trial, "FAIL", error="the subset holds no file")
-            return
-        corpus = S.combined_corpus(members, S.study_dir(self.ws.root, self.space.study) / "corpora")
-        settings = S.trial_settings(self.base, self.space, params)
-        sub = self.call("submit", paths=[str(corpus)], settings=settings, seeds=[self.args.seed],
-                        priority=self.args.priority)
-        if not sub["run_ids"]:
-            self.finish(trial, "FAIL", error="; ".join(sub["errors"]) or "nothing was queued")
-            return
-        run_id = sub["run_ids"][0]
-        trial.set_user_attr("run_id", run_id)
-        self.save()
-        self.log(f"trial {trial.number}: {shown} -> job {run_id}")
-        self.watch(trial, run_id)
-
-    def watch(self, trial, run_id: str, seen: set | None = None) -> None:
-        """Feed the job's eval losses to the pruner until the job ends; then tell the study."""
-        from backend import search as S
-        from backend.events import read_events
-
-        path = self.ws.run_dir(run_id) / "events.jsonl"
-        offset = 0
-        seen = set(seen or ())
-        while True:
-            events, offset = read_events(path, offset)
-            for e in events:
-                if e.get("type") != "metric" or e.get("name") != "eval_loss" or e.get("step") in seen:
-                    continue
-                seen.add(e["step"])
-                trial.report(S.intermediate(float(e["value"]), self.space.direction), int(e["step"]))
-                self.log(f"trial {trial.number}: eval loss {e['value']:.4f} at step {e['step']}/{e.get('total')}")
-                late = e.get("total") and e["step"] > PRUNE_BEFORE * e["total"]
-                if not late and trial.should_prune():
-                    why = f"pruned at step {e['step']}: eval loss {e['value']:.4f}"
-                    trial.set_user_attr("pruned", why)  # before the cancel: a stop between them still reads PRUNED
-                    self._cancel(run_id)
-                    self.finish(trial, "PRUNED", error=why)
-                    return
-            job = self.call("jobs", runs=[run_id])
-            status = job[0]["status"] if job else "missing"
-            if status == "done":
-                detail = self.call("run", run_id=run_id)
-                value = S.objective_value(detail["run"], detail.get("scores") or {}, self.space.objective)
-                if value is None:
-                    self.finish(trial, "FAIL", error=f"run {run_id} has no {self.space.objective} score")
-                else:
-                    self.finish(trial, "COMPLETE", value=float(value))
-                return
-            if status == "cancelled":
-                why = trial.user_attrs.get("pruned")
-                self.finish(trial, "PRUNED" if why else "FAIL", error=why or f"job {run_id} was cancelled")
-                return
-            if status == "interrupted" and trial.user_attrs.get("retries", 0) < MAX_RETRIES:
-                trial.set_user_attr("retries", trial.user_attrs.get("retries", 0) + 1)
-                self.log(f"trial {trial.number}: job {run_id} was interrupted; queued again (it resumes)")
-                self.call("retry", run_id=run_id)
-            elif status in ("failed", "interrupted", "missing"):
-                reason = job[0].get("error") if job else f"job {run_id} is not in this workspace"
-                self.finish(trial, "FAIL", error=f"job {status}: {reason}")
-                return
-            time.sleep(POLL_SECONDS)
-
-    def _cancel(self, run_id: str) -> None:
-        from backend.errors import LtmError
-
-        try:
-            self.call("cancel", run_id=run_id)
-        except LtmError:
-            pass  # it ended meanwhile: nothing to stop
-
-    def finish(self, trial, state: str, *, value: float | None = None, error: str | None = None) -> None:
-        from backend import search as S
-
-        if error:
-            trial.set_user_attr("error", error)
-        if state == "COMPLETE":
-            self.study.tell(trial, value)
-        else:
-            self.study.tell(trial, state=_state(state))
-        self.save()
-        top = S.best(self.study)
-        best = f"; best so far {top.value:.4f} (trial {top.number})" if top else ""
-        what = f"{self.space.objective} {value:.4f}" if value is not None else (error or "")
-        self.log(f"trial {trial.number}: {state} {what}{best}")
-
-    def report(self) -> dict:
-        from backend import search as S
-
-        summary, why = self.save()
-        rows = S.trial_rows(self.study)
-        top = next((r for r in rows if r["number"] == summary["best_trial"]), None)
-        return {"study": summary, "trials": rows, "best": top, "importances": summary["importances"],
-                "importances_note": why,
-                "journal": self.study_path()}
-
-
-def _state(name: str):
-    from optuna.trial import TrialState
-
-    return TrialState[name]
-
-
-def _params_text(params: dict) -> str:
-    return " ".join(f"{k}={_fmt(v)}" for k, v in params.items())
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
-
-
 def report_lines(report: dict) -> list[str]:
     """The trials as a table, then the best trial and the importances."""
+    from backend.search import fmt_value as _fmt, params_text as _params_text
+
     s = report["study"]
     rows = report["trials"]
     names = list(dict.fromkeys(k for r in rows for k in r["params"]))

@@ -35,7 +35,8 @@ def test_backend_modules_do_not_import_textual(module):
     assert "textual" not in _loaded_after(module)
 
 
-@pytest.mark.parametrize("module", ["backend.jobs", "backend.store", "backend.scenes", "backend.corpora", "backend.measures", "backend.config"])
+@pytest.mark.parametrize("module", ["backend.jobs", "backend.store", "backend.scenes", "backend.corpora", "backend.measures",
+                                    "backend.config", "backend.service", "backend.search_study", "backend.tasks"])
 def test_backend_core_stays_light(module):
     """What the CLI and the service import must not load torch either."""
     loaded = _loaded_after(module)

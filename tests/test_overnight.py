@@ -17,6 +17,7 @@ import pytest
 
 from backend import client as client_module
 from backend.client import ServiceError, connect
+from backend.events import read_events
 from backend.executor import process_alive
 from backend.store import Store
 from backend.workspace import Workspace
@@ -449,3 +450,85 @@ def test_a_kill_storm_ends_every_run_exactly_once(tmp_path, tiny_battery):
         return subprocess.run(["pgrep", "-f", str(ws.root)], capture_output=True, text=True).stdout.split()
 
     wait_for(lambda: not leftover(), what="every process of the workspace to exit")
+
+
+# --- calibration and judging wait for a worker slot ----------------------------------------------
+
+
+def _popen_cli(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+                            start_new_session=True)
+
+
+@pytest.mark.slow
+def test_estimate_and_judge_wait_for_the_slot_of_a_training_worker(tmp_path, finished, tiny_hf_model):
+    """With the only slot training, `estimate`'s calibration and `judge --model` load nothing: they
+    wait as tasks, say why, and start once the worker has let go of the slot."""
+    import shutil
+
+    from tests.conftest import stop_service
+
+    stop_service(finished.ws)  # a copy of a database is taken while nothing writes it
+    shutil.copytree(finished.ws, tmp_path / "ws", ignore=shutil.ignore_patterns("service.*"))
+    ws = Workspace(tmp_path / "ws")
+    done = [r for r in json.loads(cli("status", "--format", "json", "--workspace", str(ws.root)).stdout)
+            if r["kind"] == "adapter"]
+    endless = _start_run(ws, finished.corpora / "logic.txt", scenes=finished.battery, extra=ENDLESS)
+    training = _training(ws, "logic.txt")
+    estimate = _popen_cli("estimate", "--preset", "tiny", "--block-size", "64", "--micro-batch", "8",
+                          "--recalibrate", "--calibration-steps", "2", "--pages", "1,10",
+                          "--scenes", str(finished.battery), "--workspace", str(ws.root))
+    judge = _popen_cli("judge", done[0]["run_id"], "--model", str(tiny_hf_model), "--device", "cpu",
+                       "--workspace", str(ws.root))
+    with connect(ws) as client:
+        tasks = wait_for(lambda: [t for t in client.call("tasks") if t["status"] == "waiting"][1:]
+                         and client.call("tasks"), what="both tasks queued")
+    assert {t["kind"] for t in tasks} == {"calibrate", "judge"} and all(t["pid"] is None for t in tasks)
+    assert _jobs(ws)["logic.txt"]["status"] == "training"  # nothing loaded beside it
+    assert cli("cancel", training["run_id"], "--workspace", str(ws.root)).returncode == 0
+    assert exit_code(endless, "`ltm-tui run` of the cancelled run") == 1
+    assert exit_code(estimate, "`ltm-tui estimate` behind the worker") == 0, estimate.stderr.read()
+    assert exit_code(judge, "`ltm-tui judge` behind the worker") == 0, judge.stderr.read()
+    said = estimate.stderr.read()
+    assert "calibrating: waiting: every worker slot is busy (worker " in said
+    assert "tokens/s" in estimate.stdout.read()
+    assert "graded by local:" in judge.stdout.read()
+    cancelled = max(e["ts"] for e in read_events(ws.run_dir(training["run_id"]) / "events.jsonl")[0])
+    for task in tasks:
+        first = read_events(ws.root / "tasks" / task["task_id"] / "events.jsonl")[0]
+        assert first and first[0]["ts"] >= cancelled  # it started only after the worker let go
+        assert (ws.root / "tasks" / task["task_id"] / "result.json").is_file()
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path):
+    """A cancelled run its worker never lets go of: past the cancel grace the worker is asked to
+    stop (SIGTERM), and past the stop grace it is killed (SIGKILL), whatever it does with SIGTERM."""
+    import time
+
+    from backend.executor import LocalProcess, process_start_ticks
+    from backend.jobs import LiveWorker
+
+    stubborn = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"
+         " print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert stubborn.stdout.readline().strip() == "ready"
+        worker = LiveWorker(LocalProcess(stubborn.pid, process_start_ticks(stubborn.pid), stubborn),
+                            tmp_path / "session.json", ["r1"], 0)
+        worker.stopping["r1"] = time.monotonic()
+        worker.enforce_cancel(grace=60)
+        assert worker.stop_requested is None  # within the grace: still its to let go of
+        worker.stopping["r1"] -= 120
+        worker.enforce_cancel(grace=60)
+        assert worker.stop_requested is not None  # SIGTERM sent, and ignored
+        worker.enforce_stop(grace=60)
+        assert worker.exit_code() is None
+        worker.stop_requested -= 120
+        worker.enforce_stop(grace=60)
+        assert wait_for(lambda: worker.exit_code(), what="the stubborn worker to die") == -signal.SIGKILL
+    finally:
+        if stubborn.poll() is None:
+            stubborn.kill()
+        stubborn.wait()

@@ -104,16 +104,18 @@ def test_any_bytes_under_any_suffix_are_a_corpus_or_one_line(data, suffix):
 
 # --- the protocol -----------------------------------------------------------------------------------
 
-# Every read-only or run-scoped op (no run exists), and names that are none; `submit`, `export`,
-# `attribute` and `stop` act on the machine and are tested by name elsewhere.
+# Every read-only or run-scoped op (no run exists), the task and search ops (no task or study
+# exists, and generated arguments never name a kind or a valid study), and names that are none;
+# `submit`, `export`, `attribute` and `stop` act on the machine and are tested by name elsewhere.
 OPS = ["ping", "jobs", "results", "run", "log", "probes", "cancel", "retry", "scene_results",
-       "search", "attribution", "rescore", "no-such-op", ""]
+       "search", "attribution", "rescore", "task", "tasks", "task_cancel", "search_start", "search_stop",
+       "no-such-op", ""]
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False), st.text(max_size=30)),
     lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
     max_leaves=20)
 arg_names = st.sampled_from(["run_id", "runs", "sort", "descending", "lines", "study", "scene_results",
-                             "scores", "overall", "effect", "x"])
+                             "scores", "overall", "effect", "task_id", "kind", "files", "x"])
 requests = st.one_of(
     st.fixed_dictionaries({"id": json_values, "op": st.sampled_from(OPS),
                            "args": st.one_of(st.dictionaries(arg_names, json_values, max_size=4), json_values)}),

@@ -1,6 +1,7 @@
 """`ltm-tui search`: the space file's checks, the eval-loss events that feed the pruner, and the
 loop end to end through the real service and workers (micro `tiny`, a few steps, tiny battery):
-a 2×2 grid in 4 trials, TPE resumed after the CLI was killed mid-trial, pruning that cancels."""
+a 2×2 grid in 4 trials, a study that goes on without its client and after its service is killed,
+--stop, pruning that cancels."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 
 from backend.errors import SpaceError
 from backend.search import check_base, check_objective, grid_space, load_space
-from tests.conftest import REPO, cli, wait_for, write_tiny_battery
+from tests.conftest import REPO, WAIT, cli, wait_for, write_tiny_battery
 
 TINY = ["--preset", "tiny", "--block-size", "64", "--micro-batch", "8", "--min-train-tokens", "0",
         "--epochs", "50"]
@@ -196,8 +197,15 @@ def _journal_trials(tmp_path) -> list[dict]:
             return []
 
 
+def _service_pid(tmp_path) -> int:
+    return int((tmp_path / "ws" / "service.pid").read_text().strip())
+
+
 @pytest.mark.slow
-def test_tpe_resumes_after_the_cli_is_killed_mid_trial(tmp_path, corpora):
+def test_a_search_goes_on_without_its_client_and_after_the_service_is_killed(tmp_path, corpora):
+    """SIGHUP to the client's group after its first trial (a dropped SSH connection): the study
+    runs all its trials in the service. Then the service is SIGKILLed mid-trial: the next
+    command's service adopts the trial's worker, waits for its job and finishes the study."""
     _setup(tmp_path, corpora)
     space = _space(tmp_path, """\
         pruner: {kind: median, startup_trials: 5}
@@ -209,35 +217,84 @@ def test_tpe_resumes_after_the_cli_is_killed_mid_trial(tmp_path, corpora):
     args = ["--space", str(space), "--trials", "2", "--workspace", str(tmp_path / "ws"),
             "--scenes", str(tmp_path / "battery"), "--format", "json", *TINY, str(corpora["logic"])]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    first = subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", "search", *args], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    def start(argv):
+        return subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", "search", *argv], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+    first = start(args)
     try:
-        started = wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["run_id"]], 120, "trial 0's job")
+        wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["state"] == "COMPLETE"], what="trial 0 to finish")
     finally:
-        os.killpg(first.pid, signal.SIGKILL)  # no goodbye: the journal must hold what it needs
+        os.killpg(first.pid, signal.SIGHUP)  # the terminal goes away
         first.communicate()
-    assert started[0]["number"] == 0 and started[0]["state"] == "RUNNING"
-    second = cli("search", *args)
-    assert second.returncode == 0, second.stderr
-    assert f"trial 0: waiting for its job {started[0]['run_id']}" in second.stderr
-    again = json.loads(second.stdout)["trials"]
-    assert [(t["number"], t["state"]) for t in again] == [(0, "COMPLETE"), (1, "COMPLETE")]
-    assert again[0]["run_id"] == started[0]["run_id"]  # waited for, not asked again
+    assert first.returncode != 0  # it did not wait for the end: the study is not its own
+    trials = wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["state"] == "COMPLETE"][1:] and
+                      _journal_trials(tmp_path), what="the service to run trial 1 without a client")
+    assert [(t["number"], t["state"]) for t in trials] == [(0, "COMPLETE"), (1, "COMPLETE")]
+    again = cli("search", *args)  # nothing left: the report at once
+    assert again.returncode == 0, again.stderr
+    assert [t["run_id"] for t in json.loads(again.stdout)["trials"]] == [t["run_id"] for t in trials]
+
     args[args.index("--trials") + 1] = "3"
-    third = cli("search", *args)
-    assert third.returncode == 0, third.stderr
-    report = json.loads(third.stdout)
+    third = start(args)
+    try:
+        [trial] = wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["number"] == 2 and t["run_id"]],
+                           what="trial 2's job")
+        wait_for(lambda: [e for e in _events(tmp_path, trial["run_id"]) if e["type"] == "progress"],
+                 what="trial 2's training")
+        os.kill(_service_pid(tmp_path), signal.SIGKILL)  # its worker goes on, alone
+    finally:
+        os.killpg(third.pid, signal.SIGKILL)
+        third.communicate()
+    fourth = cli("search", *args)
+    assert fourth.returncode == 0, fourth.stderr
+    assert f"trial 2: waiting for its job {trial['run_id']} (asked before the last stop)" in fourth.stderr
+    report = json.loads(fourth.stdout)
     trials = report["trials"]
-    assert [t["number"] for t in trials] == [0, 1, 2] and [t["run_id"] for t in trials[:2]] == [t["run_id"] for t in again]
-    assert len({t["run_id"] for t in trials}) == 3 and all(t["state"] == "COMPLETE" for t in trials)
+    assert [t["number"] for t in trials] == [0, 1, 2] and trials[2]["run_id"] == trial["run_id"]
+    assert all(t["state"] == "COMPLETE" for t in trials)
+    log = (tmp_path / "ws" / "runs" / trial["run_id"] / "train.log").read_text()
+    assert "resumed from" not in log  # the same worker finished it: adopted, not restarted
     # each invocation's sampler goes on where the study stands: no trial repeats another's settings
     assert len({json.dumps(t["params"], sort_keys=True) for t in trials}) == 3
     assert report["best"]["value"] == max(t["value"] for t in trials)
     assert report["importances"] is None or set(report["importances"]) == {"lr", "steps"}
     assert report["importances"] is not None or report["importances_note"]
-    table = cli("search", *[a for a in args if a not in ("--format", "json")])  # nothing left: only the report
+    table = cli("search", *[a for a in args if a not in ("--format", "json")])
     assert table.returncode == 0, table.stderr
     assert "best: trial" in table.stdout and "importance:" in table.stdout and "3 trials" in table.stdout
+
+
+@pytest.mark.slow
+def test_stop_ends_a_running_study_and_cancels_its_trial(tmp_path, corpora):
+    _setup(tmp_path, corpora)
+    space = _space(tmp_path, "pruner: none\nparams: {lr: {choices: [0.01, 0.003]}, steps: 4000}\n")
+    args = ["--space", str(space), "--trials", "2", "--sampler", "grid", "--workspace", str(tmp_path / "ws"),
+            "--scenes", str(tmp_path / "battery"), "--format", "json", *TINY, str(corpora["logic"])]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    follower = subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", "search", *args], cwd=REPO, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        [trial] = wait_for(lambda: [t for t in _journal_trials(tmp_path) if t["run_id"]], what="trial 0's job")
+        stop = cli("search", "--stop", "--study", "space", "--workspace", str(tmp_path / "ws"))
+        assert stop.returncode == 0, stop.stderr
+        out, err = follower.communicate(timeout=WAIT)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+    assert follower.returncode == 1, err  # no trial finished with a score
+    assert "search stopped by the user" in err.decode()
+    [stopped] = json.loads(out)["trials"]
+    assert stopped["state"] == "FAIL" and stopped["error"] == "search stopped by the user"
+    from backend.client import connect
+    from backend.workspace import Workspace
+
+    with connect(Workspace(tmp_path / "ws")) as client:
+        wait_for(lambda: client.call("run", run_id=trial["run_id"])["run"]["status"] == "cancelled", what="the cancel")
+        assert client.call("search", study="space")["study"]["running"] is False
+    request = json.loads((tmp_path / "ws" / "search" / "space" / "request.json").read_text())
+    assert request["active"] is False  # a new service does not start it again
 
 
 @pytest.mark.slow
