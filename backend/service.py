@@ -32,11 +32,14 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from backend.client import PROTOCOL_VERSION
-from backend.errors import JobError, LtmError
-from backend.jobs import JobManager, JobSettings, detect_slots, inspect_files
-from backend.store import Store
-from backend.workspace import Workspace, keep_private
+from backend.core.errors import JobError, LtmError
+from backend.core.events import read_tail
+from backend.core.states import JobState
+from backend.core.workspace import Workspace, keep_private
+from backend.jobs.manager import JobManager, detect_slots, inspect_files
+from backend.jobs.protocol import PROTOCOL_VERSION
+from backend.jobs.settings import JobSettings
+from backend.jobs.store import Store
 
 TICK_SECONDS = 0.25
 TROUBLE_PAUSE_SECONDS = 2.0  # after a failed tick (a full disk), before the next try
@@ -75,9 +78,9 @@ class Service:
         self.trouble: str | None = None  # why the last tick failed, until one succeeds
         self._last_busy = time.monotonic()
         self.server: _Server | None = None
-        from backend.search_study import Searches
+        from backend.studies.search_study import Searches
 
-        self.searches = Searches(self)  # search studies, each a thread: backend/search_study.py
+        self.searches = Searches(self)  # search studies, each a thread: backend/studies/search_study.py
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -237,7 +240,7 @@ class Service:
         if op == "probes":
             return self.store.probes(args["run_id"])  # shape: docs/probes.md
         if op in ("attribute", "attribution"):  # attribution studies: shapes in docs/attribution.md
-            from backend.attribution_study import handle as attribution_op
+            from backend.studies.attribution_study import handle as attribution_op
 
             return attribution_op(self, op, args)
         if op == "search":  # search studies for the dashboard: shape in docs/search.md
@@ -246,11 +249,11 @@ class Service:
             for study in [*found["studies"], *([found["study"]] if found["study"] else [])]:
                 study["running"] = study["study"] in running
             return found
-        if op == "search_start":  # run a study here, or find it running (backend/search_study.py)
+        if op == "search_start":  # run a study here, or find it running (backend/studies/search_study.py)
             return self.searches.start(args)
         if op == "search_stop":
             return self.searches.stop(str(args.get("study")))
-        if op in ("task", "task_cancel", "tasks"):  # calibrations and judges: backend/tasks.py
+        if op in ("task", "task_cancel", "tasks"):  # calibrations and judges: backend/jobs/tasks.py
             return self.task_op(op, args)
         if op == "stop":
             self.stop_workers = bool(args.get("workers"))
@@ -309,13 +312,7 @@ class Service:
     def log_tail(self, run_id: str, lines: int) -> dict:
         """The last lines of a run's train.log (the worker's own words), for the log view."""
         path = self.workspace.run_dir(run_id) / "train.log"
-        if not path.exists():
-            return {"path": str(path), "lines": []}
-        with open(path, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            size = fh.tell()
-            fh.seek(max(0, size - 64 * 1024))
-            text = fh.read().decode("utf-8", errors="replace")
+        text = read_tail(path, 64 * 1024)
         return {"path": str(path), "lines": text.splitlines()[-max(1, min(int(lines), 2000)):]}
 
     def jobs(self, runs: list[str] | None = None) -> list[dict]:
@@ -341,7 +338,7 @@ class Service:
                     "total": live.get("total"),
                     "loss": live.get("loss"),
                     "tokens_per_s": live.get("tokens_per_s"),
-                    "pid": pids.get(run_id) if run["status"] not in ("done", "failed", "cancelled", "interrupted") else None,
+                    "pid": None if JobState(run["status"]).is_terminal() else pids.get(run_id),
                     "eta_s": live.get("eta_s") if run["status"] == "training" else None,
                     "error": run.get("error"),
                 }

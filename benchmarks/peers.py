@@ -2,8 +2,8 @@
 
 Used by `benchmarks/run.py` (CPU-sized shapes) and `benchmarks/gpu_check.py` (1B- and 7B-shaped
 Llamas). Both sides of every comparison get the same randomly initialised model built from a
-config (no download), the same LoRA adapter (`backend.worker.attach_lora`; the peer's keeps PEFT's
-own dropout, ours `backend.dropout.FastDropout` at the same rate), the same packed
+config (no download), the same LoRA adapter (`backend.compute.models.attach_lora`; the peer's keeps PEFT's
+own dropout, ours `backend.compute.dropout.FastDropout` at the same rate), the same packed
 blocks in the same order, the same optimizer (fused AdamW, betas 0.9/0.95, weight decay 0.01, clip
 1.0), the same schedule (no warm-up, cosine to 10% of the peak) and the same precision.
 """
@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from backend.config import LoraSettings, TrainConfig
-from backend.packing import TOKEN_DTYPE, PackedBlocks, load_tokens
-from backend.workspace import PROJECT_ROOT
+from backend.core.config import LoraSettings, TrainConfig
+from backend.core.workspace import PROJECT_ROOT
+from backend.ingest.packing import TOKEN_DTYPE, PackedBlocks, load_tokens
 
 
 def llama(shape: dict[str, int], seed: int = 0, dtype=torch.float32, device="cpu"):
@@ -50,7 +50,7 @@ def llama(shape: dict[str, int], seed: int = 0, dtype=torch.float32, device="cpu
 def lora_model(shape, seed=0, dtype=torch.float32, device="cpu", r=16, peer: bool = False):
     """Our LoRA model; `peer=True` gives plain PEFT (its own dropout), what the Trainer side runs.
     Both start from the same weights."""
-    from backend.worker import attach_lora
+    from backend.compute.models import attach_lora
 
     return attach_lora(llama(shape, seed, dtype, device), LoraSettings(r=r, alpha=2 * r), seed,
                        fast_dropout=not peer)
@@ -81,7 +81,7 @@ def _sync(device) -> None:
 
 
 def train_ours(model, tokens: Path, cfg: TrainConfig, device) -> dict[str, Any]:
-    from backend.train import train_model
+    from backend.compute.train import train_model
 
     curve: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,7 +99,7 @@ def train_ours(model, tokens: Path, cfg: TrainConfig, device) -> dict[str, Any]:
 
 
 class _Blocks(torch.utils.data.Dataset):
-    """The same blocks in the same order as `backend.packing.batches` feeds our loop."""
+    """The same blocks in the same order as `backend.ingest.packing.batches` feeds our loop."""
 
     def __init__(self, tokens: Path, cfg: TrainConfig, n_blocks: int) -> None:
         blocks = PackedBlocks(load_tokens(tokens), cfg.block_size, cfg.seed)
@@ -162,7 +162,7 @@ def train_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side of `train_ratio` in this process: `spec` names the side ("ours" or "peer"), the
     shape, the run (steps, block, micro_batch, grad_accum), dtype, device, LoRA rank and quant,
     and the token file. Ours starts as the worker does (`keep_freed_memory`)."""
-    from backend.worker import keep_freed_memory
+    from backend.compute.train import keep_freed_memory
 
     ours = spec["side"] == "ours"
     if ours:
@@ -220,8 +220,7 @@ def train_ratio(shape, steps, block, micro_batch, grad_accum, *, device="cpu", d
 
 def quantized_lora_model(shape, device="cuda", r=16, seed=0, peer: bool = False):
     """A QLoRA model: the random Llama saved and loaded back in 4-bit nf4 by the project's loader."""
-    from backend.models import BaseSpec, load_hf_base
-    from backend.worker import attach_lora
+    from backend.compute.models import BaseSpec, attach_lora, load_hf_base
 
     with tempfile.TemporaryDirectory() as tmp:
         model = llama(shape, seed, torch.bfloat16, device)
@@ -257,13 +256,13 @@ def lora_flops_ratio(shape, block: int, micro_batch: int, r: int = 16) -> dict[s
 
 
 def mfu_ceiling(device, dtype) -> float:
-    from backend.estimate import matmul_ceiling
+    from backend.compute.estimate import matmul_ceiling
 
     return matmul_ceiling(torch.device(device), dtype)
 
 
 def flops_per_token(model, block: int) -> int:
-    from backend.estimate import flop_model
+    from backend.compute.estimate import flop_model
 
     return flop_model(model, block)["flops_per_token"]
 
@@ -295,8 +294,8 @@ def hf_folder(folder: Path, shape: dict[str, int], texts: list[str], seed: int =
 
 def choice_requests(scenes_dir: Path) -> list[list]:
     """Every choice scene of the built-in batteries as its list of (context, continuation)."""
-    from backend.evaluate import LoglikRequest
-    from backend.scenes import ChoiceScene, choice_request, load_batteries
+    from backend.compute.evaluate import LoglikRequest
+    from backend.scoring.scenes import ChoiceScene, choice_request, load_batteries
 
     out = []
     for battery in load_batteries(scenes_dir):
@@ -313,7 +312,7 @@ def per_scene_loglikelihoods(model, tok, requests, device) -> list[tuple[float, 
     pass, and each choice's tokens are gathered from the log-softmax."""
     import torch.nn.functional as F
 
-    from backend.evaluate import encode_pair
+    from backend.compute.evaluate import encode_pair
 
     prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
     rows = []
@@ -338,14 +337,14 @@ def per_scene_loglikelihoods(model, tok, requests, device) -> list[tuple[float, 
 
 
 def eval_speedup(shape: dict[str, int], repeats: int = 3) -> dict[str, Any]:
-    """Our batched scoring of every choice scene (`backend.evaluate.loglikelihoods`: the
+    """Our batched scoring of every choice scene (`backend.compute.evaluate.loglikelihoods`: the
     context once per scene with every choice in one row, rows longest first in batches sized
     by tokens) ÷ the same scenes scored one scene at a time (`per_scene_loglikelihoods`), with
     identical numbers required; and against lm-evaluation-harness's HF backend on the same
     items, when lm_eval is installed."""
-    from backend.evaluate import BATCH_TOKENS, loglikelihoods
-    from backend.models import BaseSpec, load_base
-    from backend.workspace import default_scenes_dir
+    from backend.compute.evaluate import BATCH_TOKENS, loglikelihoods
+    from backend.compute.models import BaseSpec, load_base
+    from backend.core.workspace import default_scenes_dir
 
     scenes = choice_requests(default_scenes_dir())
     flat = [r for scene in scenes for r in scene]
@@ -384,14 +383,14 @@ def eval_speedup(shape: dict[str, int], repeats: int = 3) -> dict[str, Any]:
 
 
 def eval_run_time(preset: str = "small", repeats: int = 1) -> dict[str, Any]:
-    """Seconds of one run's whole evaluation (`backend.evaluate.evaluate_all`, as the worker
+    """Seconds of one run's whole evaluation (`backend.compute.evaluate.evaluate_all`, as the worker
     calls it) on the built-in batteries: a baseline run of the untrained micro network, whose
     completions never stop early (every generate scene decodes all its max_new_tokens), so this
     is the slowest case. Wall and CPU seconds, best of `repeats` after a warm-up call."""
-    from backend.evaluate import evaluate_all
-    from backend.models import BaseSpec, load_base
-    from backend.scenes import GenerateScene, load_batteries
-    from backend.workspace import default_scenes_dir
+    from backend.compute.evaluate import evaluate_all
+    from backend.compute.models import BaseSpec, load_base
+    from backend.core.workspace import default_scenes_dir
+    from backend.scoring.scenes import GenerateScene, load_batteries
 
     batteries = load_batteries(default_scenes_dir())
     model, tok, device = load_base(BaseSpec(preset=preset, device="cpu"), 0)
@@ -448,8 +447,8 @@ def _lm_eval_side(folder: Path, flat, ours, repeats: int, batch_size: int, t_our
 def packing_efficiency(block: int = 256, micro_batch: int = 16) -> dict[str, Any]:
     """Share of real (non-padding) tokens in one epoch of training batches over the demo corpora
     (byte tokens), ours against the common alternative of one padded row per paragraph."""
-    from backend.models import ByteTokenizer
-    from backend.packing import batches, real_token_share, tokenize_to_file
+    from backend.compute.models import ByteTokenizer
+    from backend.ingest.packing import batches, real_token_share, tokenize_to_file
 
     tok = ByteTokenizer()
     texts = [p.read_text(encoding="utf-8") for p in sorted((PROJECT_ROOT / "data" / "demo").glob("*.md"))]

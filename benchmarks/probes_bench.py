@@ -5,7 +5,7 @@
 `probe_cost_ratio` = probe seconds ÷ evaluation seconds, the worse of two cases measured in this
 run on the built-in batteries (scenes/), goal ≤ 0.10:
 
-- `micro`: a real worker run (`python -m backend.worker`) of the default `small` preset on
+- `micro`: a real worker run (`python -m backend.compute.worker`) of the default `small` preset on
   data/demo/logic.md; both times come from its result.json (`eval_seconds`, `probes.seconds`),
   so evaluation is what a trained model really costs (its generations stop where it has learned
   to stop). `--quick` caps training at 80 steps; without it the default settings apply.
@@ -63,7 +63,7 @@ def _micro_run(quick: bool) -> dict:
             "jobs": [{"run_id": "probe-bench", "kind": "adapter", "corpus_path": str(REPO / "data" / "demo" / "logic.md"),
                       "run_dir": str(run_dir), "seed": 0, "train": train, "lora": {}, "probes": True}],
         }))
-        done = subprocess.run([sys.executable, "-m", "backend.worker", str(session)], cwd=REPO,
+        done = subprocess.run([sys.executable, "-m", "backend.compute.worker", str(session)], cwd=REPO,
                               capture_output=True, text=True)
         result_path = run_dir / "result.json"
         if done.returncode != 0 or not result_path.exists():
@@ -75,8 +75,8 @@ def _micro_run(quick: bool) -> dict:
 
 
 def _measure(model, tok, batteries, device, base, repeats: int) -> dict:
-    from backend.evaluate import evaluate_all
-    from backend.probes import run_probes
+    from backend.compute.evaluate import evaluate_all
+    from backend.compute.probes import run_probes
 
     evals, probes = [], []
     for _ in range(repeats):
@@ -93,8 +93,8 @@ def _measure(model, tok, batteries, device, base, repeats: int) -> dict:
 def run(quick: bool) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from backend.models import BaseSpec, load_base
-    from backend.scenes import load_batteries
+    from backend.compute.models import BaseSpec, load_base
+    from backend.scoring.scenes import load_batteries
 
     batteries = load_batteries(REPO / "scenes")
     repeats = 1 if quick else 3

@@ -51,9 +51,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from backend.jobs import JobManager  # noqa: E402
-from backend.store import Store  # noqa: E402
-from backend.workspace import Workspace  # noqa: E402
+from backend.core.workspace import Workspace  # noqa: E402
+from backend.jobs.manager import JobManager  # noqa: E402
+from backend.jobs.store import Store  # noqa: E402
 
 PAGE_WORDS = 500
 
@@ -114,7 +114,7 @@ def bench_warm_worker(quick: bool) -> dict:
 
 
 def bench_status(quick: bool) -> dict:
-    from backend.client import connect
+    from backend.jobs.client import connect
 
     with tempfile.TemporaryDirectory() as tmp:
         ws = Workspace(Path(tmp) / "ws").ensure()
@@ -140,7 +140,7 @@ def bench_status(quick: bool) -> dict:
 def bench_status_submit(quick: bool) -> dict:
     import threading
 
-    from backend.client import connect
+    from backend.jobs.client import connect
 
     n = 500 if quick else 2000
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +196,7 @@ def bench_flood(quick: bool) -> dict:
     import socket
     import threading
 
-    from backend.client import connect
+    from backend.jobs.client import connect
 
     clients = 500 if quick else 2000
     with tempfile.TemporaryDirectory() as tmp:
@@ -222,7 +222,7 @@ def bench_flood(quick: bool) -> dict:
         def ask() -> None:  # one `ltm-tui results`: connect, ask, read its own reply
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 start.wait()
-                sock.connect(str(ws.socket_path))  # blocking, as backend.client does: waits in the backlog
+                sock.connect(str(ws.socket_path))  # blocking, as backend.jobs.client does: waits in the backlog
                 sock.settimeout(600)
                 sock.sendall(b'{"id": 1, "op": "results", "args": {}}\n')
                 with sock.makefile("rb") as reader:

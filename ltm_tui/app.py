@@ -19,6 +19,7 @@ from textual.binding import Binding
 from textual.markup import escape
 from textual.widgets import Footer, Header, Input, Static
 
+from backend.core.states import JobState
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.link import Link
 from ltm_tui.screens import ExportScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
@@ -61,7 +62,7 @@ class LtmApp(App):
         picker_root: str | None = None,
     ) -> None:
         super().__init__()
-        from backend.workspace import Workspace, file_mode
+        from backend.core.workspace import Workspace, file_mode
 
         self.workspace = Workspace.resolve(workspace)
         self.file_mode = file_mode()  # read now, before the app's threads start: exports get it
@@ -129,8 +130,8 @@ class LtmApp(App):
     @work(thread=True, exclusive=True, group="connect")
     def connect(self) -> None:
         """Find the workspace's service, or start it (detached: it outlives the dashboard)."""
-        from backend.client import connect
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
+        from backend.jobs.client import connect
 
         try:
             connect(self.workspace).close()
@@ -151,7 +152,7 @@ class LtmApp(App):
 
     @work(exclusive=True, group="events")
     async def listen(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         try:
             async for event in self.link.events():
@@ -169,7 +170,8 @@ class LtmApp(App):
             queue.on_progress(event)
         elif kind == "state":
             queue.on_state(event)
-            if event.get("status") in ("done", "failed", "cancelled", "interrupted", "training", "evaluating"):
+            status = JobState(event["status"])
+            if status.is_terminal() or status in (JobState.TRAINING, JobState.EVALUATING):
                 self._results_due = True
             if event.get("status") in ("queued", "starting", "done"):
                 self.refresh_jobs()
@@ -190,7 +192,7 @@ class LtmApp(App):
 
     @work(exclusive=True, group="jobs")
     async def refresh_jobs(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         if self.link is None:
             return
@@ -205,7 +207,7 @@ class LtmApp(App):
 
     @work(exclusive=True, group="results")
     async def refresh_results(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         if self.link is None:
             return
@@ -263,7 +265,7 @@ class LtmApp(App):
 
     @work(group="submit")
     async def _submit(self, paths: list[str], settings: dict, seeds: list[int]) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         if self.link is None:
             self.notify("the job service is not connected yet; try again in a moment", severity="error")
@@ -300,7 +302,7 @@ class LtmApp(App):
 
     @work(group="job-op")
     async def _job_op(self, op: str) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         run_id, label = self._selected()
         if run_id is None or self.link is None:
@@ -377,7 +379,7 @@ class LtmApp(App):
 
     @work(group="export")
     async def _export(self, path: str | None) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         if not path or self.link is None:
             return

@@ -2,25 +2,20 @@
 
 Each request opens its own short connection (the service serves each in a thread), so requests
 made at the same time never interleave on one stream; the event stream holds one connection open
-for as long as the dashboard runs. The protocol is `backend.service`'s JSON lines.
+for as long as the dashboard runs. The lines are `backend.jobs.protocol`'s, as for every client.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 from pathlib import Path
 from typing import Any, AsyncIterator
 
-from backend.errors import LtmError
+from backend.jobs.protocol import ServiceError, event_of, is_stop, reply_result, request_line
 
 # A `results` reply for 10,000 runs is a few megabytes on one line.
 LINE_LIMIT = 256 * 1024 * 1024
-
-
-class LinkError(LtmError):
-    title = "service"
 
 
 class Link:
@@ -33,50 +28,38 @@ class Link:
         try:
             return await asyncio.open_unix_connection(str(self.socket_path), limit=LINE_LIMIT)
         except OSError as exc:
-            raise LinkError(f"the service does not answer on {self.socket_path} ({exc.strerror or exc})") from None
+            raise ServiceError(f"the service does not answer on {self.socket_path} ({exc.strerror or exc})") from None
 
     async def call(self, op: str, **args: Any) -> Any:
         reader, writer = await self._open()
         try:
             rid = next(self._ids)
-            writer.write((json.dumps({"id": rid, "op": op, "args": args}, ensure_ascii=False) + "\n").encode())
+            writer.write(request_line(rid, op, args))
             await writer.drain()
             raw = await asyncio.wait_for(reader.readline(), self.timeout)
         except (OSError, asyncio.TimeoutError) as exc:
-            raise LinkError(f"the service did not answer {op!r}: {exc or 'timeout'}") from None
+            raise ServiceError(f"the service did not answer {op!r}: {exc or 'timeout'}") from None
         finally:
             writer.close()
-        return _result(raw, op)
+        return reply_result(raw, op, str(self.socket_path.parent))
 
     async def events(self) -> AsyncIterator[dict]:
         """Every event the service sees from the moment this is subscribed, until it stops."""
         reader, writer = await self._open()
         try:
-            writer.write((json.dumps({"id": 0, "op": "subscribe", "args": {}}) + "\n").encode())
+            writer.write(request_line(0, "subscribe", {}))
             await writer.drain()
-            _result(await reader.readline(), "subscribe")
+            reply_result(await reader.readline(), "subscribe", str(self.socket_path.parent))
             while True:
                 raw = await reader.readline()
                 if not raw:
                     return
-                event = json.loads(raw).get("event")
+                event = event_of(raw)
                 if event is None:
                     continue
                 yield event
-                if event.get("type") == "service" and event.get("status") == "stopped":
+                if is_stop(event):
                     return
         finally:
             writer.close()
 
-
-def _result(raw: bytes, op: str) -> Any:
-    if not raw:
-        raise LinkError(f"the service closed the connection during {op!r}; see its service.log")
-    try:
-        reply = json.loads(raw)
-    except ValueError:
-        raise LinkError(f"the service's answer to {op!r} is not JSON; see its service.log") from None
-    if not reply.get("ok"):
-        err = reply.get("error") or {}
-        raise LtmError(err.get("message", "request failed"), title=err.get("title", "service"))
-    return reply.get("result")

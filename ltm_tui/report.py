@@ -65,7 +65,7 @@ class RunProgress:
                 completed=event.get("step") or 0,
                 loss=f"{event['loss']:.4f}" if event.get("loss") is not None else "-",
                 tps=f"{event.get('tokens_per_s') or 0:,.0f}",
-                eta=_duration(event.get("eta_s")),
+                eta=format_duration(event.get("eta_s")),
             )
         elif kind == "state":
             status = event["status"]
@@ -76,7 +76,7 @@ class RunProgress:
             self.progress.update(task, **fields)
 
 
-def _duration(seconds) -> str:
+def format_duration(seconds) -> str:
     if seconds is None:
         return "-"
     seconds = int(seconds)
@@ -98,7 +98,7 @@ def measure_names(rows: list[dict]) -> list[str]:
     """The five measures in the plan's order, the side numbers the table shows (largest depth
     above chance, drop under pressure), any measure a battery named, then perplexity and
     forgetting (lower is better)."""
-    from backend.measures import FIVE_MEASURES
+    from backend.scoring.measures import FIVE_MEASURES
 
     present = {m for r in rows for m in (r.get("scores") or {})}
     fixed = set(FIVE_MEASURES) | set(SHOWN_SIDE) | set(LOWER_TAIL) | HIDDEN
@@ -148,7 +148,7 @@ MEASURE_LABELS = {
 
 def weights_line(rows: list[dict], weights: dict | None) -> str:
     """`overall = mean of depth×2, consist×1, …` as shown under the table."""
-    from backend.measures import default_weights
+    from backend.scoring.measures import default_weights
 
     names = {m for r in rows for m in (r.get("scores") or {})}
     use = {**default_weights(names), **(weights or {})}
@@ -158,7 +158,7 @@ def weights_line(rows: list[dict], weights: dict | None) -> str:
 
 def reweigh(rows: list[dict], weights: dict | None) -> list[dict]:
     """Rows with `overall` recomputed under these weights and `overall_interval` added."""
-    from backend.measures import overall, overall_interval
+    from backend.scoring.measures import overall, overall_interval
 
     out = []
     for r in rows:
@@ -291,7 +291,7 @@ class _SafeWriter:
     """csv.writer whose text cells can never be read as a formula by a spreadsheet."""
 
     def __init__(self, out) -> None:
-        from backend.store import csv_cell
+        from backend.jobs.store import csv_cell
 
         self._writer, self._cell = csv.writer(out), csv_cell
 

@@ -11,24 +11,13 @@ from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.binding import Binding
-from textual.markup import escape
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.markup import escape
 from textual.screen import ModalScreen, Screen
-from textual.widgets import (
-    DataTable,
-    DirectoryTree,
-    Footer,
-    Input,
-    Label,
-    Log,
-    Select,
-    Static,
-    TabbedContent,
-    TabPane,
-)
+from textual.widgets import DataTable, DirectoryTree, Footer, Input, Label, Log, Select, Static, TabbedContent, TabPane
 from textual_plotext import PlotextPlot
 
-from ltm_tui.report import _duration
+from ltm_tui.report import format_duration
 
 # --- the file picker -----------------------------------------------------------------------
 
@@ -46,7 +35,7 @@ class CorpusTree(DirectoryTree):
         super().__init__(path, **kwargs)
 
     def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
-        from backend.corpora import format_of
+        from backend.ingest.corpora import format_of
 
         return [p for p in paths if not p.name.startswith(".") and (_is_dir(p) or format_of(p))]
 
@@ -75,7 +64,7 @@ class CorpusTree(DirectoryTree):
         if path is None:
             return
         folder = path if _is_dir(path) else path.parent
-        from backend.corpora import format_of
+        from backend.ingest.corpora import format_of
 
         files = sorted(p for p in folder.rglob("*") if p.is_file() and format_of(p) and not p.name.startswith("."))
         self.screen.toggle(files, mark=True)
@@ -109,6 +98,7 @@ class PickerScreen(Screen):
         self.root = root
         self.defaults = defaults
         self.workspace = workspace
+        self._checked = None  # (RunOptions, the JobSettings they gave): see settings()
         self.marked: dict[Path, None] = {}
         self.info: dict[Path, dict] = {}
 
@@ -169,8 +159,8 @@ class PickerScreen(Screen):
 
     @work(thread=True, group="inspect")
     def inspect(self, path: Path) -> None:
-        from backend.corpora import inspect_corpus
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
+        from backend.ingest.corpora import inspect_corpus
 
         try:
             info = inspect_corpus(path).to_dict()
@@ -199,7 +189,7 @@ class PickerScreen(Screen):
         table.update_cell(key, "tokens", f"{tokens:,}" if exact else f"≈{tokens:,}")
         guess = self._forecast(tokens)
         if guess:
-            table.update_cell(key, "time", _duration(guess.get("total_seconds")))
+            table.update_cell(key, "time", format_duration(guess.get("total_seconds")))
             peak = guess.get("peak_memory_bytes")
             mem = "-" if peak is None else f"{peak / 2**30:.1f} GiB"
             table.update_cell(key, "memory", Text(mem, style="bold red") if guess.get("too_big") else mem)
@@ -208,18 +198,27 @@ class PickerScreen(Screen):
             table.update_cell(key, "memory", "-")
 
     def _tokens(self, info: dict) -> tuple[int, bool]:
-        """The micro model reads UTF-8 bytes (exact for plain text); a Hugging Face tokenizer
-        makes about 1.4 tokens a word (shown as an estimate)."""
-        if self.value("base") == "micro" and info.get("format") in ("text", "markdown"):
+        """The micro model reads UTF-8 bytes: exact for plain text. Otherwise the words times the
+        tokens a word this base's tokenizer makes, as the workspace's calibration measured it
+        (before any calibration, the forecast's default): shown as an estimate."""
+        from backend.core.errors import LtmError
+        from backend.studies.forecast import tokens_per_word
+
+        base = self.value("base") or "micro"
+        if base == "micro" and info.get("format") in ("text", "markdown"):
             return int(info["bytes"]) + 2, True
-        if self.value("base") == "micro":
-            return int(info["chars"] * 1.1), False
-        return int(info["words"] * 1.4), False
+        try:
+            settings = self.settings()
+            spec, train = settings.base, settings.train
+        except LtmError:  # a field being typed: the base's default rate
+            spec, train = {"base": base}, {}
+        per_word, _ = tokens_per_word(self.workspace, spec, train)
+        return int(info["words"] * per_word), False
 
     def _forecast(self, tokens: int) -> dict | None:
         """Predicted time and peak memory from this workspace's calibration and finished runs
         (`ltm-tui estimate` explains them); a peak above the free memory is flagged, with the fix."""
-        from backend.forecast import free_memory, memory_fix, predict
+        from backend.studies.forecast import free_memory, memory_fix, predict
 
         try:
             settings = self.settings()
@@ -242,22 +241,26 @@ class PickerScreen(Screen):
         return "" if val is None or val is Select.BLANK else str(val).strip()
 
     def settings(self):
-        """The batch's JobSettings, made and checked exactly as `ltm-tui run` makes them: the
-        run command's own defaults, with the picker's fields on top."""
-        from ltm_tui.cli import _job_settings, build_parser
+        """The batch's JobSettings, made and checked exactly as `ltm-tui run` makes them
+        (backend.jobs.settings): the picker's fields on top of the dashboard's defaults."""
+        from backend.jobs.settings import RunOptions
 
-        args = build_parser().parse_args(["run", "-"])
         base = self.value("base") or "micro"
-        args.base = base
-        args.preset = self.value("preset") or "small"
-        args.quant = "4bit" if self.value("method") == "qlora" and base != "micro" else None
-        args.scenes = self.value("scenes") or None
-        args.steps = _int(self.value("steps"))
-        args.min_train_tokens = _int(self.value("min_train_tokens"))
-        for key in ("trust_remote_code", "device", "epochs", "block_size", "micro_batch"):
-            if self.defaults.get(key) is not None:
-                setattr(args, key, self.defaults[key])
-        return _job_settings(args)
+        chosen = {key: self.defaults[key] for key in ("trust_remote_code", "device", "epochs", "block_size",
+                                                     "micro_batch") if self.defaults.get(key) is not None}
+        options = RunOptions(
+            base=base,
+            preset=self.value("preset") or None,
+            quant="4bit" if self.value("method") == "qlora" and base != "micro" else None,
+            scenes=self.value("scenes") or None,
+            steps=_int(self.value("steps")),
+            min_train_tokens=_int(self.value("min_train_tokens")),
+            **chosen,
+        )
+        # checking reads every battery: once per change of the fields, not once per previewed file
+        if self._checked is None or self._checked[0] != options:
+            self._checked = (options, options.job_settings())
+        return self._checked[1]
 
     @on(Input.Changed, "#base")
     def _base_changed(self) -> None:
@@ -275,13 +278,14 @@ class PickerScreen(Screen):
         self.action_queue()
 
     def action_queue(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         hint = self.query_one("#picker-hint", Static)
         if not self.marked:
             hint.update(Text("Mark a file first: space on a file, a on a folder.", style="yellow"))
             return
         try:
+            self._checked = None  # queueing checks the batteries as they are now
             settings = self.settings()
             seeds = max(1, _int(self.value("seeds")) or 1)
         except LtmError as exc:
@@ -356,7 +360,7 @@ class RunScreen(Screen):
 
     @work(exclusive=True, group="run-detail")
     async def action_reload(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         try:
             detail = await self.app.link.call("run", run_id=self.run_id)
@@ -566,7 +570,7 @@ class LogScreen(ModalScreen):
 
     @work(exclusive=True, group="log")
     async def fetch(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         log = self.query_one("#log", Log)
         try:

@@ -142,7 +142,7 @@ class StudyScreen(Screen):
 
     @work(exclusive=True, group="study")
     async def action_reload(self) -> None:
-        from backend.errors import LtmError
+        from backend.core.errors import LtmError
 
         try:
             reply = await self.fetch()

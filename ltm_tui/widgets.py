@@ -11,13 +11,14 @@ from rich.segment import Segment
 from rich.style import Style
 from rich.table import Table
 from rich.text import Text
-from textual.binding import Binding
 from textual._two_way_dict import TwoWayDict
+from textual.binding import Binding
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
 
+from backend.core.states import JobState
 from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, sparkline
-from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, _duration, measure_names
+from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, format_duration, measure_names
 
 STATUS_STYLE = {
     "queued": "dim",
@@ -29,7 +30,6 @@ STATUS_STYLE = {
     "cancelled": "yellow",
     "interrupted": "yellow",
 }
-FINISHED = ("done", "failed", "cancelled", "interrupted")
 ACTIVE = ("starting", "training", "evaluating")
 
 
@@ -269,8 +269,8 @@ class QueueTable(RunTable):
             self.add_column(label, key=key)
 
     def set_jobs(self, jobs: list[dict]) -> None:
-        unfinished = [j for j in jobs if j["status"] not in FINISHED]
-        finished = [j for j in jobs if j["status"] in FINISHED][-RECENT_FINISHED:]
+        unfinished = [j for j in jobs if not JobState(j["status"]).is_terminal()]
+        finished = [j for j in jobs if JobState(j["status"]).is_terminal()][-RECENT_FINISHED:]
         order = sorted(unfinished, key=lambda j: (j["status"] not in ACTIVE, j["status"] != "queued")) + finished[::-1]
         self.jobs = {j["run_id"]: j for j in order}
         keep = self.selected_run()
@@ -332,7 +332,7 @@ class QueueTable(RunTable):
             Cell(f"{step or 0}/{total}" if total else (str(step) if step else "-"), justify="right"),
             Cell(_num(job.get("loss"), 3), justify="right"),
             Cell("-" if not tps else f"{tps:,.0f}", justify="right"),
-            Cell(extra[:40] if extra else (_duration(job.get("eta_s")) if status == "training" else "-"),
+            Cell(extra[:40] if extra else (format_duration(job.get("eta_s")) if status == "training" else "-"),
                  style="red" if extra else ""),
         ]
 

@@ -24,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# Every test runs on the CPU, on a GPU box too (its workers and tasks inherit this): the numbers
+# and pictures the tests compare are the CPU's. GPU paths are checked by benchmarks/gpu_check.sh.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -51,9 +54,9 @@ def stop_services(tmp_path: Path):
 
 def stop_service(workspace: Path) -> None:
     """Stop the job service of this workspace, if one runs, with its workers; wait until gone."""
-    from backend.client import try_connect
-    from backend.executor import process_alive
-    from backend.workspace import Workspace
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import try_connect
+    from backend.jobs.executor import process_alive
 
     client = try_connect(Workspace(workspace))
     if client is None:
@@ -185,7 +188,7 @@ def finished(tmp_path_factory):
     the run produced. Tests read it and never change it."""
     import types
 
-    from backend.store import Store
+    from backend.jobs.store import Store
 
     root = tmp_path_factory.mktemp("dashboard")
     corpora, battery = write_corpora(root)

@@ -7,19 +7,20 @@ letting the app process its messages until a condition holds, never by sleeping 
 from __future__ import annotations
 
 import asyncio
-import sys
 import json
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from backend.workspace import Workspace
+from backend.core.workspace import Workspace
 from ltm_tui.app import LtmApp
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.screens import HelpScreen, LogScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
 from tests.conftest import LOGIC_TEXT, WAIT, cli, write_tiny_battery
+
 
 async def until(pilot, condition, timeout: float = WAIT, what: str = "condition"):
     """Let the app run (its workers, the service's events) until `condition()` holds."""
@@ -231,7 +232,7 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
 def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
     from dataclasses import asdict
 
-    from backend.client import connect
+    from backend.jobs.client import connect
 
     (tmp_path / "long.txt").write_text(LOGIC_TEXT, encoding="utf-8")
     battery = write_tiny_battery(tmp_path / "battery")
@@ -241,8 +242,8 @@ def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
         app = LtmApp(str(ws), poll_seconds=0)
         async with app.run_test(size=(100, 30)) as pilot:
             await until(pilot, lambda: app.link is not None, what="the service")
-            from backend.config import MICRO_DEFAULTS
-            from backend.jobs import JobSettings
+            from backend.core.config import MICRO_DEFAULTS
+            from backend.jobs.settings import JobSettings
 
             train = {**MICRO_DEFAULTS.to_dict(), "min_train_tokens": 10**9}  # hours of training: it must be cancelled
             train.pop("seed", None)
@@ -330,9 +331,9 @@ def test_device_panel_without_nvml_shows_this_machine(finished, monkeypatch):
 
 
 def _plain(widget) -> str:
-    from rich.console import Console
-
     import io
+
+    from rich.console import Console
 
     console = Console(width=widget.size.width or 100, record=True, file=io.StringIO())
     console.print(widget.content)  # what the Static was given: a Rich renderable or text

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from backend.attribution import estimate, mixed_count, plan, runs_needed
-from backend.corpora import expand_paths, inspect_corpus, iter_text, write_corpus_set
-from backend.errors import CorpusError
+from backend.core.errors import CorpusError
+from backend.ingest.corpora import expand_paths, inspect_corpus, iter_text, write_corpus_set
+from backend.studies.attribution import estimate, mixed_count, plan, runs_needed
 from tests.conftest import cli
 
 
@@ -136,9 +136,29 @@ def test_lower_is_better_measures_count_the_reduction_as_help():
     assert got[0]["lower_is_better"] and got[0]["standalone"] == pytest.approx(5.0)
 
 
-def test_runs_needed_is_sixteen_sigma_squared_over_delta_squared():
-    assert runs_needed(0.1, 0.05) == 64
-    assert runs_needed(0.2, 0.1) == 64 and runs_needed(None) is None
+def test_runs_needed_makes_the_interval_as_narrow_as_the_effect():
+    """Simulated studies with σ of noise a run: with runs_needed(σ, δ) runs a file's 95% interval
+    reaches about δ either side of its estimate, so an effect of δ stands out of it; with a
+    quarter of the runs the interval is about twice as wide."""
+    rng = random.Random(5)
+    sigma, delta, n = 0.1, 0.05, 3
+
+    def half_width(runs: int) -> float:
+        widths = []
+        for _ in range(15):
+            obs = []
+            for _ in range(runs):
+                members = tuple(i for i in range(n) if rng.random() < 0.5)
+                score = 0.5 + delta * (0 in members) + rng.gauss(0, sigma)
+                obs.append({"members": members, "scores": {"overall": score}})
+            row = _by_file(estimate(obs, n), "overall")[0]
+            widths.append((row["ci_high"] - row["ci_low"]) / 2)
+        return sorted(widths)[len(widths) // 2]
+
+    needed = runs_needed(sigma, delta)
+    assert 0.75 * delta <= half_width(needed) <= 1.1 * delta
+    assert half_width(needed // 4) >= 1.6 * delta
+    assert runs_needed(None) is None
 
 
 # --- corpus sets --------------------------------------------------------------------------------
@@ -222,10 +242,11 @@ def keepers(tmp_path: Path) -> dict[str, Path]:
 
 def test_a_study_resumes_queues_nothing_twice_and_retries_what_ended(tmp_path, keepers):
     """The planning and resume logic on a real store and job manager, with no worker started."""
-    from backend.attribution_study import list_studies, report, submit_study
-    from backend.jobs import JobManager, JobSettings
-    from backend.store import Store
-    from backend.workspace import Workspace
+    from backend.core.workspace import Workspace
+    from backend.jobs.manager import JobManager
+    from backend.jobs.settings import JobSettings
+    from backend.jobs.store import Store
+    from backend.studies.attribution_study import list_studies, report, submit_study
 
     ws = Workspace(tmp_path / "ws").ensure()
     settings = JobSettings(base={"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False,

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import measures
-from backend.store import Store
+from backend.jobs.store import Store
+from backend.scoring import measures
 from tests.conftest import cli, stop_service
 
 
@@ -163,7 +163,7 @@ def test_import_lmeval_task_with_csv_and_jinja(tmp_path: Path):
     out = tmp_path / "battery.yaml"
     res = cli("scenes", "import-lmeval", str(task), "-o", str(out))
     assert res.returncode == 0, res.stderr
-    from backend.scenes import choice_request, load_battery
+    from backend.scoring.scenes import choice_request, load_battery
 
     battery = load_battery(out)
     assert battery.metric == "tiny_mc" and len(battery.scenes) == 2  # the repeated-choice item is skipped

@@ -1,4 +1,4 @@
-"""The adapter's CPU dropout (`backend.dropout`) and the worker's allocator setting."""
+"""The adapter's CPU dropout (`backend.compute.dropout`) and the worker's allocator setting."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import textwrap
 import pytest
 import torch
 
-from backend.config import LoraSettings
-from backend.dropout import FastDropout, keep_mask, use_fast_dropout
-from backend.workspace import PROJECT_ROOT
+from backend.compute.dropout import FastDropout, keep_mask, use_fast_dropout
+from backend.core.config import LoraSettings
+from backend.core.workspace import PROJECT_ROOT
 
 
 def test_every_lane_drops_at_the_rate():
@@ -67,7 +67,7 @@ def _tiny_llama():
 
 
 def test_attach_lora_swaps_every_adapter_dropout_and_nothing_else():
-    from backend.worker import attach_lora
+    from backend.compute.models import attach_lora
 
     lora = LoraSettings(r=4, alpha=8, dropout=0.1)
     ours = attach_lora(_tiny_llama(), lora, seed=3)
@@ -105,7 +105,7 @@ def test_worker_keeps_freed_memory_in_the_process():
     script = textwrap.dedent(
         """
         import os, sys, torch
-        from backend.worker import keep_freed_memory
+        from backend.compute.train import keep_freed_memory
         if sys.argv[1] == "keep":
             assert keep_freed_memory()
         def rss():

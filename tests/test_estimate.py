@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from backend import forecast
+from backend.studies import forecast
 from tests.conftest import REPO, cli
 
 MICRO_TINY = {"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False, "device": "cpu"}
@@ -18,13 +18,13 @@ TRAIN = {"block_size": 64, "micro_batch": 4, "grad_accum": 1, "min_train_tokens"
 
 
 def _calibrate(ws, tiny_battery, **kw):
-    from backend.estimate import calibrate
+    from backend.compute.estimate import calibrate
 
     return calibrate(ws, MICRO_TINY, TRAIN, steps=2, warm=1, scenes=tiny_battery / "heldout.yaml", **kw)
 
 
 def test_forecast_module_never_loads_torch():
-    code = "import sys, backend.forecast, ltm_tui.estimate_cmd; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
+    code = "import sys, backend.studies.forecast, ltm_tui.cli.estimate; print(sorted(m for m in ('torch', 'transformers', 'peft') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -34,8 +34,8 @@ def test_nothing_known_means_no_forecast(tmp_path):
 
 
 def test_calibration_measures_caches_and_feeds_the_forecast(tmp_path, tiny_battery):
-    from backend.estimate import ensure_calibration
-    from backend.models import MICRO_PRESETS
+    from backend.compute.estimate import ensure_calibration
+    from backend.compute.models import MICRO_PRESETS
 
     ws = tmp_path / "ws"
     calib = _calibrate(ws, tiny_battery)
@@ -69,10 +69,9 @@ def test_calibration_measures_caches_and_feeds_the_forecast(tmp_path, tiny_batte
 
 
 def test_lora_flops_count_frozen_weights_at_four(tiny_hf_model):
-    from backend.config import LoraSettings
-    from backend.estimate import flop_model
-    from backend.models import BaseSpec, load_base
-    from backend.worker import attach_lora
+    from backend.compute.estimate import flop_model
+    from backend.compute.models import BaseSpec, attach_lora, load_base
+    from backend.core.config import LoraSettings
 
     model, _, _ = load_base(BaseSpec(base=str(tiny_hf_model), device="cpu"))
     cfg = model.config
@@ -150,14 +149,18 @@ def test_runs_of_one_length_take_the_slope_from_the_calibration(tmp_path, tiny_b
 
 
 def test_trained_tokens_follow_the_recipes_plan():
+    """Whole steps, at least max(epochs × tokens, the token floor), less than a step more."""
     micro = {"base": "micro", "preset": "small"}
-    steps, seen = forecast.trained_tokens(micro, {}, 2_600)  # one page: the 1.2M-token floor
-    assert steps == 293 and seen == 293 * 16 * 256
-    steps, seen = forecast.trained_tokens(micro, {}, 2_600_000)  # 1000 pages: three epochs
-    assert seen >= 3 * 2_600_000 and seen - 3 * 2_600_000 < 16 * 256
+    train = {"min_train_tokens": 100_000, "epochs": 3, "micro_batch": 4, "grad_accum": 2, "block_size": 128}
+    step = 4 * 2 * 128
+    for tokens, wanted in ((2_600, 100_000), (2_600_000, 3 * 2_600_000)):  # a page: the floor; many: epochs
+        steps, seen = forecast.trained_tokens(micro, train, tokens)
+        assert seen == steps * step and wanted <= seen < wanted + step
+    capped, _ = forecast.trained_tokens(micro, {**train, "max_steps": 7}, 2_600_000)
+    assert capped == 7
     hf = {"base": "some/model"}
-    steps, seen = forecast.trained_tokens(hf, {}, 600_000)  # LoRA defaults: 2 epochs, 4 × 4 × 512
-    assert seen == steps * 16 * 512 and seen >= 1_200_000
+    steps, seen = forecast.trained_tokens(hf, {**train, "epochs": 2, "min_train_tokens": 0}, 600_000)
+    assert seen == steps * step and 2 * 600_000 <= seen < 2 * 600_000 + step
 
 
 def test_memory_warning_names_the_fix():
@@ -200,8 +203,8 @@ def test_estimate_command_answers_in_json_then_from_the_cache(tmp_path, tiny_bat
 
 
 def test_run_prints_the_forecast_before_queueing(tmp_path, tiny_battery, corpora, capsys):
-    from backend.jobs import JobSettings
-    from ltm_tui.estimate_cmd import forecast_before_queueing
+    from backend.jobs.settings import JobSettings
+    from ltm_tui.cli.estimate import forecast_before_queueing
 
     ws = tmp_path / "ws"
     settings = JobSettings(base=MICRO_TINY, scenes=str(tiny_battery), train=TRAIN)

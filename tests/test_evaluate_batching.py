@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from backend.evaluate import (
+from backend.compute.evaluate import (
     Generation,
     LoglikRequest,
     _completion_ppl,
@@ -21,7 +21,7 @@ from backend.evaluate import (
     text_loss,
     text_losses,
 )
-from backend.models import ByteTokenizer, build_micro
+from backend.compute.models import ByteTokenizer, build_micro
 
 CPU = torch.device("cpu")
 

@@ -13,7 +13,7 @@ from tests.conftest import STORY_TEXT
 
 @pytest.fixture
 def novelty_battery(tmp_path):
-    from backend.scenes import load_battery
+    from backend.scoring.scenes import load_battery
 
     path = tmp_path / "novelty.yaml"
     path.write_text(textwrap.dedent("""\
@@ -36,7 +36,7 @@ def _model(tiny_hf_model):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backend.models import HFTokenizer
+    from backend.compute.models import HFTokenizer
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(tiny_hf_model, local_files_only=True, torch_dtype=torch.float32)
@@ -50,7 +50,7 @@ GENERAL = [("en-1", STORY_TEXT[:300]), ("en-2", "All glims are blorps. The lamp 
 def test_forgetting_is_zero_for_an_untouched_adapter_and_moves_when_it_trains(tiny_hf_model, novelty_battery):
     import torch
 
-    from backend.evaluate import evaluate_all, peft_base
+    from backend.compute.evaluate import evaluate_all, peft_base
 
     model, tok = _model(tiny_hf_model)
     cpu = torch.device("cpu")
@@ -73,8 +73,8 @@ def test_forgetting_is_zero_for_an_untouched_adapter_and_moves_when_it_trains(ti
 def test_novelty_is_gated_on_the_base_models_fluency(tiny_hf_model, novelty_battery, monkeypatch):
     import torch
 
-    from backend import evaluate
-    from backend.evaluate import evaluate_all, peft_base
+    from backend.compute import evaluate
+    from backend.compute.evaluate import evaluate_all, peft_base
 
     model, tok = _model(tiny_hf_model)
     cpu = torch.device("cpu")

@@ -1,17 +1,140 @@
-"""The UI never loads torch at start-up, and the back end never loads textual (checked in a fresh
-interpreter, where sys.modules shows what an import really pulled in)."""
+"""The layout's rules, checked on the source: only `backend/compute` imports torch; nothing in
+`backend` imports textual; each folder of `backend` imports only the folders below it; no module
+imports another module's private name; no import circle anywhere. Then, in a fresh interpreter,
+what an import really pulls in: the UI and the service side never load torch."""
 
 from __future__ import annotations
 
-import pkgutil
+import ast
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO
 
-HEAVY = ("torch", "transformers", "peft", "bitsandbytes")
+HEAVY = ("torch", "transformers", "peft", "bitsandbytes", "safetensors")
+# What each folder of backend may import (besides itself), lowest first: the service on top hosts
+# the jobs and the studies; compute (the worker side) reads the forecast's calibration file.
+ALLOWED = {
+    "core": set(),
+    "ingest": {"core"},
+    "scoring": {"core"},
+    "jobs": {"core", "ingest", "scoring"},
+    "studies": {"core", "ingest", "scoring", "jobs"},
+    "compute": {"core", "ingest", "scoring", "studies"},
+    "service": {"core", "jobs", "studies"},
+}
+
+
+def _source_modules() -> dict[str, Path]:
+    found = {}
+    for package in ("backend", "ltm_tui"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            name = ".".join(path.relative_to(REPO).with_suffix("").parts)
+            found[name.removesuffix(".__init__")] = path
+    return found
+
+
+MODULES = _source_modules()
+
+
+def _imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """(module, names, line) of every import in a file, at any depth (lazy ones too)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            out.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            out.extend((a.name, [], node.lineno) for a in node.names)
+    return out
+
+
+def _targets(module: str, names: list[str]) -> set[str]:
+    """The project modules an import statement loads."""
+    found = {f"{module}.{n}" for n in names if f"{module}.{n}" in MODULES}
+    if module in MODULES:
+        found.add(module)
+    return found
+
+
+def _folder(name: str) -> str | None:
+    parts = name.split(".")
+    return parts[1] if parts[0] == "backend" and len(parts) > 1 else None
+
+
+def test_only_compute_imports_torch_and_backend_never_textual():
+    wrong = []
+    for name, path in MODULES.items():
+        for module, _, line in _imports(path):
+            root = module.split(".")[0]
+            if root in HEAVY and _folder(name) != "compute":
+                wrong.append(f"{name}:{line} imports {module}")
+            if root == "textual" and name.startswith("backend"):
+                wrong.append(f"{name}:{line} imports {module}")
+    assert not wrong, wrong
+
+
+def test_each_backend_folder_imports_only_the_folders_below_it():
+    assert {_folder(n) for n in MODULES if _folder(n)} == set(ALLOWED)  # a new folder needs its rule
+    wrong = []
+    for name, path in MODULES.items():
+        here = _folder(name)
+        if here is None:
+            continue
+        for module, names, line in _imports(path):
+            for target in _targets(module, names):
+                there = _folder(target)
+                if there and there != here and there not in ALLOWED[here]:
+                    wrong.append(f"{name}:{line} imports {target} ({here} may use {sorted(ALLOWED[here])})")
+    assert not wrong, wrong
+
+
+def test_no_module_imports_another_modules_private_name():
+    wrong = [
+        f"{name}:{line} imports {module}.{n}"
+        for name, path in MODULES.items()
+        for module, names, line in _imports(path)
+        for n in names
+        if n.startswith("_") and module.split(".")[0] in ("backend", "ltm_tui")
+    ]
+    assert not wrong, wrong
+
+
+def test_there_is_no_import_circle():
+    graph = {name: set() for name in MODULES}
+    for name, path in MODULES.items():
+        for module, names, _ in _imports(path):
+            graph[name] |= _targets(module, names) - {name}
+    # a package's __init__ may gather its own modules; a circle through it is the package itself
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not (t.startswith(name + "."))}
+    circles, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == "open":
+                circles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not circles, [" -> ".join(c) for c in circles]
+
+
+def test_the_circle_check_finds_a_circle(tmp_path, monkeypatch):
+    """The check above on two modules that import each other, lazily."""
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("def f():\n    from backend.b import g\n")
+    b.write_text("from backend.a import f\n")
+    monkeypatch.setattr(sys.modules[__name__], "MODULES", {"backend.a": a, "backend.b": b})
+    with pytest.raises(AssertionError, match=r"backend\.a -> backend\.b -> backend\.a"):
+        test_there_is_no_import_circle()
 
 
 def _loaded_after(module: str) -> set[str]:
@@ -20,24 +143,7 @@ def _loaded_after(module: str) -> set[str]:
     return {m.split(".")[0] for m in out.stdout.split()}
 
 
-def _modules(package: str) -> list[str]:
-    return [f"{package}.{m.name}" for m in pkgutil.iter_modules([str(REPO / package)])]
-
-
-@pytest.mark.parametrize("module", ["ltm_tui", *_modules("ltm_tui")])
-def test_ui_modules_do_not_import_torch(module):
-    loaded = _loaded_after(module)
-    assert not loaded & set(HEAVY), f"{module} pulled in {sorted(loaded & set(HEAVY))}"
-
-
-@pytest.mark.parametrize("module", ["backend", *_modules("backend")])
-def test_backend_modules_do_not_import_textual(module):
-    assert "textual" not in _loaded_after(module)
-
-
-@pytest.mark.parametrize("module", ["backend.jobs", "backend.store", "backend.scenes", "backend.corpora", "backend.measures",
-                                    "backend.config", "backend.service", "backend.search_study", "backend.tasks"])
-def test_backend_core_stays_light(module):
-    """What the CLI and the service import must not load torch either."""
+@pytest.mark.parametrize("module", sorted(n for n in MODULES if _folder(n) != "compute" and not n.endswith("__main__")))
+def test_importing_anything_but_compute_loads_no_torch(module):
     loaded = _loaded_after(module)
     assert not loaded & set(HEAVY), f"{module} pulled in {sorted(loaded & set(HEAVY))}"

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import judge as judge_mod
-from backend.judge import EndpointJudge, JudgeError, LocalJudge, judge_rows, rescore
+from backend.compute import judge as judge_mod
+from backend.compute.judge import EndpointJudge, JudgeError, LocalJudge, judge_rows, rescore
 
 WORDS = "yes no lamp red glows green"  # with the specials and ? : . under 20 tokens: all in top_logprobs
 

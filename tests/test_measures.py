@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from backend import measures
-from backend.errors import LtmError
+from backend.core.errors import LtmError
+from backend.scoring import measures
 
 
 def r(scene_id, score, correct=None, metric="m", battery="b", **detail):
@@ -138,7 +138,7 @@ def test_overall_interval_combines_independent_measures():
 def test_depth_scores_read_one_curve_per_resample_and_keep_their_intervals():
     # The depth scores share each resample's curve; every interval must equal bootstrapping
     # that score on its own with the plain functions.
-    from backend import stats
+    from backend.scoring import stats
 
     rows = []
     for depth, right in ((1, 7), (2, 5), (3, 2)):

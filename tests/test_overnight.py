@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from backend import client as client_module
-from backend.client import ServiceError, connect
-from backend.events import read_events
-from backend.executor import process_alive
-from backend.store import Store
-from backend.workspace import Workspace
+from backend.core.events import read_events
+from backend.core.workspace import Workspace
+from backend.jobs import client as client_module
+from backend.jobs.client import connect
+from backend.jobs.executor import process_alive
+from backend.jobs.protocol import ServiceError
+from backend.jobs.store import Store
 from tests.conftest import REPO, STORY_TEXT, WAIT, cli, exit_code, wait_for
 
 QUICK = ["--preset", "tiny", "--steps", "30", "--block-size", "64", "--micro-batch", "8",
@@ -506,8 +507,8 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path
     stop (SIGTERM), and past the stop grace it is killed (SIGKILL), whatever it does with SIGTERM."""
     import time
 
-    from backend.executor import LocalProcess, process_start_ticks
-    from backend.jobs import LiveWorker
+    from backend.jobs.executor import LocalProcess, process_start_ticks
+    from backend.jobs.manager import LiveWorker
 
     stubborn = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN);"

@@ -59,14 +59,15 @@ def test_choice_scores_equal_lm_eval(task: Path, tiny_hf_model: Path, tmp_path: 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets-cache"))
     import torch
+
     # the test extra installs lm-eval: a missing harness fails here, it is never skipped
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from backend.evaluate import evaluate_battery
-    from backend.models import HFTokenizer
-    from backend.scenes import import_lmeval, load_battery
+    from backend.compute.evaluate import evaluate_battery
+    from backend.compute.models import HFTokenizer
+    from backend.scoring.scenes import import_lmeval, load_battery
 
     out = simple_evaluate(
         model="hf",

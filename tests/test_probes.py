@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 
-from backend.errors import JobError
-from backend.models import BaseSpec, ByteTokenizer, build_micro, load_base
-from backend.probes import (
+from backend.compute.models import BaseSpec, ByteTokenizer, build_micro, load_base
+from backend.compute.probes import (
     _first_for_good,
     attention_sums,
     linear_cka,
@@ -18,8 +17,9 @@ from backend.probes import (
     matrix_stats,
     run_probes,
 )
-from backend.scenes import load_batteries
-from backend.store import Store
+from backend.core.errors import JobError
+from backend.jobs.store import Store
+from backend.scoring.scenes import load_batteries
 from tests.conftest import cli
 
 CPU = torch.device("cpu")
@@ -182,7 +182,7 @@ def test_micro_against_its_own_initialisation_changes_nothing(tiny_battery):
 
 def test_lens_at_the_last_depth_is_the_models_own_choice(tiny_battery):
     """Read through the lens at the last depth, a network picks what evaluation picks."""
-    from backend.evaluate import evaluate_battery
+    from backend.compute.evaluate import evaluate_battery
 
     tok = ByteTokenizer()
     battery = load_batteries(tiny_battery)

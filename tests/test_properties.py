@@ -18,12 +18,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from backend import stats
-from backend.client import connect
-from backend.corpora import FORMAT_BY_SUFFIX, inspect_corpus
-from backend.errors import BatteryError, CorpusError, LtmError
-from backend.scenes import load_battery
-from backend.workspace import Workspace
+from backend.core.errors import BatteryError, CorpusError, LtmError
+from backend.core.workspace import Workspace
+from backend.ingest.corpora import FORMAT_BY_SUFFIX, inspect_corpus
+from backend.jobs.client import connect
+from backend.scoring import stats
+from backend.scoring.scenes import load_battery
 
 PATIENT = settings(deadline=timedelta(seconds=20), max_examples=60,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

@@ -1,6 +1,6 @@
 """The exported tables carry what the results table shows: the probes' summary (Δweights,
 Δattn H, drift L) and every score's 95% interval, overall's included, in `ltm-tui export`'s CSV
-(backend/store.py) and in `results --format csv` / `--format json`."""
+(backend/jobs/store.py) and in `results --format csv` / `--format json`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from backend import measures
-from backend.store import Store
+from backend.jobs.store import Store
+from backend.scoring import measures
 from tests.conftest import cli
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.errors import BatteryError
-from backend.scenes import (
+from backend.core.errors import BatteryError
+from backend.scoring.scenes import (
     KNOWN_MEASURES,
     Battery,
     Check,

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from backend.errors import SpaceError
-from backend.search import check_base, check_objective, grid_space, load_space
+from backend.core.errors import SpaceError
+from backend.studies.search import check_base, check_objective, grid_space, load_space
 from tests.conftest import REPO, WAIT, cli, wait_for, write_tiny_battery
 
 TINY = ["--preset", "tiny", "--block-size", "64", "--micro-batch", "8", "--min-train-tokens", "0",
@@ -74,7 +74,7 @@ def test_base_and_grid_checks_name_the_parameter(tmp_path):
 
 
 def test_a_trial_sets_training_lora_and_base_settings(tmp_path):
-    from backend.search import trial_settings
+    from backend.studies.search import trial_settings
 
     space = load_space(_space(tmp_path, "eval_every: 7\nparams: {lr: {low: 0.0001, high: 0.001, log: true},"
                                         " lora_r: {choices: [4, 8]}, lora_alpha: 16, steps: {low: 10, high: 20, step: 10}}\n"))
@@ -103,10 +103,10 @@ def test_the_cli_says_a_bad_space_in_one_line(tmp_path, corpora):
 def test_eval_loss_events_come_every_k_steps_from_fixed_blocks(tmp_path):
     import torch
 
-    from backend.config import TrainConfig
-    from backend.models import ByteTokenizer, build_micro
-    from backend.packing import PackedBlocks, load_tokens, tokenize_to_file
-    from backend.train import _eval_starts, train_model
+    from backend.compute.models import ByteTokenizer, build_micro
+    from backend.compute.train import _eval_starts, train_model
+    from backend.core.config import TrainConfig
+    from backend.ingest.packing import PackedBlocks, load_tokens, tokenize_to_file
     from tests.conftest import LOGIC_TEXT
 
     tok = ByteTokenizer()
@@ -168,8 +168,8 @@ def test_grid_enumerates_a_2x2_grid_in_four_trials(tmp_path, corpora):
     assert report["best"]["value"] == best["value"] and report["study"]["best_trial"] == report["best"]["number"]
     assert (tmp_path / "ws" / "search" / "space" / "journal.log").is_file()
     # each trial is an ordinary run with the trial's settings, and the dashboard's op has them
-    from backend.client import connect
-    from backend.workspace import Workspace
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import connect
 
     with connect(Workspace(tmp_path / "ws")) as client:
         shown = client.call("search", study="space")
@@ -184,8 +184,8 @@ def test_grid_enumerates_a_2x2_grid_in_four_trials(tmp_path, corpora):
 
 
 def _journal_trials(tmp_path) -> list[dict]:
-    from backend.client import try_connect
-    from backend.workspace import Workspace
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import try_connect
 
     client = try_connect(Workspace(tmp_path / "ws"))
     if client is None:
@@ -287,8 +287,8 @@ def test_stop_ends_a_running_study_and_cancels_its_trial(tmp_path, corpora):
     assert "search stopped by the user" in err.decode()
     [stopped] = json.loads(out)["trials"]
     assert stopped["state"] == "FAIL" and stopped["error"] == "search stopped by the user"
-    from backend.client import connect
-    from backend.workspace import Workspace
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import connect
 
     with connect(Workspace(tmp_path / "ws")) as client:
         wait_for(lambda: client.call("run", run_id=trial["run_id"])["run"]["status"] == "cancelled", what="the cancel")
@@ -312,8 +312,8 @@ def test_pruning_cancels_a_diverging_trial(tmp_path, corpora):
     report = json.loads(out.stdout)
     assert [t["state"] for t in report["trials"]] == ["PRUNED"] and report["best"] is None
     assert "trial 0: PRUNED pruned at step 5" in out.stderr
-    from backend.client import connect
-    from backend.workspace import Workspace
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import connect
 
     with connect(Workspace(tmp_path / "ws")) as client:
         for t in report["trials"]:
@@ -324,14 +324,14 @@ def test_pruning_cancels_a_diverging_trial(tmp_path, corpora):
 
 
 def _events(tmp_path, run_id: str) -> list[dict]:
-    from backend.events import read_events
+    from backend.core.events import read_events
 
     return read_events(tmp_path / "ws" / "runs" / run_id / "events.jsonl")[0]
 
 
 def test_a_subset_trains_on_a_corpus_set_of_its_files(tmp_path, corpora):
-    from backend.corpora import inspect_corpus, iter_text
-    from backend.search import chosen_files, combined_corpus, subset_keys
+    from backend.ingest.corpora import inspect_corpus, iter_text
+    from backend.studies.search import chosen_files, combined_corpus, subset_keys
 
     files = [str(corpora["logic"]), str(corpora["story"])]
     assert subset_keys(files) == ["use:logic.txt", "use:story.txt"]
@@ -360,7 +360,7 @@ def test_a_failed_job_ends_its_trial_fail_with_the_reason(tmp_path):
 
 
 def test_a_study_resumes_only_as_it_was_started(tmp_path):
-    from backend.search import open_study
+    from backend.studies.search import open_study
 
     first = load_space(_space(tmp_path, "study: s\nparams: {lr: {low: 0.001, high: 0.01, log: true}}\n", "a.yaml"))
     other = load_space(_space(tmp_path, "study: s\nparams: {lr: {low: 0.001, high: 0.02, log: true}}\n", "b.yaml"))

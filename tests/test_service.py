@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from backend.client import connect
-from backend.executor import process_alive
-from backend.store import Store
-from backend.workspace import Workspace
+from backend.core.workspace import Workspace
+from backend.jobs.client import connect
+from backend.jobs.executor import process_alive
+from backend.jobs.store import Store
 from tests.conftest import REPO, WAIT, cli, exit_code, wait_for
 
 # Long enough to be killed mid-training, short enough for CI.
@@ -106,11 +106,16 @@ def test_killed_service_leaves_workers_running_and_a_new_one_reattaches(tmp_path
     client_proc.kill()
 
     # any client starts a new service, which adopts the live worker and ingests its result once
-    assert _job(ws, "logic.txt")["status"] in ("training", "evaluating", "done")
+    again = _job(ws, "logic.txt")
+    assert again["status"] in ("training", "evaluating", "done")
+    if again["status"] != "done":
+        assert again["pid"] == job["pid"]  # adopted: the same process, not a new worker
     assert cli("follow", "--workspace", str(ws.root)).returncode == 0
     with connect(ws) as client:
         rows = [r for r in client.call("results") if r["corpus"] == "logic.txt"]
     assert len(rows) == 1 and rows[0]["status"] == "done"
+    with connect(ws) as client:
+        assert client.call("run", run_id=rows[0]["run_id"])["run"]["worker_pid"] == job["pid"]
     cli("stop", "--workspace", str(ws.root))
     with Store(ws.db_path) as store:
         scenes = [r for r in store.scene_results(rows[0]["run_id"]) if r["battery"] != "_general"]

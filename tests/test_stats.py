@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from backend import stats
+from backend.scoring import stats
 
 
 def test_binomial_tail_and_sign_test_match_hand_computed_values():

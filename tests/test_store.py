@@ -14,9 +14,9 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from backend.errors import JobError, StoreError
-from backend.states import JobState
-from backend.store import MIGRATIONS, RESULT_KEYS, SORT_COLUMNS, Store
+from backend.core.errors import JobError, StoreError
+from backend.core.states import JobState
+from backend.jobs.store import MIGRATIONS, RESULT_KEYS, SORT_COLUMNS, Store
 from tests.conftest import WAIT, cli
 
 SHA_A = "a" * 64

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from backend.config import TrainConfig
-from backend.evaluate import LoglikRequest, encode_pair, loglikelihoods, text_loss
-from backend.models import ByteTokenizer, build_micro
-from backend.packing import PackedBlocks, batches, load_tokens, real_token_share, tokenize_to_file
-from backend.train import lr_factor, newest_checkpoint, train_model
+from backend.compute.evaluate import LoglikRequest, encode_pair, loglikelihoods, text_loss
+from backend.compute.models import ByteTokenizer, build_micro
+from backend.compute.train import lr_factor, newest_checkpoint, train_model
+from backend.core.config import TrainConfig
+from backend.ingest.packing import PackedBlocks, batches, load_tokens, real_token_share, tokenize_to_file
 from tests.conftest import WAIT
 
 CPU = torch.device("cpu")
@@ -45,11 +45,15 @@ def test_packing_has_no_padding_and_covers_every_block(tmp_path):
         if index >= -(-blocks.blocks_per_epoch // 8):
             break
         assert batch.shape[1] == 64
-        assert real_token_share(batch, ByteTokenizer.pad_id) == 1.0
         seen.append(batch)
     rows = np.concatenate(seen)
     assert len(rows) == blocks.blocks_per_epoch  # every block once per epoch, none twice
-    assert len({r.tobytes() for r in rows}) == len(rows)
+    tokens = load_tokens(path)
+    off = blocks.offset(0)  # an epoch's blocks start at a seeded offset into the file
+    slices = {tokens[off + i * 64:off + (i + 1) * 64].astype(rows.dtype).tobytes() for i in range(len(rows))}
+    assert {r.tobytes() for r in rows} == slices  # each row is the file's own tokens: nothing padded
+    padded = np.array([[5, ByteTokenizer.pad_id, ByteTokenizer.pad_id, 7]])
+    assert real_token_share(padded, ByteTokenizer.pad_id) == 0.5
 
 
 def test_packing_resumes_at_the_same_batch(tmp_path):
@@ -118,7 +122,7 @@ def test_stop_then_resume_equals_uninterrupted(tmp_path):
     straight = build_micro("tiny", 0, CPU)
     train_model(straight, path, straight_dir, cfg, device=CPU, emit=lambda *a, **k: None, log=lambda s: None)
 
-    from backend.train import StopRequested
+    from backend.compute.train import StopRequested
 
     first = build_micro("tiny", 0, CPU)
     calls = {"n": 0}
@@ -146,7 +150,7 @@ def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(tmp_path):
     straight = build_micro("tiny", 0, CPU)
     train_model(straight, path, straight_dir, cfg, device=CPU, emit=lambda *a, **k: None, log=lambda s: None)
 
-    from backend.train import StopRequested
+    from backend.compute.train import StopRequested
 
     calls = {"n": 0}
 
@@ -206,7 +210,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_
     """The real loop with the documented fault knob: a forward pass of more than 2 sequences
     raises torch.OutOfMemoryError, so 8 × 1 becomes 4 × 2, then 2 × 4, and training goes on
     on exactly the blocks (and to exactly the weights) of a run asked for 2 × 4 from the start."""
-    from backend.train import FAULT_OOM_ENV
+    from backend.compute.train import FAULT_OOM_ENV
 
     path, _ = _tokens(tmp_path, "All glims are blorps. All blorps are zents. " * 60)
     (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
@@ -232,7 +236,7 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_
 
 
 def test_out_of_memory_at_micro_batch_one_fails_with_one_line(tmp_path, monkeypatch):
-    from backend.train import FAULT_OOM_ENV, OutOfMemory
+    from backend.compute.train import FAULT_OOM_ENV, OutOfMemory
 
     path, _ = _tokens(tmp_path, "Red things glow. " * 80)
     monkeypatch.setenv(FAULT_OOM_ENV, "0")
@@ -247,11 +251,12 @@ def test_out_of_memory_at_micro_batch_one_fails_with_one_line(tmp_path, monkeypa
 def test_worker_goes_on_after_out_of_memory_and_says_so(tmp_path, monkeypatch, corpora, tiny_battery):
     """Through a real worker process: the job finishes, its events and result say what happened;
     with the floor reached the job fails with the reason as its one error line."""
-    from backend.events import read_events
-    from backend.jobs import JobManager, JobSettings
-    from backend.store import Store
-    from backend.train import FAULT_OOM_ENV
-    from backend.workspace import Workspace
+    from backend.compute.train import FAULT_OOM_ENV
+    from backend.core.events import read_events
+    from backend.core.workspace import Workspace
+    from backend.jobs.manager import JobManager
+    from backend.jobs.settings import JobSettings
+    from backend.jobs.store import Store
 
     ws = Workspace(tmp_path / "ws").ensure()
     store = Store(ws.db_path)

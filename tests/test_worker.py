@@ -8,10 +8,11 @@ import signal
 
 import pytest
 
-from backend.events import read_events
-from backend.jobs import JobManager, JobSettings
-from backend.store import Store
-from backend.workspace import Workspace
+from backend.core.events import read_events
+from backend.core.workspace import Workspace
+from backend.jobs.manager import JobManager
+from backend.jobs.settings import JobSettings
+from backend.jobs.store import Store
 from tests.conftest import WAIT, exit_code, wait_for
 
 TRAIN = {"block_size": 64, "micro_batch": 4, "min_train_tokens": 0, "epochs": 1000,

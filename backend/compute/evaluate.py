@@ -1,0 +1,724 @@
+"""The testbench: run batteries of scenes on a model and score them.
+
+- `choice` scenes: log-likelihood of each choice after the context, with lm-evaluation-harness's
+  conventions (continuation tokens = tokens of context+choice past the context's tokens; acc,
+  and acc_norm = log-likelihood per character). A scene's context is computed once, its
+  choices in the same row; rows are packed end to end and batched by tokens.
+- `generate` scenes: greedy decoding of every battery's prompts in one batch over a KV cache,
+  then the scene's checks; novelty completions are also scored by the base model on the
+  generated tokens, which gates them on fluency.
+- `perplexity` scenes: mean per-token loss of the text, all texts batched.
+- general text (`data/general/`): loss of the model and of its base, for `forgetting`.
+
+Scores with their bootstrap intervals come from `backend.scoring.measures.score_run`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import inspect
+import math
+import time
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from backend.compute.models import Tokenizer, context_length
+from backend.scoring import measures
+from backend.scoring.scenes import Battery, ChoiceScene, GenerateScene, PerplexityScene, choice_request, run_check
+
+# A completion is fluent when the base model's perplexity on it (given its prompt) is at most
+# this many times the base's perplexity on ordinary general text: word salad scores hundreds of
+# times worse, an unusual but well-formed sentence a few times worse.
+FLUENCY_RATIO = 4.0
+GENERAL_DIR = Path(__file__).resolve().parents[2] / "data" / "general"
+
+
+@dataclass(frozen=True)
+class LoglikRequest:
+    context: str
+    continuation: str
+
+
+def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation, then
+    the continuation is whatever tokens of context+continuation lie past the context's tokens."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tok.encode(context + continuation)
+    ctx = tok.encode(context)
+    return whole[: len(ctx)], whole[len(ctx) :]
+
+
+# Padded tokens (rows × width) in one forward pass when scoring or generating; a batch of
+# rows this size fits in well under a gigabyte of activations on the micro presets and on a 1B
+# model, and keeps two CPU cores busy without paging.
+BATCH_TOKENS = 16384
+
+
+def clip_pair(ctx: Sequence[int], cont: Sequence[int], max_len: int, max_cont: int | None = None) -> tuple[list[int], list[int]]:
+    """Fit a (context, continuation) pair in the model's window of `max_len` tokens.
+
+    The continuation keeps its first `max_cont` tokens (default: the window), and the context
+    its last tokens that still fit: lm-eval's left truncation, which for a continuation no
+    longer than the window is exactly what `(ctx + cont)[-(max_len + 1):][:-1]` feeds. Without
+    the clip, a continuation longer than the window would be scored against the wrong positions.
+    """
+    cont = list(cont[: min(max_len, max_cont or max_len)])
+    keep = max_len + 1 - len(cont)
+    ctx = list(ctx[-keep:]) if ctx else []
+    if not ctx:
+        raise ValueError("a continuation needs at least one context token (the tokenizer has no BOS or EOS)")
+    return ctx, cont
+
+
+@dataclass
+class _Row:
+    """One sequence of a forward pass: a context, then several continuations that each see the
+    context and themselves only (segments 1, 2, ...; the context is segment 0)."""
+
+    ids: list[int]
+    seg: list[int]
+    pos: list[int]
+    targets: list[tuple[int, int, int]]  # (index in the row, target token, request)
+    doc: list[int] = field(default_factory=list)  # packed rows: which one each token is of
+
+
+def _pack(rows: Sequence[_Row]) -> list[_Row]:
+    """Rows laid end to end in lines as wide as the widest row (best fit, longest first): a
+    batch then holds rows, not padding. A token sees only tokens of its own row (`doc`)."""
+    width = max((len(r.ids) for r in rows), default=0)
+    lines: list[_Row] = []
+    free: list[tuple[int, int]] = []  # (room left, line), ascending
+    for r in sorted(rows, key=lambda r: -len(r.ids)):
+        n = len(r.ids)
+        at = bisect.bisect_left(free, (n, -1))
+        if at == len(free):
+            lines.append(_Row([], [], [], [], []))
+            room, k = width, len(lines) - 1
+        else:
+            room, k = free.pop(at)
+        line = lines[k]
+        offset, doc = len(line.ids), (line.doc[-1] + 1 if line.doc else 0)
+        line.ids += r.ids
+        line.seg += r.seg
+        line.pos += r.pos
+        line.doc += [doc] * n
+        line.targets += [(p + offset, t, q) for p, t, q in r.targets]
+        if room - n > 0:
+            bisect.insort(free, (room - n, k))
+    return lines
+
+
+def _attention(model) -> str:
+    """The model's attention kernel: "sdpa" and "eager" take a custom 4D mask (a bool one and
+    an additive one), so a scene's choices can share their context's row; any other kernel
+    (flash attention) takes padding masks only, and each request gets a row of its own."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = getattr(inner.config, "_attn_implementation", None) or "eager"
+    return impl if impl in ("eager", "sdpa") else "other"
+
+
+def _compute_dtype(model) -> torch.dtype:
+    """The dtype activations have: the embeddings' (a 4-bit base keeps them in bf16/fp16/fp32)."""
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(emb, "weight", None)
+    return weight.dtype if weight is not None and weight.dtype.is_floating_point else torch.float32
+
+
+def _pair_rows(pairs: Sequence[tuple[list[int], list[int]]], max_len: int, share: bool) -> list[_Row]:
+    """Requests with the same context tokens packed into one row: the context once, then each
+    continuation but its last token, with positions restarting after the context."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (ctx, _) in enumerate(pairs):
+        groups.setdefault(tuple(ctx) if share else (i,), []).append(i)
+    rows: list[_Row] = []
+    for members in groups.values():
+        ctx = pairs[members[0]][0]
+        row: _Row | None = None
+        segments = 0
+        for i in members:
+            cont = pairs[i][1]
+            if row is None or len(row.ids) + len(cont) - 1 > max_len:
+                row = _Row(list(ctx), [0] * len(ctx), list(range(len(ctx))), [])
+                rows.append(row)
+                segments = 0
+            segments += 1
+            before = len(row.ids)
+            row.targets.append((len(ctx) - 1, cont[0], i))
+            for j, t in enumerate(cont[1:]):  # token j + 1 is predicted where token j sits
+                row.targets.append((before + j, t, i))
+            row.ids += cont[:-1]
+            row.seg += [segments] * (len(cont) - 1)
+            row.pos += range(len(ctx), len(ctx) + len(cont) - 1)
+    return rows
+
+
+def _batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None) -> list[list[int]]:
+    """Row indices longest first, cut into batches of at most `max_tokens` padded tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    out: list[list[int]] = []
+    for i in order:
+        if out and (len(out[-1]) + 1) * lengths[out[-1][0]] <= max_tokens and (max_rows is None or len(out[-1]) < max_rows):
+            out[-1].append(i)
+        else:
+            out.append([i])
+    return out
+
+
+def _head_gather(model, flat: torch.Tensor):
+    """Have the output layer project only the hidden states at `flat` (indices into the batch
+    flattened to rows × width): logits for the scored positions, not for every token."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return None
+
+    def pre_hook(module, args):
+        h = args[0]
+        return (h.reshape(-1, h.shape[-1]).index_select(0, flat).unsqueeze(0), *args[1:])
+
+    return head.register_forward_pre_hook(pre_hook)
+
+
+def _row_batch(rows: Sequence[_Row], idx: Sequence[int], *, device, pad_id: int, kernel: str, dtype):
+    """The tensors of one batch of rows: ids, attention mask (4D: a token sees its own row only,
+    and a continuation its context and itself; 2D padding for other kernels), positions, and
+    for the targets their flat index (row × width + position), token and request."""
+    width = len(rows[idx[0]].ids)
+    b = len(idx)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    seg = torch.full((b, width), -1, dtype=torch.long)
+    doc = torch.zeros((b, width), dtype=torch.long)
+    pos = torch.zeros((b, width), dtype=torch.long)
+    flat, tgt, req = [], [], []
+    for k, i in enumerate(idx):
+        r = rows[i]
+        n = len(r.ids)
+        ids[k, :n] = torch.tensor(r.ids)
+        seg[k, :n] = torch.tensor(r.seg)
+        pos[k, :n] = torch.tensor(r.pos)
+        if r.doc:
+            doc[k, :n] = torch.tensor(r.doc)
+        for p, t, q in r.targets:
+            flat.append(k * width + p)
+            tgt.append(t)
+            req.append(q)
+    ids, seg, doc, pos = ids.to(device), seg.to(device), doc.to(device), pos.to(device)
+    if kernel == "other":  # one request a row: a padding mask is all it needs
+        mask = (seg >= 0).long()
+    else:
+        causal = torch.ones(width, width, dtype=torch.bool, device=device).tril()
+        sq, sk = seg[:, :, None], seg[:, None, :]
+        same_row = doc[:, :, None] == doc[:, None, :]
+        allowed = causal & same_row & ((sk == 0) | (sk == sq)) & (sk >= 0)
+        allowed |= torch.eye(width, dtype=torch.bool, device=device)  # padding sees itself: no empty rows
+        if kernel == "sdpa":
+            mask = allowed[:, None]
+        else:
+            mask = torch.zeros((b, 1, width, width), dtype=dtype, device=device)
+            mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    as_tensor = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return ids, mask, pos, as_tensor(flat), as_tensor(tgt), as_tensor(req)
+
+
+def pair_batches(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, device, pad_id: int,
+                 max_cont: int | None = None, max_tokens: int = BATCH_TOKENS, max_rows: int | None = None):
+    """Token pairs (context, continuation) as forward-pass batches: each pair clipped to the
+    window (`clip_pair`), pairs with the same context in one row (`_pair_rows`), rows packed
+    (`_pack`) and cut by tokens. Yields (input_ids, attention_mask, position_ids, flat, target,
+    request) per batch (see `_row_batch`)."""
+    max_len = context_length(model)
+    kernel = _attention(model)
+    rows = _pair_rows([clip_pair(c, x, max_len, max_cont) for c, x in pairs], max_len, kernel != "other")
+    yield from _batched_rows(model, rows, device=device, pad_id=pad_id, max_tokens=max_tokens, max_rows=max_rows)
+
+
+def _batched_rows(model, rows: Sequence[_Row], *, device, pad_id: int, max_tokens: int, max_rows: int | None):
+    kernel = _attention(model)
+    dtype = _compute_dtype(model)
+    if kernel != "other":
+        rows = _pack(rows)
+    for idx in _batches([len(r.ids) for r in rows], max_tokens, max_rows):
+        yield _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
+
+
+def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int, max_tokens: int,
+                max_requests: int | None = None) -> tuple[list[float], list[bool], list[int]]:
+    """(sum of target log-probs, all targets greedy, target count) per request over `rows`.
+
+    Rows are packed end to end into lines as wide as the widest (`_pack`), which go in batches
+    of at most `max_tokens` tokens (`_row_batch`); the output layer projects only the scored
+    positions, and the results stay on the device until one copy to the host at the end.
+    """
+    ll = torch.zeros(n_out, dtype=torch.float64, device=device)
+    misses = torch.zeros(n_out, dtype=torch.float64, device=device)
+    count = torch.zeros(n_out, dtype=torch.float64, device=device)
+    max_rows = None if max_requests is None else max(1, max_requests)  # the old batch size, as rows
+    for ids, mask, pos, flat, tgt, req in _batched_rows(model, rows, device=device, pad_id=pad_id,
+                                                        max_tokens=max_tokens, max_rows=max_rows):
+        handle = _head_gather(model, flat)
+        try:
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
+        finally:
+            if handle is not None:
+                handle.remove()
+        logits = logits[0] if handle is not None else logits.reshape(-1, logits.shape[-1]).index_select(0, flat)
+        logp = F.log_softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).squeeze(1)
+        ll.index_add_(0, req, logp.double())
+        misses.index_add_(0, req, (logits.argmax(dim=-1) != tgt).double())
+        count.index_add_(0, req, torch.ones_like(logp, dtype=torch.float64))
+    return ll.tolist(), [m == 0 for m in misses.tolist()], [int(c) for c in count.tolist()]
+
+
+@torch.inference_mode()
+def score_pairs(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    device: torch.device,
+    pad_id: int,
+    max_cont: int | None = None,
+    batch_size: int | None = None,
+    max_tokens: int = BATCH_TOKENS,
+) -> list[tuple[float, bool]]:
+    """(sum of log-probs of the continuation, whether it is the greedy continuation) for token
+    pairs (context, continuation), each clipped to the window (`clip_pair`; `max_cont` caps
+    the continuation). Pairs that share their context tokens are scored in one row: the
+    context is computed once, not once per choice."""
+    max_len = context_length(model)
+    clipped = [clip_pair(ctx, cont, max_len, max_cont) for ctx, cont in pairs]
+    rows = _pair_rows(clipped, max_len, _attention(model) != "other")
+    model.eval()
+    ll, greedy, _ = _score_rows(model, rows, len(clipped), device=device, pad_id=pad_id, max_tokens=max_tokens,
+                                max_requests=batch_size)
+    return list(zip(ll, greedy))
+
+
+def loglikelihoods(
+    model,
+    tok: Tokenizer,
+    requests: Sequence[LoglikRequest],
+    *,
+    device: torch.device,
+    batch_size: int | None = None,
+    max_tokens: int = BATCH_TOKENS,
+) -> list[tuple[float, bool]]:
+    """(sum of log-probs of the continuation, whether it is the greedy continuation) per request,
+    in the caller's order, with lm-evaluation-harness's tokenization (`encode_pair`).
+
+    The choices of a scene share their context: it is scored once, in one row with every
+    choice (`score_pairs`). Rows go longest first in batches of `max_tokens` padded tokens
+    (`batch_size`, when given, caps the rows of a batch), so an out-of-memory error, if any,
+    comes on the first batch.
+    """
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    pairs = []
+    for req in requests:
+        ctx, cont = encode_pair(tok, req.context, req.continuation)
+        if not ctx and prefix is not None:
+            ctx = [prefix]  # lm-eval scores an empty context after the prefix token
+        if not cont:
+            raise ValueError(f"empty continuation for context {req.context[:40]!r}")
+        pairs.append((ctx, cont))
+    return score_pairs(model, pairs, device=device, pad_id=tok.pad_id, batch_size=batch_size, max_tokens=max_tokens)
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str  # the completion as the scene's checks read it: cut at a blank line, stripped
+    ids: tuple[int, ...]  # the tokens the model chose for it (at most max_new_tokens)
+
+
+def _stop_text(tok: Tokenizer, new: list[int]) -> bool:
+    return len(new) >= 2 and tok.decode(new[-4:]).endswith("\n\n")
+
+
+def _kept_ids(tok: Tokenizer, new: list[int]) -> tuple[int, ...]:
+    """The generated tokens without the blank line (and trailing spaces) that ended them."""
+    end = len(new)
+    while end and not tok.decode(new[end - 1 : end]).strip():
+        end -= 1
+    return tuple(new[:end])
+
+
+# Evaluating a model this narrow or narrower on the CPU uses one intra-op thread (one_thread).
+ONE_THREAD_HIDDEN = 1024
+
+
+@contextmanager
+def one_thread(model, device):
+    """One intra-op thread while evaluating a small model on the CPU. A decoding step is some
+    hundred tiny operations; a second thread gains little on them, and when another process
+    holds the other core every operation waits for it: the built-in batteries' completions on
+    micro `small` took 2.3 s with one thread and 87 s with two while a training job ran beside
+    them on this 2-core machine (the whole evaluation: 4.9 s against 62 s)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    hidden = int(getattr(inner.config, "hidden_size", 0) or 0)
+    before = torch.get_num_threads()
+    if torch.device(device).type != "cpu" or hidden > ONE_THREAD_HIDDEN or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@torch.inference_mode()
+def generate_batch(
+    model,
+    tok: Tokenizer,
+    prompts: Sequence[tuple[str, int]],
+    *,
+    device,
+    max_tokens: int = BATCH_TOKENS,
+) -> list[Generation]:
+    """Greedy continuations of (prompt, max_new_tokens) pairs, each cut at end-of-text or a
+    blank line: the same tokens as decoding each prompt alone.
+
+    Prompts are batched longest first (at most `max_tokens` prompt + new tokens a batch), left
+    padded, with explicit positions so padding shifts nothing, and decoded over one KV cache;
+    rows that have stopped leave the batch.
+    """
+    window = context_length(model)
+    encoded = []
+    for prompt, max_new in prompts:
+        ids = tok.encode(prompt)
+        if tok.bos_id is not None and not ids:
+            ids = [tok.bos_id]
+        encoded.append(ids[-max(1, window - max_new) :])
+    out: list[Generation] = [Generation("", ())] * len(prompts)
+    name = _cache_argument(model)
+    keep_one = "logits_to_keep" in _forward_params(model)
+    model.eval()
+    sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
+    with one_thread(model, device):
+        for idx in _batches(sizes, max_tokens, None):
+            _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one)
+    return out
+
+
+def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, *, device, name: str, keep_one: bool) -> None:
+    """Greedy decoding of one batch of prompts (`generate_batch`), results into `out`."""
+    b = len(idx)
+    width = max(len(encoded[i]) for i in idx)
+    x = torch.full((b, width), tok.pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for k, i in enumerate(idx):
+        x[k, width - len(encoded[i]) :] = torch.tensor(encoded[i])
+        mask[k, width - len(encoded[i]) :] = 1
+    x, mask = x.to(device), mask.to(device)
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    limits = [prompts[i][1] for i in idx]
+    new: list[list[int]] = [[] for _ in idx]
+    live = list(range(b))  # rows of the batch still decoding, in cache order
+    past = None
+    extra = {"logits_to_keep": 1} if keep_one else {}
+    while live:
+        kwargs = {name: past} if past is not None else {}
+        res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs, **extra)
+        past = res[name]
+        nxt = res.logits[:, -1].argmax(dim=-1)
+        still = []
+        for k, t in zip(live, nxt.tolist()):
+            if t == tok.eos_id:
+                continue
+            new[k].append(t)
+            if len(new[k]) < limits[k] and not _stop_text(tok, new[k]):
+                still.append(k)
+        if not still:
+            break
+        if len(still) < len(live):  # drop finished rows from the cache, mask and positions
+            keep = torch.tensor([live.index(k) for k in still], device=device)
+            if hasattr(past, "batch_select_indices"):
+                past.batch_select_indices(keep)
+            else:
+                past = _select_legacy(past, keep)
+            mask, pos, nxt = mask.index_select(0, keep), pos.index_select(0, keep), nxt.index_select(0, keep)
+            live = still
+        x = nxt[:, None]
+        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
+        pos = pos[:, -1:] + 1
+    for k, i in enumerate(idx):
+        out[i] = Generation(tok.decode(new[k]).split("\n\n")[0].strip(), _kept_ids(tok, new[k]))
+
+
+def _select_legacy(past, keep: torch.Tensor):
+    """Rows of a tuple-of-tuples KV cache (transformers before DynamicCache)."""
+    return tuple(tuple(t.index_select(0, keep) for t in layer) for layer in past)
+
+
+def generate_text(model, tok: Tokenizer, prompt: str, max_new_tokens: int, *, device) -> str:
+    """Greedy continuation of `prompt`, cut at end-of-text or a blank line."""
+    return generate_batch(model, tok, [(prompt, max_new_tokens)], device=device)[0].text
+
+
+def _forward_params(model) -> dict:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return dict(inspect.signature(inner.forward).parameters)
+
+
+def _cache_argument(model) -> str:
+    """`cache` in transformers 5.x, `past_key_values` before it."""
+    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+
+
+def _text_rows(tok: Tokenizer, texts: Sequence[str], window: int) -> list[_Row]:
+    """Each text (after BOS) cut into windows of the context length, one row each; every token
+    but the first is a target of its text."""
+    rows = []
+    for q, text in enumerate(texts):
+        ids = tok.encode(text)
+        if tok.bos_id is not None:
+            ids = [tok.bos_id] + ids
+        for start in range(0, len(ids) - 1, window):
+            chunk = ids[max(0, start - 1) : start + window] if start else ids[:window]
+            rows.append(_Row(chunk, [0] * len(chunk), list(range(len(chunk))),
+                             [(p, t, q) for p, t in enumerate(chunk[1:])]))
+    return rows
+
+
+@torch.inference_mode()
+def text_losses(model, tok: Tokenizer, texts: Sequence[str], *, device, max_tokens: int = BATCH_TOKENS) -> list[tuple[float, int]]:
+    """(mean per-token loss in nats, tokens scored) per text, in windows of the context length,
+    all texts' windows batched together; (nan, 0) for a text with fewer than two tokens."""
+    model.eval()
+    rows = _text_rows(tok, texts, context_length(model))
+    ll, _, count = _score_rows(model, rows, len(texts), device=device, pad_id=tok.pad_id, max_tokens=max_tokens)
+    return [(-s / n, n) if n else (float("nan"), 0) for s, n in zip(ll, count)]
+
+
+def text_loss(model, tok: Tokenizer, text: str, *, device) -> tuple[float, int]:
+    """(mean per-token loss in nats, tokens scored) of `text`, in windows of the context length."""
+    return text_losses(model, tok, [text], device=device)[0]
+
+
+def _tags(scene) -> dict:
+    keys = ("depth", "group", "perturb", "of", "lang")
+    return {k: getattr(scene, k) for k in keys if getattr(scene, k, None) is not None}
+
+
+def evaluate_battery(
+    model,
+    tok: Tokenizer,
+    battery: Battery,
+    *,
+    device: torch.device,
+    corpus_chunks: Callable[[], Iterable[str]] | None = None,
+    batch_size: int | None = None,
+    generations: dict[str, Generation] | None = None,
+) -> list[dict]:
+    """Scene results for one battery: dicts with battery, scene_id, kind, metric, score,
+    correct and detail (tags, log-likelihoods, generated text, checks). `generations` (scene
+    id → Generation) are completions already made, as `evaluate_all` makes them for every
+    battery in one batch; the rest are generated here."""
+    results: list[dict] = []
+
+    def add(scene, kind: str, score: float, correct: bool | None, detail: dict) -> None:
+        results.append(
+            {
+                "battery": battery.name,
+                "scene_id": scene.id,
+                "kind": kind,
+                "metric": battery.metric,
+                "score": None if score is None else float(score),
+                "correct": correct,
+                "detail": {**_tags(scene), **detail},
+            }
+        )
+
+    choices = [s for s in battery.scenes if isinstance(s, ChoiceScene)]
+    requests: list[LoglikRequest] = []
+    for scene in choices:
+        context, continuations = choice_request(scene)
+        requests += [LoglikRequest(context, c) for c in continuations]
+    scored = loglikelihoods(model, tok, requests, device=device, batch_size=batch_size)
+    pos = 0
+    for scene in choices:
+        n = len(scene.choices)
+        lls = [ll for ll, _ in scored[pos : pos + n]]
+        pos += n
+        answer = _answer_index(scene)
+        pred = max(range(n), key=lambda i: lls[i])
+        norm = [ll / max(1, len(c)) for ll, c in zip(lls, scene.choices)]
+        pred_norm = max(range(n), key=lambda i: norm[i])
+        ok = pred == answer
+        add(
+            scene,
+            "choice",
+            float(ok),
+            ok,
+            {
+                "loglik": [round(v, 5) for v in lls],
+                "pred": pred,
+                "answer": answer,
+                "n_choices": n,
+                "acc_norm": float(pred_norm == answer),
+            },
+        )
+
+    generated: list[tuple[GenerateScene, str, list[tuple[str, bool]]]] = []
+    made = dict(generations or {})
+    todo = [s for s in battery.scenes if isinstance(s, GenerateScene) and s.id not in made]
+    if todo:
+        made.update(zip((s.id for s in todo), generate_batch(
+            model, tok, [(s.prompt, s.max_new_tokens) for s in todo], device=device)))
+    for scene in battery.scenes:
+        if isinstance(scene, GenerateScene):
+            text = made[scene.id].text
+            checks = [(c.kind, run_check(c, text)) for c in scene.checks]
+            generated.append((scene, text, checks))
+    if generated:
+        seen: set[tuple[str, ...]] = set()
+        if battery.metric == "novelty" and corpus_chunks is not None:
+            wanted = set().union(*(measures.word_ngrams(t) for _, t, _ in generated))
+            seen = _ngrams_present(wanted, corpus_chunks())
+        for scene, text, checks in generated:
+            detail = {
+                "prompt": scene.prompt,
+                "text": text,
+                "words": len(text.split()),
+                "checks": [{"check": k, "passed": ok} for k, ok in checks],
+            }
+            if scene.judge:
+                detail["rubric"] = scene.judge  # graded later by `ltm-tui judge`
+            if battery.metric == "novelty":
+                grams = measures.word_ngrams(text)
+                detail["ngrams"] = len(grams)
+                detail["novel_ngrams"] = len(grams - seen)  # no corpus (a baseline): all are new
+            score, passed = measures.rescore_generate(battery.metric, detail)
+            add(scene, "generate", score, passed, detail)
+
+    texts = [s for s in battery.scenes if isinstance(s, PerplexityScene)]
+    for scene, (loss, count) in zip(texts, text_losses(model, tok, [s.text for s in texts], device=device)):
+        add(scene, "perplexity", loss, None, {"tokens": count, "ppl": math.exp(loss)})
+    order = {s.id: i for i, s in enumerate(battery.scenes)}
+    results.sort(key=lambda r: order[r["scene_id"]])
+    return results
+
+
+def _answer_index(scene: ChoiceScene) -> int:
+    answer = scene.answer
+    return answer if isinstance(answer, int) else list(scene.choices).index(answer)
+
+
+def _ngrams_present(wanted: set, chunks: Iterable[str], n: int = 3) -> set:
+    """Which of `wanted` occur in the streamed corpus (memory bounded by `wanted`, not the corpus)."""
+    present: set = set()
+    carry = ""
+    for chunk in chunks:
+        text = carry + chunk
+        present |= measures.word_ngrams(text, n) & wanted
+        if present == wanted:
+            break
+        # keep the last n-1 words so an n-gram split between chunks is still seen whole
+        tail = " ".join(text.rsplit(None, n - 1)[1:])
+        carry = tail + " " if text[-1:].isspace() else tail
+    return present
+
+
+def general_texts(folder: Path = GENERAL_DIR) -> list[tuple[str, str]]:
+    """(id, text) for each paragraph of the general-text files (`data/general/*.md`), which the
+    `forgetting` measure reads: ordinary prose in English and Russian that no corpus teaches."""
+    texts = []
+    for path in sorted(Path(folder).glob("*.md")) if Path(folder).is_dir() else []:
+        paragraphs = [p.strip() for p in path.read_text(encoding="utf-8").split("\n\n")]
+        for i, para in enumerate(p for p in paragraphs if p and not p.startswith("#")):
+            texts.append((f"{path.stem}-{i + 1}", para))
+    return texts
+
+
+def peft_base(model) -> Callable[[], AbstractContextManager]:
+    """The base of a PEFT model: the same network with its adapter switched off (PEFT's
+    `disable_adapter()` yields nothing, so the scope yields the model itself)."""
+
+    @contextmanager
+    def scope():
+        with model.disable_adapter():
+            yield model
+
+    return scope
+
+
+def fixed_base(base_model) -> Callable[[], AbstractContextManager]:
+    """A separate base network (the untrained micro model of the same seed)."""
+    return lambda: nullcontext(base_model)
+
+
+def _completion_ppl(base, tok, prompts: list[str], made: list[Generation], *, device) -> list[float]:
+    """The base's perplexity on each completion given its prompt, on the tokens the model
+    generated (at most the scene's max_new_tokens), not on the text encoded again: an untrained
+    byte model's stray bytes decode to replacement characters three times as long."""
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eos_id
+    pairs = []
+    for prompt, gen in zip(prompts, made):
+        ctx = tok.encode(prompt)
+        pairs.append((ctx or ([prefix] if prefix is not None else []), list(gen.ids)))
+    scored = score_pairs(base, pairs, device=device, pad_id=tok.pad_id)
+    window = context_length(base)
+    return [math.exp(-ll / max(1, min(len(gen.ids), window))) for (ll, _), gen in zip(scored, made)]
+
+
+def evaluate_all(
+    model,
+    tok: Tokenizer,
+    batteries: Sequence[Battery],
+    *,
+    device: torch.device,
+    corpus_chunks: Callable[[], Iterable[str]] | None = None,
+    reference: Callable[[], AbstractContextManager] | None = None,
+    general: Sequence[tuple[str, str]] | None = None,
+) -> tuple[dict[str, dict], list[dict], float]:
+    """(scores {measure: {value, n, lo, hi}}, scene results, seconds) over every battery.
+
+    `reference` opens the base model (None: `model` is the base itself, as for a baseline run);
+    it gates novelty on fluency and gives the base's loss on `general` text for `forgetting`
+    (default: the paragraphs of data/general/).
+    """
+    with one_thread(model, device):
+        return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
+                             reference=reference, general=general)
+
+
+def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general):
+    t0 = time.perf_counter()
+    # every battery's completions in one batched decode
+    wanted = [(b.name, s) for b in batteries for s in b.scenes if isinstance(s, GenerateScene)]
+    made = generate_batch(model, tok, [(s.prompt, s.max_new_tokens) for _, s in wanted], device=device)
+    by_battery: dict[str, dict[str, Generation]] = {}
+    for (name, scene), gen in zip(wanted, made):
+        by_battery.setdefault(name, {})[scene.id] = gen
+    scene_results: list[dict] = []
+    for battery in batteries:
+        scene_results += evaluate_battery(model, tok, battery, device=device, corpus_chunks=corpus_chunks,
+                                          generations=by_battery.get(battery.name, {}))
+    general = general_texts() if general is None else list(general)
+    novel = [r for r in scene_results if r["metric"] == "novelty" and r["kind"] == "generate" and r["detail"]["text"]]
+    novel_made = [by_battery[r["battery"]][r["scene_id"]] for r in novel]
+    own = text_losses(model, tok, [text for _, text in general], device=device)
+    with (reference or (lambda: nullcontext(model)))() as base:
+        # a baseline is its own base: its general-text losses are the ones just computed
+        base_general = own if reference is None else text_losses(base, tok, [text for _, text in general], device=device)
+        prompts = [r["detail"]["prompt"] for r in novel]
+        completion_ppl = _completion_ppl(base, tok, prompts, novel_made, device=device) if novel else []
+    if novel:
+        count = sum(n for _, n in base_general)
+        bound = FLUENCY_RATIO * math.exp(sum(l * n for l, n in base_general) / count) if count else math.inf
+        for r, ppl in zip(novel, completion_ppl):
+            r["detail"].update(base_ppl=round(ppl, 3), fluency_bound=round(bound, 3), fluent=ppl <= bound)
+            r["score"], r["correct"] = measures.rescore_generate("novelty", r["detail"])
+    for (gid, _), (loss, n), (base_loss, _) in zip(general, own, base_general):
+        scene_results.append({
+            "battery": measures.GENERAL_BATTERY, "scene_id": gid, "kind": "perplexity",
+            "metric": "forgetting", "score": loss, "correct": None,
+            "detail": {"tokens": n, "base_loss": base_loss, "lang": gid.split("-")[0]},
+        })
+    scores = measures.score_run(scene_results)
+    return scores, scene_results, time.perf_counter() - t0

@@ -1,0 +1,377 @@
+"""The training recipe: setup → train → save → cleanup, for one corpus and one model.
+
+The worker calls `train_model` with a model already on its device (a fresh micro network, or
+an HF base wrapped in a LoRA adapter); this file reads top to bottom like one training script.
+Run it through the worker, e.g.::
+
+    python -m backend.compute.worker ltm-workspace/runs/<run_id>/session.json
+
+Every `log_every` steps it writes a `progress` event (step, total, tokens, loss, tokens_per_s,
+eta_s, gpu_mem_bytes) and one human line; every `eval_every` steps (when set) a `metric` event
+{name: "eval_loss", step, value}: the mean loss on a fixed, evenly spaced sample of the corpus's
+blocks, the same at every evaluation, in eval mode (no dropout, no random numbers drawn, so a
+resumed run still trains exactly as an uninterrupted one); every `checkpoint_every` steps,
+and on SIGTERM, it saves `checkpoints/step-000123/` with the trainable weights, the optimizer
+and its config, so a retry resumes where it stopped without training any step twice.
+
+Out of memory in a step: the step's gradients are dropped, the micro-batch is halved and the
+accumulation doubled (the effective batch, and so the data each step sees, stays the same), a
+`log` event says so, and the step is redone. Only at micro-batch 1 does the job fail, with one
+line. `LTM_FAULT_OOM_ABOVE=N` (environment) makes every forward pass of more than N sequences
+raise `torch.OutOfMemoryError` after it ran: the fault injection the tests and benchmarks use
+to exercise that path on a machine with memory to spare.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from backend.core.config import TrainConfig
+from backend.core.errors import LtmError
+from backend.ingest.packing import PackedBlocks, batches, load_tokens
+
+FAULT_OOM_ENV = "LTM_FAULT_OOM_ABOVE"  # see the module docstring
+
+
+@dataclass
+class TrainOutcome:
+    steps: int
+    tokens_seen: int
+    final_loss: float
+    train_seconds: float
+    resumed_from: int
+    micro_batch: int = 0  # what the last step ran with (smaller than asked after out-of-memory)
+    grad_accum: int = 0
+    oom_halvings: int = 0  # how often out-of-memory halved the micro-batch
+
+
+class OutOfMemory(LtmError):
+    """Out of memory even at micro-batch 1: the job cannot fit on this device."""
+
+    title = "out of memory"
+
+
+class StopRequested(Exception):
+    """SIGTERM arrived; a checkpoint has been saved."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__(f"stopped at step {step}; checkpoint saved")
+        self.step = step
+
+
+def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
+    """Multiplier on the peak lr at `step` (0-based): linear warm-up, then cosine/linear decay."""
+    warmup = max(1, int(total * cfg.warmup_frac)) if cfg.warmup_frac > 0 else 0
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    progress = min(1.0, progress)
+    if cfg.schedule == "linear":
+        decay = 1.0 - progress
+    elif cfg.schedule == "cosine":
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine or linear")
+    return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def _trainable(model) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    model, optimizer, scheduler, step: int, cfg: TrainConfig, ckpt_dir: Path, elapsed: float = 0.0
+) -> Path:
+    """checkpoints/step-000123/: trainable weights, optimizer state and the resolved config."""
+    final = ckpt_dir / f"step-{step:06d}"
+    tmp = ckpt_dir / f".step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weights = {n: p.detach().to("cpu").contiguous() for n, p in _trainable(model).items()}
+    save_file(weights, str(tmp / "trainable.safetensors"))
+    torch.save(
+        {
+            "step": step,
+            "elapsed": elapsed,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        },
+        tmp / "optimizer.pt",
+    )
+    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    kept = sorted(ckpt_dir.glob("step-*"))
+    for old in kept[: -cfg.keep_checkpoints] if cfg.keep_checkpoints > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def newest_checkpoint(ckpt_dir: Path) -> Path | None:
+    found = sorted(p for p in ckpt_dir.glob("step-*") if (p / "optimizer.pt").is_file())
+    return found[-1] if found else None
+
+
+def resume_newest(model, optimizer, scheduler, ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path | None, int, float]:
+    """Restore the newest checkpoint that loads; one that does not (a torn write, a bad disk
+    block) is set aside as `broken-step-…` and the one before it is tried. Returns (the
+    checkpoint, its step, the seconds before it), or (None, 0, 0.0) to start from the beginning."""
+    while (path := newest_checkpoint(ckpt_dir)) is not None:
+        try:
+            step, before = load_checkpoint(model, optimizer, scheduler, path)
+            return path, step, before
+        except Exception as exc:  # noqa: BLE001 - safetensors, pickle and shape errors alike
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            aside = path.with_name(f"broken-{path.name}")
+            shutil.rmtree(aside, ignore_errors=True)
+            path.rename(aside)
+            log(f"checkpoint {path.name} does not load ({reason}); set aside as {aside.name}, trying the one before")
+    return None, 0, 0.0
+
+
+def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float]:
+    """Restore a checkpoint; returns (step, training seconds spent before it). Both files are
+    read before anything is changed, so an unreadable checkpoint leaves the model as it was."""
+    weights = load_file(str(path / "trainable.safetensors"))
+    state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    params = _trainable(model)
+    missing = set(params) - set(weights)
+    if missing:
+        raise RuntimeError(f"checkpoint {path} lacks {len(missing)} trainable tensors")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["step"]), float(state.get("elapsed", 0.0))
+
+
+def _fault_oom_limit() -> int | None:
+    raw = os.environ.get(FAULT_OOM_ENV, "").strip()
+    return int(raw) if raw else None
+
+
+def _free_after_oom(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _regrid(index: int, blocks: PackedBlocks, old_mb: int, new_mb: int) -> int:
+    """The global batch index under micro-batch `new_mb` that starts where `index` did under
+    `old_mb` (batches never cross an epoch, so the epoch and the block within it are kept)."""
+    per_old = max(1, -(-blocks.blocks_per_epoch // old_mb))
+    per_new = max(1, -(-blocks.blocks_per_epoch // new_mb))
+    epoch, within = divmod(index, per_old)
+    return epoch * per_new + within * (old_mb // new_mb)
+
+
+def _device_memory(device: torch.device) -> int | None:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return None
+
+
+def train_model(
+    model,
+    tokens_path: Path,
+    run_dir: Path,
+    cfg: TrainConfig,
+    *,
+    device: torch.device,
+    emit: Callable[..., Any],
+    log: Callable[[str], None],
+    should_stop: Callable[[], bool] = lambda: False,
+) -> TrainOutcome:
+    # --- setup -------------------------------------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
+    blocks = PackedBlocks(load_tokens(tokens_path), min(cfg.block_size, context), cfg.seed)
+    block_size = blocks.block_size
+    total = cfg.plan_steps(len(blocks.tokens), block_size)
+    params = list(_trainable(model).values())
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        fused=device.type in ("cuda", "cpu"),  # one kernel over all tensors (CPU too since torch 2.4)
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
+    eval_sample = blocks.batch(_eval_starts(blocks, cfg.eval_blocks)) if cfg.eval_every else None
+    ckpt_dir = run_dir / "checkpoints"
+    resume, start, before = resume_newest(model, optimizer, scheduler, ckpt_dir, log)
+    if resume is not None:
+        log(f"resumed from {resume.name} (step {start} of {total})")
+        emit("log", message=f"resumed from {resume.name}", step=start)
+    model.train()
+
+    # --- train -------------------------------------------------------------------------------
+    micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
+    oom_limit, halvings = _fault_oom_limit(), 0
+    index = start * grad_accum  # the stream's batch index where the current step begins
+    stream = batches(blocks, micro_batch, start_batch=index)
+    tokens_seen = start * cfg.micro_batch * cfg.grad_accum * block_size
+    t0 = time.perf_counter()
+    window_t, window_tokens, window_loss, window_n = t0, 0, 0.0, 0
+    loss_value = float("nan")
+    step = start
+    while step < total:
+        try:
+            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            _free_after_oom(device)
+            if micro_batch == 1:
+                raise OutOfMemory(
+                    f"a step does not fit even at micro-batch 1 (block {block_size} tokens) on "
+                    f"{device}: use --quant 4bit (QLoRA), a smaller --block-size or a smaller base"
+                ) from None
+            # Redo this step from its first micro-batch with half as many sequences in each.
+            index = _regrid(index, blocks, micro_batch, micro_batch // 2)
+            micro_batch, grad_accum, halvings = micro_batch // 2, grad_accum * 2, halvings + 1
+            stream = batches(blocks, micro_batch, start_batch=index)
+            message = (
+                f"out of memory at step {step + 1}: micro-batch now {micro_batch} × "
+                f"accumulation {grad_accum} (effective batch kept)"
+            )
+            log(message)
+            emit("log", message=message, step=step, micro_batch=micro_batch, grad_accum=grad_accum)
+            continue
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        index += grad_accum
+        tokens_seen += step_tokens
+        window_tokens += step_tokens
+        window_n += 1
+        window_loss += step_loss  # stays on the device: one host sync per log line, not per step
+
+        if step % cfg.log_every == 0 or step == total:
+            now = time.perf_counter()
+            loss_value = float(window_loss) / window_n
+            tps = window_tokens / max(now - window_t, 1e-9)
+            eta = (total - step) * (cfg.micro_batch * cfg.grad_accum * block_size) / max(tps, 1e-9)
+            point = {
+                "step": step,
+                "loss": round(loss_value, 5),
+                "lr": scheduler.get_last_lr()[0],
+                "tokens": tokens_seen,
+                "tokens_per_s": round(tps, 1),
+            }
+            emit(
+                "progress",
+                **point,
+                total=total,
+                eta_s=round(eta, 1),
+                gpu_mem_bytes=_device_memory(device),
+            )
+            log(
+                f"step {step:>6}/{total} | loss {loss_value:.4f} | lr {point['lr']:.2e} "
+                f"| {tps:,.0f} tok/s | eta {eta:,.0f}s"
+            )
+            window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
+        if eval_sample is not None and (step % cfg.eval_every == 0 or step == total):
+            value = _eval_loss(model, eval_sample, micro_batch, device)
+            emit("metric", name="eval_loss", step=step, value=round(value, 5), total=total)
+            log(f"step {step:>6}/{total} | eval loss {value:.4f} on {len(eval_sample)} fixed blocks")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            elapsed = before + time.perf_counter() - t0
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
+        if should_stop():
+            elapsed = before + time.perf_counter() - t0
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
+            emit("log", message=f"stop requested: checkpoint saved at step {step}", step=step)
+            raise StopRequested(step)
+
+    # --- cleanup -----------------------------------------------------------------------------
+    model.eval()
+    return TrainOutcome(
+        steps=step,
+        tokens_seen=tokens_seen,
+        final_loss=loss_value,
+        train_seconds=before + time.perf_counter() - t0,
+        resumed_from=start,
+        micro_batch=micro_batch,
+        grad_accum=grad_accum,
+        oom_halvings=halvings,
+    )
+
+
+def _eval_starts(blocks: PackedBlocks, n: int):
+    """Start indices of `n` blocks spread evenly over the corpus (fewer if it holds fewer)."""
+    count = max(1, blocks.blocks_per_epoch)
+    picks = np.unique(np.linspace(0, count - 1, num=max(1, min(n, count))).round().astype(np.int64))
+    return picks * blocks.block_size
+
+
+@torch.no_grad()
+def _eval_loss(model, sample, micro_batch: int, device: torch.device) -> float:
+    """Mean loss over the sample's blocks, in eval mode, micro_batch blocks a forward pass."""
+    model.eval()
+    total = 0.0
+    for i in range(0, len(sample), micro_batch):
+        x = torch.from_numpy(sample[i : i + micro_batch]).to(device)
+        total += float(model(input_ids=x, labels=x).loss) * len(x)
+    model.train()
+    return total / len(sample)
+
+
+def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None):
+    """Forward and backward over `grad_accum` micro-batches; returns (tokens, the step's mean
+    loss). The loss stays a tensor on the device: no host sync inside a step."""
+    step_tokens = 0
+    step_loss = torch.zeros((), device=device)
+    for _ in range(grad_accum):
+        _, batch = next(stream)
+        x = torch.from_numpy(batch).to(device, non_blocking=True)
+        out = model(input_ids=x, labels=x)
+        if oom_limit is not None and x.shape[0] > oom_limit:
+            del out  # the injected fault comes after the forward pass, as a real one would
+            raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {x.shape[0]} sequences")
+        (out.loss / grad_accum).backward()
+        step_loss += out.loss.detach()
+        step_tokens += x.numel()
+    return step_tokens, step_loss / grad_accum
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc keep freed memory in the process instead of handing it back to the system.
+
+    A training step allocates and frees the same large activations every time. By default glibc
+    serves an allocation above its threshold with a fresh `mmap` and returns it on free, so the
+    next step faults every page in again: on `benchmarks/run.py`'s CPU training shape that was
+    about 8,000 page faults and 13–20 ms of system time a step (6% of it). With a 32 MiB
+    threshold (glibc's largest) and 1 GiB kept before trimming, allocations up to 32 MiB are
+    reused from the heap and those faults go away (larger ones, such as the logits of a
+    32k-token vocabulary, are still mapped afresh); the cost is that the worker's resident memory
+    stays at its peak, which it reaches again at the next step anyway. Called once at the
+    worker's start; False where the C library is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

@@ -1,0 +1,412 @@
+"""The worker process: load a base once, then for each job train → save → evaluate → report.
+
+    python -m backend.compute.worker <session.json>
+    python -m backend.compute.worker tasks/<id>/task.json   (a calibration or a judge: backend.compute.task_worker)
+
+The session file names the base and a list of jobs (see `backend.jobs.manager.write_session`). The
+worker writes only inside each job's run folder: `events.jsonl`, `train.log`, `tokens.bin`,
+`checkpoints/`, `model/` (micro) or `adapter/` (PEFT format), and `result.json`, written to a
+temp name and renamed. It never opens the results database. On SIGTERM it saves a checkpoint
+and exits with code 3; a failed job is reported and the next one still runs (exit code 1). A
+job whose `cancel.<attempt>` file appears (`ltm-tui cancel`) is skipped, or checkpointed and
+left, and the next job runs. Every event carries the job's attempt. A disk so full that not
+even a job's error can be written ends the worker with code 4.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from backend.core.errors import describe
+from backend.core.states import EXIT_BAD_SESSION, EXIT_DISK_FULL, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED
+
+
+class Stop:
+    """Set by SIGTERM; training checkpoints and returns at the next step boundary."""
+
+    requested = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum, frame):  # noqa: ARG001 - signal signature
+            cls.requested = True
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+
+class CancelWatch:
+    """Whether one attempt of one run was cancelled (its marker file exists). Called every
+    training step, it looks at the disk at most twice a second; `now()` always looks."""
+
+    def __init__(self, marker: Path, every: float = 0.5) -> None:
+        self.marker = marker
+        self.every = every
+        self._next = 0.0
+        self._seen = False
+
+    def now(self) -> bool:
+        self._seen = self._seen or self.marker.exists()
+        return self._seen
+
+    def __call__(self) -> bool:
+        if not self._seen and time.monotonic() >= self._next:
+            self._next = time.monotonic() + self.every
+            self.now()
+        return self._seen
+
+
+class RunLog:
+    """Human lines for one run: `train.log` in its folder (and the worker's stdout)."""
+
+    def __init__(self, path: Path) -> None:
+        self._fh = open(path, "a", encoding="utf-8")
+
+    def __call__(self, line: str) -> None:
+        stamped = f"{time.strftime('%H:%M:%S')} {line}"
+        self._fh.write(stamped + "\n")
+        self._fh.flush()
+        print(stamped, flush=True)
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def _corpus_chunks(path: str):
+    from backend.ingest.corpora import iter_text
+
+    return lambda: iter_text(Path(path))
+
+
+class Worker:
+    def __init__(self, session: dict[str, Any]) -> None:
+        from backend.compute.models import BaseSpec
+        from backend.scoring.scenes import load_batteries
+
+        self.session = session
+        self.spec = BaseSpec(**session["base"])
+        self.batteries = load_batteries(session["scenes"])
+        self._base = None  # (model, tokenizer, device) of an HF base, loaded once
+        self.jobs_started = 0  # a job after the first finds the imports done and an HF base loaded
+
+    def base(self, seed: int):
+        from backend.compute.models import load_base
+
+        if self.spec.is_micro:
+            return load_base(self.spec, seed)  # a fresh network per job, from its seed
+        if self._base is None:
+            self._base = load_base(self.spec, seed)
+        return self._base
+
+    def run_job(self, job: dict[str, Any]) -> None:
+        from backend.compute.evaluate import evaluate_all
+        from backend.compute.models import attach_lora, count_params
+        from backend.compute.train import StopRequested, train_model
+        from backend.core.config import LoraSettings, TrainConfig
+        from backend.core.events import EventLog, write_json_atomic
+        from backend.core.workspace import cancel_marker
+        from backend.scoring.measures import overall
+
+        run_dir = Path(job["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        attempt = int(job.get("attempt", 0))
+        cancelled = CancelWatch(cancel_marker(run_dir, attempt))
+        if cancelled.now():
+            return  # cancelled while it waited in this worker's session: never started
+        events = EventLog(run_dir / "events.jsonl", job["run_id"], attempt)
+        log = RunLog(run_dir / "train.log")
+        adapter = None
+        try:
+            if (run_dir / "result.json").exists():
+                # an earlier attempt finished but its result never reached the store (the run
+                # was marked failed or interrupted meanwhile): report it for this attempt
+                log("result.json already written by an earlier attempt; reporting it")
+                result = json.loads((run_dir / "result.json").read_text(encoding="utf-8"))
+                events.emit("result", overall=result.get("overall"))
+                return
+            events.emit("phase", phase="starting")
+            seed = int(job.get("seed", 0))
+            warm = self.jobs_started > 0
+            self.jobs_started += 1
+            t_load = time.perf_counter()
+            model, tok, device = self.base(seed)
+            load_seconds = time.perf_counter() - t_load
+            log(f"base {self.spec.base} on {device} ({count_params(model):,} parameters) in {load_seconds:.1f}s")
+            cfg = TrainConfig.from_dict({**job.get("train", {}), "seed": seed})
+            outcome = None
+            tokens = 0
+            if job["kind"] == "adapter":
+                tokens = self._tokenize(job, tok, run_dir, log)
+                if not self.spec.is_micro:
+                    adapter = attach_lora(model, LoraSettings.from_dict(job.get("lora")), seed)
+                    model = adapter
+                trainable = count_params(model, trainable_only=True)
+                events.emit("phase", phase="training", tokens=tokens, trainable_params=trainable)
+                log(f"training {trainable:,} parameters on {tokens:,} tokens: {json.dumps(cfg.to_dict())}")
+                outcome = train_model(
+                    model,
+                    run_dir / "tokens.bin",
+                    run_dir,
+                    cfg,
+                    device=device,
+                    emit=events.emit,
+                    log=log,
+                    should_stop=lambda: Stop.requested or cancelled(),
+                )
+                self._save(model, run_dir)
+            if Stop.requested or cancelled.now():
+                raise _stopped()
+            events.emit("phase", phase="evaluating")
+            chunks = _corpus_chunks(job["corpus_path"]) if job.get("corpus_path") else None
+            scores, scene_results, eval_seconds = evaluate_all(
+                model, tok, self.batteries, device=device, corpus_chunks=chunks,
+                reference=self._reference(job, model, seed),
+            )
+            probes = None
+            if job["kind"] == "adapter" and job.get("probes", True):
+                probes = self._probe(model, tok, device, seed, eval_seconds, log)
+            curve = _curve_from_events(run_dir / "events.jsonl")
+            result = {
+                "run_id": job["run_id"],
+                "kind": job["kind"],
+                "base": self.spec.base,
+                "corpus_path": job.get("corpus_path"),
+                "tokens": tokens,
+                "steps": outcome.steps if outcome else 0,
+                "tokens_seen": outcome.tokens_seen if outcome else 0,
+                "train_seconds": round(outcome.train_seconds, 3) if outcome else 0.0,
+                "eval_seconds": round(eval_seconds, 3),
+                "load_seconds": round(load_seconds, 3),
+                "warm": warm,  # this worker had run a job before: its load was not a cold start's
+                "final_loss": outcome.final_loss if outcome else None,
+                # what the steps ran with: smaller than asked when out-of-memory halved it
+                "micro_batch_used": outcome.micro_batch if outcome else None,
+                "grad_accum_used": outcome.grad_accum if outcome else None,
+                "oom_halvings": outcome.oom_halvings if outcome else 0,
+                "device": str(device),
+                "params": count_params(model),
+                "settings": {
+                    "base": self.spec.to_dict(),
+                    "train": cfg.to_dict(),
+                    "lora": job.get("lora") if not self.spec.is_micro else None,
+                },
+                "scores": scores,
+                "overall": overall({k: v["value"] for k, v in scores.items()}),
+                "scene_results": scene_results,
+                "curve": curve,
+                "probes": probes,
+            }
+            if cancelled.now():
+                raise _stopped()
+            write_json_atomic(run_dir / "result.json", result)
+            events.emit("result", overall=result["overall"], scores={k: v["value"] for k, v in scores.items()})
+            log(f"done: overall {result['overall']} | {json.dumps(result['scores'])}")
+        except StopRequested:
+            if Stop.requested:
+                raise  # the whole worker stops
+            # only this run was cancelled: say so (the service lets go of it), then the next job
+            events.emit("phase", phase="cancelled")
+            log("cancelled by the user; `ltm-tui retry` resumes it from its newest checkpoint")
+        finally:
+            if adapter is not None:
+                adapter.unload()  # the base goes back untouched for the next job
+            events.close()
+            log.close()
+
+    def _reference(self, job: dict, model, seed: int):
+        """The base an adapted model is compared with (fluency gate, forgetting); None for a
+        baseline run, which is its own base."""
+        from backend.compute.evaluate import fixed_base, peft_base
+
+        if job["kind"] != "adapter":
+            return None
+        if self.spec.is_micro:
+            from backend.compute.models import load_base
+
+            return fixed_base(load_base(self.spec, seed)[0])  # the untrained network of this seed
+        return peft_base(model)
+
+    def _tokenize(self, job: dict, tok, run_dir: Path, log) -> int:
+        from backend.ingest.corpora import iter_text
+        from backend.ingest.packing import TOKEN_DTYPE, tokenize_to_file
+
+        path = run_dir / "tokens.bin"
+        if path.exists():  # a resumed run trains on exactly the tokens it started with
+            return path.stat().st_size // TOKEN_DTYPE().itemsize
+        t0 = time.perf_counter()
+        n = tokenize_to_file(
+            iter_text(Path(job["corpus_path"])), tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id
+        )
+        log(f"tokenized {job['corpus_path']}: {n:,} tokens in {time.perf_counter() - t0:.1f}s")
+        return n
+
+    def _probe(self, model, tok, device, seed: int, eval_seconds: float, log) -> dict:
+        """Look inside the adapted network, against its base: the LoRA adapter switched off, or
+        for micro the seed's initial network, rebuilt. A failed probe is logged and recorded;
+        the run's training and scores stand."""
+        from backend.compute.models import build_micro
+        from backend.compute.probes import run_probes
+
+        try:
+            base = build_micro(self.spec.preset, seed, device) if self.spec.is_micro else None
+            probes = run_probes(model, tok, self.batteries, device=device, base=base)
+        except Exception as exc:  # noqa: BLE001 - an optional analysis never fails the run
+            log(f"probes failed: {describe(exc)}\n{traceback.format_exc()}")
+            return {"error": describe(exc)}
+        s = probes["summary"]
+        ratio = f" ({s['seconds'] / eval_seconds:.0%} of evaluation)" if eval_seconds > 0 else ""
+        log(
+            f"probes in {s['seconds']:.2f}s{ratio}: weight change {s['weight_change']:.4g}, "
+            f"attention entropy {s['attn_entropy_change']}, drift layer {s['drift_layer']} (CKA {s['min_cka']})"
+        )
+        return probes
+
+    def _save(self, model, run_dir: Path) -> None:
+        target = run_dir / ("model" if self.spec.is_micro else "adapter")
+        model.save_pretrained(str(target), safe_serialization=True)
+
+
+def _stopped():
+    from backend.compute.train import StopRequested
+
+    return StopRequested(-1)
+
+
+def _curve_from_events(path: Path) -> list[dict]:
+    """The whole loss curve, across resumed attempts (a later point for a step wins)."""
+    from backend.core.events import read_events
+
+    events, _ = read_events(path)
+    points: dict[int, dict] = {}
+    for e in events:
+        if e.get("type") == "progress":
+            points[e["step"]] = {k: e.get(k) for k in ("step", "loss", "lr", "tokens", "tokens_per_s")}
+    return [points[s] for s in sorted(points)]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m backend.compute.worker SESSION.json", file=sys.stderr)
+        return EXIT_BAD_SESSION
+    from backend.core.workspace import keep_private
+
+    keep_private()
+    task = _read_task(Path(argv[0]))
+    if task is not None:  # a calibration or a judge (backend.jobs.tasks), not a session of runs
+        from backend.compute.task_worker import run_task
+
+        return run_task(task)
+    from backend.compute.train import keep_freed_memory
+
+    Stop.install()
+    keep_freed_memory()
+    from backend.core.errors import LtmError
+
+    try:
+        session = json.loads(Path(argv[0]).read_text(encoding="utf-8"))
+        worker = Worker(session)
+    except LtmError as exc:
+        _report_all(session if "session" in locals() else {}, exc.one_line())
+        print(exc.one_line(), file=sys.stderr)
+        return EXIT_BAD_SESSION
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        print(f"worker: cannot read session {argv[0]}: {exc}", file=sys.stderr)
+        return EXIT_BAD_SESSION
+    try:
+        return _run_jobs(worker, session, Path(argv[0]))
+    except OSError as exc:
+        if exc.errno != errno.ENOSPC:
+            raise
+        try:
+            print(f"worker: disk full while writing {exc.filename or 'a run folder'}", file=sys.stderr, flush=True)
+        except OSError:
+            pass  # its log is on the same disk: the exit code says it
+        return EXIT_DISK_FULL
+
+
+def _read_task(path: Path) -> dict | None:
+    try:
+        found = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # main() says what is wrong with the file
+    return found if isinstance(found, dict) and "task" in found else None
+
+
+def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:
+    from backend.compute.train import StopRequested
+    from backend.core.errors import LtmError
+
+    failed = False
+    jobs = list(session["jobs"])
+    while jobs:
+        for job in jobs:
+            try:
+                worker.run_job(job)
+            except StopRequested:
+                return EXIT_STOPPED
+            except LtmError as exc:
+                failed = True
+                _report(job, exc.one_line())
+            except Exception as exc:  # anything else: one line for the user, the traceback in train.log
+                failed = True
+                _report(job, describe(exc), traceback.format_exc())
+            if Stop.requested:
+                return EXIT_STOPPED
+        jobs = claim_more(session_path, float(session.get("linger") or 0))
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def claim_more(session_path: Path, linger: float) -> list[dict]:
+    """Jobs the service handed over while this worker ran (`<session>.more-*.json`), waiting up
+    to `linger` seconds for some: a warm worker keeps its base loaded for the next corpus.
+    Renaming a file claims it; one the service finds unclaimed after we exit goes back to the queue."""
+    deadline = time.monotonic() + linger
+    while True:
+        for more in sorted(session_path.parent.glob(f"{session_path.stem}.more-*.json")):
+            taken = more.with_suffix(".taken")
+            try:
+                more.rename(taken)
+            except FileNotFoundError:
+                continue
+            return json.loads(taken.read_text(encoding="utf-8"))["jobs"]
+        if time.monotonic() >= deadline or Stop.requested:
+            return []
+        time.sleep(0.2)
+
+
+def _report(job: dict, message: str, trace: str | None = None) -> None:
+    from backend.core.events import EventLog
+
+    run_dir = Path(job["run_dir"])
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if trace:
+        with open(run_dir / "train.log", "a", encoding="utf-8") as fh:
+            fh.write(trace)
+    events = EventLog(run_dir / "events.jsonl", job["run_id"], int(job.get("attempt", 0)))
+    events.emit("error", message=message)
+    events.close()
+    print(f"{job['run_id']}: {message}", file=sys.stderr, flush=True)
+
+
+def _report_all(session: dict, message: str) -> None:
+    for job in session.get("jobs", []):
+        _report(job, message)
+
+
+if __name__ == "__main__":
+    code = main()
+    # Every run file is closed by now (run_job's `finally`). Skipping the interpreter's teardown
+    # of torch and its threads saves a second or more at each worker's exit, which the slot's
+    # next job would otherwise wait out.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,125 @@
+"""How workers are started and stopped: the executor is the only code that knows.
+
+The job manager asks an executor to `start` a worker on a session file and a slot, to `adopt`
+one that a previous service started, and talks to the returned handle (`exit_code`,
+`terminate`, `kill`). `LocalExecutor` runs workers as local processes; a cluster executor
+(Ray) implements the same three calls.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Protocol
+
+from backend.core.workspace import PROJECT_ROOT
+
+
+class WorkerHandle(Protocol):
+    pid: int
+    start_ticks: int | None
+
+    def exit_code(self) -> int | None: ...
+
+    def terminate(self) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class Executor(Protocol):
+    def start(self, session_path: Path, slot: str | None) -> WorkerHandle: ...
+
+    def adopt(self, pid: int, start_ticks: int | None) -> WorkerHandle | None: ...
+
+
+class LocalProcess:
+    """A worker process: our child (`proc`), or one adopted from a service that died."""
+
+    def __init__(self, pid: int, start_ticks: int | None, proc: subprocess.Popen | None = None) -> None:
+        self.pid = pid
+        self.start_ticks = start_ticks
+        self.proc = proc
+
+    def exit_code(self) -> int | None:
+        """None while it runs; its exit code (our child), or -1 (an adopted one that is gone)."""
+        if self.proc is not None:
+            return self.proc.poll()
+        return None if process_alive(self.pid, self.start_ticks) else -1
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.proc is not None:
+            return self.proc.wait(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.exit_code() is None:
+            if deadline is not None and time.monotonic() > deadline:
+                raise subprocess.TimeoutExpired(str(self.pid), timeout)
+            time.sleep(0.1)
+        return -1
+
+    def terminate(self) -> None:
+        """SIGTERM to the worker's process group: it saves a checkpoint and exits."""
+        signal_group(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.exit_code() is None:
+            signal_group(self.pid, signal.SIGKILL)
+            if self.proc is not None:
+                self.proc.wait()
+
+
+class LocalExecutor:
+    """Workers as local processes, each in its own session (setsid) with its own log, so a
+    client's exit or a dropped terminal does not reach it and it outlives the service."""
+
+    def start(self, session_path: Path, slot: str | None) -> LocalProcess:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+        with open(session_path.with_suffix(".log"), "ab") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "backend.compute.worker", str(session_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env=env,
+            )
+        return LocalProcess(proc.pid, process_start_ticks(proc.pid), proc)
+
+    def adopt(self, pid: int, start_ticks: int | None) -> LocalProcess | None:
+        return LocalProcess(pid, start_ticks) if process_alive(pid, start_ticks) else None
+
+
+def signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def process_start_ticks(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22), or None if
+    there is no such live process. With the pid it names one process for good."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    if fields[0] in ("Z", "X"):  # a zombie has finished
+        return None
+    return int(fields[19])
+
+
+def process_alive(pid: int | None, start_ticks: int | None) -> bool:
+    if not pid:
+        return False
+    ticks = process_start_ticks(pid)
+    return ticks is not None and (start_ticks is None or ticks == start_ticks)

@@ -1,0 +1,639 @@
+"""The job manager: corpora in, runs queued, workers started, their events turned into states.
+
+The job service (`backend.service`) hosts one JobManager and calls `tick()` a few times a
+second; tests and benchmarks can drive it in-process with `run_queue()`. It never imports torch:
+training happens in workers (`python -m backend.compute.worker`) that an executor starts
+(`backend.jobs.executor`), which write only their run folders; the manager reads their events.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from backend.core.errors import CorpusError, JobError, LtmError
+from backend.core.events import log_tail, of_attempt, read_events
+from backend.core.states import EXIT_DISK_FULL, JobState
+from backend.core.workspace import Workspace, cancel_marker
+from backend.ingest.corpora import expand_paths, inspect_corpus
+from backend.jobs.executor import Executor, LocalExecutor, WorkerHandle
+from backend.jobs.settings import JobSettings
+from backend.jobs.store import Store
+from backend.jobs.tasks import Task, Tasks
+
+EventHook = Callable[[dict], None]
+STOP_GRACE_SECONDS = 30.0
+# A cancelled run's worker stops it at the next training step, or after the evaluation in progress;
+# a worker that has not let go of it by then is stopped whole (its other runs go back to the queue).
+CANCEL_GRACE_SECONDS = 300.0
+
+
+@dataclass
+class Submission:
+    run_ids: list[str]
+    baseline_ids: list[str]
+    errors: list[CorpusError]
+
+
+Inspection = tuple[list, list[CorpusError]]  # (CorpusInfo of each good file, one error per bad one)
+
+
+def inspect_files(paths: Iterable[str | os.PathLike]) -> Inspection:
+    """Expand folders and inspect every file (streamed: bounded memory whatever its size)."""
+    files, errors = expand_paths(paths)
+    infos = []
+    for path in files:
+        try:
+            infos.append(inspect_corpus(path))
+        except CorpusError as exc:
+            errors.append(exc)
+    return infos, errors
+
+
+def new_run_id(label: str, seed: int) -> str:
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-").lower()[:24] or "run"
+    return f"{stem}-s{seed}-{secrets.token_hex(3)}"
+
+
+class JobManager:
+    def __init__(
+        self,
+        workspace: Workspace,
+        store: Store,
+        slots: list[str | None] | None = None,
+        linger: float = 0.0,
+        executor: Executor | None = None,
+    ) -> None:
+        self.workspace = workspace.ensure()
+        self.store = store
+        self.executor = executor or LocalExecutor()
+        self.slots = slots if slots is not None else detect_slots()
+        # how long a worker that finished its jobs waits for more on the same base (warm worker)
+        self.linger = linger
+        self.live: dict[int, LiveWorker] = {}  # by pid
+        self.tasks = Tasks(self.workspace, self.executor)  # calibrations and judges, in the same slots
+
+    # -- queueing ---------------------------------------------------------------------------
+
+    def submit(
+        self,
+        paths: Iterable[str | os.PathLike],
+        settings: JobSettings,
+        *,
+        seeds: Iterable[int] = (0,),
+        priority: int = 0,
+    ) -> Submission:
+        """Inspect each corpus and queue one run per corpus and seed, plus the baselines the
+        batch needs. A bad file becomes an error in the result; the good ones are queued."""
+        return self.enqueue(inspect_files(paths), settings, seeds=seeds, priority=priority)
+
+    def enqueue(
+        self,
+        inspected: Inspection,
+        settings: JobSettings,
+        *,
+        seeds: Iterable[int] = (0,),
+        priority: int = 0,
+    ) -> Submission:
+        """Queue the inspected corpora (`inspect_files`, which reads every file and so runs
+        outside the service's lock): all of the submission's rows are stored, or none."""
+        infos, errors = inspected
+        # one read of the battery files per submission, not one per corpus and seed
+        keys = {seed: settings.baseline_key(seed) for seed in seeds}
+        run_ids = []
+        with self.store.batch():
+            baselines = [self.ensure_baseline(settings, seed, keys[seed], priority) for seed in keys] if infos else []
+            for info in infos:
+                corpus_id = self.store.add_corpus(info.to_dict())
+                for seed in keys:
+                    run_id = new_run_id(Path(info.name).stem, seed)
+                    self.store.create_run(
+                        run_id,
+                        kind="adapter",
+                        base=settings.base_label(),
+                        settings=self.settings_record(settings, keys[seed]),
+                        corpus_id=corpus_id,
+                        corpus_path=str(info.path),
+                        seed=seed,
+                        priority=priority,
+                        run_dir=str(self.workspace.run_dir(run_id)),
+                    )
+                    run_ids.append(run_id)
+        return Submission(run_ids, [b for b in baselines if b], list(errors))
+
+    def settings_record(self, settings: JobSettings, baseline_key: str) -> dict:
+        return {
+            "base": settings.base,
+            "scenes": settings.scenes,
+            "train": settings.train,
+            "lora": settings.lora,
+            "probes": settings.probes,
+            "baseline_key": baseline_key,
+        }
+
+    def ensure_baseline(self, settings: JobSettings, seed: int, key: str, priority: int) -> str | None:
+        """The base evaluated once per battery: reuse a live or finished one, else queue one."""
+        for run in self.store.list_runs():
+            if run["kind"] != "baseline" or run["settings"].get("baseline_key") != key:
+                continue
+            if JobState(run["status"]).ended_without_result():
+                continue
+            return run["run_id"]
+        run_id = new_run_id(f"base-{settings.base_label()}", seed)
+        self.store.create_run(
+            run_id,
+            kind="baseline",
+            base=settings.base_label(),
+            settings=self.settings_record(settings, key),
+            seed=seed,
+            priority=priority + 1,  # the comparison row comes first
+            run_dir=str(self.workspace.run_dir(run_id)),
+        )
+        return run_id
+
+    def cancel(self, run_id: str, on_event: EventHook | None = None) -> None:
+        """Cancel one run and nothing else. A worker holding it in its session skips it; a worker
+        training or evaluating it checkpoints, lets go of it and goes on with its other runs."""
+        run = self._run(run_id)
+        was = JobState(run["status"])
+        # the marker first: a worker that reads the new state from nowhere else must not miss it
+        marker = cancel_marker(Path(run["run_dir"]), run["attempt"])
+        if not was.is_terminal():
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.touch()
+        self.store.transition(run_id, JobState.CANCELLED, error="cancelled by the user")
+        for worker in self.live.values():
+            if run_id not in worker.run_ids:
+                continue
+            if was is JobState.QUEUED:
+                worker.run_ids.remove(run_id)  # it will skip the job: nothing more to watch
+            else:
+                worker.stopping[run_id] = time.monotonic()
+        if on_event is not None:
+            on_event({"type": "state", "run_id": run_id, "status": JobState.CANCELLED.value,
+                      "error": "cancelled by the user"})
+
+    def retry(self, run_id: str, on_event: EventHook | None = None) -> None:
+        """Back to the queue as a new attempt; its worker resumes from the newest checkpoint. A
+        worker still letting go of the old attempt keeps it until then (it is still held)."""
+        self._run(run_id)
+        self.store.transition(run_id, JobState.QUEUED)
+        if on_event is not None:
+            on_event({"type": "state", "run_id": run_id, "status": JobState.QUEUED.value})
+
+    def _run(self, run_id: str) -> dict:
+        run = self.store.get_run(run_id)
+        if run is None:
+            raise JobError(f"no run {run_id!r} in {self.workspace.root}; `ltm-tui status` lists them")
+        return run
+
+    # -- running ----------------------------------------------------------------------------
+
+    def assigned(self) -> set[str]:
+        return {r for w in self.live.values() for r in w.run_ids}
+
+    def sessions(self) -> list[list[dict]]:
+        """Queued runs no worker holds yet, grouped so that each group shares one loaded base
+        (baselines first, then priority, then age: FIFO with priorities)."""
+        held = self.assigned()
+        groups: dict[str, list[dict]] = {}
+        for run in self.store.list_runs(status=["queued"]):
+            if run["run_id"] in held:
+                continue
+            groups.setdefault(_session_key(run["settings"]), []).append(run)
+        for runs in groups.values():
+            runs.sort(key=lambda r: (r["kind"] != "baseline", -r["priority"], r["created_at"]))
+        return sorted(groups.values(), key=lambda g: (-max(r["priority"] for r in g), g[0]["created_at"]))
+
+    def free_slots(self) -> list[int]:
+        used = {w.slot for w in self.live.values()} | self.tasks.used_slots()
+        return [i for i in range(len(self.slots)) if i not in used]
+
+    def tick(self, on_event: EventHook) -> None:
+        """One pass of the scheduler: read every live worker's events, settle the ones that
+        exited, and start workers for queued runs while slots are free."""
+        for worker in list(self.live.values()):
+            self._pump(worker, on_event)
+            worker.enforce_cancel()
+            worker.enforce_stop()
+            code = worker.exit_code()
+            if code is not None:
+                self._pump(worker, on_event)
+                self._settle(worker, on_event)
+                del self.live[worker.pid]
+        self.tasks.tick(self._task_result, on_event)
+        free = self.free_slots()
+        waiting = self.tasks.waiting()
+        for task in waiting:  # a task is short: it takes a free slot before the queue's runs
+            if not free:
+                break
+            index = free.pop(0)
+            self.tasks.start(task, index, self.slots[index], on_event)
+        tasks_wait = bool(self.tasks.waiting())
+        if tasks_wait and (idle := self._lingering_worker()) is not None:
+            idle.request_stop()
+        for group in self.sessions():
+            # a free slot runs the group in parallel; with none, a worker already holding the
+            # same base takes it next (a 13B base loads slower than it trains on one page),
+            # unless a task waits for a slot: then the worker ends with its session
+            if free:
+                self.start_session(group, free.pop(0), on_event)
+            elif not tasks_wait and (warm := self._warm_worker_for(group)) is not None:
+                self._hand_over(warm, group, on_event)
+            elif (idle := self._lingering_worker()) is not None:
+                # it only waits for work on its own base: its slot goes to this group, which
+                # would otherwise wait out the linger (a search over micro presets, say)
+                idle.request_stop()
+
+    # -- tasks: calibrations and judges (backend.jobs.tasks) -------------------------------------
+
+    def submit_task(self, kind: str, spec: dict[str, Any], what: str) -> Task:
+        """Queue a task for the next free slot; its events reach the hook given to `tick`."""
+        return self.tasks.add(kind, spec, what)
+
+    def task_wait(self, task: Task) -> str | None:
+        """Why a task has not started yet, in one line (None once it has)."""
+        ahead = [t for t in self.tasks.waiting() if t.created < task.created]
+        if task.status != "waiting" or len(self.free_slots()) > len(ahead):
+            return None  # it starts at the next tick
+        busy = [f"worker {w.pid} with {len(w.run_ids)} run(s)" for w in self.live.values()]
+        busy += [f"task {t.task_id}" for t in self.tasks.running()]
+        line = f"every worker slot is busy ({'; '.join(busy) or 'starting'})"
+        if ahead:
+            line += f"; {len(ahead)} task(s) ahead"
+        return line + "; it starts when one frees, ahead of runs no worker holds yet"
+
+    def _task_result(self, task: Task, result: dict) -> Any:
+        """What a finished task's client gets; a judge's grades are stored first."""
+        if task.kind != "judge":
+            return result
+        report = []
+        for r in result["runs"]:
+            self.store.rescore_run(r["run_id"], r["scene_results"], r["scores"], r["overall"])
+            report.append({"run_id": r["run_id"], "judge": r["judge"], "overall": r["overall"], **r["counts"]})
+        return report
+
+    def _warm_worker_for(self, group: list[dict]) -> LiveWorker | None:
+        """A live worker on the same base and settings, which takes these jobs next without
+        loading its base again."""
+        key = _session_key(group[0]["settings"])
+        for worker in self.live.values():
+            if worker.key == key and worker.stop_requested is None and not worker.adopted:
+                return worker
+        return None
+
+    def _lingering_worker(self) -> LiveWorker | None:
+        """A live worker whose runs have all ended: it waits for a hand-over it may never get."""
+        for worker in self.live.values():
+            if worker.stop_requested is None and all(
+                JobState(self.store.get_run(r)["status"]).is_terminal() for r in worker.run_ids
+            ):
+                return worker
+        return None
+
+    def _hand_over(self, worker: LiveWorker, runs: list[dict], on_event: EventHook) -> None:
+        path = worker.session_path.with_name(
+            f"{worker.session_path.stem}.more-{time.time_ns()}.json"
+        )
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"jobs": self._session_jobs(runs)}, indent=1))
+        tmp.replace(path)  # the worker only ever sees a complete file
+        for r in runs:
+            worker.run_ids.append(r["run_id"])
+            worker.offsets[r["run_id"]] = 0
+            self.store.update_run(
+                r["run_id"], worker_pid=worker.pid, worker_start=worker.start_ticks,
+                session_path=str(worker.session_path),
+            )
+        on_event({"type": "worker", "pid": worker.pid, "runs": [r["run_id"] for r in runs], "warm": True})
+
+    def idle(self) -> bool:
+        return not self.live and not self.sessions() and not self.tasks.waiting() and not self.tasks.running()
+
+    def run_queue(self, on_event: EventHook | None = None, poll_seconds: float = 0.25) -> bool:
+        """Run every queued job to a terminal state in this process; True when all ended done."""
+        hook = on_event or (lambda e: None)
+        touched: set[str] = set()
+
+        def track(event: dict) -> None:
+            if event.get("type") == "worker":
+                touched.update(event["runs"])
+            hook(event)
+
+        try:
+            while True:
+                self.tick(track)
+                if self.idle():
+                    break
+                time.sleep(poll_seconds)
+        except KeyboardInterrupt:
+            self.shutdown_workers(track, reason="stopped by Ctrl-C")
+            raise
+        return all(self.store.get_run(r)["status"] == "done" for r in touched)
+
+    def shutdown_workers(self, on_event: EventHook, reason: str, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop every live worker (they checkpoint) and settle their runs."""
+        for worker in list(self.live.values()):
+            worker.request_stop()
+        deadline = time.monotonic() + grace
+        while self.live and time.monotonic() < deadline:
+            for worker in list(self.live.values()):
+                if worker.exit_code() is not None:
+                    self._pump(worker, on_event)
+                    self._settle(worker, on_event, reason=reason)
+                    del self.live[worker.pid]
+            time.sleep(0.1)
+        for worker in list(self.live.values()):
+            worker.kill()
+            self._settle(worker, on_event, reason=reason)
+            del self.live[worker.pid]
+
+    def _write_session(self, runs: list[dict], slot: str | None = None) -> Path:
+        s = runs[0]["settings"]
+        session = {
+            "base": s["base"],
+            "scenes": s["scenes"],
+            "slot": slot,
+            "linger": self.linger,
+            "jobs": self._session_jobs(runs),
+        }
+        path = self.workspace.sessions_dir / f"session-{int(time.time())}-{secrets.token_hex(3)}.json"
+        path.write_text(json.dumps(session, indent=1))
+        return path
+
+    def _session_jobs(self, runs: list[dict]) -> list[dict]:
+        jobs = []
+        for r in runs:
+            s = r["settings"]
+            Path(r["run_dir"]).mkdir(parents=True, exist_ok=True)
+            (Path(r["run_dir"]) / "job.json").write_text(json.dumps(r, default=str, indent=1))
+            jobs.append(
+                {
+                    "run_id": r["run_id"],
+                    "kind": r["kind"],
+                    "corpus_path": r["corpus_path"],
+                    "run_dir": r["run_dir"],
+                    "seed": r["seed"],
+                    "attempt": r["attempt"],
+                    "train": s.get("train") or {},
+                    "lora": s.get("lora") or {},
+                    "probes": s.get("probes", True),
+                }
+            )
+        return jobs
+
+    def start_worker(self, session_path: Path, slot: str | None = None) -> WorkerHandle:
+        return self.executor.start(session_path, slot)
+
+    def start_session(self, runs: list[dict], slot_index: int, on_event: EventHook) -> LiveWorker:
+        slot = self.slots[slot_index]
+        session_path = self._write_session(runs, slot)
+        worker = LiveWorker(
+            process=self.start_worker(session_path, slot),
+            session_path=session_path,
+            run_ids=[r["run_id"] for r in runs],
+            slot=slot_index,
+            key=_session_key(runs[0]["settings"]),
+        )
+        worker.offsets = {r: 0 for r in worker.run_ids}
+        for r in worker.run_ids:
+            self.store.update_run(
+                r, worker_pid=worker.pid, worker_start=worker.start_ticks, session_path=str(session_path)
+            )
+        self.live[worker.pid] = worker
+        on_event({"type": "worker", "pid": worker.pid, "runs": list(worker.run_ids), "slot": slot})
+        return worker
+
+    def reattach(self, on_event: EventHook) -> None:
+        """After a restart: adopt workers still alive (pid and start time must both match), ingest
+        what finished while no service watched, and settle runs whose worker died."""
+        active = ["queued", "starting", "training", "evaluating"]
+        for run in self.store.list_runs(status=active):
+            pid, ticks = run.get("worker_pid"), run.get("worker_start")
+            if pid is None:
+                continue
+            run_id = run["run_id"]
+            worker = self.live.get(pid)
+            handle = worker.process if worker else self.executor.adopt(pid, ticks)
+            if handle is not None:
+                if worker is None:
+                    session_path = Path(run["session_path"])
+                    slot = _session_slot(session_path)
+                    index = self.slots.index(slot) if slot in self.slots else 0
+                    worker = LiveWorker(handle, session_path, [], index, adopted=True)
+                    self.live[pid] = worker
+                    on_event({"type": "worker", "pid": pid, "runs": [], "adopted": True})
+                worker.run_ids.append(run_id)
+                worker.offsets[run_id] = 0
+            else:
+                gone = _GoneProcess(pid, ticks)
+                ghost = LiveWorker(gone, Path(run["session_path"] or "."), [run_id], 0)
+                ghost.offsets[run_id] = 0
+                self._pump(ghost, on_event)
+                self._settle(ghost, on_event, reason="worker died while no service watched it")
+
+    def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
+        for run_id in list(worker.run_ids):
+            path = self.workspace.run_dir(run_id) / "events.jsonl"
+            events, end = read_events(path, worker.offsets.get(run_id, 0))
+            if events:
+                worker.seen_events = True
+            for event in events:
+                if event.get("phase") == "cancelled" and run_id in worker.stopping:
+                    del worker.stopping[run_id]  # it let go of the cancelled run
+                    worker.run_ids.remove(run_id)
+                    break
+                # raises if the store cannot be written (a full disk): the offset stays, and the
+                # events are read again next time (applying one twice changes nothing)
+                self._apply(run_id, event, on_event)
+            worker.offsets[run_id] = end
+
+    def _settle(self, worker: LiveWorker, on_event: EventHook, reason: str | None = None) -> None:
+        """After a worker exits, every run it held is settled: one it had started ends
+        `interrupted` with the tail of its log (retry resumes it); one it never reached goes back
+        to the queue, except the first when the worker died before doing anything at all (that
+        one fails, so a worker that cannot start does not loop)."""
+        code = worker.exit_code()
+        for more in worker.session_path.parent.glob(f"{worker.session_path.stem}.more-*.json"):
+            more.rename(more.with_suffix(".orphan"))  # handed over too late: back to the queue
+        # a worker stopped on purpose, or one that got as far as an event, is no run's fault
+        charged = bool(worker.stop_requested or reason or worker.seen_events)
+        for run_id in worker.run_ids:
+            run = self.store.get_run(run_id)
+            state = JobState(run["status"])
+            if state.is_terminal():
+                continue
+            if state is JobState.QUEUED:
+                if charged:
+                    continue  # never started: the next free worker takes it
+                charged = True
+            why = reason or self._exit_reason(code)
+            tail = log_tail(self.workspace.run_dir(run_id) / "train.log") or log_tail(
+                worker.session_path.with_suffix(".log")
+            )
+            message = f"{why}; last log: {tail}" if tail else why
+            target = JobState.FAILED if state is JobState.QUEUED else JobState.INTERRUPTED
+            self.store.transition(run_id, target, error=message)
+            on_event({"type": "state", "run_id": run_id, "status": target.value, "error": message})
+
+    def _exit_reason(self, code: int | None) -> str:
+        if code == EXIT_DISK_FULL:
+            return (f"the disk under {self.workspace.root} filled up: free space and retry "
+                    "(it resumes from its newest checkpoint)")
+        return f"worker exited with code {code}"
+
+    def _apply(self, run_id: str, event: dict, on_event: EventHook) -> None:
+        """One event from a worker → the run's state (guarded) and the caller's hook. Replaying
+        a file from the start (after a restart) changes nothing twice."""
+        kind = event.get("type")
+        run = self.store.get_run(run_id)
+        if not of_attempt(event, run["attempt"]):
+            return  # an earlier attempt's events (its error, its phases) are not this one's
+        state = JobState(run["status"])
+        if state.is_terminal():
+            return  # a cancelled run's late events change nothing
+        try:
+            if kind == "phase":
+                target = PHASES.get(event.get("phase"))
+                if target is not None and ORDER[target] > ORDER[state]:
+                    self._to(run_id, state, target)
+                    on_event({**event, "type": "state", "run_id": run_id, "status": target.value})
+            elif kind == "progress":
+                self.store.add_curve_points(run_id, [event])
+                on_event(event)
+            elif kind == "error":
+                self.store.transition(run_id, JobState.FAILED, error=event.get("message"))
+                on_event({"type": "state", "run_id": run_id, "status": "failed", "error": event.get("message")})
+            elif kind == "result":
+                self.ingest(run_id)
+                on_event({**event, "type": "state", "run_id": run_id, "status": "done"})
+            else:
+                on_event(event)
+        except LtmError as exc:
+            on_event({"type": "log", "run_id": run_id, "message": exc.one_line()})
+
+    def _to(self, run_id: str, state: JobState, target: JobState) -> None:
+        if state is JobState.QUEUED and target is not JobState.STARTING:
+            self.store.transition(run_id, JobState.STARTING)
+        self.store.transition(run_id, target)
+
+    def ingest(self, run_id: str) -> bool:
+        """Read result.json into the store once, then mark the run done."""
+        run = self._run(run_id)
+        path = Path(run["run_dir"]) / "result.json"
+        result = json.loads(path.read_text(encoding="utf-8"))
+        fresh = self.store.ingest_result(run_id, result)
+        state = JobState(self.store.get_run(run_id)["status"])
+        if state is not JobState.DONE:
+            if state is not JobState.EVALUATING:
+                self._to(run_id, state, JobState.EVALUATING)
+            self.store.transition(run_id, JobState.DONE)
+        return fresh
+
+
+PHASES = {"starting": JobState.STARTING, "training": JobState.TRAINING, "evaluating": JobState.EVALUATING}
+ORDER = {JobState.QUEUED: 0, JobState.STARTING: 1, JobState.TRAINING: 2, JobState.EVALUATING: 3}
+
+
+@dataclass
+class LiveWorker:
+    """A worker the manager watches, through its executor's handle."""
+
+    process: WorkerHandle
+    session_path: Path
+    run_ids: list[str]
+    slot: int
+    offsets: dict[str, int] = field(default_factory=dict)
+    stop_requested: float | None = None
+    seen_events: bool = False
+    key: str | None = None  # base and settings it serves, for handing it more jobs
+    adopted: bool = False  # started by an earlier service
+    stopping: dict[str, float] = field(default_factory=dict)  # cancelled run -> when it was asked
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def start_ticks(self) -> int | None:
+        return self.process.start_ticks
+
+    def exit_code(self) -> int | None:
+        return self.process.exit_code()
+
+    def request_stop(self) -> None:
+        """Ask it to checkpoint and exit (SIGTERM for a local process)."""
+        if self.stop_requested is None and self.exit_code() is None:
+            self.stop_requested = time.monotonic()
+            self.process.terminate()
+
+    def enforce_cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """A worker that has not let go of a cancelled run within the grace period is stopped."""
+        if any(time.monotonic() - asked > grace for asked in self.stopping.values()):
+            self.request_stop()
+
+    def enforce_stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        if self.stop_requested is not None and time.monotonic() - self.stop_requested > grace:
+            self.kill()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+
+@dataclass
+class _GoneProcess:
+    """The handle of a worker that died while no service watched it."""
+
+    pid: int
+    start_ticks: int | None
+
+    def exit_code(self) -> int:
+        return -1
+
+    def terminate(self) -> None:
+        pass
+
+    def kill(self) -> None:
+        pass
+
+
+def _session_key(settings: dict) -> str:
+    """Runs with the same key can share one worker and its loaded base: the same base and
+    batteries. Training and LoRA settings travel with each job (a search's trials differ only
+    in those, and a warm worker takes them one after another)."""
+    s = settings
+    return json.dumps([s["base"], s["scenes"]], sort_keys=True)
+
+
+def _session_slot(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("slot")
+    except (OSError, ValueError):
+        return None
+
+
+def detect_slots(per_gpu: int = 1) -> list[str | None]:
+    """One worker slot per GPU (CUDA_VISIBLE_DEVICES index), `per_gpu` each; one CPU slot where
+    NVML sees no GPU. Read with NVML, not torch, so the service stays light."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v.strip() for v in visible.split(",") if v.strip()]
+    else:
+        ids = []
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            ids = [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            pynvml.nvmlShutdown()
+        except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: the CPU slot
+            ids = []
+    if not ids:
+        return [None]
+    return [i for i in ids for _ in range(max(1, per_gpu))]

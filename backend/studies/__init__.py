@@ -1,0 +1,1 @@
+"""Studies over many runs: attribution over file subsets, hyperparameter search, the time forecast."""

@@ -1,0 +1,417 @@
+"""How long a corpus will take, and how much memory, before it is queued. No torch here.
+
+The dashboard's file picker and `ltm-tui run` call `predict` for every corpus they are about
+to queue, so this module reads only files:
+
+- the calibration `backend.compute.estimate` measured on this device for this base and these settings
+  (`<workspace>/forecast/calib-<key>.json`): tokens/s in the steady state, the first step's
+  extra time, peak memory, the time to load the base and to run the batteries, tokens a word;
+- the workspace's finished runs (`runs/*/result.json`, the files the results database is fed
+  from, read here so that no second process needs the database's single read-write lock),
+  summarised once into `forecast/runs-index.json` and fitted as
+  train_seconds = fixed + per_token × trained tokens (least squares).
+
+Trained tokens are not corpus tokens: a run trains on max(epochs × corpus tokens, the token
+floor) rounded up to whole steps, exactly as `TrainConfig.plan_steps` decides, so a one-page
+corpus on `micro` trains as long as a 100-page one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import statistics
+from pathlib import Path
+from typing import Any, Mapping
+
+from backend.core.config import TrainConfig
+from backend.ingest.corpora import WORDS_PER_PAGE
+
+CALIBRATION_VERSION = 1
+
+# Settings that change the speed per token or the memory; training length (epochs, token floor,
+# max_steps) does not, and enters through the trained-token count instead.
+_KEY_BASE = ("base", "preset", "quant")
+_KEY_TRAIN = ("block_size", "micro_batch", "grad_accum")
+
+# Tokens a word when nothing was measured yet: bytes of English prose with its space (micro's
+# byte tokenizer), and a typical subword tokenizer on English.
+_DEFAULT_TOKENS_PER_WORD = {"micro": 6.0, "hf": 1.4}
+
+
+def _root(workspace) -> Path:
+    """A Workspace, or the path of its folder."""
+    if isinstance(workspace, (str, os.PathLike)):
+        return Path(workspace)
+    return Path(workspace.root)
+
+
+def forecast_dir(workspace) -> Path:
+    return _root(workspace) / "forecast"
+
+
+def _is_micro(base_spec: Mapping[str, Any]) -> bool:
+    return (base_spec.get("base") or "micro") == "micro"
+
+
+def resolved_train(base_spec: Mapping[str, Any], train: Mapping[str, Any] | None) -> TrainConfig:
+    from backend.core.config import LORA_DEFAULTS, MICRO_DEFAULTS
+
+    defaults = (MICRO_DEFAULTS if _is_micro(base_spec) else LORA_DEFAULTS).to_dict()
+    known = set(defaults)
+    return TrainConfig.from_dict({**defaults, **{k: v for k, v in (train or {}).items() if k in known}})
+
+
+def settings_key(base_spec: Mapping[str, Any], train: Mapping[str, Any] | None) -> str:
+    """What a calibration and a run must share to be compared: base, preset, quantisation,
+    block size, micro-batch and accumulation (the device is checked separately)."""
+    cfg = resolved_train(base_spec, train).to_dict()
+    spec = dict(base_spec)
+    if _is_micro(spec):
+        spec["preset"] = spec.get("preset") or "small"
+    else:
+        spec["preset"] = None
+    spec["quant"] = spec.get("quant") or None
+    parts = [str(spec.get(k)) for k in _KEY_BASE] + [str(cfg[k]) for k in _KEY_TRAIN]
+    return "|".join(parts)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _gpu_name(index: int = 0) -> str | None:
+    """The NVML name of the first visible GPU, or None (no NVML, no GPU, hidden by the env)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return None
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            if pynvml.nvmlDeviceGetCount() <= index:
+                return None
+            first = (visible or str(index)).split(",")[0].strip()
+            handle = (
+                pynvml.nvmlDeviceGetHandleByIndex(int(first))
+                if first.isdigit()
+                else pynvml.nvmlDeviceGetHandleByUUID(first)
+            )
+            name = pynvml.nvmlDeviceGetName(handle)
+            return name.decode() if isinstance(name, bytes) else str(name)
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # any NVML failure means "no GPU we can name"
+        return None
+
+
+def device_tag(base_spec: Mapping[str, Any]) -> str:
+    """The device a job with this spec would train on, named without torch: the NVML GPU name,
+    or the CPU model and the cores this process may use."""
+    wanted = (base_spec.get("device") or "").lower()
+    if not wanted.startswith("cpu"):
+        gpu = _gpu_name()
+        if gpu:
+            return f"cuda:{gpu}"
+    return f"cpu:{_cpu_name()} ×{_cpu_count()}"
+
+
+def _key_hash(*parts: str) -> str:
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def calibration_path(workspace, base_spec: Mapping[str, Any], train: Mapping[str, Any] | None) -> Path:
+    key = _key_hash(device_tag(base_spec), settings_key(base_spec, train))
+    return forecast_dir(workspace) / f"calib-{key}.json"
+
+
+def load_calibration(workspace, base_spec, train) -> dict | None:
+    path = calibration_path(workspace, base_spec, train)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if data.get("version") == CALIBRATION_VERSION else None
+
+
+# --- finished runs ------------------------------------------------------------------------
+
+
+def _summarise(result: Mapping[str, Any]) -> dict | None:
+    """What the forecast reads from one run's result.json: adapter runs give training,
+    evaluation and load times; a baseline (nothing trained) only its load."""
+    settings = result.get("settings") or {}
+    kind = result.get("kind")
+    if not settings.get("base") or not (kind == "baseline" or (kind == "adapter" and result.get("tokens_seen"))):
+        return None
+    evaluation = result.get("eval_seconds")
+    probes = result.get("probes") if isinstance(result.get("probes"), dict) else {}
+    probe_seconds = (probes.get("summary") or {}).get("seconds")
+    if evaluation is not None and isinstance(probe_seconds, (int, float)):
+        evaluation = float(evaluation) + float(probe_seconds)  # the job's time after training
+    return {
+        "kind": kind,
+        "key": settings_key(settings["base"], settings.get("train")),
+        "device": str(result.get("device") or "cpu").split(":")[0],
+        "tokens": int(result.get("tokens") or 0),
+        "tokens_seen": int(result["tokens_seen"]),
+        "train_seconds": float(result.get("train_seconds") or 0.0),
+        "eval_seconds": evaluation,
+        "load_seconds": result.get("load_seconds"),
+        "warm": result.get("warm"),  # None in runs from before it was recorded
+        "oom_halvings": int(result.get("oom_halvings") or 0),
+    }
+
+
+SUMMARY_VERSION = 2  # in each index entry's stamp: a summary of an older shape is read again
+
+
+def finished_runs(workspace) -> list[dict]:
+    """One summary per finished adapter run in the workspace. result.json files are parsed once
+    and remembered in forecast/runs-index.json by size and mtime (a picker over 1000 runs
+    reads 1000 stats, not 1000 JSON files)."""
+    root = _root(workspace)
+    index_path = forecast_dir(root) / "runs-index.json"
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        index = {}
+    fresh: dict[str, Any] = {}
+    changed = False
+    runs_dir = root / "runs"
+    for path in sorted(runs_dir.glob("*/result.json")) if runs_dir.is_dir() else []:
+        try:
+            st = path.stat()
+        except OSError:
+            continue
+        stamp = [SUMMARY_VERSION, st.st_size, st.st_mtime_ns]
+        old = index.get(path.parent.name)
+        if old and old.get("stamp") == stamp:
+            fresh[path.parent.name] = old
+            continue
+        try:
+            summary = _summarise(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError, TypeError, KeyError):
+            continue  # a file being replaced right now is read next time
+        fresh[path.parent.name] = {"stamp": stamp, "run": summary}
+        changed = True
+    if changed or set(fresh) != set(index):
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = index_path.with_suffix(f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps(fresh), encoding="utf-8")
+            tmp.replace(index_path)
+        except OSError:
+            pass  # a read-only workspace still forecasts, it only re-reads next time
+    return [v["run"] for _, v in sorted(fresh.items()) if v.get("run")]
+
+
+def fit_fixed_per_token(points: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """Least squares y = fixed + per_token × x; None unless the x spread says something (the
+    largest x at least 10% above the smallest) and the slope is positive."""
+    if len(points) < 2:
+        return None
+    xs, ys = [p[0] for p in points], [p[1] for p in points]
+    if max(xs) < 1.1 * min(xs):
+        return None
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    if slope <= 0:
+        return None
+    return max(0.0, my - slope * mx), slope
+
+
+# --- the forecast --------------------------------------------------------------------------
+
+
+def trained_tokens(base_spec, train, tokens: int, block_size: int | None = None) -> tuple[int, int]:
+    """(optimizer steps, tokens trained) for a corpus of `tokens`, as the recipe plans them."""
+    cfg = resolved_train(base_spec, train)
+    block = max(1, min(block_size or cfg.block_size, cfg.block_size, max(1, tokens)))
+    steps = cfg.plan_steps(max(1, tokens), block)
+    return steps, steps * cfg.micro_batch * cfg.grad_accum * block
+
+
+def tokens_per_word(workspace, base_spec, train) -> tuple[float, str]:
+    """Measured tokens per word of this base's tokenizer (from the calibration), or a default."""
+    calib = load_calibration(workspace, base_spec, train)
+    if calib and calib.get("tokens_per_word"):
+        return float(calib["tokens_per_word"]), calib.get("tokens_per_word_source", "calibration")
+    kind = "micro" if _is_micro(base_spec) else "hf"
+    return _DEFAULT_TOKENS_PER_WORD[kind], "default"
+
+
+def tokens_for_pages(workspace, base_spec, train, pages: float) -> int:
+    per_word, _ = tokens_per_word(workspace, base_spec, train)
+    return int(round(pages * WORDS_PER_PAGE * per_word))
+
+
+WARM_LOAD_SECONDS = 0.1  # in runs that do not record `warm`: a load below this was a warm worker's
+
+
+def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None:
+    """Seconds and peak memory for one job on a corpus of `tokens` tokens, or None when neither
+    a calibration nor a finished run with these settings is known.
+
+    Keys: train_seconds, eval_seconds, load_seconds, tokenize_seconds, total_seconds,
+    peak_memory_bytes (None without a calibration), trained_tokens, steps, source
+    ("calibration", "runs" or "calibration+runs"), runs (how many were fitted), and
+    per_token_seconds / fixed_seconds of the training-time model used.
+    """
+    calib = load_calibration(workspace, base_spec, train)
+    key = settings_key(base_spec, train)
+    kind = "cpu" if device_tag(base_spec).startswith("cpu") else "cuda"
+    alike = [r for r in finished_runs(workspace) if r["key"] == key and r["device"] == kind]
+    runs = [r for r in alike if r.get("kind") == "adapter"]
+    if calib is None and not runs:
+        return None
+    steps, seen = trained_tokens(base_spec, train, tokens, (calib or {}).get("block_size"))
+
+    sources = []
+    fixed = per_token = None
+    if calib:
+        sources.append("calibration")
+        per_token = 1.0 / float(calib["tokens_per_s"])
+        fixed = float(calib.get("warmup_seconds") or 0.0)
+    if runs:
+        sources.append("runs")
+        points = [(float(r["tokens_seen"]), float(r["train_seconds"])) for r in runs]
+        fit = fit_fixed_per_token(points)
+        if fit is not None:
+            fixed, per_token = fit
+        elif per_token is not None:
+            # Every run trained about as long: the calibration gives the slope, the runs the level.
+            fixed = max(0.0, statistics.fmean(y - per_token * x for x, y in points))
+        else:
+            per_token = sum(y for _, y in points) / sum(x for x, _ in points)
+            fixed = 0.0
+    train_seconds = fixed + per_token * seen
+
+    def measured(name: str, among=runs) -> float:
+        values = [float(r[name]) for r in among if r.get(name) is not None]
+        if values:
+            return statistics.median(values)
+        return float((calib or {}).get(name) or 0.0)
+
+    # A job that a warm worker ran after another found the imports done and an HF base loaded
+    # (its load is about 0.01 s); the forecast is for a corpus on its own, so it counts the load
+    # of a worker's first job. Runs from before `warm` was recorded: a load under 0.1 s was warm.
+    # A baseline is usually a worker's first job: its load counts too.
+    cold = [r for r in alike if r.get("warm") is False
+            or (r.get("warm") is None and float(r.get("load_seconds") or 0.0) >= WARM_LOAD_SECONDS)]
+    load_seconds = measured("load_seconds", cold)
+    eval_seconds = measured("eval_seconds")
+    tok_rate = (calib or {}).get("tokenize_tokens_per_s")
+    tokenize_seconds = tokens / float(tok_rate) if tok_rate else 0.0
+    total = load_seconds + tokenize_seconds + train_seconds + eval_seconds
+    return {
+        "tokens": int(tokens),
+        "trained_tokens": int(seen),
+        "steps": int(steps),
+        "load_seconds": round(load_seconds, 2),
+        "tokenize_seconds": round(tokenize_seconds, 2),
+        "train_seconds": round(train_seconds, 2),
+        "eval_seconds": round(eval_seconds, 2),
+        "total_seconds": round(total, 2),
+        "peak_memory_bytes": (calib or {}).get("peak_memory_bytes"),
+        "source": "+".join(sources),
+        "runs": len(runs),
+        "fixed_seconds": round(fixed, 3),
+        "per_token_seconds": per_token,
+    }
+
+
+# --- memory ---------------------------------------------------------------------------------
+
+
+def free_memory(base_spec: Mapping[str, Any]) -> tuple[int | None, str]:
+    """(free bytes, where) on the device a job would use: NVML on a GPU, else available RAM."""
+    if not device_tag(base_spec).startswith("cpu"):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            try:
+                first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
+                handle = (
+                    pynvml.nvmlDeviceGetHandleByIndex(int(first))
+                    if first.isdigit()
+                    else pynvml.nvmlDeviceGetHandleByUUID(first)
+                )
+                return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU"
+            finally:
+                pynvml.nvmlShutdown()
+        except Exception:
+            return None, "GPU"
+    try:
+        import psutil
+
+        return int(psutil.virtual_memory().available), "RAM"
+    except Exception:
+        return None, "RAM"
+
+
+def memory_fix(
+    peak_bytes: int | None, free_bytes: int | None, base_spec: Mapping[str, Any], train: Mapping[str, Any] | None,
+    where: str = "memory",
+) -> str | None:
+    """One line when the predicted peak does not fit in what is free, naming the fix; else None."""
+    if not peak_bytes or free_bytes is None or peak_bytes <= free_bytes:
+        return None
+    cfg = resolved_train(base_spec, train)
+    fixes = []
+    if not _is_micro(base_spec) and (base_spec.get("quant") or None) is None:
+        fixes.append("--quant 4bit (QLoRA: the base in 4 bits)")
+    if cfg.micro_batch > 1:
+        # Activation memory scales with the micro-batch; keep the effective batch by accumulation.
+        half = max(1, cfg.micro_batch // 2)
+        fixes.append(
+            f"--micro-batch {half} --grad-accum {cfg.grad_accum * (cfg.micro_batch // half)} "
+            "(same effective batch)"
+        )
+    if _is_micro(base_spec):
+        fixes.append("a smaller --preset")
+    return (
+        f"predicted peak {format_bytes(peak_bytes)} exceeds the {format_bytes(free_bytes)} of {where} "
+        f"free: use {' or '.join(fixes) or 'a smaller base'}"
+    )
+
+
+def format_bytes(n: float | None) -> str:
+    if n is None:
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n /= 1000.0
+    return f"{n} B"
+
+
+def format_seconds(s: float | None) -> str:
+    if s is None or (isinstance(s, float) and math.isnan(s)):
+        return "n/a"
+    if s < 60:
+        return f"{s:.1f} s"
+    if s < 3600:
+        m, sec = divmod(int(round(s)), 60)
+        return f"{m} min {sec:02d} s"
+    h, m = divmod(int(round(s / 60)), 60)
+    return f"{h} h {m:02d} min"

@@ -1,0 +1,173 @@
+"""`ltm-tui estimate`: how long 1, 10, 100, 1000 pages take on this device, and why.
+
+    ltm-tui estimate --base micro --preset small --pages 1,10,100,1000 [--format json]
+
+The first call for a device, base and settings runs the calibration (`backend.compute.estimate`, a few
+real optimizer steps), as a task of the job service: a worker in a free slot measures it, so it
+never loads a model beside a run on the same card; later calls read the cache and the
+workspace's finished runs (`backend.studies.forecast`, no torch). `forecast_before_queueing` prints the
+same forecast per corpus for `ltm-tui run`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ltm_tui.cli.common import battery_flag, job_settings, model_flags, training_flags, usage, workspace
+
+
+def add_parser(sub):
+    # the flags of `ltm-tui run` that choose the base and the training: the estimate is of them
+    est = sub.add_parser("estimate", help="forecast time and memory for 1, 10, 100, 1000 pages (measured)",
+                         parents=[model_flags(), training_flags(),
+                                  battery_flag("battery folder or file timed for evaluation (default scenes/)")])
+    est.add_argument("--pages", default="1,10,100,1000", help="A4 pages (500 words each), comma-separated")
+    est.add_argument("--sample", nargs="+", metavar="FILE",
+                     help="measure tokens per word on these texts (default: the demo corpora)")
+    est.add_argument("--recalibrate", action="store_true", help="measure again even if a calibration is cached")
+    est.add_argument("--calibration-steps", type=int, default=8, help="steady-state steps measured (default 8)")
+    est.add_argument("--format", choices=["table", "json"], default="table")
+    est.set_defaults(handler=cmd_estimate, probes=False)
+    return est
+
+
+def _pages(text: str) -> list[float]:
+    try:
+        pages = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        pages = []
+    if not pages or any(p <= 0 for p in pages):
+        raise usage(f"--pages {text!r}: give positive numbers separated by commas, e.g. 1,10,100,1000")
+    return pages
+
+
+def cmd_estimate(args) -> int:
+    from backend.studies import forecast
+
+    pages = _pages(args.pages)
+    if args.sample:
+        for path in args.sample:
+            if not Path(path).expanduser().is_file():
+                raise usage(f"--sample {path}: no such file")
+    settings = job_settings(args)
+    ws = workspace(args)
+    base, train = settings.base, settings.train
+    if args.recalibrate or forecast.load_calibration(ws, base, train) is None:
+        from backend.jobs.client import run_task
+
+        # measured by a worker in one of the service's slots: never beside a run on the same card
+        say = (lambda s: None) if args.format == "json" else (lambda s: print(f"calibrating: {s}", file=sys.stderr))
+        run_task(
+            ws, "calibrate", say, base=base, train=train, lora=settings.lora or None,
+            steps=max(1, args.calibration_steps), scenes=settings.scenes,
+            sample=[str(Path(p).expanduser().absolute()) for p in args.sample or []] or None,
+        )
+    calib = forecast.load_calibration(ws, base, train)
+    free, where = forecast.free_memory(base)
+    rows = []
+    for p in pages:
+        tokens = forecast.tokens_for_pages(ws, base, train, p)
+        pred = forecast.predict(ws, base, train, tokens)
+        fix = forecast.memory_fix(pred["peak_memory_bytes"], free, base, train, where)
+        rows.append({"pages": p if p != int(p) else int(p), **pred, "free_memory_bytes": free, "memory_fix": fix})
+    if args.format == "json":
+        print(json.dumps(rows, ensure_ascii=False, indent=1))
+    else:
+        _print_table(rows, calib, base, train)
+    return 0
+
+
+def _print_table(rows: list[dict], calib: dict, base: dict, train: dict) -> None:
+    from backend.core.config import TrainConfig
+    from backend.studies import forecast
+
+    fs, fb = forecast.format_seconds, forecast.format_bytes
+    name = base["base"] + (f" ({base.get('preset')})" if base["base"] == "micro" else "")
+    name += " QLoRA 4-bit" if base.get("quant") else (" LoRA" if base["base"] != "micro" else " trained from scratch")
+    cfg = TrainConfig.from_dict(train)
+    print(f"{name} on {calib['device_tag']} ({calib['dtype']})")
+    print(
+        f"calibration ({calib['measured_at']}): {calib['steps']} steps of {cfg.micro_batch} × {cfg.grad_accum} × "
+        f"{calib['block_size']} tokens after {calib['warm_steps']} warm-up steps: "
+        f"{calib['tokens_per_s']:,.0f} tokens/s, peak memory {fb(calib['peak_memory_bytes'])} "
+        f"({calib['peak_memory_kind']}), base loaded in {fs(calib['load_seconds'])}"
+    )
+    per_tok = calib["flops_per_token"]
+    print(
+        f"FLOP model: 6 × {calib['trainable_matmul_params']:,} trained + 4 × {calib['frozen_matmul_params']:,} "
+        f"frozen matmul weights + {calib['attention_flops']:,} attention = {per_tok / 1e6:,.1f} MFLOP a token; "
+        f"{calib['achieved_flops_per_s'] / 1e9:,.1f} GFLOP/s achieved = MFU {calib['mfu']:.0%} of the measured "
+        f"{calib['matmul_ceiling_flops_per_s'] / 1e9:,.0f} GFLOP/s {calib['dtype']} matmul ceiling"
+    )
+    first = rows[0]
+    if first["runs"]:
+        print(
+            f"fit over {first['runs']} finished run(s) with these settings: train = {first['fixed_seconds']:.1f} s + "
+            f"{first['per_token_seconds'] * 1e6:.2f} µs × trained tokens (calibration alone: "
+            f"{1e6 / calib['tokens_per_s']:.2f} µs a token)"
+        )
+    else:
+        print("no finished runs with these settings yet: the forecast is the calibration alone; "
+              "each finished run refines it")
+    print(
+        f"a page is 500 words = {calib['tokens_per_word'] * 500:,.0f} tokens (measured on "
+        f"{calib['tokens_per_word_source']}); a run trains max({cfg.epochs:g} epochs, "
+        f"{cfg.min_train_tokens:,} tokens); evaluation = one pass over the batteries"
+    )
+    print("load = starting on the base as a worker's first job does (imports, loading or building "
+          "the base) plus tokenizing the corpus; a worker keeps an HF base loaded, so corpora "
+          "queued behind the first on it skip the base's load")
+    head = ("pages", "tokens", "trained", "load", "train", "eval", "total", "peak memory")
+    table = [head] + [
+        (f"{r['pages']:g}", f"{r['tokens']:,}", f"{r['trained_tokens']:,}", fs(r["load_seconds"] + r["tokenize_seconds"]),
+         fs(r["train_seconds"]), fs(r["eval_seconds"]), fs(r["total_seconds"]), fb(r["peak_memory_bytes"]))
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    for r in rows[:1]:
+        if r["memory_fix"]:
+            print(f"warning: {r['memory_fix']}")
+
+
+def forecast_before_queueing(ws, settings, files: list[str], budget_s: float = 5.0) -> None:
+    """One stderr line per corpus about to be queued: predicted time and peak memory, and a
+    warning with the fix when the peak exceeds free memory. Reads files only (no torch)."""
+    from backend.core.errors import LtmError
+    from backend.ingest.corpora import expand_paths, inspect_corpus
+    from backend.studies import forecast
+
+    base, train = settings.base, settings.train
+    found, _ = expand_paths(files)  # bad paths are reported by the submission itself
+    per_word, _ = forecast.tokens_per_word(ws, base, train)
+    deadline = time.monotonic() + budget_s
+    free, where = forecast.free_memory(base)
+    warned = False
+    for i, path in enumerate(found):
+        if time.monotonic() > deadline:
+            print(f"forecast: {len(found) - i} more corpora not forecast (reading them took too long)", file=sys.stderr)
+            break
+        try:
+            words = inspect_corpus(path).words
+        except LtmError:
+            continue
+        pred = forecast.predict(ws, base, train, max(1, int(words * per_word)))
+        if pred is None:
+            print(f"forecast: none yet for {base['base']} with these settings on this device; "
+                  "`ltm-tui estimate` measures one in a few seconds", file=sys.stderr)
+            return
+        fs = forecast.format_seconds
+        print(
+            f"forecast {path.name} ({words / 500:,.1f} pages, {pred['tokens']:,} tokens): train "
+            f"{fs(pred['train_seconds'])}, total {fs(pred['total_seconds'])}, peak "
+            f"{forecast.format_bytes(pred['peak_memory_bytes'])} ({pred['source']})",
+            file=sys.stderr,
+        )
+        fix = forecast.memory_fix(pred["peak_memory_bytes"], free, base, train, where)
+        if fix and not warned:
+            print(f"ltm-tui: warning: {fix}", file=sys.stderr)
+            warned = True
