@@ -6,12 +6,11 @@ from typing import Any, Iterable
 
 from rich.cells import cell_len
 from rich.console import Group
+from rich.measure import Measurement
 from rich.progress_bar import ProgressBar
 from rich.segment import Segment
-from rich.style import Style
 from rich.table import Table
 from rich.text import Text
-from textual._two_way_dict import TwoWayDict
 from textual.binding import Binding
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
@@ -36,33 +35,35 @@ ACTIVE = ("starting", "training", "evaluating")
 class Cell:
     """A table cell that shows one line of text and sorts by its raw value."""
 
-    __slots__ = ("text", "value", "style", "justify")
+    __slots__ = ("text", "value", "style", "justify", "key")
 
-    def __init__(self, text: str, value: Any = None, style: str = "", justify: str = "left") -> None:
+    def __init__(self, text: str, value: Any = None, style: str = "", justify: str = "left",
+                 key: str | None = None) -> None:
         self.text, self.value, self.style, self.justify = text, value, style, justify
+        self.key = key  # the row's key, on a row's first cell (RunTable.place)
 
-    def __rich__(self) -> Text:
-        return Text(self.text, style=self.style, justify=self.justify, no_wrap=True, overflow="ellipsis")
+    def __rich_console__(self, console, options):
+        """One segment: the text padded to the column, in its style (what rich's Text gives a
+        one-line, no-wrap text), without Text's layout, which a sort of a big table repaints for
+        every visible cell. A text wider than its column is Text's to cut, with an ellipsis."""
+        width = options.max_width
+        room = width - cell_len(self.text)
+        if room < 0:
+            yield Text(self.text, style=self.style, justify=self.justify, no_wrap=True, overflow="ellipsis")
+            return
+        gap = " " * room
+        text = gap + self.text if self.justify == "right" else self.text + gap
+        yield Segment(text, console.get_style(self.style) if self.style else None)
+
+    def __rich_measure__(self, console, options) -> Measurement:
+        width = cell_len(self.text)
+        return Measurement(width, width)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Cell) and (self.text, self.style) == (other.text, other.style)
 
     def __hash__(self) -> int:
         return hash(self.text)
-
-
-_METAS: dict[tuple[int, int], Style] = {}
-
-
-def _meta(row: int, column: int) -> Style:
-    """The click target of a cell (DataTable reads row and column from it). The same places are
-    painted again at every sort, and a style made once also makes rich's cached style sums hit."""
-    style = _METAS.get((row, column))
-    if style is None:
-        if len(_METAS) > 100_000:  # a long scroll through a big table: start again
-            _METAS.clear()
-        style = _METAS[(row, column)] = Style.from_meta({"row": row, "column": column})
-    return style
 
 
 def _num(value, digits: int) -> str:
@@ -144,85 +145,17 @@ def _bar(share: float | None, width: int = 16) -> ProgressBar | Text:
 
 
 class RunTable(DataTable):
-    """A table with one row per run (or per file, per trial), keyed by its id.
-
-    Cells of our own kind (`Cell`: one line of plain text that fits its column) render straight
-    to their segments instead of through rich's layout of Padding and Text: a sort or an update
-    of 10,000 runs repaints every visible cell, and the layout was most of that time. The
-    segments are the same as DataTable's own (tests/test_widgets.py compares them cell by cell);
-    anything else (a progress bar, a header, a cell too wide) goes the DataTable way.
-    """
-
-    _by_value: dict | None = None  # see _located
-    _one_line = False  # every row is one line high (then place() also fills DataTable's offsets)
-
-    def _render_cell(self, row_index: int, column_index: int, base_style: Style, width: int,
-                     cursor: bool = False, hover: bool = False):
-        if row_index < 0 or column_index < 0 or self.fixed_rows or self.fixed_columns:
-            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        row_key = self._row_locations.get_key(row_index)
-        column_key = self._column_locations.get_key(column_index)
-        cache_key = (row_key, column_key, base_style, cursor, hover, self._show_hover_cursor,
-                     self._update_count, self._pseudo_class_state)
-        lines = self._cell_render_cache.get(cache_key)
-        if lines is not None:
-            return lines
-        cell = self._data[row_key][column_key]
-        pad = self.cell_padding
-        room = width - 2 * pad
-        if not isinstance(cell, Cell) or self.rows[row_key].height != 1 or room < 0 or cell_len(cell.text) > room:
-            return super()._render_cell(row_index, column_index, base_style, width, cursor, hover)
-        component_style, post_style = self._get_styles_to_render_cell(
-            False, False, False, hover, cursor, self.show_cursor, self._show_hover_cursor,
-            self.cursor_foreground_priority == "css", self.cursor_background_priority == "css",
-        )
-        pre = base_style + _meta(row_index, column_index) + component_style
-        outer = pre + post_style
-        inner = pre + Style.parse(cell.style) + post_style if cell.style else outer  # parse is cached
-        gap = " " * (room - cell_len(cell.text))
-        text = gap + cell.text if cell.justify == "right" else cell.text + gap
-        lines = [[Segment(" " * pad, outer), Segment(text, inner), Segment(" " * pad, outer)]]
-        self._cell_render_cache[cache_key] = lines
-        return lines
+    """A table with one row per run (or per file, per trial), keyed by its id, on DataTable's
+    public API only. Its first column's cells carry their row's key, so that `place` can put the
+    rows in an order computed elsewhere (the service's order, with ties by run id) through
+    `DataTable.sort`."""
 
     def place(self, order: Iterable[str]) -> None:
-        """Show the rows in this order of keys (rows it does not name go last). The positions are
-        set in one pass: DataTable.sort would sort every row again to get the same order."""
-        located = self._located()
-        placed = [located[k] for k in dict.fromkeys(order) if k in located]
-        if len(placed) < len(located):
-            named = {key.value for key, _ in placed}
-            placed += [pair for k, pair in located.items() if k not in named]
-        self._row_locations = TwoWayDict({key: i for i, (key, _) in enumerate(placed)})
-        self._update_count += 1
-        # DataTable would rebuild these two lists on the next paint and cursor move by looking up
-        # every row's position, and the offsets a list per row (a third of an update of 10,000
-        # runs); we have the order at hand. Both are keyed by the update count, so any later
-        # change makes DataTable compute its own again.
-        self._ordered_row_cache[(len(placed), self._update_count)] = [row for _, row in placed]
-        if self._one_line:
-            self._offset_cache[self._update_count] = [(key, 0) for key, _ in placed]
-        self.refresh()
-
-    def _located(self) -> dict:
-        """Row id -> (its RowKey, its Row), kept until a row is added or removed: looking the
-        rows up by RowKey calls its Python-level hash once a row and a placement."""
-        if self._by_value is None:
-            self._by_value = {key.value: (key, row) for key, row in self.rows.items()}
-            self._one_line = all(row.height == 1 for row in self.rows.values())
-        return self._by_value
-
-    def add_row(self, *cells, **kwargs):
-        self._by_value = None
-        return super().add_row(*cells, **kwargs)
-
-    def remove_row(self, row_key):
-        self._by_value = None
-        return super().remove_row(row_key)
-
-    def clear(self, columns: bool = False):
-        self._by_value = None
-        return super().clear(columns)
+        """Show the rows in this order of keys (rows it does not name go last, as they were)."""
+        rank = {key: i for i, key in enumerate(dict.fromkeys(order))}
+        last = len(rank)
+        first = self.ordered_columns[0].key
+        self.sort(first, key=lambda cell: rank.get(getattr(cell, "key", None), last))
 
     def selected_run(self) -> str | None:
         if not self.row_count:
@@ -326,7 +259,7 @@ class QueueTable(RunTable):
         tps = job.get("tokens_per_s")
         extra = job.get("error") if status in ("failed", "interrupted") else None
         return [
-            Cell(label),
+            Cell(label, key=job["run_id"]),
             Cell(status, style=STATUS_STYLE.get(status, "")),
             bar,
             Cell(f"{step or 0}/{total}" if total else (str(step) if step else "-"), justify="right"),
@@ -452,7 +385,8 @@ class ResultsTable(RunTable):
         dim = "dim" if is_base else ""
         gain = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
         fixed = {
-            "corpus": Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim),
+            "corpus": Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim,
+                           key=r["run_id"]),
             "overall": Cell(_num(r.get("overall"), 3), r.get("overall"), dim or "bold", "right"),
             "delta": Cell("-" if delta is None else f"{delta:+.3f}", delta, gain, "right"),
             "base": Cell(r["base"], r["base"], dim),

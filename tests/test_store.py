@@ -16,7 +16,7 @@ import pytest
 
 from backend.core.errors import JobError, StoreError
 from backend.core.states import JobState
-from backend.jobs.store import MIGRATIONS, RESULT_KEYS, SORT_COLUMNS, Store
+from backend.jobs.store import RESULT_KEYS, SORT_COLUMNS, Store, migrations
 from tests.conftest import WAIT, cli
 
 SHA_A = "a" * 64
@@ -72,14 +72,14 @@ def ranked(store: Store) -> Store:
 
 def test_blank_memory_db_gets_every_migration():
     with Store(":memory:") as s:
-        assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
+        assert s.applied_migrations() == [name for name, _ in migrations()]
         tables = {r[0] for r in s._conn.execute("SELECT table_name FROM information_schema.tables")
                   .fetchall()}
     assert {"migrations", "corpora", "runs", "scores", "scene_results", "curves"} <= tables
 
 
 def test_migration_names_are_unique_and_ordered():
-    names = [name for name, _ in MIGRATIONS]
+    names = [name for name, _ in migrations()]
     assert names == sorted(names) and len(set(names)) == len(names)
 
 
@@ -88,13 +88,13 @@ def test_reopen_applies_no_migration_twice(tmp_path: Path):
     Store(path).close()
     Store(path).close()
     with Store(path) as s:
-        assert s.applied_migrations() == [name for name, _ in MIGRATIONS]
+        assert s.applied_migrations() == [name for name, _ in migrations()]
     con = duckdb.connect(str(path))
     try:
         counts = con.execute("SELECT name, count(*) FROM migrations GROUP BY name ORDER BY name").fetchall()
     finally:
         con.close()
-    assert counts == [(name, 1) for name, _ in MIGRATIONS]
+    assert counts == [(name, 1) for name, _ in migrations()]
 
 
 def test_an_old_database_gets_the_new_migrations(tmp_path: Path):
@@ -102,12 +102,12 @@ def test_an_old_database_gets_the_new_migrations(tmp_path: Path):
     path = tmp_path / "ltm.duckdb"
     con = duckdb.connect(str(path))
     con.execute("CREATE TABLE migrations (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)")
-    con.execute(MIGRATIONS[0][1])
+    con.execute(migrations()[0][1])
     con.execute("INSERT INTO migrations VALUES ('001_initial', now())")
     con.execute("INSERT INTO runs (run_id, kind, base, status, created_at, updated_at) VALUES ('r1', 'adapter', 'micro', 'done', now(), now())")
     con.close()
     with Store(path) as s:
-        assert s.applied_migrations()[-1] == MIGRATIONS[-1][0]
+        assert s.applied_migrations()[-1] == migrations()[-1][0]
         s.update_run("r1", worker_pid=42, worker_start=7)
         run = s.get_run("r1")
         assert (run["status"], run["worker_pid"], run["worker_start"]) == ("done", 42, 7)

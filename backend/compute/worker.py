@@ -22,6 +22,7 @@ import signal
 import sys
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,17 @@ def _corpus_chunks(path: str):
     return lambda: iter_text(Path(path))
 
 
+@dataclass
+class _Trained:
+    """What a job's training step leaves for evaluation: the model to score (the adapted one),
+    the adapter to unload afterwards, and the outcome (None for a baseline, which trains nothing)."""
+
+    model: Any = None
+    adapter: Any = None
+    outcome: Any = None
+    tokens: int = 0
+
+
 class Worker:
     def __init__(self, session: dict[str, Any]) -> None:
         from backend.compute.models import BaseSpec
@@ -107,13 +119,14 @@ class Worker:
         return self._base
 
     def run_job(self, job: dict[str, Any]) -> None:
+        """One job's recipe: load (or reuse) the base, train (an adapter run), evaluate, look
+        inside, write result.json. Every step says so in the run's events and train.log."""
         from backend.compute.evaluate import evaluate_all
-        from backend.compute.models import attach_lora, count_params
-        from backend.compute.train import StopRequested, train_model
-        from backend.core.config import LoraSettings, TrainConfig
+        from backend.compute.models import count_params
+        from backend.compute.train import StopRequested
+        from backend.core.config import TrainConfig
         from backend.core.events import EventLog, write_json_atomic
         from backend.core.workspace import cancel_marker
-        from backend.scoring.measures import overall
 
         run_dir = Path(job["run_dir"])
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +136,7 @@ class Worker:
             return  # cancelled while it waited in this worker's session: never started
         events = EventLog(run_dir / "events.jsonl", job["run_id"], attempt)
         log = RunLog(run_dir / "train.log")
-        adapter = None
+        trained = _Trained()
         try:
             if (run_dir / "result.json").exists():
                 # an earlier attempt finished but its result never reached the store (the run
@@ -141,69 +154,22 @@ class Worker:
             load_seconds = time.perf_counter() - t_load
             log(f"base {self.spec.base} on {device} ({count_params(model):,} parameters) in {load_seconds:.1f}s")
             cfg = TrainConfig.from_dict({**job.get("train", {}), "seed": seed})
-            outcome = None
-            tokens = 0
+            trained.model = model
             if job["kind"] == "adapter":
-                tokens = self._tokenize(job, tok, run_dir, log)
-                if not self.spec.is_micro:
-                    adapter = attach_lora(model, LoraSettings.from_dict(job.get("lora")), seed)
-                    model = adapter
-                trainable = count_params(model, trainable_only=True)
-                events.emit("phase", phase="training", tokens=tokens, trainable_params=trainable)
-                log(f"training {trainable:,} parameters on {tokens:,} tokens: {json.dumps(cfg.to_dict())}")
-                outcome = train_model(
-                    model,
-                    run_dir / "tokens.bin",
-                    run_dir,
-                    cfg,
-                    device=device,
-                    emit=events.emit,
-                    log=log,
-                    should_stop=lambda: Stop.requested or cancelled(),
-                )
-                self._save(model, run_dir)
+                self._train(job, trained, tok, device, cfg, seed, events, log, cancelled)
             if Stop.requested or cancelled.now():
                 raise _stopped()
             events.emit("phase", phase="evaluating")
             chunks = _corpus_chunks(job["corpus_path"]) if job.get("corpus_path") else None
             scores, scene_results, eval_seconds = evaluate_all(
-                model, tok, self.batteries, device=device, corpus_chunks=chunks,
-                reference=self._reference(job, model, seed),
+                trained.model, tok, self.batteries, device=device, corpus_chunks=chunks,
+                reference=self._reference(job, trained.model, seed),
             )
             probes = None
             if job["kind"] == "adapter" and job.get("probes", True):
-                probes = self._probe(model, tok, device, seed, eval_seconds, log)
-            curve = _curve_from_events(run_dir / "events.jsonl")
-            result = {
-                "run_id": job["run_id"],
-                "kind": job["kind"],
-                "base": self.spec.base,
-                "corpus_path": job.get("corpus_path"),
-                "tokens": tokens,
-                "steps": outcome.steps if outcome else 0,
-                "tokens_seen": outcome.tokens_seen if outcome else 0,
-                "train_seconds": round(outcome.train_seconds, 3) if outcome else 0.0,
-                "eval_seconds": round(eval_seconds, 3),
-                "load_seconds": round(load_seconds, 3),
-                "warm": warm,  # this worker had run a job before: its load was not a cold start's
-                "final_loss": outcome.final_loss if outcome else None,
-                # what the steps ran with: smaller than asked when out-of-memory halved it
-                "micro_batch_used": outcome.micro_batch if outcome else None,
-                "grad_accum_used": outcome.grad_accum if outcome else None,
-                "oom_halvings": outcome.oom_halvings if outcome else 0,
-                "device": str(device),
-                "params": count_params(model),
-                "settings": {
-                    "base": self.spec.to_dict(),
-                    "train": cfg.to_dict(),
-                    "lora": job.get("lora") if not self.spec.is_micro else None,
-                },
-                "scores": scores,
-                "overall": overall({k: v["value"] for k, v in scores.items()}),
-                "scene_results": scene_results,
-                "curve": curve,
-                "probes": probes,
-            }
+                probes = self._probe(trained.model, tok, device, seed, eval_seconds, log)
+            result = self._result(job, trained, cfg, device, scores, scene_results, probes,
+                                  load_seconds=load_seconds, eval_seconds=eval_seconds, warm=warm)
             if cancelled.now():
                 raise _stopped()
             write_json_atomic(run_dir / "result.json", result)
@@ -216,10 +182,67 @@ class Worker:
             events.emit("phase", phase="cancelled")
             log("cancelled by the user; `ltm-tui retry` resumes it from its newest checkpoint")
         finally:
-            if adapter is not None:
-                adapter.unload()  # the base goes back untouched for the next job
+            if trained.adapter is not None:
+                trained.adapter.unload()  # the base goes back untouched for the next job
             events.close()
             log.close()
+
+    def _train(self, job, trained: "_Trained", tok, device, cfg, seed: int, events, log, cancelled) -> None:
+        """Tokenize the corpus, wrap an HF base in a fresh LoRA adapter, train, save the weights."""
+        from backend.compute.models import attach_lora, count_params
+        from backend.compute.train import train_model
+        from backend.core.config import LoraSettings
+
+        run_dir = Path(job["run_dir"])
+        trained.tokens = self._tokenize(job, tok, run_dir, log)
+        if not self.spec.is_micro:
+            trained.adapter = trained.model = attach_lora(trained.model, LoraSettings.from_dict(job.get("lora")), seed)
+        trainable = count_params(trained.model, trainable_only=True)
+        events.emit("phase", phase="training", tokens=trained.tokens, trainable_params=trainable)
+        log(f"training {trainable:,} parameters on {trained.tokens:,} tokens: {json.dumps(cfg.to_dict())}")
+        trained.outcome = train_model(
+            trained.model, run_dir / "tokens.bin", run_dir, cfg, device=device, emit=events.emit, log=log,
+            should_stop=lambda: Stop.requested or cancelled(),
+        )
+        self._save(trained.model, run_dir)
+
+    def _result(self, job, trained: "_Trained", cfg, device, scores, scene_results, probes, *,
+                load_seconds: float, eval_seconds: float, warm: bool) -> dict[str, Any]:
+        """result.json: what the store ingests (backend/jobs/store.py) and the forecast fits."""
+        from backend.compute.models import count_params
+        from backend.scoring.measures import overall
+
+        outcome = trained.outcome
+        return {
+            "run_id": job["run_id"],
+            "kind": job["kind"],
+            "base": self.spec.base,
+            "corpus_path": job.get("corpus_path"),
+            "tokens": trained.tokens,
+            "steps": outcome.steps if outcome else 0,
+            "tokens_seen": outcome.tokens_seen if outcome else 0,
+            "train_seconds": round(outcome.train_seconds, 3) if outcome else 0.0,
+            "eval_seconds": round(eval_seconds, 3),
+            "load_seconds": round(load_seconds, 3),
+            "warm": warm,  # this worker had run a job before: its load was not a cold start's
+            "final_loss": outcome.final_loss if outcome else None,
+            # what the steps ran with: smaller than asked when out-of-memory halved it
+            "micro_batch_used": outcome.micro_batch if outcome else None,
+            "grad_accum_used": outcome.grad_accum if outcome else None,
+            "oom_halvings": outcome.oom_halvings if outcome else 0,
+            "device": str(device),
+            "params": count_params(trained.model),
+            "settings": {
+                "base": self.spec.to_dict(),
+                "train": cfg.to_dict(),
+                "lora": job.get("lora") if not self.spec.is_micro else None,
+            },
+            "scores": scores,
+            "overall": overall({k: v["value"] for k, v in scores.items()}),
+            "scene_results": scene_results,
+            "curve": _curve_from_events(Path(job["run_dir"]) / "events.jsonl"),
+            "probes": probes,
+        }
 
     def _reference(self, job: dict, model, seed: int):
         """The base an adapted model is compared with (fluency gate, forgetting); None for a

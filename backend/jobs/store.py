@@ -34,198 +34,17 @@ DEFAULT_CSV_NAME = "ltm_results_table.csv"
 
 RUN_KINDS = ("adapter", "baseline")
 
-# Ordered (name, sql). Never edit one that has shipped: append a new one instead.
-# No foreign keys: DuckDB refuses updates of rows that other tables reference.
-# settings/detail are VARCHAR holding JSON so the store needs no extension to be loaded.
-MIGRATIONS: tuple[tuple[str, str], ...] = (
-    (
-        "001_initial",
-        """
-        CREATE TABLE corpora (
-            corpus_id VARCHAR PRIMARY KEY,  -- sha256 hex of the file bytes
-            path VARCHAR NOT NULL,          -- the latest path this content was added from
-            name VARCHAR NOT NULL,
-            format VARCHAR,
-            encoding VARCHAR,
-            bytes BIGINT,
-            chars BIGINT,
-            words BIGINT,
-            pages DOUBLE,
-            added_at TIMESTAMP NOT NULL
-        );
-        CREATE TABLE runs (
-            run_id VARCHAR PRIMARY KEY,     -- one row is both the job and its result
-            kind VARCHAR NOT NULL,          -- 'adapter' | 'baseline'
-            corpus_id VARCHAR,
-            corpus_path VARCHAR,
-            base VARCHAR NOT NULL,
-            settings VARCHAR NOT NULL DEFAULT '{}',
-            seed INTEGER NOT NULL DEFAULT 0,
-            status VARCHAR NOT NULL,
-            priority INTEGER NOT NULL DEFAULT 0,
-            error VARCHAR,
-            created_at TIMESTAMP NOT NULL,
-            started_at TIMESTAMP,
-            finished_at TIMESTAMP,
-            updated_at TIMESTAMP NOT NULL,
-            tokens BIGINT,
-            steps INTEGER,
-            train_seconds DOUBLE,
-            eval_seconds DOUBLE,
-            final_loss DOUBLE,
-            overall DOUBLE,
-            run_dir VARCHAR,
-            ingested BOOLEAN NOT NULL DEFAULT false
-        );
-        CREATE TABLE scores (
-            run_id VARCHAR NOT NULL,
-            measure VARCHAR NOT NULL,
-            value DOUBLE,
-            n INTEGER,
-            PRIMARY KEY (run_id, measure)
-        );
-        CREATE TABLE scene_results (
-            run_id VARCHAR NOT NULL,
-            battery VARCHAR NOT NULL,
-            scene_id VARCHAR NOT NULL,
-            kind VARCHAR,
-            metric VARCHAR,
-            score DOUBLE,
-            correct BOOLEAN,
-            detail VARCHAR,                 -- JSON
-            PRIMARY KEY (run_id, battery, scene_id)
-        );
-        CREATE TABLE curves (
-            run_id VARCHAR NOT NULL,
-            step INTEGER NOT NULL,
-            loss DOUBLE,
-            lr DOUBLE,
-            tokens BIGINT,
-            tokens_per_s DOUBLE,
-            PRIMARY KEY (run_id, step)
-        );
-        """,
-    ),
-    (
-        # The worker that holds a run: its pid and its start time (clock ticks since boot, from
-        # /proc), so a restarted service re-attaches to it and never mistakes a reused pid.
-        "002_workers",
-        """
-        ALTER TABLE runs ADD COLUMN worker_pid INTEGER;
-        ALTER TABLE runs ADD COLUMN worker_start BIGINT;
-        ALTER TABLE runs ADD COLUMN session_path VARCHAR;
-        """,
-    ),
-    (
-        # The bootstrap 95% interval of each score (backend/scoring/measures.py, docs/measures.md).
-        "003_measures",
-        """
-        ALTER TABLE scores ADD COLUMN lo DOUBLE;
-        ALTER TABLE scores ADD COLUMN hi DOUBLE;
-        """,
-    ),
-    (
-        # What training changed inside the network (backend/compute/probes.py): the headline numbers as
-        # columns (the results table shows and sorts them), the per-layer arrays as JSON.
-        "004_probes",
-        """
-        CREATE TABLE probes (
-            run_id VARCHAR PRIMARY KEY,
-            weight_change DOUBLE,           -- Frobenius norm of the whole update
-            weight_rel_change DOUBLE,       -- ... relative to the base weights' norm
-            attn_entropy_change DOUBLE,     -- mean over layers and heads, adapter - base, nats
-            attn_js DOUBLE,                 -- mean Jensen-Shannon distance of attention rows
-            drift_layer INTEGER,            -- residual-stream depth of lowest CKA (0: embeddings)
-            min_cka DOUBLE,
-            mean_cka DOUBLE,
-            lens_layer_base DOUBLE,         -- mean depth where the logit lens settles on the answer
-            lens_layer_adapter DOUBLE,
-            seconds DOUBLE,
-            error VARCHAR,                  -- the probe failed; the run itself stands
-            detail VARCHAR                  -- JSON: the whole probe result (docs/probes.md)
-        );
-        """,
-    ),
-    (
-        # Attribution studies (backend/studies/attribution_study.py, docs/attribution.md): which runs
-        # serve which subset of a study's files. A run may fill several slots (two files with the
-        # same text give the same single-file run), so the key is the slot, not the run.
-        "005_attribution",
-        """
-        CREATE TABLE attribution_studies (
-            study_id VARCHAR PRIMARY KEY,   -- from the files' contents and the run settings
-            files VARCHAR NOT NULL,         -- JSON [{path, name, sha256}], the study's order
-            settings VARCHAR NOT NULL,      -- JSON: the runs' settings record (as runs.settings)
-            subsets INTEGER NOT NULL,       -- random subsets asked for so far (the largest N)
-            seeds VARCHAR NOT NULL,         -- JSON list of the seeds asked for so far
-            created_at TIMESTAMP NOT NULL,
-            updated_at TIMESTAMP NOT NULL
-        );
-        CREATE TABLE attribution_runs (
-            study_id VARCHAR NOT NULL,
-            design VARCHAR NOT NULL,        -- 'none' (the baseline) | 'alone' | 'all' | 'random'
-            slot INTEGER NOT NULL,          -- the file (alone) or the draw (random); 0 otherwise
-            seed INTEGER NOT NULL,
-            members VARCHAR NOT NULL,       -- JSON: indices into the study's files
-            run_id VARCHAR NOT NULL,
-            PRIMARY KEY (study_id, design, slot, seed)
-        );
-        """,
-    ),
-    (
-        # Search studies (backend/studies/search.py, docs/search.md): a summary of each Optuna study
-        # (its own record is the journal in search/<study>/), for the dashboard, which loads
-        # neither optuna nor torch. Written by `ltm-tui search` through the service.
-        "006_search",
-        """
-        CREATE TABLE search_studies (
-            study VARCHAR PRIMARY KEY,      -- the study's name (folder search/<study>/)
-            objective VARCHAR NOT NULL,     -- overall or a measure
-            direction VARCHAR NOT NULL,     -- maximize | minimize
-            sampler VARCHAR NOT NULL,       -- tpe | grid
-            target_trials INTEGER,          -- the largest --trials asked for
-            space VARCHAR NOT NULL,         -- JSON: the validated space
-            files VARCHAR NOT NULL,         -- JSON: the corpus paths searched over
-            best_trial INTEGER,
-            best_value DOUBLE,
-            importances VARCHAR,            -- JSON {param: share}, NULL until enough trials
-            created_at TIMESTAMP NOT NULL,
-            updated_at TIMESTAMP NOT NULL
-        );
-        CREATE TABLE search_trials (
-            study VARCHAR NOT NULL,
-            number INTEGER NOT NULL,        -- Optuna's trial number
-            run_id VARCHAR,                 -- the job that trained it (NULL before it was queued)
-            state VARCHAR NOT NULL,         -- RUNNING | COMPLETE | PRUNED | FAIL
-            params VARCHAR NOT NULL,        -- JSON {param: value}
-            value DOUBLE,                   -- the objective (COMPLETE only)
-            last_step INTEGER,              -- the last intermediate evaluation
-            last_value DOUBLE,              -- ... its eval loss
-            error VARCHAR,                  -- why it failed or was pruned
-            PRIMARY KEY (study, number)
-        );
-        """,
-    ),
-    (
-        # Each attempt of a run is its own: a retry starts attempt n+1, whose worker stamps every
-        # event with n+1, so the events of an earlier attempt (its `error`, its phases) can never
-        # be read as the new one's. The outcome of every attempt that ended is kept.
-        "007_attempts",
-        """
-        ALTER TABLE runs ADD COLUMN attempt INTEGER DEFAULT 0;
-        UPDATE runs SET attempt = 0;
-        CREATE TABLE run_attempts (
-            run_id VARCHAR NOT NULL,
-            attempt INTEGER NOT NULL,       -- 0 for the first, +1 per retry
-            status VARCHAR NOT NULL,        -- the terminal state it ended in
-            error VARCHAR,
-            started_at TIMESTAMP,
-            finished_at TIMESTAMP NOT NULL,
-            PRIMARY KEY (run_id, attempt)
-        );
-        """,
-    ),
-)
+# The schema's steps, applied in name order, each once: backend/jobs/migrations/NNN_name.sql.
+# Never edit one that has shipped: add a new file instead. No foreign keys: DuckDB refuses updates
+# of rows that other tables reference. settings/detail are VARCHAR holding JSON so the store needs
+# no extension to be loaded.
+MIGRATIONS_DIR = Path(__file__).with_name("migrations")
+
+
+def migrations() -> list[tuple[str, str]]:
+    """(name, sql) of every migration, in the order they apply."""
+    return [(f.stem, f.read_text(encoding="utf-8")) for f in sorted(MIGRATIONS_DIR.glob("[0-9]*.sql"))]
+
 
 # --- whitelists: the only identifiers ever formatted into SQL ---------------------------------
 
@@ -430,7 +249,7 @@ class Store:
                 " (name VARCHAR PRIMARY KEY, applied_at TIMESTAMP NOT NULL)"
             )
             done = {row[0] for row in cur.execute("SELECT name FROM migrations").fetchall()}
-            for name, sql in MIGRATIONS:
+            for name, sql in migrations():
                 if name in done:
                     continue
                 cur.execute("BEGIN TRANSACTION")

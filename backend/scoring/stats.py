@@ -115,6 +115,13 @@ def _make_draws(sizes: tuple[int, ...], samples: int, seed: int) -> tuple[array,
 _cached_draws = functools.lru_cache(maxsize=8)(_make_draws)
 
 
+def draws(sizes: Sequence[int], samples: int = BOOTSTRAP_SAMPLES, seed: int = BOOTSTRAP_SEED) -> tuple[array, ...]:
+    """The bootstrap's resamples for strata of these sizes: one flat array of indices a sample,
+    stratum after stratum, each index drawn with replacement within its own stratum. Every
+    bootstrap in the project resamples with these (the attribution's, vectorised, too)."""
+    return _draws(tuple(sizes), samples, seed)
+
+
 def bootstrap_interval(
     rows: Sequence,
     statistic: Callable[[list], float | None],

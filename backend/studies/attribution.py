@@ -1,6 +1,6 @@
 """Which file makes the difference: Data Banzhaf values of corpus files, from runs on subsets.
 
-No torch, no textual: the service computes a study's table on request (numpy for the bootstrap).
+No torch, no textual: the service computes a study's table on request (numpy over stats' resamples).
 
 A study trains on subsets S of n files and scores each run; v(S) is a run's score on one measure.
 The Banzhaf value of file i is its mean marginal effect over all subsets of the other files,
@@ -24,11 +24,12 @@ uniform distribution would, so each run is weighted by 1/π, its subset's inclus
 scores. A file and an exact copy of it share their credit: if one copy is enough, each gets half
 of what either gets alone (the copy is present in half of the other subsets).
 
-Intervals: percentile bootstrap over runs with backend/scoring/stats.py's settings (1000 resamples, fixed
-seed, 95%), resampling within each kind of subset (empty, alone, all, mixed) so every resample
-keeps the design's shape. It is done for all files of a measure at once, as matrix products over
-the resamples' row counts: calling `stats.bootstrap_interval` once per file and measure took 7 s
-for 10 files × 10 measures × 104 runs, and the dashboard asks for the table whenever a run ends. Noise: σ is the
+Intervals: percentile bootstrap over runs with backend/scoring/stats.py's resampler (`stats.draws`:
+1000 resamples, fixed seed, 95%), resampling within each kind of subset (empty, alone, all, mixed)
+so every resample keeps the design's shape. It is done for all files of a measure at once, as
+matrix products over the resamples' row counts: calling `stats.bootstrap_interval` once per file
+and measure took 7 s for 10 files × 10 measures × 104 runs, and the dashboard asks for the table
+whenever a run ends. Noise: σ is the
 weighted standard deviation of a run's score among the runs with a file and among those without
 it, pooled over the files; the estimate's standard error is about 2σ/√R with R runs (half with,
 half without), so an effect δ stands out of its 95% interval with about 16σ²/δ² runs.
@@ -127,11 +128,16 @@ def _bootstrap(rows: Sequence[_Row], n: int, samples: int) -> list[tuple[float, 
     strata: dict[str, list[int]] = {}
     for k, r in enumerate(rows):
         strata.setdefault(r.stratum, []).append(k)
-    rng = np.random.default_rng(stats.BOOTSTRAP_SEED)
-    counts = np.zeros((samples, len(rows)))  # how often each run is in each resample
+    # the project's one resampler (stats.draws), read as a samples × runs array of indices
+    # within each stratum, then counted: how often each run is in each resample
+    sizes = [len(m) for m in strata.values()]
+    drawn = np.stack([np.frombuffer(d, dtype=f"u{d.itemsize}") for d in stats.draws(sizes, samples)])
+    counts = np.zeros((samples, len(rows)))
+    start = 0
     for members in strata.values():
-        drawn = np.asarray(members)[rng.integers(0, len(members), size=(samples, len(members)))]
-        np.add.at(counts, (np.arange(samples)[:, None], drawn), 1.0)
+        picked = np.asarray(members)[drawn[:, start:start + len(members)]]
+        np.add.at(counts, (np.arange(samples)[:, None], picked), 1.0)
+        start += len(members)
     with np.errstate(divide="ignore", invalid="ignore"):
         beta = (counts @ (wv[:, None] * x)) / (counts @ (w[:, None] * x)) - (
             counts @ (wv[:, None] * (1 - x))) / (counts @ (w[:, None] * (1 - x)))
