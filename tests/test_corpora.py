@@ -19,11 +19,11 @@ from backend.core.errors import CorpusError
 from backend.ingest.corpora import (
     SUPPORTED_SUFFIXES,
     CorpusInfo,
-    _WordCounter,
     expand_paths,
     inspect_corpus,
     iter_text,
 )
+from backend.ingest.textfiles import WordCounter
 
 RUSSIAN = (
     "Исследователь хочет понять, какие из этих текстов действительно учат модель думать.\n"
@@ -486,7 +486,7 @@ def test_pages_are_rounded_to_two_decimals(tmp_path: Path) -> None:
 def test_word_count_matches_split_across_any_chunking() -> None:
     text = "a  bb\u00a0ccc\u3000дд\tе\u2028ж\n\n  end. x" * 7
     for size in (1, 2, 3, 5, 8, 1000):
-        counter = _WordCounter()
+        counter = WordCounter()
         for start in range(0, len(text), size):
             counter.feed(text[start : start + size])
         assert counter.words == len(text.split()), size

@@ -127,44 +127,12 @@ def _time_batteries(model, tok, batteries, device, log, per_battery: int = 4) ->
     return total
 
 
-def calibrate(
-    workspace,
-    base_spec: Mapping[str, Any],
-    train: Mapping[str, Any] | None = None,
-    lora: Mapping[str, Any] | None = None,
-    *,
-    steps: int = 8,
-    warm: int = 2,
-    scenes: str | Path | None = None,
-    sample: Sequence[Path] | None = None,
-    log: Callable[[str], None] = lambda s: None,
-) -> dict[str, Any]:
-    """Measure, cache and return the calibration for this device, base and settings."""
-    from backend.compute.models import BaseSpec, attach_lora, count_params, load_base, train_dtype
+def _time_steps(model, ids: list[int], cfg, block: int, device, *, warm: int, steps: int, log) -> dict[str, Any]:
+    """`warm` + `steps` real optimizer steps on these tokens (repeated to fill them) through
+    the worker's own training loop: the steady steps' speed (median step, tokens a second), what
+    the first steps cost on top, and the peak memory."""
     from backend.compute.train import train_model
-    from backend.core.config import LoraSettings
-    from backend.scoring.scenes import load_batteries
 
-    spec = BaseSpec(**{k: base_spec.get(k) for k in ("base", "preset", "quant", "device")
-                       if base_spec.get(k) is not None},
-                    trust_remote_code=bool(base_spec.get("trust_remote_code")))
-    cfg = forecast.resolved_train(base_spec, train)
-
-    t0 = time.perf_counter()
-    model, tok, device = load_base(spec, seed=0)
-    if not spec.is_micro:
-        model = attach_lora(model, LoraSettings.from_dict(lora), 0)
-    _sync(device)
-    load_seconds = time.perf_counter() - t0
-    log(f"loaded {spec.base} on {device} in {load_seconds:.2f} s ({count_params(model):,} parameters)")
-
-    text, words, sample_from = _sample_text(sample)
-    t0 = time.perf_counter()
-    ids = tok.encode(text)
-    tokenize_rate = len(ids) / max(time.perf_counter() - t0, 1e-9)
-
-    context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
-    block = min(cfg.block_size, context)
     total_steps = warm + steps
     need = total_steps * cfg.micro_batch * cfg.grad_accum * block + block
     tokens = np.resize(np.asarray(ids, dtype=TOKEN_DTYPE), max(need, len(ids)))
@@ -183,16 +151,65 @@ def calibrate(
         train_model(model, path, Path(tmp), run_cfg, device=device,
                     emit=lambda kind, **p: progress.append(p) if kind == "progress" else None,
                     log=lambda s: None)
-        train_wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0
     peak, peak_kind = _peak_memory(device)
     step_tokens = cfg.micro_batch * cfg.grad_accum * block
     times = [step_tokens / max(p["tokens_per_s"], 1e-9) for p in progress]
     steady = times[warm:] or times
     step_seconds = sorted(steady)[len(steady) // 2]
-    tokens_per_s = step_tokens * len(steady) / sum(steady)
-    warmup_seconds = max(0.0, sum(times[:warm]) - warm * step_seconds)
+    return {
+        "tokens_per_s": step_tokens * len(steady) / sum(steady),
+        "step_seconds": step_seconds,
+        "warmup_seconds": max(0.0, sum(times[:warm]) - warm * step_seconds),
+        "wall_seconds": wall,
+        "peak_memory_bytes": peak,
+        "peak_memory_kind": peak_kind,
+    }
 
+
+def calibrate(
+    workspace,
+    base_spec: Mapping[str, Any],
+    train: Mapping[str, Any] | None = None,
+    lora: Mapping[str, Any] | None = None,
+    *,
+    steps: int = 8,
+    warm: int = 2,
+    scenes: str | Path | None = None,
+    sample: Sequence[Path] | None = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> dict[str, Any]:
+    """Measure, cache and return the calibration for this device, base and settings."""
+    from backend.compute.models import BaseSpec, attach_lora, count_params, load_base, train_dtype
+    from backend.core.config import LoraSettings
+    from backend.scoring.scenes import load_batteries
+
+    spec = BaseSpec(**{k: base_spec.get(k) for k in ("base", "preset", "quant", "device")
+                       if base_spec.get(k) is not None},
+                    trust_remote_code=bool(base_spec.get("trust_remote_code")))
+    cfg = forecast.resolved_train(base_spec, train)
+
+    # 1. the base, as a worker's first job loads it (an HF base with its fresh adapter)
+    t0 = time.perf_counter()
+    model, tok, device = load_base(spec, seed=0)
+    if not spec.is_micro:
+        model = attach_lora(model, LoraSettings.from_dict(lora), 0)
+    _sync(device)
+    load_seconds = time.perf_counter() - t0
+    log(f"loaded {spec.base} on {device} in {load_seconds:.2f} s ({count_params(model):,} parameters)")
+
+    # 2. the tokenizer on real text: its speed, and how many tokens a word makes
+    text, words, sample_from = _sample_text(sample)
+    t0 = time.perf_counter()
+    ids = tok.encode(text)
+    tokenize_rate = len(ids) / max(time.perf_counter() - t0, 1e-9)
+
+    # 3. real optimizer steps with these settings, and 4. one pass over the batteries
+    context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
+    block = min(cfg.block_size, context)
+    timing = _time_steps(model, ids, cfg, block, device, warm=warm, steps=steps, log=log)
     eval_seconds = _time_batteries(model, tok, load_batteries(scenes or default_scenes_dir()), device, log)
+    tokens_per_s = timing["tokens_per_s"]
 
     flops = flop_model(model, block)
     ceiling = matmul_ceiling(device, train_dtype(device))  # measured with each calibration, same load
@@ -211,16 +228,16 @@ def calibrate(
         "params": count_params(model),
         "trainable_params": count_params(model, trainable_only=True),
         "tokens_per_s": round(tokens_per_s, 2),
-        "step_seconds": round(step_seconds, 5),
-        "warmup_seconds": round(warmup_seconds, 4),
-        "calibration_wall_seconds": round(train_wall, 3),
+        "step_seconds": round(timing["step_seconds"], 5),
+        "warmup_seconds": round(timing["warmup_seconds"], 4),
+        "calibration_wall_seconds": round(timing["wall_seconds"], 3),
         "load_seconds": round(load_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
         "tokenize_tokens_per_s": round(tokenize_rate, 1),
         "tokens_per_word": round(len(ids) / max(1, words), 4),
         "tokens_per_word_source": sample_from,
-        "peak_memory_bytes": peak,
-        "peak_memory_kind": peak_kind,
+        "peak_memory_bytes": timing["peak_memory_bytes"],
+        "peak_memory_kind": timing["peak_memory_kind"],
         **flops,
         "achieved_flops_per_s": achieved,
         "matmul_ceiling_flops_per_s": ceiling,

@@ -354,10 +354,9 @@ ONE_THREAD_HIDDEN = 1024
 @contextmanager
 def one_thread(model, device):
     """One intra-op thread while evaluating a small model on the CPU. A decoding step is some
-    hundred tiny operations; a second thread gains little on them, and when another process
-    holds the other core every operation waits for it: the built-in batteries' completions on
-    micro `small` took 2.3 s with one thread and 87 s with two while a training job ran beside
-    them on this 2-core machine (the whole evaluation: 4.9 s against 62 s)."""
+    hundred tiny operations: a second thread gains little on each, and when another process (a
+    training worker) holds the other core, every operation waits for that core to come free, so
+    two threads can be many times slower than one (docs/benchmarks.md has the measurement)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     hidden = int(getattr(inner.config, "hidden_size", 0) or 0)
     before = torch.get_num_threads()
@@ -518,29 +517,39 @@ def evaluate_battery(
     """Scene results for one battery: dicts with battery, scene_id, kind, metric, score,
     correct and detail (tags, log-likelihoods, generated text, checks). `generations` (scene
     id → Generation) are completions already made, as `evaluate_all` makes them for every
-    battery in one batch; the rest are generated here."""
-    results: list[dict] = []
+    battery in one batch; the rest are generated here. Each kind of scene is scored in one
+    batch: choices by log-likelihood, completions by their checks, texts by their loss."""
+    scored = [  # (scene, kind, score, correct, detail) of each scene
+        *_choice_scores(model, tok, battery, device, batch_size),
+        *_generate_scores(model, tok, battery, device, corpus_chunks, generations),
+        *_perplexity_scores(model, tok, battery, device),
+    ]
+    order = {s.id: i for i, s in enumerate(battery.scenes)}
+    scored.sort(key=lambda item: order[item[0].id])
+    return [
+        {
+            "battery": battery.name,
+            "scene_id": scene.id,
+            "kind": kind,
+            "metric": battery.metric,
+            "score": None if score is None else float(score),
+            "correct": correct,
+            "detail": {**_tags(scene), **detail},
+        }
+        for scene, kind, score, correct, detail in scored
+    ]
 
-    def add(scene, kind: str, score: float, correct: bool | None, detail: dict) -> None:
-        results.append(
-            {
-                "battery": battery.name,
-                "scene_id": scene.id,
-                "kind": kind,
-                "metric": battery.metric,
-                "score": None if score is None else float(score),
-                "correct": correct,
-                "detail": {**_tags(scene), **detail},
-            }
-        )
 
+def _choice_scores(model, tok: Tokenizer, battery: Battery, device, batch_size: int | None) -> list[tuple]:
+    """Each choice scene: right when its answer has the highest log-likelihood (acc_norm: per
+    character of the choice, as lm-evaluation-harness reports it too)."""
     choices = [s for s in battery.scenes if isinstance(s, ChoiceScene)]
     requests: list[LoglikRequest] = []
     for scene in choices:
         context, continuations = choice_request(scene)
         requests += [LoglikRequest(context, c) for c in continuations]
     scored = loglikelihoods(model, tok, requests, device=device, batch_size=batch_size)
-    pos = 0
+    out, pos = [], 0
     for scene in choices:
         n = len(scene.choices)
         lls = [ll for ll, _ in scored[pos : pos + n]]
@@ -550,58 +559,57 @@ def evaluate_battery(
         norm = [ll / max(1, len(c)) for ll, c in zip(lls, scene.choices)]
         pred_norm = max(range(n), key=lambda i: norm[i])
         ok = pred == answer
-        add(
-            scene,
-            "choice",
-            float(ok),
-            ok,
-            {
-                "loglik": [round(v, 5) for v in lls],
-                "pred": pred,
-                "answer": answer,
-                "n_choices": n,
-                "acc_norm": float(pred_norm == answer),
-            },
-        )
+        detail = {"loglik": [round(v, 5) for v in lls], "pred": pred, "answer": answer, "n_choices": n,
+                  "acc_norm": float(pred_norm == answer)}
+        out.append((scene, "choice", float(ok), ok, detail))
+    return out
 
-    generated: list[tuple[GenerateScene, str, list[tuple[str, bool]]]] = []
+
+def _generate_scores(model, tok: Tokenizer, battery: Battery, device, corpus_chunks,
+                     generations: dict[str, Generation] | None) -> list[tuple]:
+    """Each generate scene: its completion (made here unless given), its checks, and for
+    novelty the word n-grams the training corpus does not hold."""
     made = dict(generations or {})
     todo = [s for s in battery.scenes if isinstance(s, GenerateScene) and s.id not in made]
     if todo:
         made.update(zip((s.id for s in todo), generate_batch(
             model, tok, [(s.prompt, s.max_new_tokens) for s in todo], device=device)))
+    generated = []
     for scene in battery.scenes:
         if isinstance(scene, GenerateScene):
             text = made[scene.id].text
-            checks = [(c.kind, run_check(c, text)) for c in scene.checks]
-            generated.append((scene, text, checks))
-    if generated:
-        seen: set[tuple[str, ...]] = set()
-        if battery.metric == "novelty" and corpus_chunks is not None:
-            wanted = set().union(*(measures.word_ngrams(t) for _, t, _ in generated))
-            seen = _ngrams_present(wanted, corpus_chunks())
-        for scene, text, checks in generated:
-            detail = {
-                "prompt": scene.prompt,
-                "text": text,
-                "words": len(text.split()),
-                "checks": [{"check": k, "passed": ok} for k, ok in checks],
-            }
-            if scene.judge:
-                detail["rubric"] = scene.judge  # graded later by `ltm-tui judge`
-            if battery.metric == "novelty":
-                grams = measures.word_ngrams(text)
-                detail["ngrams"] = len(grams)
-                detail["novel_ngrams"] = len(grams - seen)  # no corpus (a baseline): all are new
-            score, passed = measures.rescore_generate(battery.metric, detail)
-            add(scene, "generate", score, passed, detail)
+            generated.append((scene, text, [(c.kind, run_check(c, text)) for c in scene.checks]))
+    if not generated:
+        return []
+    seen: set[tuple[str, ...]] = set()
+    if battery.metric == "novelty" and corpus_chunks is not None:
+        wanted = set().union(*(measures.word_ngrams(t) for _, t, _ in generated))
+        seen = _ngrams_present(wanted, corpus_chunks())
+    out = []
+    for scene, text, checks in generated:
+        detail = {
+            "prompt": scene.prompt,
+            "text": text,
+            "words": len(text.split()),
+            "checks": [{"check": k, "passed": ok} for k, ok in checks],
+        }
+        if scene.judge:
+            detail["rubric"] = scene.judge  # graded later by `ltm-tui judge`
+        if battery.metric == "novelty":
+            grams = measures.word_ngrams(text)
+            detail["ngrams"] = len(grams)
+            detail["novel_ngrams"] = len(grams - seen)  # no corpus (a baseline): all are new
+        score, passed = measures.rescore_generate(battery.metric, detail)
+        out.append((scene, "generate", score, passed, detail))
+    return out
 
+
+def _perplexity_scores(model, tok: Tokenizer, battery: Battery, device) -> list[tuple]:
+    """Each perplexity scene: the model's mean loss on its text."""
     texts = [s for s in battery.scenes if isinstance(s, PerplexityScene)]
-    for scene, (loss, count) in zip(texts, text_losses(model, tok, [s.text for s in texts], device=device)):
-        add(scene, "perplexity", loss, None, {"tokens": count, "ppl": math.exp(loss)})
-    order = {s.id: i for i, s in enumerate(battery.scenes)}
-    results.sort(key=lambda r: order[r["scene_id"]])
-    return results
+    losses = text_losses(model, tok, [s.text for s in texts], device=device)
+    return [(scene, "perplexity", loss, None, {"tokens": count, "ppl": math.exp(loss)})
+            for scene, (loss, count) in zip(texts, losses)]
 
 
 def _answer_index(scene: ChoiceScene) -> int:
