@@ -221,6 +221,8 @@ class Service:
             self.store.rescore_run(args["run_id"], args["scene_results"], args["scores"], args.get("overall"))
             return {"run_id": args["run_id"]}
         if op == "export":
+            if args.get("path") == "-":  # the table itself, for the client to print
+                return {"csv": self.store.csv_text(sort=args.get("sort", "overall"))}
             mode = args.get("mode", 0o644)
             if not isinstance(mode, int) or not 0 <= mode <= 0o777:
                 raise JobError("export: mode is a file mode such as 420 (0o644)")

@@ -83,6 +83,22 @@ class LtmApp(App):
         called `[reverse]x.txt` shows as that)."""
         super().notify(message, title=title, severity=severity, timeout=timeout, markup=markup)
 
+    def action_screenshot(self, filename: str | None = None, path: str | None = None) -> None:
+        """An SVG of the screen, saved in the workspace's screenshots/ (Textual's default,
+        ~/Downloads, does not exist on a headless box), and a notice that says where it went."""
+        import time
+
+        folder = Path(path).expanduser() if path else self.workspace.root / "screenshots"
+        target = folder / (filename or f"ltm-tui-{time.strftime('%Y%m%d-%H%M%S')}.svg")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            target.write_text(self.export_screenshot(), encoding="utf-8")
+        except OSError as exc:
+            self.notify(f"cannot save a screenshot to {target}: {exc.strerror}", title="Screenshot",
+                        severity="error")
+            return
+        self.notify(f"saved {target}", title="Screenshot")
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in self.DASHBOARD_ACTIONS and len(self.screen_stack) > 1:
             return False

@@ -146,6 +146,16 @@ MEASURE_LABELS = {
 }
 
 
+def sort_name(text: str) -> str:
+    """A sort column as the user may type it: its name, or the label the table shows for it
+    (`consist`, `ppl↓` or `ppl`, `train s`), ignoring case."""
+    wanted = text.strip().lower()
+    labels = {**{v.lower(): k for k, v in MEASURE_LABELS.items()},
+              **{v.lower().rstrip("↓"): k for k, v in MEASURE_LABELS.items()},
+              "train s": "train_seconds"}
+    return labels.get(wanted, text.strip())
+
+
 def weights_line(rows: list[dict], weights: dict | None) -> str:
     """`overall = mean of depth×2, consist×1, …` as shown under the table."""
     from backend.scoring.measures import default_weights
@@ -258,13 +268,35 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 
 def print_status(jobs: list[dict], console: Console | None = None) -> None:
+    """`ltm-tui status`: each job with its step, ETA and worker pid, then each error whole.
+    Run ids are never cut (`cancel` and `retry` take them whole); below 100 columns the corpus
+    column goes, since a run id begins with its corpus's name."""
+    from rich import box
+
     console = console or Console()
-    table = Table(title="jobs")
-    for col in ("run_id", "corpus", "kind", "status", "error"):
-        table.add_column(col)
+    table = Table(title="jobs", box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("run_id", no_wrap=True, min_width=max([len(j["run_id"]) for j in jobs] + [6]))
+    wide = console.width >= 100
+    if wide:
+        table.add_column("corpus", overflow="fold", max_width=28)
+    for name in ("status", "step", "ETA", "pid"):
+        table.add_column(name, no_wrap=True, justify="left" if name == "status" else "right")
     for j in jobs:
-        table.add_row(j["run_id"], escape(j.get("corpus") or "-"), j["kind"], j["status"], escape((j.get("error") or "")[:60]))
+        step, total = j.get("step"), j.get("total")
+        cells = [
+            j["run_id"],
+            *([escape(j.get("corpus") or f"({j['kind']})")] if wide else []),
+            j["status"],
+            f"{step or 0}/{total}" if total else (str(step) if step else "-"),
+            format_duration(j.get("eta_s")) if j.get("eta_s") is not None else "-",
+            str(j["pid"]) if j.get("pid") else "-",
+        ]
+        table.add_row(*cells)
     console.print(table)
+    for j in jobs:
+        if j.get("error"):
+            console.print(f"{j['run_id']}: {escape(j['error'])}", style="red" if j["status"] == "failed" else "yellow",
+                          highlight=False)
 
 
 def print_battery_counts(counts: dict, console: Console | None = None) -> None:

@@ -225,7 +225,8 @@ class AttributionScreen(StudyScreen):
                 if lo is not None and hi is not None and (lo > 0 or hi < 0):  # the interval excludes 0
                     helps = (lo > 0) != bool(lower_better)
                     style = "green" if helps else "red"
-                text = "-" if c is None else f"{c:+.3f} [{lo:+.2f}, {hi:+.2f}]" if lo is not None else f"{c:+.3f}"
+                # the interval at the value's precision: rounding keeps lo ≤ value ≤ hi as printed
+                text = "-" if c is None else f"{c:+.3f} [{lo:+.3f}, {hi:+.3f}]" if lo is not None else f"{c:+.3f}"
                 cells.append(Cell(text, c, style, "right"))
             rows.append((name, cells))
         grid = self.query_one("#attribution-table", SortTable)

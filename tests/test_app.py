@@ -347,3 +347,29 @@ def test_an_empty_workspace_says_what_to_do(tmp_path):
             await until(pilot, lambda: "press a" in _plain(app.query_one("#hint")), what="the hint")
 
     run(scenario())
+
+
+def test_a_screenshot_goes_to_the_workspace_and_says_where(tmp_path, monkeypatch):
+    """The palette's screenshot on a box without ~/Downloads: an SVG in WORKSPACE/screenshots/,
+    and a notice naming the file; a folder it cannot write says so, naming the folder."""
+    monkeypatch.setenv("HOME", str(tmp_path / "no-home"))  # no Downloads folder here
+
+    async def scenario():
+        app = LtmApp(str(tmp_path / "ws"), poll_seconds=0)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: "press a" in _plain(app.query_one("#hint")), what="the hint")
+            notices: list[str] = []
+            shown = app.notify
+            app.notify = lambda message, **kw: (notices.append(message), shown(message, **kw))[1]
+            app.action_screenshot()
+            await pilot.pause()
+            [svg] = list((tmp_path / "ws" / "screenshots").glob("*.svg"))
+            assert svg.read_text(encoding="utf-8").lstrip().startswith("<svg")
+            assert notices == [f"saved {svg}"]
+            blocked = tmp_path / "file-not-folder"
+            blocked.write_text("x")
+            app.action_screenshot(path=str(blocked))
+            await pilot.pause()
+            assert notices[-1].startswith(f"cannot save a screenshot to {blocked}")
+
+    run(scenario())

@@ -41,6 +41,10 @@ def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, finished):
 
     asc = json.loads(cli("results", "--format", "json", "--sort", "perplexity", "--asc", "--workspace", str(ws)).stdout)
     assert [r["scores"]["perplexity"] for r in asc] == sorted(r["scores"]["perplexity"] for r in rows)
+    for label in ("ppl", "ppl↓", "PPL"):  # the table's own header sorts as the measure's name does
+        by_label = cli("results", "--format", "json", "--sort", label, "--asc", "--workspace", str(ws))
+        assert by_label.returncode == 0, by_label.stderr
+        assert [r["run_id"] for r in json.loads(by_label.stdout)] == [r["run_id"] for r in asc]
 
     out = tmp_path / "ltm_results_table.csv"
     exp = cli("export", "--csv", str(out), "--workspace", str(ws))
@@ -48,6 +52,9 @@ def test_run_micro_ranks_two_corpora_and_exports_csv(tmp_path, finished):
     table = list(csv.DictReader(out.open(encoding="utf-8")))
     assert {r["corpus"] for r in table} == {"", "logic.txt", "story.txt"}
     assert "reasoning_depth" in table[0] and "overall" in table[0]
+    printed = cli("export", "--csv", "-", "--workspace", str(ws), cwd=tmp_path)  # to standard output
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == out.read_text(encoding="utf-8") and not (tmp_path / "-").exists()
 
     run_dir = ws / "runs" / logic["run_id"]
     assert (run_dir / "model" / "model.safetensors").is_file()
@@ -151,3 +158,34 @@ def test_results_rejects_unknown_sort_column(tmp_path):
     done = cli("results", "--sort", "overall; DROP TABLE runs", "--workspace", str(tmp_path / "ws"))
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "sort" in done.stderr.lower()
+
+
+def test_status_shows_step_eta_and_pid_and_never_cuts_a_run_id():
+    """At 80 columns with a long corpus name and error, every run id is whole (cancel and retry
+    take it) and a training job shows its step, ETA and worker pid."""
+    import io
+
+    from rich.console import Console
+
+    from ltm_tui.report import print_status
+
+    jobs = [
+        {"run_id": "war-and-peace-volume-one-s0-3fa9c1", "corpus": "War and Peace, volume one (1869).epub",
+         "kind": "adapter", "status": "training", "step": 120, "total": 400, "eta_s": 95, "pid": 4242,
+         "error": None},
+        {"run_id": "base-micro-small-s0-77aa01", "corpus": None, "kind": "baseline", "status": "failed",
+         "step": None, "total": None, "eta_s": None, "pid": None,
+         "error": "out of memory: use --quant 4bit, a smaller micro preset, or a smaller micro_batch"},
+    ]
+    out = io.StringIO()
+    print_status(jobs, Console(file=out, width=80, color_system=None))
+    text = out.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    for job in jobs:
+        assert job["run_id"] in text
+    training = next(line for line in text.splitlines() if jobs[0]["run_id"] in line)
+    assert "120/400" in training and "1m35s" in training and "4242" in training
+    assert " ".join(text.split()).count(jobs[1]["error"]) == 1  # the error whole, below the table
+    wide = io.StringIO()
+    print_status(jobs, Console(file=wide, width=140, color_system=None))
+    assert "War and Peace, volume one" in wide.getvalue() and "(baseline)" in wide.getvalue()  # the corpus column

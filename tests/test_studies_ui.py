@@ -66,7 +66,9 @@ def test_attribution_screen_shows_each_file_with_intervals_and_sorts(studies):
                 cell = shown[name][[c.key.value for c in grid.ordered_columns].index("overall")]
                 assert cell.value == overall["contribution"]
                 assert f"{overall['contribution']:+.3f}" in cell.text
-                assert f"{overall['ci_low']:+.2f}" in cell.text and f"{overall['ci_high']:+.2f}" in cell.text
+                assert f"[{overall['ci_low']:+.3f}, {overall['ci_high']:+.3f}]" in cell.text
+                value, lo, hi = (float(x) for x in cell.text.replace("[", " ").replace("]", " ").replace(",", " ").split())
+                assert lo <= value <= hi  # as printed, never outside its own interval
             # sorted by overall contribution, best first; `d` reverses, `s` moves on
             by_overall = sorted(("logic.txt", "story.txt"), key=lambda n: -rows[(n, "overall")]["contribution"])
             order = lambda: [grid.coordinate_to_cell_key((i, 0)).row_key.value for i in range(grid.row_count)]  # noqa: E731

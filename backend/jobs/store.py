@@ -13,6 +13,7 @@ module; values, including measure names used for sorting, are always bound.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import re
@@ -728,6 +729,33 @@ class Store:
         target = Path(path).expanduser()
         if target.is_dir():
             target = target / DEFAULT_CSV_NAME
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        except OSError as exc:
+            raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
+        try:
+            with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
+                self.write_csv(fh, sort=sort, descending=descending)
+            os.chmod(tmp, mode & 0o777)  # mkstemp made it 0600
+            os.replace(tmp, target)
+        except OSError as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return target
+
+    def csv_text(self, *, sort: str = "overall", descending: bool = True) -> str:
+        """The exported table as text (`ltm-tui export --csv -` prints it)."""
+        out = io.StringIO(newline="")
+        self.write_csv(out, sort=sort, descending=descending)
+        return out.getvalue()
+
+    def write_csv(self, fh, *, sort: str = "overall", descending: bool = True) -> None:
+        """The ranked table as CSV into an open text file: the fixed columns, each measure, the
+        scenes passed, the probes' summary, then each score's 95% interval."""
         with self._read() as cur:
             rows, score_map = self._results(cur, sort, descending, None, None, None)
             intervals = self._intervals(cur, [r[0] for r in rows])
@@ -743,41 +771,23 @@ class Store:
         # A measure named like a fixed column gets a suffix rather than a duplicate header.
         taken = set(CSV_FIXED_COLUMNS) | {"scenes_passed", "scenes_total"}
         headers = [f"{m} (score)" if m in taken else m for m in measures]
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        except OSError as exc:
-            raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
-        try:
-            with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-                writer = csv.writer(fh)
-                # after the scores: the probes' summary, then each score's 95% interval
-                bounds = [f"{m}_{end}" for m in ("overall", *measures) for end in ("lo", "hi")]
-                writer.writerow([*CSV_FIXED_COLUMNS, *headers, "scenes_passed", "scenes_total",
-                                 *CSV_PROBE_COLUMNS, *bounds])
-                for row in rows:
-                    record = dict(zip(RESULT_KEYS, row))
-                    run_scores = score_map.get(record["run_id"], {})
-                    run_ci = intervals.get(record["run_id"], {})
-                    passed, total = counts.get(record["run_id"], (0, 0))
-                    overall_ci = overall_interval(run_scores, run_ci) if run_scores else None
-                    writer.writerow(
-                        [csv_cell(record[c]) for c in CSV_FIXED_COLUMNS]
-                        + [csv_cell(run_scores.get(m)) for m in measures]
-                        + [passed, total]
-                        + [csv_cell(record[c]) for c in CSV_PROBE_COLUMNS]
-                        + [csv_cell(ci[i]) for ci in [overall_ci or (None, None)]
-                           + [run_ci.get(m) or (None, None) for m in measures] for i in (0, 1)]
-                    )
-            os.chmod(tmp, mode & 0o777)  # mkstemp made it 0600
-            os.replace(tmp, target)
-        except OSError as exc:
-            Path(tmp).unlink(missing_ok=True)
-            raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return target
+        writer = csv.writer(fh)
+        bounds = [f"{m}_{end}" for m in ("overall", *measures) for end in ("lo", "hi")]
+        writer.writerow([*CSV_FIXED_COLUMNS, *headers, "scenes_passed", "scenes_total", *CSV_PROBE_COLUMNS, *bounds])
+        for row in rows:
+            record = dict(zip(RESULT_KEYS, row))
+            run_scores = score_map.get(record["run_id"], {})
+            run_ci = intervals.get(record["run_id"], {})
+            passed, total = counts.get(record["run_id"], (0, 0))
+            overall_ci = overall_interval(run_scores, run_ci) if run_scores else None
+            writer.writerow(
+                [csv_cell(record[c]) for c in CSV_FIXED_COLUMNS]
+                + [csv_cell(run_scores.get(m)) for m in measures]
+                + [passed, total]
+                + [csv_cell(record[c]) for c in CSV_PROBE_COLUMNS]
+                + [csv_cell(ci[i]) for ci in [overall_ci or (None, None)]
+                   + [run_ci.get(m) or (None, None) for m in measures] for i in (0, 1)]
+            )
 
     # --- attribution studies (005_attribution; backend/studies/attribution_study.py) -----------------
 

@@ -33,7 +33,8 @@ def add_parsers(sub) -> None:
                      help="one row per corpus and base: the mean over its seeds, intervals over seeds and scenes")
 
     exp = sub.add_parser("export", help="write the results as CSV")
-    exp.add_argument("--csv", default="ltm_results_table.csv", metavar="PATH", help="default ltm_results_table.csv")
+    exp.add_argument("--csv", default="ltm_results_table.csv", metavar="PATH",
+                     help="a file or folder (default ltm_results_table.csv here); - prints it")
     exp.add_argument("--sort", default="overall")
     exp.set_defaults(handler=cmd_export)
 
@@ -76,8 +77,9 @@ def cmd_follow(args) -> int:
 
 
 def cmd_results(args) -> int:
-    from ltm_tui.report import print_ranked, rows_to_csv
+    from ltm_tui.report import print_ranked, rows_to_csv, sort_name
 
+    args.sort = sort_name(args.sort)  # the table's own header works too: --sort consist
     try:
         rows = ask(
             args, "results", lambda st: st.results(sort=args.sort, descending=args.descending),
@@ -130,6 +132,10 @@ def pool_seeds(args, rows: list[dict]) -> list[dict]:
 def cmd_export(args) -> int:
     from backend.core.workspace import file_mode
 
+    if args.csv == "-":  # to standard output, as `results --format csv` prints its own
+        out = ask(args, "export", lambda st: {"csv": st.csv_text(sort=args.sort)}, path="-", sort=args.sort)
+        sys.stdout.write(out["csv"])
+        return EXIT_OK
     target = str(Path(args.csv).expanduser().absolute())
     mode = file_mode()  # the service writes it; the file is the user's, with their usual mode
     try:
