@@ -78,7 +78,7 @@ class Service:
         self.trouble: str | None = None  # why the last tick failed, until one succeeds
         self._last_busy = time.monotonic()
         self.server: _Server | None = None
-        from backend.studies.search_study import Searches
+        from backend.studies.searches import Searches
 
         self.searches = Searches(self)  # search studies, each a thread: backend/studies/search_study.py
 

@@ -147,3 +147,12 @@ def _loaded_after(module: str) -> set[str]:
 def test_importing_anything_but_compute_loads_no_torch(module):
     loaded = _loaded_after(module)
     assert not loaded & set(HEAVY), f"{module} pulled in {sorted(loaded & set(HEAVY))}"
+
+
+def test_a_service_that_never_searches_does_not_load_optuna(tmp_path):
+    """Optuna comes with the first search study, not with every on-demand start of the service."""
+    code = (f"import sys; from backend.service import Service; from backend.core.workspace import Workspace; "
+            f"s = Service(Workspace.resolve({str(tmp_path / 'ws')!r})); s.searches.resume_all(); "
+            f"print('optuna' in sys.modules); s.store.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.strip() == "False"

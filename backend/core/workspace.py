@@ -96,6 +96,14 @@ class Workspace:
     def run_dir(self, run_id: str) -> Path:
         return self.runs_dir / run_id
 
+    def search_dir(self, study: str) -> Path:
+        """A search study's folder: its journal, its request, its lines, its corpus sets."""
+        return self.root / "search" / study
+
+    def search_request(self, study: str) -> Path:
+        """What started a study; while `active`, a service that starts goes on with it."""
+        return self.search_dir(study) / "request.json"
+
 
 def cancel_marker(run_dir: Path, attempt: int) -> Path:
     """The file that tells a worker to stop one attempt of one run (`ltm-tui cancel`), and only

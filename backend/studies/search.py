@@ -388,7 +388,9 @@ def objective_value(run: dict, scores: dict, objective: str) -> float | None:
 
 
 def study_dir(workspace_root: Path, name: str) -> Path:
-    return Path(workspace_root) / "search" / name
+    from backend.core.workspace import Workspace
+
+    return Workspace(Path(workspace_root)).search_dir(name)
 
 
 def open_study(folder: Path, space: Space, sampler_name: str, files: list[str], settings: dict, seed: int):

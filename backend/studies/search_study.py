@@ -5,9 +5,9 @@
 closed terminal stops nothing. Each trial is an ordinary job: asked, queued (`submit`), its
 `eval_loss` events fed to the pruner (a pruned trial's job is cancelled), then told the run's
 score. The study is a journal file in `search/<study>/` and the request that started it is
-`search/<study>/request.json`: a service that starts finds every study whose request is still
-active and goes on with it (a trial whose job is queued or running is waited for, an
-interrupted one is retried from its checkpoint). A study ends when it has its trials, or on
+`search/<study>/request.json`: a service that starts goes on with every study whose request is
+still active (backend/studies/searches.py): a trial whose job is queued or running is waited
+for, an interrupted one is retried from its checkpoint. A study ends when it has its trials, or on
 `search_stop`. The pure parts (space, sampler, settings of a trial) are backend/studies/search.py.
 """
 
@@ -17,7 +17,6 @@ import json
 import threading
 import time
 from collections import deque
-from pathlib import Path
 from typing import Any
 
 from backend.core.errors import JobError, LtmError, SpaceError
@@ -35,10 +34,6 @@ REQUEST_KEYS = ("study", "space", "space_path", "sampler", "files", "settings", 
 
 class _Stopped(Exception):
     """The service stops (the study goes on when it starts again) or the user stopped the study."""
-
-
-def request_path(workspace_root: Path, study: str) -> Path:
-    return S.study_dir(workspace_root, study) / "request.json"
 
 
 def checked(args: dict[str, Any]) -> dict[str, Any]:
@@ -77,7 +72,7 @@ class StudyRunner:
         self.request = request
         self.name = request["study"]
         self.space = space_of(request)
-        self.folder = S.study_dir(service.workspace.root, self.name)
+        self.folder = service.workspace.search_dir(self.name)
         self.files: list[str] = list(request["files"])
         self.target = int(request["target"])
         self.sampler = request["sampler"]
@@ -115,7 +110,7 @@ class StudyRunner:
 
     def _write_request(self, *, active: bool, error: str | None = None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(request_path(self.service.workspace.root, self.name),
+        write_json_atomic(self.service.workspace.search_request(self.name),
                           {**self.request, "active": active, "error": error})
 
     def say(self, line: str, **extra: Any) -> None:
@@ -301,76 +296,3 @@ def _state(name: str):
     from optuna.trial import TrialState
 
     return TrialState[name]
-
-
-# -- the service's side -------------------------------------------------------------------------
-
-
-class Searches:
-    """The service's running studies, by name."""
-
-    def __init__(self, service) -> None:
-        self.service = service
-        self.runners: dict[str, StudyRunner] = {}
-        self._lock = threading.Lock()
-
-    def busy(self) -> bool:
-        return any(r.alive() for r in self.runners.values())
-
-    def running(self) -> list[str]:
-        return [name for name, r in self.runners.items() if r.alive()]
-
-    def start(self, args: dict[str, Any]) -> dict[str, Any]:
-        """Start a study, resume it, or find it running (then a larger --trials raises its target)."""
-        request = checked(args)
-        name = request["study"]
-        with self._lock:
-            runner = self.runners.get(name)
-            if runner is not None and runner.alive():
-                if not runner.same_as(request):
-                    raise SpaceError(
-                        f"study {name!r} is running with other space, files or settings; follow it with the "
-                        "command that started it, stop it (ltm-tui search --stop --study NAME), or name a new study"
-                    )
-                if request["target"] != runner.target:
-                    runner.target = request["target"]
-                    runner.say(f"study {name}: target now {runner.target} trials")
-                return {"study": name, "status": "running", "lines": runner.backlog()}
-            runner = StudyRunner(self.service, request)
-            self.runners[name] = runner
-            runner.start()
-            return {"study": name, "status": "started", "lines": runner.backlog()}
-
-    def stop(self, name: str) -> dict[str, Any]:
-        if not S.STUDY_NAME.fullmatch(name):  # a name, never a path
-            raise SpaceError(f"search: study {name!r}: use letters, digits, _ . - (at most 64)")
-        runner = self.runners.get(name)
-        if runner is not None and runner.alive():
-            runner.stop(by_user=True)
-            return {"study": name, "status": "stopping"}
-        path = request_path(self.service.workspace.root, name)
-        if path.exists():  # not running (a failed start, say), but the next service would resume it
-            data = json.loads(path.read_text(encoding="utf-8"))
-            write_json_atomic(path, {**data, "active": False})
-            return {"study": name, "status": "stopped"}
-        raise JobError(f"no search study {name!r} in this workspace")
-
-    def resume_all(self) -> None:
-        """At the service's start: every study whose request is still active goes on."""
-        for path in sorted((self.service.workspace.root / "search").glob("*/request.json")):
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-                if not data.get("active"):
-                    continue
-                self.start(data)
-            except (LtmError, OSError, ValueError, TypeError, KeyError) as exc:
-                why = exc.one_line() if isinstance(exc, LtmError) else f"{type(exc).__name__}: {exc}"
-                self.service.log(f"search {path.parent.name} not resumed: {why}")
-
-    def stop_all(self, timeout: float = 5.0) -> None:
-        """The service stops: each loop ends at its next look; the trials' jobs go on."""
-        for runner in self.runners.values():
-            runner.stop(by_user=False)
-        deadline = time.monotonic() + timeout
-        for runner in self.runners.values():
-            runner.thread.join(max(0.0, deadline - time.monotonic()))

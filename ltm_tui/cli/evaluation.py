@@ -107,13 +107,7 @@ def cmd_scenes(args) -> int:
 
 
 def cmd_judge(args) -> int:
-    from backend.compute.judge import judge_rows, make_judge, rescore
-
-    if args.model and not args.endpoint:
-        report = _judge_in_a_slot(args)
-    else:
-        report = _judge_here(args, make_judge(model=args.model, endpoint=args.endpoint, judge_model=args.judge_model,
-                                              key_env=args.key_env, device=args.device), judge_rows, rescore)
+    report = _judge_in_a_slot(args) if args.model and not args.endpoint else _judge_here(args)
     if args.format == "json":
         print(json.dumps(report, ensure_ascii=False, indent=1))
     for r in report if args.format == "table" else ():
@@ -135,8 +129,13 @@ def _judge_in_a_slot(args) -> list[dict]:
     return task["result"]
 
 
-def _judge_here(args, judge, judge_rows, rescore) -> list[dict]:
-    """An endpoint judge runs on another server: this process only sends the prompts."""
+def _judge_here(args) -> list[dict]:
+    """An endpoint judge runs on another server: this process only sends the prompts. (Given
+    neither --model nor --endpoint, make_judge says what to give.)"""
+    from backend.compute.judge import judge_rows, make_judge, rescore
+
+    judge = make_judge(model=args.model, endpoint=args.endpoint, judge_model=args.judge_model,
+                       key_env=args.key_env, device=args.device)
     found = scene_results(args, args.runs)
     report = []
     for run_id in args.runs:
