@@ -20,6 +20,7 @@ from backend.ingest.corpora import (
     SUPPORTED_SUFFIXES,
     CorpusInfo,
     expand_paths,
+    format_of,
     inspect_corpus,
     iter_text,
 )
@@ -434,18 +435,20 @@ def test_expand_paths_reports_bad_paths_and_keeps_the_rest(tmp_path: Path) -> No
     docx = tmp_path / "report.docx"
     docx.write_bytes(b"x")
     no_suffix = tmp_path / "README"
-    no_suffix.write_text("x", encoding="utf-8")
+    no_suffix.write_text("x", encoding="utf-8")  # plain text without a suffix: a corpus
+    blob = tmp_path / "core"
+    blob.write_bytes(bytes(range(256)) * 4)  # binary without a suffix: refused
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
     missing = tmp_path / "missing.pdf"
 
-    found, errors = expand_paths([missing, docx, good, no_suffix, empty_dir])
-    assert found == [good.resolve()]
+    found, errors = expand_paths([missing, docx, good, no_suffix, blob, empty_dir])
+    assert found == [good.resolve(), no_suffix.resolve()]
     suffixes = ".epub .htm .html .markdown .md .pdf .txt"
     assert [error.message for error in errors] == [
         f"{missing} does not exist",
         f"{docx} has an unsupported type (.docx); use one of {suffixes}",
-        f"{no_suffix} has an unsupported type (no suffix); use one of {suffixes}",
+        f"{blob} does not read as text (it has no suffix to say what it is); use a text file or one of {suffixes}",
         f"{empty_dir} holds no supported files ({suffixes})",
     ]
     assert all(isinstance(error, CorpusError) for error in errors)
@@ -551,3 +554,19 @@ def test_a_newline_in_a_file_name_keeps_the_error_on_one_line(tmp_path: Path) ->
     with pytest.raises(CorpusError) as info:
         inspect_corpus(odd)
     assert "\n" not in info.value.one_line() and "two\\nlines.txt" in info.value.one_line()
+
+
+def test_a_text_file_without_a_suffix_is_a_corpus_in_its_encoding(tmp_path: Path) -> None:
+    """`GPL-3`, `README`, `notes.2`: plain text whose name does not say so is read as text, in
+    its own encoding; a binary file without a suffix is not offered."""
+    licence = tmp_path / "GPL-3"
+    licence.write_text("GNU GENERAL PUBLIC LICENSE\nVersion 3, 29 June 2007\n" * 50, encoding="utf-8")
+    russian = tmp_path / "notes.2"
+    russian.write_bytes(("Война и мир. Том первый.\n" * 40).encode("cp1251"))
+    binary = tmp_path / "core-dump"
+    binary.write_bytes(b"\x7fELF\x02\x01\x01\x00" + bytes(4000))
+    assert [format_of(p) for p in (licence, russian, binary)] == ["text", "text", None]
+    info = inspect_corpus(russian)
+    assert info.encoding == "cp1251" and info.words == 40 * 5
+    found, errors = expand_paths([tmp_path])
+    assert found == [licence.resolve(), russian.resolve()] and not errors

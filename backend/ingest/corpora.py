@@ -43,7 +43,15 @@ from backend.core.errors import CorpusError
 from backend.ingest.epub import epub_chunks
 from backend.ingest.markup import html_chunks
 from backend.ingest.pdf import pdf_chunks
-from backend.ingest.textfiles import READ_BYTES, Reading, WordCounter, library_error, open_bytes, text_chunks
+from backend.ingest.textfiles import (
+    READ_BYTES,
+    Reading,
+    WordCounter,
+    library_error,
+    looks_like_text,
+    open_bytes,
+    text_chunks,
+)
 
 WORDS_PER_PAGE = 500  # the A4 page rule, see the module docstring
 
@@ -82,9 +90,25 @@ class CorpusInfo:
         return data
 
 
+SNIFF_BYTES = 4096  # what a file without a suffix is judged on
+
+
 def format_of(path: str | os.PathLike[str]) -> str | None:
-    """The corpus format for a file name's suffix (case-insensitive), or None if unsupported."""
-    return FORMAT_BY_SUFFIX.get(Path(path).suffix.lower())
+    """The corpus format for a file name's suffix (case-insensitive), or None if unsupported.
+
+    A file whose name has no suffix, or only a number for one (`GPL-3`, `README`, `notes.2`), is
+    plain text when its first bytes read as text (textfiles.looks_like_text)."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    found = FORMAT_BY_SUFFIX.get(suffix)
+    if found is None and (not suffix or suffix[1:].isdigit()):
+        try:
+            with open(path, "rb") as fh:
+                sample = fh.read(SNIFF_BYTES)
+        except OSError:  # a folder, a missing file, no permission: not a text file to offer
+            return None
+        return "text" if looks_like_text(sample) else None
+    return found
 
 
 def expand_paths(
@@ -291,8 +315,10 @@ def _suffix_list() -> str:
 
 
 def _unsupported(path: Path, shown: str) -> CorpusError:
-    suffix = path.suffix or "no suffix"
-    return CorpusError(f"{shown} has an unsupported type ({suffix}); use one of {_suffix_list()}")
+    if not path.suffix or path.suffix[1:].isdigit():
+        return CorpusError(f"{shown} does not read as text (it has no suffix to say what it is); "
+                           f"use a text file or one of {_suffix_list()}")
+    return CorpusError(f"{shown} has an unsupported type ({path.suffix}); use one of {_suffix_list()}")
 
 
 def _folder_files(folder: Path, shown: str) -> tuple[list[Path], list[CorpusError]]:
@@ -307,7 +333,7 @@ def _folder_files(folder: Path, shown: str) -> tuple[list[Path], list[CorpusErro
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             candidate = Path(dirpath, name)
-            if not name.startswith(".") and format_of(name) and candidate.is_file():
+            if not name.startswith(".") and candidate.is_file() and format_of(candidate):
                 files.append(candidate)
     files.sort(key=lambda p: p.relative_to(root).parts)
     return files, errors

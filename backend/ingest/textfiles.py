@@ -266,6 +266,19 @@ def _guess_legacy(sample: bytes) -> str:
     return "cp1252"
 
 
+def looks_like_text(sample: bytes) -> bool:
+    """Whether a file's first bytes read as text: no NUL, and UTF-8 (a character cut at the end
+    of the sample is fine) or a legacy Cyrillic code page without a binary file's control
+    characters. For files whose name does not say (`GPL-3`, `README`, `notes`)."""
+    if not sample or b"\0" in sample:
+        return False
+    try:
+        text = codecs.getincrementaldecoder("utf-8")().decode(sample, final=False)
+    except UnicodeDecodeError:
+        text = sample.decode(_guess_legacy(sample), errors="replace")
+    return _control_share(text) <= _MAX_CONTROL_SHARE
+
+
 def _control_share(text: str) -> float:
     if not text:
         return 0.0
