@@ -96,7 +96,10 @@ def _tiny_cfg(**over):
     return TrainConfig(**{**base, **over})
 
 
-def test_training_lowers_the_loss_and_writes_events(tmp_path):
+def test_training_lowers_the_loss_and_writes_events(tmp_path, monkeypatch):
+    from backend.compute import train
+
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 1e9)  # only every log_every steps, however slow
     path, _ = _tokens(tmp_path, "All glims are blorps. " * 120)
     model = build_micro("tiny", 0, CPU)
     events = []
@@ -110,6 +113,76 @@ def test_training_lowers_the_loss_and_writes_events(tmp_path):
     assert ckpt.name == "step-000028"  # every 4 steps, the last two kept
     assert len(list((tmp_path / "checkpoints").glob("step-*"))) == 2
     assert json.loads((ckpt / "config.json").read_text())["max_steps"] == 30
+
+
+def test_a_slow_step_sends_progress_without_waiting_for_log_every(tmp_path, monkeypatch):
+    """With the time threshold at zero every step is "slow": each sends its event, whose loss is
+    that step's alone; the curve the worker builds from them has a point per step; the outcome's
+    final loss is the same as when the events fell every log_every steps only."""
+    from backend.compute import train
+    from backend.compute.worker import _curve_from_events
+    from backend.core.events import EventLog
+
+    path, _ = _tokens(tmp_path, "All glims are blorps. " * 120)
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 0.0)
+    log = EventLog(tmp_path / "events.jsonl", "r", 0)
+    events = []
+
+    def emit(kind, **payload):
+        events.append({"type": kind, **payload})
+        log.emit(kind, **payload)
+
+    cfg = _tiny_cfg(max_steps=6, log_every=4, checkpoint_every=0)
+    out = train_model(build_micro("tiny", 0, CPU), path, tmp_path, cfg, device=CPU, emit=emit, log=lambda s: None)
+    log.close()
+    progress = [e for e in events if e["type"] == "progress"]
+    assert [e["step"] for e in progress] == [1, 2, 3, 4, 5, 6]
+    assert [e["eta_s"] is None for e in progress] == [True, True, False, False, False, False]
+    assert progress[-1]["eta_s"] == 0
+    assert [p["step"] for p in _curve_from_events(tmp_path / "events.jsonl")] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(train, "PROGRESS_SECONDS", 1e9)
+    (tmp_path / "again").mkdir()
+    again = []
+    same = train_model(build_micro("tiny", 0, CPU), path, tmp_path / "again", cfg, device=CPU,
+                       emit=lambda kind, **p: again.append(p) if kind == "progress" else None, log=lambda s: None)
+    assert [e["step"] for e in again] == [4, 6]
+    assert same.final_loss == pytest.approx(out.final_loss, rel=1e-6)
+    assert same.final_loss == pytest.approx(sum(e["loss"] for e in progress[4:]) / 2, rel=1e-4)
+
+
+def test_smoothed_eta_damps_one_slow_window_and_follows_a_lasting_change():
+    """Windows of 10 steps whose times jump as in issue 18 (the last window's rate alone gave
+    1m…→58s→20s→26s): past the first windows the smoothed pace, and so the ETA, moves far less
+    than the window's own; it stays within the windows' range, near their mean, and still
+    follows when the steps really become slower."""
+    from backend.compute.train import eta_seconds, smooth_pace
+
+    steps, total = 10, 2000
+    noisy = [2.0, 6.0, 5.8, 2.0, 2.6, 1.8, 6.2, 2.2, 2.0, 2.4] * 4  # seconds a window of 10 steps
+    window_paces = [s / steps for s in noisy]
+    pace, done, paces = None, 0, []
+    for seconds in noisy:
+        done += steps
+        pace = smooth_pace(pace, seconds, steps, done, time_constant=30.0)
+        paces.append(pace)
+        assert eta_seconds(pace, total - done, done) == pytest.approx((total - done) * pace)
+
+    def worst_change(values, skip=0):  # the largest relative change from one value to the next
+        return max(abs(b - a) / a for a, b in list(zip(values, values[1:]))[skip:])
+
+    assert worst_change(paces) < worst_change(window_paces)
+    assert worst_change(paces, skip=3) < worst_change(window_paces, skip=3) / 5
+    assert min(window_paces) <= min(paces) and max(paces) <= max(window_paces)
+    mean = sum(window_paces) / len(window_paces)
+    assert abs(pace - mean) < (max(window_paces) - min(window_paces)) / 4
+    # the steps become three times slower for good: within three time constants the ETA says so
+    slow, waited = 3 * mean * steps, 0.0
+    while waited < 3 * 30.0:
+        done += steps
+        waited += slow
+        pace = smooth_pace(pace, slow, steps, done, time_constant=30.0)
+    assert pace == pytest.approx(slow / steps, rel=0.1)
+    assert eta_seconds(pace, 100, 2) is None and eta_seconds(None, 100, 50) is None  # no ETA yet
 
 
 def test_stop_then_resume_equals_uninterrupted(tmp_path):

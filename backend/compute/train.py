@@ -6,8 +6,10 @@ Run it through the worker, e.g.::
 
     python -m backend.compute.worker ltm-workspace/runs/<run_id>/session.json
 
-Every `log_every` steps it writes a `progress` event (step, total, tokens, loss, tokens_per_s,
-eta_s, gpu_mem_bytes) and one human line; every `eval_every` steps (when set) a `metric` event
+Every `log_every` steps, and after any step that ends a second or more after the last event (so
+a slow step still moves the bar), it writes a `progress` event (step, total, tokens, loss: the
+mean over the steps since the last event, tokens_per_s, eta_s, gpu_mem_bytes) and one human
+line; the ETA comes from `smooth_pace`, not from the last window alone. Every `eval_every` steps (when set) a `metric` event
 {name: "eval_loss", step, value}: the mean loss on a fixed, evenly spaced sample of the corpus's
 blocks, the same at every evaluation, in eval mode (no dropout, no random numbers drawn, so a
 resumed run still trains exactly as an uninterrupted one); every `checkpoint_every` steps,
@@ -43,6 +45,16 @@ from backend.core.errors import LtmError
 from backend.ingest.packing import PackedBlocks, batches, load_tokens
 
 FAULT_OOM_ENV = "LTM_FAULT_OOM_ABOVE"  # see the module docstring
+# A progress event goes out every `log_every` steps and also after any step that ends this many
+# seconds after the last event: at most about one event a second more than before, however fast
+# or slow the steps are.
+PROGRESS_SECONDS = 1.0
+# The ETA's seconds a step: the mean over the attempt so far, until the attempt is longer than
+# this many seconds; then an exponential moving average with this time constant, so one slow
+# window (a checkpoint, another process on the card) moves it by a few percent, and a lasting
+# change of speed shows within about a minute.
+PACE_TIME_CONSTANT = 30.0
+ETA_MIN_STEPS = 3  # before this many steps of the attempt the pace is mostly warm-up: no ETA
 
 
 @dataclass
@@ -85,6 +97,29 @@ def lr_factor(step: int, total: int, cfg: TrainConfig) -> float:
     else:
         raise ValueError(f"unknown schedule {cfg.schedule!r}; use cosine or linear")
     return cfg.min_lr_ratio + (1.0 - cfg.min_lr_ratio) * decay
+
+
+def smooth_pace(pace: float | None, seconds: float, steps: int, attempt_steps: int,
+                time_constant: float = PACE_TIME_CONSTANT) -> float | None:
+    """Seconds a step for the ETA, after a window of `steps` steps that took `seconds`, given
+    the smoothed `pace` before it (None at the start) and the steps of the attempt so far, this
+    window's included. The window's weight is the larger of its share of the attempt's steps
+    (so early on the pace is the attempt's plain mean) and 1 - exp(-seconds / time_constant)
+    (later, a moving average over about `time_constant` seconds)."""
+    if steps <= 0:
+        return pace
+    window = seconds / steps
+    if pace is None:
+        return window
+    weight = max(steps / max(attempt_steps, steps), 1.0 - math.exp(-seconds / time_constant))
+    return pace + weight * (window - pace)
+
+
+def eta_seconds(pace: float | None, remaining_steps: int, attempt_steps: int) -> float | None:
+    """The ETA from a smoothed pace, or None for the first steps of an attempt."""
+    if pace is None or attempt_steps < ETA_MIN_STEPS:
+        return None
+    return max(0, remaining_steps) * pace
 
 
 def _trainable(model) -> dict[str, torch.nn.Parameter]:
@@ -229,7 +264,11 @@ def train_model(
     tokens_seen = start * cfg.micro_batch * cfg.grad_accum * block_size
     t0 = time.perf_counter()
     window_t, window_tokens, window_loss, window_n = t0, 0, 0.0, 0
-    loss_value = float("nan")
+    pace = None  # smoothed seconds a step (smooth_pace), for the ETA
+    # the loss since the last multiple of log_every: the outcome's final loss, the same however
+    # the time-driven events fell
+    tail_loss, tail_n = 0.0, 0
+    loss_value = final_loss = float("nan")
     step = start
     while step < total:
         try:
@@ -264,12 +303,18 @@ def train_model(
         window_tokens += step_tokens
         window_n += 1
         window_loss += step_loss  # stays on the device: one host sync per log line, not per step
+        tail_loss, tail_n = tail_loss + step_loss, tail_n + 1
+        if step == total:
+            final_loss = float(tail_loss) / tail_n
+        elif step % cfg.log_every == 0:
+            tail_loss, tail_n = 0.0, 0
 
-        if step % cfg.log_every == 0 or step == total:
-            now = time.perf_counter()
+        now = time.perf_counter()
+        if step % cfg.log_every == 0 or step == total or now - window_t >= PROGRESS_SECONDS:
             loss_value = float(window_loss) / window_n
             tps = window_tokens / max(now - window_t, 1e-9)
-            eta = (total - step) * (cfg.micro_batch * cfg.grad_accum * block_size) / max(tps, 1e-9)
+            pace = smooth_pace(pace, now - window_t, window_n, step - start)
+            eta = eta_seconds(pace, total - step, step - start)
             point = {
                 "step": step,
                 "loss": round(loss_value, 5),
@@ -281,12 +326,12 @@ def train_model(
                 "progress",
                 **point,
                 total=total,
-                eta_s=round(eta, 1),
+                eta_s=None if eta is None else round(eta, 1),
                 gpu_mem_bytes=_device_memory(device),
             )
             log(
                 f"step {step:>6}/{total} | loss {loss_value:.4f} | lr {point['lr']:.2e} "
-                f"| {tps:,.0f} tok/s | eta {eta:,.0f}s"
+                f"| {tps:,.0f} tok/s | eta {'-' if eta is None else f'{eta:,.0f}s'}"
             )
             window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
         if eval_sample is not None and (step % cfg.eval_every == 0 or step == total):
@@ -307,7 +352,7 @@ def train_model(
     return TrainOutcome(
         steps=step,
         tokens_seen=tokens_seen,
-        final_loss=loss_value,
+        final_loss=final_loss,
         train_seconds=before + time.perf_counter() - t0,
         resumed_from=start,
         micro_batch=micro_batch,
