@@ -6,6 +6,7 @@ import csv
 import io
 from typing import Iterable
 
+from rich.cells import cell_len, set_cell_size
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -14,29 +15,38 @@ from rich.table import Table
 PERPLEXITY = "perplexity"
 
 
-class RunProgress:
-    """One bar per run: phase, step/total, loss, tokens/s and ETA, fed by job-manager events."""
+# Below this many columns the bars leave out tokens/s and the elapsed time, and the names are cut
+# shorter, so that a line fits an 80-column SSH terminal whole.
+WIDE_PROGRESS = 120
 
-    def __init__(self, jobs: Iterable[dict], *, enabled: bool = True) -> None:
-        self.console = Console(stderr=True)
+
+class RunProgress:
+    """One bar per run, fed by job-manager events: while it trains, its step/total, loss,
+    tokens/s and ETA; while it evaluates, scenes done of all and the ETA (`eval_progress`).
+    Under WIDE_PROGRESS columns a line keeps the name, phase, bar, count, loss and ETA."""
+
+    def __init__(self, jobs: Iterable[dict], *, enabled: bool = True, console: Console | None = None) -> None:
+        self.console = console or Console(stderr=True)
         self.enabled = enabled
-        self.progress = Progress(
-            TextColumn("{task.fields[label]:<24}", markup=False),  # a file name is text, not markup
+        self.wide = self.console.width >= WIDE_PROGRESS
+        label = 24 if self.wide else 18
+        columns = [
+            TextColumn(f"{{task.fields[label]:<{label}}}", markup=False),  # a file name is text, not markup
             TextColumn("{task.fields[phase]:<10}"),
-            BarColumn(bar_width=28),
-            TextColumn("{task.completed:>6.0f}/{task.total:<6.0f}"),
-            TextColumn("loss {task.fields[loss]:<7}"),
-            TextColumn("{task.fields[tps]:>8} tok/s"),
-            TextColumn("eta {task.fields[eta]:>6}"),
-            TimeElapsedColumn(),
+            BarColumn(bar_width=28 if self.wide else 10),
+            TextColumn("{task.fields[count]:>13}"),
+            TextColumn("{task.fields[detail]}"),
+        ]
+        self.progress = Progress(
+            *columns, *([TimeElapsedColumn()] if self.wide else []),
             console=self.console,
             disable=not enabled or not self.console.is_terminal,
         )
         self.tasks: dict[str, TaskID] = {}
         for job in jobs:
-            label = "baseline " + job["base"] if job["kind"] == "baseline" else (job.get("corpus") or "-")
+            name = "baseline " + job["base"] if job["kind"] == "baseline" else (job.get("corpus") or "-")
             self.tasks[job["run_id"]] = self.progress.add_task(
-                "", total=1, label=label[:24], phase=job["status"], loss="-", tps="-", eta="-"
+                "", total=1, label=fit_name(name, label), phase=job["status"], count="", detail=""
             )
 
     def __enter__(self):
@@ -59,21 +69,43 @@ class RunProgress:
                 self.console.print(f"{label}: {event['status']} {extra}".rstrip(), soft_wrap=True, markup=False)
             return
         if kind == "progress":
-            self.progress.update(
-                task,
-                total=event.get("total") or 1,
-                completed=event.get("step") or 0,
-                loss=f"{event['loss']:.4f}" if event.get("loss") is not None else "-",
-                tps=f"{event.get('tokens_per_s') or 0:,.0f}",
-                eta=format_duration(event.get("eta_s")),
-            )
+            total, step = event.get("total") or 1, event.get("step") or 0
+            loss = f"{event['loss']:.4f}" if event.get("loss") is not None else "-"
+            speed = f"{event.get('tokens_per_s') or 0:>8,.0f} tok/s · " if self.wide else ""
+            self.progress.update(task, total=total, completed=step, count=f"{step}/{total}",
+                                 detail=f"loss {loss:<7} · {speed}ETA {format_duration(event.get('eta_s'))}")
+        elif kind == "eval_progress":
+            total, done = event.get("total") or 1, event.get("done") or 0
+            self.progress.update(task, total=total, completed=done, phase="evaluating",
+                                 count=f"{done}/{total} scenes", detail=f"ETA {format_duration(event.get('eta_s'))}")
         elif kind == "state":
             status = event["status"]
             fields = {"phase": status}
             if status == "done":
                 t = self.progress.tasks[task]
-                fields.update(completed=t.total, eta="0s")
+                fields.update(completed=t.total, detail="")
             self.progress.update(task, **fields)
+
+
+def fit_name(text: str, width: int) -> str:
+    """`text` in at most `width` cells: whole when it fits, else its start and its end around an
+    ellipsis (a file's name keeps its extension and the words that tell volumes apart)."""
+    if cell_len(text) <= width:
+        return text
+    if width <= 1:
+        return "…"[:width]
+    tail = (width - 1) // 3
+    head = width - 1 - tail
+    return set_cell_size(text, head) + "…" + _last_cells(text, tail)
+
+
+def _last_cells(text: str, width: int) -> str:
+    out = ""
+    for ch in reversed(text):
+        if cell_len(ch + out) > width:
+            break
+        out = ch + out
+    return out
 
 
 def format_duration(seconds) -> str:

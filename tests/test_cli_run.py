@@ -189,3 +189,33 @@ def test_status_shows_step_eta_and_pid_and_never_cuts_a_run_id():
     wide = io.StringIO()
     print_status(jobs, Console(file=wide, width=140, color_system=None))
     assert "War and Peace, volume one" in wide.getvalue() and "(baseline)" in wide.getvalue()  # the corpus column
+
+
+def test_follow_shows_training_and_evaluation_progress_in_80_columns():
+    """`ltm-tui follow`'s bars: a training run's step, loss and ETA, and an evaluating run's
+    scenes done of all with its ETA, each on one line at 80 columns; tokens/s when wide."""
+    import io
+
+    from rich.console import Console
+
+    from ltm_tui.report import RunProgress
+
+    jobs = [{"run_id": "wp", "kind": "adapter", "base": "micro:tiny", "status": "training",
+             "corpus": "War and Peace, volume one (1869).epub"},
+            {"run_id": "b", "kind": "baseline", "base": "micro:tiny", "corpus": None, "status": "evaluating"}]
+    events = [{"type": "progress", "run_id": "wp", "step": 120, "total": 400, "loss": 1.23456,
+               "tokens_per_s": 12345.6, "eta_s": 80},
+              {"type": "eval_progress", "run_id": "b", "done": 12, "total": 40, "eta_s": 20}]
+    for width in (80, 140):
+        console = Console(file=io.StringIO(), width=width, force_terminal=True, color_system=None)
+        bars = RunProgress(jobs, console=console)
+        for event in events:
+            bars.on_event(event)
+        console.print(bars.progress)
+        lines = console.file.getvalue().splitlines()
+        assert len(lines) == 2 and max(len(line) for line in lines) <= width
+        training, evaluating = lines
+        assert training.startswith("War and Pea") and ".epub" in training  # cut in the middle
+        assert "120/400" in training and "loss 1.2346" in training and "ETA 1m20s" in training
+        assert "evaluating" in evaluating and "12/40 scenes" in evaluating and "ETA 20s" in evaluating
+        assert ("12,346 tok/s" in training) == (width == 140)

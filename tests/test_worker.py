@@ -86,3 +86,33 @@ def test_killed_worker_leaves_runs_interrupted_with_log_tail(tmp_path, corpora, 
     manager.retry(run["run_id"])
     assert store.get_run(run["run_id"])["status"] == "queued"
     store.close()
+
+
+@pytest.mark.slow
+def test_evaluation_progress_reaches_the_listeners_and_never_the_curve(tmp_path, corpora):
+    """A real tiny run on the built-in batteries: its events file holds eval_progress events
+    whose count of scenes done rises to all of them; the manager forwards each, with the run id,
+    and stores none of them as a point of the loss curve."""
+    from dataclasses import replace
+
+    from backend.core.workspace import default_scenes_dir
+    from backend.scoring.scenes import load_batteries
+
+    manager, store, settings = _manager(tmp_path, default_scenes_dir())
+    settings = replace(settings, train={**TRAIN, "max_steps": 6, "log_every": 2}, probes=False)
+    sub = manager.submit([corpora["logic"]], settings)
+    seen = []
+    assert manager.run_queue(on_event=seen.append) is True
+    scenes = sum(len(b.scenes) for b in load_batteries(default_scenes_dir()))
+    for run_id in sub.run_ids + sub.baseline_ids:
+        events, _ = read_events(tmp_path / "ws" / "runs" / run_id / "events.jsonl")
+        written = [e for e in events if e["type"] == "eval_progress"]
+        done = [e["done"] for e in written]
+        assert done and done == sorted(done) and done[-1] == scenes
+        assert {e["total"] for e in written} == {scenes}
+        heard = [e for e in seen if e.get("type") == "eval_progress" and e.get("run_id") == run_id]
+        assert [(e["done"], e["eta_s"]) for e in heard] == [(e["done"], e["eta_s"]) for e in written]
+        steps = [e["step"] for e in events if e["type"] == "progress"]
+        assert [p["step"] for p in store.curve(run_id)] == steps
+    assert [p["step"] for p in store.curve(sub.run_ids[0])][-1] == 6
+    store.close()

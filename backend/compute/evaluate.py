@@ -10,7 +10,9 @@
 - `perplexity` scenes: mean per-token loss of the text, all texts batched.
 - general text (`data/general/`): loss of the model and of its base, for `forgetting`.
 
-Scores with their bootstrap intervals come from `backend.scoring.measures.score_run`.
+Scores with their bootstrap intervals come from `backend.scoring.measures.score_run`. While it
+runs, an `EvalProgress` counts the scenes done (a completion when it is decoded, any other scene
+when it is scored) and sends `eval_progress` events {done, total, eta_s} at most once a second.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +44,90 @@ GENERAL_DIR = Path(__file__).resolve().parents[2] / "data" / "general"
 class LoglikRequest:
     context: str
     continuation: str
+
+
+# A choice or perplexity scene costs about as much as decoding this many tokens of one
+# completion (micro tiny and small on the CPU: 8 to 9); the ETA uses it only until it has timed
+# some scoring of its own.
+SCORE_TOKENS_PRIOR = 8.0
+PROGRESS_SECONDS = 1.0  # the least time between two eval_progress events (the last one aside)
+
+
+def eval_eta(decode: tuple[float, float, float], score: tuple[float, float, float],
+             prior: float = SCORE_TOKENS_PRIOR) -> float | None:
+    """Seconds left of an evaluation from its two kinds of work, each as (seconds spent, units
+    done, units in all): decoding in completion tokens (a row's unused budget counts once it
+    stops), scoring in scenes. Each kind's pace is its own so far; scoring that has not begun
+    is priced at `prior` decoded tokens a scene. None while no pace is known."""
+    (d_seconds, d_done, d_total), (s_seconds, s_done, s_total) = decode, score
+    decode_pace = d_seconds / d_done if d_done else None
+    score_pace = s_seconds / s_done if s_done else (decode_pace * prior if decode_pace is not None else None)
+    left = 0.0
+    for pace, remaining in ((decode_pace, d_total - d_done), (score_pace, s_total - s_done)):
+        if remaining > 0:
+            if pace is None:
+                return None
+            left += pace * remaining
+    return left
+
+
+class EvalProgress:
+    """How far an evaluation is: scenes done of all the batteries' scenes, sent through `emit`
+    (the worker's events) as `eval_progress` {done, total, eta_s} at most once every `every`
+    seconds, and once more by `finish()`. The time between two reports is charged to the work
+    the second one reports, which gives each kind of work its own pace for the ETA."""
+
+    def __init__(self, batteries: Sequence[Battery], emit: Callable[..., Any] | None, *,
+                 every: float = PROGRESS_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        scenes = [s for b in batteries for s in b.scenes]
+        generate = [s for s in scenes if isinstance(s, GenerateScene)]
+        self.total, self.done = len(scenes), 0
+        self.emit, self.every, self.clock = emit, every, clock
+        # [seconds, done, in all] of each kind of work
+        self._decode = [0.0, 0, sum(s.max_new_tokens for s in generate)]
+        self._score = [0.0, 0, len(scenes) - len(generate)]
+        self._mark = self._sent = clock()
+
+    def expect(self, extra_units: int) -> None:
+        """Scoring work to come that is no scene (the general text of `forgetting`), reported
+        by `scored(0, extra_units)`."""
+        self._score[2] += extra_units
+
+    def decoded(self, tokens: int, finished: int = 0) -> None:
+        """`tokens` more completion tokens decoded (with the unused budget of rows that stopped),
+        of which `finished` completions are now whole."""
+        self._charge(self._decode, tokens)
+        self.done += finished
+        self._maybe_send()
+
+    def scored(self, scenes: int, extra_units: int = 0) -> None:
+        """`scenes` more scenes scored (and `extra_units` of scoring that is no scene)."""
+        self._charge(self._score, scenes + extra_units)
+        self.done += scenes
+        self._maybe_send()
+
+    def finish(self) -> None:
+        self.done = self.total
+        self._send(0.0)
+
+    def eta(self) -> float | None:
+        return eval_eta(tuple(self._decode), tuple(self._score))
+
+    def _charge(self, work: list, units: int) -> None:
+        now = self.clock()
+        work[0] += now - self._mark
+        work[1] += units
+        self._mark = now
+
+    def _maybe_send(self) -> None:
+        if self.clock() - self._sent >= self.every:
+            self._send(self.eta())
+
+    def _send(self, eta: float | None) -> None:
+        self._sent = self.clock()
+        if self.emit is not None:
+            self.emit("eval_progress", done=min(self.done, self.total), total=self.total,
+                      eta_s=None if eta is None else round(eta, 1))
 
 
 def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -378,13 +464,14 @@ def generate_batch(
     *,
     device,
     max_tokens: int = BATCH_TOKENS,
+    progress: EvalProgress | None = None,
 ) -> list[Generation]:
     """Greedy continuations of (prompt, max_new_tokens) pairs, each cut at end-of-text or a
     blank line: the same tokens as decoding each prompt alone.
 
     Prompts are batched longest first (at most `max_tokens` prompt + new tokens a batch), left
     padded, with explicit positions so padding shifts nothing, and decoded over one KV cache;
-    rows that have stopped leave the batch.
+    rows that have stopped leave the batch. `progress` hears of every decoding step.
     """
     window = context_length(model)
     encoded = []
@@ -400,11 +487,13 @@ def generate_batch(
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
     with one_thread(model, device):
         for idx in _batches(sizes, max_tokens, None):
-            _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one)
+            _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one,
+                    progress=progress)
     return out
 
 
-def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, *, device, name: str, keep_one: bool) -> None:
+def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, *, device, name: str, keep_one: bool,
+            progress: EvalProgress | None = None) -> None:
     """Greedy decoding of one batch of prompts (`generate_batch`), results into `out`."""
     b = len(idx)
     width = max(len(encoded[i]) for i in idx)
@@ -420,7 +509,9 @@ def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, 
     live = list(range(b))  # rows of the batch still decoding, in cache order
     past = None
     extra = {"logits_to_keep": 1} if keep_one else {}
+    steps = 0
     while live:
+        steps += 1
         kwargs = {name: past} if past is not None else {}
         res = model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=True, **kwargs, **extra)
         past = res[name]
@@ -432,6 +523,10 @@ def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, 
             new[k].append(t)
             if len(new[k]) < limits[k] and not _stop_text(tok, new[k]):
                 still.append(k)
+        if progress is not None:  # a row that stopped early counts its unused budget as decoded
+            going = set(still)
+            unused = sum(limits[k] - steps for k in live if k not in going)
+            progress.decoded(len(live) + unused, finished=len(live) - len(going))
         if not still:
             break
         if len(still) < len(live):  # drop finished rows from the cache, mask and positions
@@ -513,17 +608,21 @@ def evaluate_battery(
     corpus_chunks: Callable[[], Iterable[str]] | None = None,
     batch_size: int | None = None,
     generations: dict[str, Generation] | None = None,
+    progress: EvalProgress | None = None,
 ) -> list[dict]:
     """Scene results for one battery: dicts with battery, scene_id, kind, metric, score,
     correct and detail (tags, log-likelihoods, generated text, checks). `generations` (scene
     id → Generation) are completions already made, as `evaluate_all` makes them for every
-    battery in one batch; the rest are generated here. Each kind of scene is scored in one
-    batch: choices by log-likelihood, completions by their checks, texts by their loss."""
-    scored = [  # (scene, kind, score, correct, detail) of each scene
-        *_choice_scores(model, tok, battery, device, batch_size),
-        *_generate_scores(model, tok, battery, device, corpus_chunks, generations),
-        *_perplexity_scores(model, tok, battery, device),
-    ]
+    battery in one batch (and counted by `progress` as they were decoded); the rest are
+    generated here. Each kind of scene is scored in one batch: choices by log-likelihood,
+    completions by their checks, texts by their loss."""
+    progress = progress or EvalProgress([], None)
+    choices = _choice_scores(model, tok, battery, device, batch_size)
+    progress.scored(len(choices))
+    generated = _generate_scores(model, tok, battery, device, corpus_chunks, generations, progress)
+    texts = _perplexity_scores(model, tok, battery, device)
+    progress.scored(len(texts))
+    scored = [*choices, *generated, *texts]  # (scene, kind, score, correct, detail) of each scene
     order = {s.id: i for i, s in enumerate(battery.scenes)}
     scored.sort(key=lambda item: order[item[0].id])
     return [
@@ -566,14 +665,14 @@ def _choice_scores(model, tok: Tokenizer, battery: Battery, device, batch_size: 
 
 
 def _generate_scores(model, tok: Tokenizer, battery: Battery, device, corpus_chunks,
-                     generations: dict[str, Generation] | None) -> list[tuple]:
+                     generations: dict[str, Generation] | None, progress: EvalProgress | None = None) -> list[tuple]:
     """Each generate scene: its completion (made here unless given), its checks, and for
     novelty the word n-grams the training corpus does not hold."""
     made = dict(generations or {})
     todo = [s for s in battery.scenes if isinstance(s, GenerateScene) and s.id not in made]
     if todo:
         made.update(zip((s.id for s in todo), generate_batch(
-            model, tok, [(s.prompt, s.max_new_tokens) for s in todo], device=device)))
+            model, tok, [(s.prompt, s.max_new_tokens) for s in todo], device=device, progress=progress)))
     generated = []
     for scene in battery.scenes:
         if isinstance(scene, GenerateScene):
@@ -683,37 +782,44 @@ def evaluate_all(
     corpus_chunks: Callable[[], Iterable[str]] | None = None,
     reference: Callable[[], AbstractContextManager] | None = None,
     general: Sequence[tuple[str, str]] | None = None,
+    progress: EvalProgress | None = None,
 ) -> tuple[dict[str, dict], list[dict], float]:
     """(scores {measure: {value, n, lo, hi}}, scene results, seconds) over every battery.
 
     `reference` opens the base model (None: `model` is the base itself, as for a baseline run);
     it gates novelty on fluency and gives the base's loss on `general` text for `forgetting`
-    (default: the paragraphs of data/general/).
+    (default: the paragraphs of data/general/). `progress` (made for these batteries) hears of
+    every scene done and sends its last event when the scores are in.
     """
     with one_thread(model, device):
         return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
-                             reference=reference, general=general)
+                             reference=reference, general=general, progress=progress or EvalProgress([], None))
 
 
-def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general):
+def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general, progress: EvalProgress):
     t0 = time.perf_counter()
+    general = general_texts() if general is None else list(general)
+    passes = 1 if reference is None else 2  # the model's loss on the general text, and its base's
+    progress.expect(passes * len(general))
     # every battery's completions in one batched decode
     wanted = [(b.name, s) for b in batteries for s in b.scenes if isinstance(s, GenerateScene)]
-    made = generate_batch(model, tok, [(s.prompt, s.max_new_tokens) for _, s in wanted], device=device)
+    made = generate_batch(model, tok, [(s.prompt, s.max_new_tokens) for _, s in wanted], device=device,
+                          progress=progress)
     by_battery: dict[str, dict[str, Generation]] = {}
     for (name, scene), gen in zip(wanted, made):
         by_battery.setdefault(name, {})[scene.id] = gen
     scene_results: list[dict] = []
     for battery in batteries:
         scene_results += evaluate_battery(model, tok, battery, device=device, corpus_chunks=corpus_chunks,
-                                          generations=by_battery.get(battery.name, {}))
-    general = general_texts() if general is None else list(general)
+                                          generations=by_battery.get(battery.name, {}), progress=progress)
     novel = [r for r in scene_results if r["metric"] == "novelty" and r["kind"] == "generate" and r["detail"]["text"]]
     novel_made = [by_battery[r["battery"]][r["scene_id"]] for r in novel]
     own = text_losses(model, tok, [text for _, text in general], device=device)
+    progress.scored(0, len(general))
     with (reference or (lambda: nullcontext(model)))() as base:
         # a baseline is its own base: its general-text losses are the ones just computed
         base_general = own if reference is None else text_losses(base, tok, [text for _, text in general], device=device)
+        progress.scored(0, (passes - 1) * len(general))
         prompts = [r["detail"]["prompt"] for r in novel]
         completion_ppl = _completion_ppl(base, tok, prompts, novel_made, device=device) if novel else []
     if novel:
@@ -729,4 +835,5 @@ def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, ge
             "detail": {"tokens": n, "base_loss": base_loss, "lang": gid.split("-")[0]},
         })
     scores = measures.score_run(scene_results)
+    progress.finish()
     return scores, scene_results, time.perf_counter() - t0

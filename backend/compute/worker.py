@@ -121,7 +121,7 @@ class Worker:
     def run_job(self, job: dict[str, Any]) -> None:
         """One job's recipe: load (or reuse) the base, train (an adapter run), evaluate, look
         inside, write result.json. Every step says so in the run's events and train.log."""
-        from backend.compute.evaluate import evaluate_all
+        from backend.compute.evaluate import EvalProgress, evaluate_all
         from backend.compute.models import count_params
         from backend.compute.train import StopRequested
         from backend.core.config import TrainConfig
@@ -164,6 +164,7 @@ class Worker:
             scores, scene_results, eval_seconds = evaluate_all(
                 trained.model, tok, self.batteries, device=device, corpus_chunks=chunks,
                 reference=self._reference(job, trained.model, seed),
+                progress=EvalProgress(self.batteries, events.emit),  # eval_progress events, ≤ 1 a second
             )
             probes = None
             if job["kind"] == "adapter" and job.get("probes", True):

@@ -1,7 +1,7 @@
 """`events.jsonl`: the one channel from a worker to whoever watches its run folder.
 
-One JSON object a line with `ts`, `run_id`, `attempt`, `type` in {phase, progress, metric, log,
-error, result}. The worker only appends; readers tail the file by byte offset and ignore a last
+One JSON object a line with `ts`, `run_id`, `attempt`, `type` in {phase, progress, eval_progress,
+metric, log, error, result}. The worker only appends; readers tail the file by byte offset and ignore a last
 line that is not finished yet. One file holds every attempt of a run (a retry appends to it), so
 a reader keeps only the events of the attempt it watches (`of_attempt`).
 """
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-EVENT_TYPES = frozenset({"phase", "progress", "metric", "log", "error", "result"})
+EVENT_TYPES = frozenset({"phase", "progress", "eval_progress", "metric", "log", "error", "result"})
 
 
 class EventLog:

@@ -507,6 +507,8 @@ class JobManager:
             elif kind == "progress":
                 self.store.add_curve_points(run_id, [event])
                 on_event(event)
+            elif kind == "eval_progress":  # scenes done of all: the queue's bar, no curve point
+                on_event({**event, "run_id": run_id})
             elif kind == "error":
                 self.store.transition(run_id, JobState.FAILED, error=event.get("message"))
                 on_event({"type": "state", "run_id": run_id, "status": "failed", "error": event.get("message")})
