@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 from typing import Iterable
 
 from rich.cells import cell_len, set_cell_size
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 PERPLEXITY = "perplexity"
 
@@ -94,7 +96,7 @@ def fit_name(text: str, width: int) -> str:
         return text
     if width <= 1:
         return "…"[:width]
-    tail = (width - 1) // 3
+    tail = (width - 1) * 2 // 5  # at 14 cells: `Sherlock…epub` keeps the dot, `.epub`
     head = width - 1 - tail
     return set_cell_size(text, head) + "…" + _last_cells(text, tail)
 
@@ -213,64 +215,163 @@ def reweigh(rows: list[dict], weights: dict | None) -> list[dict]:
     return out
 
 
+@dataclass
+class FitColumn:
+    """One column of a table fitted to the terminal (`fit_columns`): its header, its cells as
+    text, and whether it holds names (cut in the middle to fit) or numbers and words (never cut:
+    shown whole, or left out whole)."""
+
+    label: str
+    cells: list[str]
+    names: bool = False
+    left: bool = False  # left-justified (names always are); numbers are right-justified
+
+    @property
+    def natural(self) -> int:
+        return max(cell_len(text) for text in [self.label, *self.cells])
+
+
+NAME_MIN = 14  # the fewest cells a name column is cut to before columns are left out
+NAME_MAX = 40  # and the most it takes however long the names
+
+
+def table_width(widths: list[int]) -> int:
+    """Cells of a Table in print_ranked's style (`ranked_table`): two spaces between columns."""
+    return sum(widths) + 2 * (len(widths) - 1) if widths else 0
+
+
+def fitted_table(columns: list[FitColumn], widths: list[int], *, title: str | None = None,
+                 styles: list[str | None] | None = None) -> Table:
+    """The shown columns (`fit_columns`) at their widths, names cut in the middle, one line a
+    row. No rules but the one under the header, and two spaces between columns: over SSH at 80
+    columns every cell a rule or a padding takes is a digit less."""
+    from rich import box
+
+    table = Table(title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 0, 0, 1))
+    for column, w in zip(columns, widths):
+        table.add_column(column.label, justify="left" if column.names or column.left else "right",
+                         no_wrap=True, width=w)
+    for i in range(len(columns[0].cells) if columns else 0):
+        table.add_row(*[Text(fit_name(c.cells[i], w)) for c, w in zip(columns, widths)],
+                      style=styles[i] if styles else None)
+    return table
+
+
+def fit_columns(columns: list[FitColumn], width: int, required: int) -> tuple[list[int], list[str]]:
+    """Which columns fit `width` cells, in order of priority: the first `required` always, then
+    each next one while it fits with every name column at NAME_MIN; the room left goes to the
+    name columns, up to their names' length (NAME_MAX at most). Returns (the width of each shown
+    column, the labels of the columns left out)."""
+    floor = [min(c.natural, NAME_MIN) if c.names else c.natural for c in columns]
+    shown = required
+    while shown < len(columns) and table_width(floor[: shown + 1]) <= width:
+        shown += 1
+    widths = floor[:shown]
+    for i, column in enumerate(columns[:shown]):
+        if column.names:
+            room = width - table_width(widths)
+            widths[i] = max(widths[i], min(column.natural, NAME_MAX, widths[i] + room))
+    return widths, [c.label for c in columns[shown:]]
+
+
+def ranked_columns(rows: list[dict]) -> tuple[list[FitColumn], int]:
+    """The ranked table's columns in order of priority (and of display): rank, corpus, the base
+    (several bases only), the status (unfinished rows only), overall, Δ base; then the five
+    measures, perplexity and forgetting, the side numbers and any other measure; then pages and
+    training seconds. Returns them and how many lead that are always shown."""
+    from backend.scoring.measures import FIVE_MEASURES
+
+    names = measure_names(rows)
+    first = [m for m in names if m in FIVE_MEASURES] + [m for m in LOWER_TAIL if m in names]
+    order = first + [m for m in names if m in SHOWN_SIDE] + [m for m in names if m not in first and m not in SHOWN_SIDE]
+    baselines = [r for r in rows if r.get("kind") == "baseline"]
+    ordered = baselines + [r for r in rows if r.get("kind") != "baseline"]
+    lead = [
+        FitColumn("#", ["base" if r in baselines else str(i - len(baselines) + 1) for i, r in enumerate(ordered)]),
+        FitColumn("corpus", ["(baseline)" if r in baselines else (r.get("corpus") or "-") for r in ordered], True),
+    ]
+    if len({r["base"] for r in rows}) > 1:
+        lead.append(FitColumn("base", [r["base"] for r in ordered], True))
+    if any(r["status"] != "done" for r in rows):
+        lead.append(FitColumn("status", [r["status"] for r in ordered], left=True))
+    lead += [FitColumn("overall", [fmt_interval(r.get("overall"), r.get("overall_interval"), 3) for r in ordered]),
+             FitColumn("Δ base", [_delta(rows, r) for r in ordered])]
+    rest = [FitColumn(MEASURE_LABELS.get(m, m), [_cell(m, (r.get("scores") or {}).get(m),
+                                                          (r.get("intervals") or {}).get(m)) for r in ordered])
+            for m in order]
+    rest += [FitColumn("pages", [_fmt(r.get("pages"), 1) for r in ordered]),
+             FitColumn("train s", [_fmt(r.get("train_seconds"), 1) for r in ordered])]
+    return lead + rest, len(lead)
+
+
+def left_out_line(left_out: list[str], width: int) -> str:
+    """One line under a fitted table: the columns left out (as many names as fit, then how many
+    more) and how to see everything."""
+    how = " · `ltm-tui results --wide` or --format csv shows all"
+    if not left_out:
+        return "names shortened to fit" + how
+    for shown in range(len(left_out), 0, -1):
+        more = f" +{len(left_out) - shown} more" if shown < len(left_out) else ""
+        line = f"left out: {', '.join(left_out[:shown])}{more}{how}"
+        if cell_len(line) <= width:
+            return line
+    return line
+
+
+def _at_least(console: Console, width: int) -> Console:
+    """The console, or one on the same output as wide as `width` when it is narrower (a wide
+    table goes out whole, for `less -S` or a file, instead of folded at the terminal's edge)."""
+    if console.width >= width:
+        return console
+    return Console(file=console.file, width=width, color_system=console.color_system,
+                   force_terminal=console.is_terminal, no_color=console.no_color)
+
+
+def _delta(rows: list[dict], row: dict) -> str:
+    ref = None if row.get("kind") == "baseline" else baseline_for(rows, row)
+    if ref is None or row.get("overall") is None or ref.get("overall") is None:
+        return "-"
+    return f"{row['overall'] - ref['overall']:+.3f}"
+
+
 def print_ranked(
-    rows: list[dict], *, sort: str = "overall", console: Console | None = None, weights: dict | None = None
+    rows: list[dict], *, sort: str = "overall", console: Console | None = None, weights: dict | None = None,
+    wide: bool = False,
 ) -> None:
     """Baselines first (the rows every adapter is compared with), then runs in the given order,
     with each run's overall score and its difference from its baseline. Each measure shows its
-    bootstrap 95% interval as ±half its width; the weights of `overall` are printed below."""
+    bootstrap 95% interval as ±half its width; the weights of `overall` are printed below.
+
+    The table fits the terminal: a name is cut in the middle rather than wrapped, a number is
+    never cut, and the columns that do not fit are left out from the right (`ranked_columns`
+    gives the order), with a line saying which and how to see them. `wide` (and any output that
+    is not a terminal) shows every column and whole names, however wide."""
     if console is None:
         console = Console()
-        if not console.is_terminal:  # a pipe or a file: no screen width to respect
-            console = Console(width=220)
+        wide = wide or not console.is_terminal  # a pipe or a file: no screen width to respect
     if not rows:
         console.print("no runs yet: `ltm-tui run FILE...` queues some")
         return
     rows = reweigh(rows, weights)
-    names = measure_names(rows)
     bases = sorted({r["base"] for r in rows})
-    one_base = len(bases) == 1
-    title = f"ltm-tui results · sorted by {sort}" + (f" · base {bases[0]}" if one_base else "")
-    all_done = all(r["status"] == "done" for r in rows)
-    table = Table(title=title, pad_edge=False, padding=(0, 1))
-    table.add_column("#", justify="right")
-    table.add_column("corpus", overflow="fold", max_width=24)
-    if not one_base:
-        table.add_column("base", overflow="fold", max_width=20)
-    if not all_done:
-        table.add_column("status")
-    table.add_column("pages", justify="right")
-    table.add_column("train s", justify="right")
-    for name in names:
-        table.add_column(MEASURE_LABELS.get(name, name), justify="right")
-    table.add_column("overall", justify="right")
-    table.add_column("Δ base", justify="right")
-    baselines = [r for r in rows if r.get("kind") == "baseline"]
-    others = [r for r in rows if r.get("kind") != "baseline"]
-    for i, r in enumerate(baselines + others):
-        is_base = r.get("kind") == "baseline"
-        ref = baseline_for(rows, r)
-        delta = None
-        if not is_base and ref and r.get("overall") is not None and ref.get("overall") is not None:
-            delta = r["overall"] - ref["overall"]
-        scores = r.get("scores") or {}
-        intervals = r.get("intervals") or {}
-        cells = [
-            "base" if is_base else str(i - len(baselines) + 1),
-            "(baseline)" if is_base else escape(r.get("corpus") or "-"),
-            *([] if one_base else [escape(r["base"])]),
-            *([] if all_done else [r["status"]]),
-            _fmt(r.get("pages"), 1),
-            _fmt(r.get("train_seconds"), 1),
-            *(_cell(n, scores.get(n), intervals.get(n)) for n in names),
-            fmt_interval(r.get("overall"), r.get("overall_interval"), 3),
-            "-" if delta is None else f"{delta:+.3f}",
-        ]
-        table.add_row(*cells, style="dim" if is_base else None)
-    console.print(table)
+    columns, required = ranked_columns(rows)
+    if wide:
+        widths, left_out = [c.natural for c in columns], []
+        console = _at_least(console, table_width(widths))
+    else:
+        widths, left_out = fit_columns(columns, console.width, required)
+    title = f"ltm-tui results · sorted by {sort}" + (f" · base {bases[0]}" if len(bases) == 1 else "")
+    console.print(Text(title, style="bold"), no_wrap=True, overflow="ellipsis")
+    baselines = sum(r.get("kind") == "baseline" for r in rows)
+    styles = ["dim" if i < baselines else None for i in range(len(rows))]
+    console.print(fitted_table(columns[: len(widths)], widths, styles=styles))
+    cut = any(c.names and c.natural > w for c, w in zip(columns, widths))
+    if left_out or cut:
+        console.print(left_out_line(left_out, console.width), style="dim", markup=False, no_wrap=True,
+                      overflow="ellipsis")
     line = weights_line(rows, weights)
     if line:
-        console.print(f"{line}; ± is half the bootstrap 95% interval", style="dim", soft_wrap=True)
+        console.print(f"{line}; ± is half the bootstrap 95% interval", style="dim")
 
 
 def _cell(name: str, value, interval) -> str:
@@ -301,30 +402,28 @@ def rows_to_csv(rows: list[dict]) -> str:
 
 def print_status(jobs: list[dict], console: Console | None = None) -> None:
     """`ltm-tui status`: each job with its step, ETA and worker pid, then each error whole.
-    Run ids are never cut (`cancel` and `retry` take them whole); below 100 columns the corpus
-    column goes, since a run id begins with its corpus's name."""
-    from rich import box
-
+    Run ids, states and numbers are never cut (`cancel` and `retry` take a run id whole); the
+    corpus column shows only where it fits (a run id begins with its corpus's name anyway),
+    then the pid and the ETA go before anything is cut."""
     console = console or Console()
-    table = Table(title="jobs", box=box.SIMPLE_HEAD, pad_edge=False)
-    table.add_column("run_id", no_wrap=True, min_width=max([len(j["run_id"]) for j in jobs] + [6]))
-    wide = console.width >= 100
-    if wide:
-        table.add_column("corpus", overflow="fold", max_width=28)
-    for name in ("status", "step", "ETA", "pid"):
-        table.add_column(name, no_wrap=True, justify="left" if name == "status" else "right")
-    for j in jobs:
-        step, total = j.get("step"), j.get("total")
-        cells = [
-            j["run_id"],
-            *([escape(j.get("corpus") or f"({j['kind']})")] if wide else []),
-            j["status"],
-            f"{step or 0}/{total}" if total else (str(step) if step else "-"),
-            format_duration(j.get("eta_s")) if j.get("eta_s") is not None else "-",
-            str(j["pid"]) if j.get("pid") else "-",
-        ]
-        table.add_row(*cells)
-    console.print(table)
+
+    def step(j: dict) -> str:
+        done, total = j.get("step"), j.get("total")
+        return f"{done or 0}/{total}" if total else (str(done) if done else "-")
+
+    columns = [  # in order of priority; the corpus is shown second where it fits
+        FitColumn("run_id", [j["run_id"] for j in jobs], left=True),
+        FitColumn("status", [j["status"] for j in jobs], left=True),
+        FitColumn("step", [step(j) for j in jobs]),
+        FitColumn("ETA", [format_duration(j.get("eta_s")) for j in jobs]),
+        FitColumn("pid", [str(j["pid"]) if j.get("pid") else "-" for j in jobs]),
+        FitColumn("corpus", [j.get("corpus") or f"({j['kind']})" for j in jobs], names=True),
+    ]
+    widths, _ = fit_columns(columns, console.width, required=3)
+    shown = list(zip(columns, widths))
+    if len(shown) == len(columns):
+        shown.insert(1, shown.pop())
+    console.print(fitted_table([c for c, _ in shown], [w for _, w in shown], title="jobs"))
     for j in jobs:
         if j.get("error"):
             console.print(f"{j['run_id']}: {escape(j['error'])}", style="red" if j["status"] == "failed" else "yellow",

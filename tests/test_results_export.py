@@ -72,3 +72,83 @@ def test_results_csv_and_json_carry_the_same(workspace: Path):
     assert cli("export", "--csv", str(workspace / "t.csv"), "--workspace", str(workspace)).returncode == 0
     exported = {r["run_id"]: r for r in csv.DictReader((workspace / "t.csv").open())}
     assert [float(exported["run-a"][k]) for k in ("overall_lo", "overall_hi")] == a["overall_interval"]
+
+
+# --- the ranked table fits the terminal ------------------------------------------------------
+
+RU = "Война и мир. Том первый. Часть вторая (издание 1869 года).fb2.txt"
+EN = "Sherlock Holmes - The Complete Collection, Unabridged, Annotated Edition.epub"
+FIVE = ("reasoning_depth", "consistency", "pressure", "novelty", "compression")
+
+
+def _ranked_rows() -> list[dict]:
+    """A baseline and three runs as `results` gets them: the five measures, the side numbers,
+    perplexity and forgetting, each with its interval; long Cyrillic and Latin names."""
+    rows = []
+    for i, (corpus, kind, status) in enumerate(((None, "baseline", "done"), (RU, "adapter", "done"),
+                                                 (EN, "adapter", "done"), ("logic.txt", "adapter", "training"))):
+        scores = {m: 0.31 + 0.1 * i + 0.01 * j for j, m in enumerate(FIVE)}
+        scores.update(depth_max=3 + i, pressure_drop=0.12, perplexity=123.4 + 50 * i, forgetting=0.031)
+        half = {m: 5.6 if m == "perplexity" else 0.05 for m in scores}
+        rows.append({"run_id": f"r{i}", "corpus": corpus, "kind": kind, "status": status, "base": "micro:small",
+                     "seed": 0, "pages": 1234.5, "train_seconds": 5321.7, "overall": 0.3 + 0.1 * i,
+                     "scores": scores, "intervals": {m: [v - half[m], v + half[m]] for m, v in scores.items()}})
+    return rows
+
+
+def _printed(width: int, **kw) -> list[str]:
+    from rich.console import Console
+
+    from ltm_tui.report import print_ranked
+
+    console = Console(file=io.StringIO(), width=width, color_system=None)
+    print_ranked(_ranked_rows(), console=console, **kw)
+    return console.file.getvalue().splitlines()
+
+
+@pytest.mark.parametrize("width", [80, 120])
+def test_results_table_fits_the_terminal_without_wrapping_or_cutting_numbers(width):
+    from ltm_tui.report import MEASURE_LABELS, fmt_interval, ranked_columns, reweigh
+
+    lines = _printed(width)
+    assert max(len(line) for line in lines) <= width
+    header = lines[1].split()
+    assert header[:6] == ["#", "corpus", "status", "overall", "Δ", "base"]  # the priority columns lead
+    rows = reweigh(_ranked_rows(), None)
+    body = lines[3:3 + len(rows)]
+    assert [line.split()[0] for line in body] == ["base", "1", "2", "3"]  # one line a row: nothing wrapped
+    assert body[1].split()[1].startswith("Война") and "…" in body[1] and body[1].count("…") == 1
+    assert body[2].split()[1].startswith("Sherlock") and ".epub" in body[2]
+    assert "logic.txt" in body[3]  # a short name whole
+    # every number shown is whole: the cells of each shown column, in its row
+    columns, _ = ranked_columns(rows)
+    shown = [c for c in columns if c.label.split()[0] in header and not c.names]
+    for column in shown:
+        for line, cell in zip(body, column.cells):
+            assert cell in line, (column.label, cell)
+    assert fmt_interval(rows[1]["overall"], rows[1]["overall_interval"], 3) in body[1]
+    # the measures follow in their order, as many as fit, and the line below names the rest
+    labels = [MEASURE_LABELS[m] for m in FIVE]
+    measures = [h for h in header if h in labels]
+    assert measures == labels[: len(measures)] and len(measures) >= (3 if width == 80 else 5)
+    note = lines[3 + len(rows)]
+    assert note.startswith("left out: ") and "--wide" in note and len(note) <= width
+    left = [c.label for c in columns if c.label.split()[0] not in header]
+    assert left and note.startswith("left out: " + left[0])
+
+
+def test_results_table_wide_shows_every_column_and_whole_names():
+    from ltm_tui.report import MEASURE_LABELS
+
+    lines = _printed(80, wide=True)
+    assert any(RU in line for line in lines) and any(EN in line for line in lines)
+    header = lines[1]
+    for label in [MEASURE_LABELS[m] for m in FIVE] + ["ppl↓", "forget↓", "d.max", "drop↓", "pages", "train s"]:
+        assert label in header
+    assert not any(line.startswith("left out") for line in lines)
+
+
+def test_results_command_takes_wide(workspace: Path):
+    res = cli("results", "--wide", "--workspace", str(workspace))
+    assert res.returncode == 0, res.stderr
+    assert "train s" in res.stdout and "left out" not in res.stdout

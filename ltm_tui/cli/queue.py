@@ -28,6 +28,9 @@ def add_parsers(sub) -> None:
     order.add_argument("--desc", dest="descending", action="store_true", help="descending (default)")
     res.set_defaults(descending=True, handler=cmd_results)
     res.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    res.add_argument("--wide", action="store_true",
+                     help="every column and whole names, however wide (the table otherwise fits the terminal; "
+                          "try `| less -S`)")
     res.add_argument("--weights", metavar="SPEC", help=WEIGHTS_HELP)
     res.add_argument("--pool-seeds", action="store_true",
                      help="one row per corpus and base: the mean over its seeds, intervals over seeds and scenes")
@@ -99,7 +102,7 @@ def cmd_results(args) -> int:
     elif args.format == "csv":
         sys.stdout.write(rows_to_csv(reweigh(rows, weights)))
     else:
-        print_ranked(rows, sort=args.sort, weights=weights)
+        print_ranked(rows, sort=args.sort, weights=weights, wide=args.wide)
     return EXIT_OK
 
 
