@@ -215,3 +215,55 @@ def test_run_prints_the_forecast_before_queueing(tmp_path, tiny_battery, corpora
     err = capsys.readouterr().err.splitlines()
     assert err[0].startswith("forecast logic.txt (") and "train " in err[0] and "peak " in err[0]
     assert err[1].startswith("forecast story.txt (") and len(err) == 2
+
+
+def test_settings_in_use_puts_the_most_common_base_and_shape_first(tmp_path):
+    ws = tmp_path / "ws"
+    small = {**MICRO_TINY, "preset": "small"}
+    for i in range(3):
+        _write_result(ws, f"tiny{i}", 50_000, 5.0)
+    for i in range(2):
+        _write_result(ws, f"tiny-long{i}", 50_000, 5.0, train={**TRAIN, "max_steps": 40})  # same shape, longer
+        _write_result(ws, f"tiny32-{i}", 50_000, 5.0, train={**TRAIN, "block_size": 32})
+    for i in range(4):
+        _write_result(ws, f"small{i}", 50_000, 5.0, base=small)
+    _write_result(ws, "baseline", 0, 0.0, kind="baseline", base=small)  # trains nothing: not counted
+    groups = forecast.settings_in_use(ws)
+    # tiny has 7 runs, small 4: tiny's shapes first, its block-64 one (5 runs) before block 32 (2)
+    assert [(g["base"]["preset"], g["train"]["block_size"], g["runs"]) for g in groups] == [
+        ("tiny", 64, 5), ("tiny", 32, 2), ("small", 64, 4)]
+    assert groups[0]["train"] == TRAIN  # what 3 of its 5 runs had
+
+
+def test_estimate_forecasts_for_the_finished_runs_settings_and_names_them_otherwise(tmp_path, tiny_battery):
+    """Seven finished `tiny` runs: `estimate` with no flag forecasts for their settings and fits
+    them; asked for other settings it says which settings the finished runs had."""
+    from backend.compute.estimate import calibrate
+
+    ws = tmp_path / "ws"
+    _calibrate(ws, tiny_battery)
+    other = {**TRAIN, "block_size": 32}
+    calibrate(ws, MICRO_TINY, other, steps=2, warm=1, scenes=tiny_battery / "heldout.yaml")
+    for i, tokens in enumerate((50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 350_000)):
+        _write_result(ws, f"tiny{i}", tokens, 2.0 + 1e-5 * tokens)
+    scenes = ("--scenes", str(tiny_battery))
+
+    plain = cli("estimate", "--workspace", str(ws), "--pages", "1", *scenes)
+    assert plain.returncode == 0, plain.stderr
+    first = plain.stdout.splitlines()[0]
+    assert first.startswith("forecast for --preset tiny --block-size 64 --micro-batch 4 --epochs 1 "
+                            "--min-train-tokens 0: the settings of 7 of the 7 finished run(s)")
+    assert "fit over 7 finished run(s) with these settings" in plain.stdout
+    assert "no finished runs" not in plain.stdout and "calibrating" not in plain.stderr
+
+    chosen = cli("estimate", "--workspace", str(ws), "--pages", "1", "--preset", "tiny", "--device", "cpu",
+                 "--block-size", "32", "--micro-batch", "4", "--min-train-tokens", "0", *scenes)
+    assert chosen.returncode == 0, chosen.stderr
+    assert "forecast for" not in chosen.stdout  # the flags chose
+    hint = [line for line in chosen.stdout.splitlines() if line.startswith("no finished runs")]
+    assert len(hint) == 1 and "7 finished run(s) here had --preset tiny --block-size 64" in hint[0]
+
+    as_json = cli("estimate", "--workspace", str(ws), "--pages", "1", "--format", "json", *scenes)
+    assert as_json.returncode == 0, as_json.stderr
+    assert json.loads(as_json.stdout)[0]["runs"] == 7
+    assert as_json.stderr.startswith("forecast for --preset tiny")

@@ -169,6 +169,8 @@ def _summarise(result: Mapping[str, Any]) -> dict | None:
     return {
         "kind": kind,
         "key": settings_key(settings["base"], settings.get("train")),
+        "base": settings["base"],  # what `estimate` forecasts for when no flag chooses (settings_in_use)
+        "train": settings.get("train") or {},
         "device": str(result.get("device") or "cpu").split(":")[0],
         "tokens": int(result.get("tokens") or 0),
         "tokens_seen": int(result["tokens_seen"]),
@@ -180,7 +182,7 @@ def _summarise(result: Mapping[str, Any]) -> dict | None:
     }
 
 
-SUMMARY_VERSION = 2  # in each index entry's stamp: a summary of an older shape is read again
+SUMMARY_VERSION = 3  # in each index entry's stamp: a summary of an older shape is read again
 
 
 def finished_runs(workspace) -> list[dict]:
@@ -221,6 +223,36 @@ def finished_runs(workspace) -> list[dict]:
         except OSError:
             pass  # a read-only workspace still forecasts, it only re-reads next time
     return [v["run"] for _, v in sorted(fresh.items()) if v.get("run")]
+
+
+def settings_in_use(workspace) -> list[dict]:
+    """The settings of the workspace's finished adapter runs, grouped as the forecast compares
+    them (`settings_key`): [{"base", "train", "runs"}],
+    the most common base and preset first, and within it the most common training shape. A
+    group's `train` is the one most of its runs had (training length included), so a forecast
+    for it plans as many steps as those runs trained."""
+    from collections import Counter
+
+    runs = [r for r in finished_runs(workspace)
+            if r.get("kind") == "adapter" and r.get("base")]
+    per_base = Counter(_base_key(r["base"]) for r in runs)
+    groups: dict[str, list[dict]] = {}
+    for r in runs:
+        groups.setdefault(r["key"], []).append(r)
+    ranked = []
+    for members in groups.values():
+        by_train = Counter(json.dumps(r["train"], sort_keys=True) for r in members)
+        common = by_train.most_common(1)[0][0]
+        first = next(r for r in members if json.dumps(r["train"], sort_keys=True) == common)
+        ranked.append(((per_base[_base_key(first["base"])], len(members)),
+                       {"base": first["base"], "train": first["train"], "runs": len(members)}))
+    ranked.sort(key=lambda item: item[0], reverse=True)
+    return [group for _, group in ranked]
+
+
+def _base_key(base_spec: Mapping[str, Any]) -> str:
+    """Base, preset and quantisation: the part of `settings_key` a person names first."""
+    return "|".join(settings_key(base_spec, None).split("|")[: len(_KEY_BASE)])
 
 
 def fit_fixed_per_token(points: list[tuple[float, float]]) -> tuple[float, float] | None:

@@ -2,7 +2,9 @@
 
     ltm-tui estimate --base micro --preset small --pages 1,10,100,1000 [--format json]
 
-The first call for a device, base and settings runs the calibration (`backend.compute.estimate`, a few
+Without --base, --preset or --quant it forecasts for the settings most of the workspace's finished
+runs had (and says so), so that those runs refine the forecast. The first call for a device, base
+and settings runs the calibration (`backend.compute.estimate`, a few
 real optimizer steps), as a task of the job service: a worker in a free slot measures it, so it
 never loads a model beside a run on the same card; later calls read the cache and the
 workspace's finished runs (`backend.studies.forecast`, no torch). `forecast_before_queueing` prints the
@@ -11,6 +13,7 @@ same forecast per corpus for `ltm-tui run`.
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
@@ -30,8 +33,53 @@ def add_parser(sub):
     est.add_argument("--recalibrate", action="store_true", help="measure again even if a calibration is cached")
     est.add_argument("--calibration-steps", type=int, default=8, help="steady-state steps measured (default 8)")
     est.add_argument("--format", choices=["table", "json"], default="table")
-    est.set_defaults(handler=cmd_estimate, probes=False)
+    # no --base given is not "micro": it lets the workspace's finished runs choose (_from_runs)
+    est.set_defaults(handler=cmd_estimate, probes=False, base=None)
     return est
+
+
+MODEL_CHOICE = ("base", "preset", "quant")
+TRAIN_CHOICE = ("steps", "epochs", "min_train_tokens", "lr", "block_size", "micro_batch", "grad_accum",
+                "lora_r", "lora_alpha")
+# the training settings a run's length and speed depend on, as (TrainConfig field, flag)
+TRAIN_FLAGS = (("block_size", "--block-size"), ("micro_batch", "--micro-batch"), ("grad_accum", "--grad-accum"),
+               ("epochs", "--epochs"), ("min_train_tokens", "--min-train-tokens"), ("max_steps", "--steps"))
+
+
+def _from_runs(args, groups: list[dict]) -> tuple[argparse.Namespace, dict | None]:
+    """The flags with the settings of the finished runs filled in where no flag chose: the base
+    (and device) of the most common settings when neither --base, --preset nor --quant was given,
+    and their training too when no training flag was. Returns (the flags, the group used or None)."""
+    if not groups or any(getattr(args, k, None) is not None for k in MODEL_CHOICE):
+        return args, None
+    group = groups[0]
+    base, filled = group["base"], argparse.Namespace(**vars(args))
+    filled.base, filled.preset, filled.quant = base["base"], base.get("preset"), base.get("quant")
+    filled.trust_remote_code = args.trust_remote_code or bool(base.get("trust_remote_code"))
+    filled.device = args.device or base.get("device")
+    if not any(getattr(args, k, None) is not None for k in TRAIN_CHOICE):
+        for field, flag in TRAIN_FLAGS:
+            value = group["train"].get(field)
+            setattr(filled, flag[2:].replace("-", "_"), (value or None) if field == "max_steps" else value)
+    return filled, group
+
+
+def settings_flags(base: dict, train: dict) -> str:
+    """The flags that choose these settings: the base, and each training setting that is not
+    the base's default (`--preset tiny --block-size 64`)."""
+    from backend.studies.forecast import resolved_train
+
+    if (base.get("base") or "micro") == "micro":
+        flags = [f"--preset {base.get('preset') or 'small'}"]
+    else:
+        flags = [f"--base {base['base']}"] + (["--quant 4bit"] if base.get("quant") else [])
+    default, chosen = resolved_train(base, None).to_dict(), resolved_train(base, train).to_dict()
+    flags += [f"{flag} {_number(chosen[field])}" for field, flag in TRAIN_FLAGS if chosen[field] != default[field]]
+    return " ".join(flags)
+
+
+def _number(value) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
 def _pages(text: str) -> list[float]:
@@ -52,9 +100,16 @@ def cmd_estimate(args) -> int:
         for path in args.sample:
             if not Path(path).expanduser().is_file():
                 raise usage(f"--sample {path}: no such file")
-    settings = job_settings(args)
     ws = workspace(args)
+    groups = forecast.settings_in_use(ws)
+    args, adopted = _from_runs(args, groups)
+    settings = job_settings(args)
     base, train = settings.base, settings.train
+    if adopted is not None:  # say which settings, before a calibration's lines
+        total = sum(g["runs"] for g in groups)
+        print(f"forecast for {settings_flags(base, train)}: the settings of {adopted['runs']} of the {total} "
+              "finished run(s) here (--preset or --base chooses others)",
+              file=sys.stderr if args.format == "json" else sys.stdout, flush=True)
     if args.recalibrate or forecast.load_calibration(ws, base, train) is None:
         from backend.jobs.client import run_task
 
@@ -73,14 +128,28 @@ def cmd_estimate(args) -> int:
         pred = forecast.predict(ws, base, train, tokens)
         fix = forecast.memory_fix(pred["peak_memory_bytes"], free, base, train, where)
         rows.append({"pages": p if p != int(p) else int(p), **pred, "free_memory_bytes": free, "memory_fix": fix})
+    others = [g for g in groups
+              if forecast.settings_key(g["base"], g["train"]) != forecast.settings_key(base, train)]
     if args.format == "json":
         print(json.dumps(rows, ensure_ascii=False, indent=1))
+        if not rows[0]["runs"] and others:
+            print(other_settings_line(others), file=sys.stderr)
     else:
-        _print_table(rows, calib, base, train)
+        _print_table(rows, calib, base, train, others)
     return 0
 
 
-def _print_table(rows: list[dict], calib: dict, base: dict, train: dict) -> None:
+def other_settings_line(others: list[dict]) -> str:
+    """One line when no finished run had the forecast's settings but some had others: the most
+    common of those, as the flags that forecast from them."""
+    first = others[0]
+    more = f" ({len(others) - 1} other setting(s) too)" if len(others) > 1 else ""
+    return (f"no finished runs with these settings yet: the forecast is the calibration alone; "
+            f"{first['runs']} finished run(s) here had {settings_flags(first['base'], first['train'])}{more}: "
+            "pass those flags to forecast from them")
+
+
+def _print_table(rows: list[dict], calib: dict, base: dict, train: dict, others: list[dict]) -> None:
     from backend.core.config import TrainConfig
     from backend.studies import forecast
 
@@ -109,6 +178,8 @@ def _print_table(rows: list[dict], calib: dict, base: dict, train: dict) -> None
             f"{first['per_token_seconds'] * 1e6:.2f} µs × trained tokens (calibration alone: "
             f"{1e6 / calib['tokens_per_s']:.2f} µs a token)"
         )
+    elif others:
+        print(other_settings_line(others))
     else:
         print("no finished runs with these settings yet: the forecast is the calibration alone; "
               "each finished run refines it")
