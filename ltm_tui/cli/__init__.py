@@ -1,7 +1,8 @@
 """`ltm-tui`: the dashboard with no arguments, the headless commands with one.
 
 One module a command family: `run`, `queue` (results, export, status, follow, cancel, retry,
-probes, serve, stop), `evaluation` (compare, scenes, judge), `estimate`, `search`, `attribute`;
+probes, serve, stop), `evaluation` (compare, scenes, judge), `estimate`, `search`, `attribute`,
+`web` (the dashboard in a browser);
 `common` holds what they share (the run flags as argparse parents, the service, following).
 Nothing here imports torch: the commands queue work for worker subprocesses and read the
 results through the job service. Every failure a user can cause ends in one line on stderr
@@ -15,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-from ltm_tui.cli import attribute, estimate, evaluation, queue, run, search
+from ltm_tui.cli import attribute, estimate, evaluation, queue, run, search, web
 from ltm_tui.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, add_workspace
 
 
@@ -40,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_workspace(estimate.add_parser(sub))
     add_workspace(search.add_parser(sub))
     evaluation.add_parsers(sub)
+    add_workspace(web.add_parser(sub))
     return parser
 
 
