@@ -659,7 +659,9 @@ def _choice_scores(model, tok: Tokenizer, battery: Battery, device, batch_size: 
         pred_norm = max(range(n), key=lambda i: norm[i])
         ok = pred == answer
         detail = {"loglik": [round(v, 5) for v in lls], "pred": pred, "answer": answer, "n_choices": n,
-                  "acc_norm": float(pred_norm == answer)}
+                  "acc_norm": float(pred_norm == answer),
+                  # as asked, for the run's Scenes tab
+                  "question": " ".join(filter(None, (scene.context, scene.prompt))), "choices": list(scene.choices)}
         out.append((scene, "choice", float(ok), ok, detail))
     return out
 
@@ -677,7 +679,7 @@ def _generate_scores(model, tok: Tokenizer, battery: Battery, device, corpus_chu
     for scene in battery.scenes:
         if isinstance(scene, GenerateScene):
             text = made[scene.id].text
-            generated.append((scene, text, [(c.kind, run_check(c, text)) for c in scene.checks]))
+            generated.append((scene, text, [(c, run_check(c, text)) for c in scene.checks]))
     if not generated:
         return []
     seen: set[tuple[str, ...]] = set()
@@ -690,7 +692,7 @@ def _generate_scores(model, tok: Tokenizer, battery: Battery, device, corpus_chu
             "prompt": scene.prompt,
             "text": text,
             "words": len(text.split()),
-            "checks": [{"check": k, "passed": ok} for k, ok in checks],
+            "checks": [{"check": c.kind, "value": c.value, "passed": ok} for c, ok in checks],
         }
         if scene.judge:
             detail["rubric"] = scene.judge  # graded later by `ltm-tui judge`

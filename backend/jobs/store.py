@@ -89,6 +89,9 @@ RESULT_KEYS = (
     "run_id", "corpus", "corpus_path", "base", "status", "pages", "tokens", "train_seconds",
     "scores", "overall", "kind", "seed", "error", "created_at",
     "weight_change", "attn_entropy_change", "drift_layer",  # probe summary (None: no probes)
+    "preset",  # the micro model's size (None for a Hugging Face base)
+    "trial",  # "study #n" for a search trial's run, else None
+    "trial_state",  # that trial's Optuna state: RUNNING, COMPLETE, PRUNED or FAIL
     "intervals",  # {measure: [lo, hi]}; filled after the SQL row, keep it last
 )
 
@@ -573,7 +576,10 @@ class Store:
         sql = (
             "SELECT r.run_id, c.name, r.corpus_path, r.base, r.status, c.pages, r.tokens,"
             " r.train_seconds, NULL, r.overall, r.kind, r.seed, r.error, r.created_at,"
-            " p.weight_change, p.attn_entropy_change, p.drift_layer"
+            " p.weight_change, p.attn_entropy_change, p.drift_layer,"
+            " json_extract_string(r.settings, '$.base.preset'),"
+            " (SELECT min(t.study || ' #' || t.number) FROM search_trials t WHERE t.run_id = r.run_id),"
+            " (SELECT min(t.state) FROM search_trials t WHERE t.run_id = r.run_id)"
             " FROM runs r LEFT JOIN corpora c ON c.corpus_id = r.corpus_id"
             " LEFT JOIN probes p ON p.run_id = r.run_id" + join
         )

@@ -248,18 +248,24 @@ def report(store: Store, study_id: str, *, effect: float = attribution.DEFAULT_E
         "baseline": {m: round(sum(v) / len(v), 6) for m, v in baseline.items()},
         "effect": effect,
         "measures": summary,
-        "advice": advice(summary.get("overall"), len(observations), study, n, effect),
+        # a study whose runs are not all ended yet: its contributions still move with each run
+        "settled": not any(not JobState(state).is_terminal() for state in states),
+        "advice": advice(summary.get("overall"), len(observations), study, n, effect,
+                         unfinished=sum(k for state, k in states.items() if not JobState(state).is_terminal())),
         "rows": rows,
     }
 
 
-def advice(overall: dict | None, have: int, study: dict, n: int, effect: float) -> str | None:
-    """One line: the noise seen on `overall` and how many runs an effect of δ needs."""
+def advice(overall: dict | None, have: int, study: dict, n: int, effect: float, unfinished: int = 0) -> str | None:
+    """One line: the noise seen on `overall` and how many runs an effect of δ needs (while
+    runs are unfinished, only how many are in so far: the noise itself is still being measured)."""
     if not overall or overall.get("sigma") is None:
         return None
     sigma, needed = overall["sigma"], attribution.runs_needed(overall["sigma"], effect)
     line = (f"noise on overall: σ = {sigma:.3f} a run; an effect of δ = {effect:g} stands out of its 95% "
             f"interval with about 16σ²/δ² = {needed} run{'s' * (needed != 1)}; this study has {have}")
+    if unfinished:
+        return line + f" so far, {unfinished} more to come: wait for them before reading the colours"
     if needed <= have:
         return line + ": enough"
     seeds = max(1, len(study["seeds"]))
