@@ -16,15 +16,25 @@ from rich.text import Text
 from textual import on, work
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
+from textual.containers import Horizontal
 from textual.markup import escape
-from textual.widgets import Footer, Header, Input, Static
+from textual.widgets import Footer, Header, Input, Label, Static
 
 from backend.core.states import JobState
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.link import Link
-from ltm_tui.screens import ExportScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
+from ltm_tui.screens import (
+    CompareScreen,
+    ConfirmScreen,
+    ExportScreen,
+    HelpScreen,
+    LogScreen,
+    PickerScreen,
+    RunScreen,
+)
 from ltm_tui.studies import AttributionScreen, SearchScreen, SortTable
-from ltm_tui.widgets import DevicePanel, QueueTable, ResultsTable, job_holders
+from ltm_tui.view import VIEW_FILE, DashboardView
+from ltm_tui.widgets import DevicePanel, QueueTable, ResultsTable, job_holders, job_label, run_label
 
 JOBS_POLL_SECONDS = 5.0  # the event stream moves the bars; this catches anything it missed
 RECONNECT_SECONDS = 2.0
@@ -45,12 +55,15 @@ class LtmApp(App):
         Binding("o", "search", "Search", show=False, tooltip="Searches over settings: trials and the best"),
         Binding("question_mark", "help", "Help", tooltip="Every key"),
         Binding("r", "refresh", "Refresh", show=False, tooltip="Read the queue and the results again"),
+        Binding("v", "compare", "Compare", tooltip="Compare the selected run with its baseline or a marked run"),
+        Binding("m", "mark_compare", "Mark", show=False, tooltip="Mark the selected run for a comparison (v)"),
+        Binding("escape", "clear_filter", "Clear filter", show=False, tooltip="Clear the results' filter"),
         Binding("q", "quit", "Quit", tooltip="Quit the dashboard (the jobs go on in the service)"),
     ]
 
     # Keys of the dashboard itself: off while another screen (picker, run, help) is on top.
     DASHBOARD_ACTIONS = frozenset({"add", "cycle_sort", "toggle_direction", "filter", "export", "refresh",
-                                   "attribution", "search"})
+                                   "attribution", "search", "compare", "mark_compare", "clear_filter"})
 
     def __init__(
         self,
@@ -74,6 +87,10 @@ class LtmApp(App):
         self.jobs: list[dict] = []
         self.status_line = "connecting to the job service…"
         self._results_due = False
+        self.picker: PickerScreen | None = None  # kept: Esc and reopening keep its folder and marks
+        self.compare_mark: str | None = None
+        self.tasks_waiting: dict[str, Any] = {}  # task id -> what to call when it ends
+        self.view = DashboardView.load(self.workspace.root / VIEW_FILE)
 
     # --- layout ----------------------------------------------------------------------------
 
@@ -110,21 +127,26 @@ class LtmApp(App):
         self.device_panel = DevicePanel(self.monitor, id="devices")
         self.queue_table = QueueTable(id="queue")
         self.queue_table.border_title = "queue"
-        self.filter_box = Input(placeholder="filter: part of a corpus, base or status · Enter keeps it · Esc clears",
+        self.filter_box = Input(placeholder="part of a corpus, base, preset or status · Enter keeps it · Esc clears",
                                 id="filter", compact=True)
+        self.filter_bar = Horizontal(Label("filter ", id="filter-label"), self.filter_box, id="filter-bar")
         self.results_table = ResultsTable(id="results")
         self.results_table.border_title = "results"
         self.hint_box = Static(self.status_line, id="hint")
         yield Header()
         yield self.device_panel
         yield self.queue_table
-        yield self.filter_box
+        yield self.filter_bar
         yield self.results_table
         yield self.hint_box
         yield Footer()
 
     def on_mount(self) -> None:
-        self.filter_box.display = False
+        view, table = self.view, self.results_table
+        table.sort_key, table.descending, table.show_intervals = view.sort, view.descending, view.intervals
+        table.filter_text = view.filter
+        self.filter_box.value = view.filter
+        self.filter_bar.display = bool(view.filter)
         self.results_table.focus()
         self.sub_title = str(self.workspace.root)
         if self.monitor is None and self.poll_seconds:
@@ -182,10 +204,13 @@ class LtmApp(App):
     def on_service_event(self, event: dict) -> None:
         kind = event.get("type")
         queue = self.queue_table
-        if kind == "progress":
+        if kind in ("progress", "eval_progress"):
             queue.on_progress(event)
+            if queue.selected_run() == event.get("run_id"):
+                self._queue_hint()
         elif kind == "state":
             queue.on_state(event)
+            self._update_queue_title()
             status = JobState(event["status"])
             if status.is_terminal() or status in (JobState.TRAINING, JobState.EVALUATING):
                 self._results_due = True
@@ -193,6 +218,8 @@ class LtmApp(App):
                 self.refresh_jobs()
         elif kind == "worker":
             self.refresh_jobs()
+        elif kind == "task":
+            self._task_event(event)
         elif kind == "service" and event.get("status") == "trouble":
             self.notify(event.get("message") or "the job service is in trouble; see service.log",
                         severity="error", timeout=30)
@@ -240,26 +267,28 @@ class LtmApp(App):
 
     def _update_queue_title(self) -> None:
         counts: dict[str, int] = {}
-        for j in self.jobs:
+        for j in self.queue_table.jobs.values():  # with the states the events brought since the reply
             counts[j["status"]] = counts.get(j["status"], 0) + 1
         parts = [f"{n} {s}" for s, n in counts.items() if s in ("training", "evaluating", "starting", "queued", "failed")]
         self.queue_table.border_title = "queue" + (f" · {' · '.join(parts)}" if parts else "")
 
     def _update_results_title(self) -> None:
         table = self.results_table
-        label = table.column_labels().get(table.sort_key, table.sort_key)
-        arrow = "↓" if table.descending else "↑"
-        shown = table.row_count
-        total = len(table.rows_by_id)
+        label = table.column_labels().get(table.sort_key, table.sort_key).rstrip("↓")
+        order = "high→low" if table.descending else "low→high"
+        if table.sort_key in ("corpus", "base", "status"):
+            order = "Z→A" if table.descending else "A→Z"
+        shown, total = table.shown_runs()
         count = f"{shown} of {total} runs" if table.filter_text else f"{total} runs"
-        filt = f" · filter “{escape(table.filter_text)}”" if table.filter_text else ""
-        table.border_title = f"results · {count} · sorted by {label} {arrow}{filt}"
+        filt = f" · filter “{escape(table.filter_text)}” (Esc clears)" if table.filter_text else ""
+        table.border_title = f"results · {count} · sorted by {label} {order}{filt}"
 
     def _summary(self) -> Text:
         table = self.results_table
         if not table.rows_by_id:
             return Text("No runs yet: press a to pick corpora (or run `ltm-tui run FILE...`).", style="yellow")
-        return Text("a add · Enter opens a run · s/d or a header click sorts · / filter · e export · ? help", style="dim")
+        return Text("a add · Enter opens a run · s/d or a header click sorts · / filter · v compare · ? keys and columns",
+                    style="dim")
 
     def hint(self, text: Text | str) -> None:
         self.hint_box.update(text)
@@ -274,7 +303,10 @@ class LtmApp(App):
     # --- actions ---------------------------------------------------------------------------
 
     def action_add(self) -> None:
-        self.push_screen(PickerScreen(self.picker_root, self.defaults, self.workspace))
+        if self.picker is None:  # installed: popping it keeps it, with its folder and marks
+            self.picker = PickerScreen(self.picker_root, self.defaults, self.workspace)
+            self.install_screen(self.picker, name="picker")
+        self.push_screen("picker")
 
     def submit(self, paths: list[str], settings: dict, seeds: list[int]) -> None:
         self._submit(paths, settings, seeds)
@@ -298,30 +330,78 @@ class LtmApp(App):
                         (f" and {len(sub['baseline_ids'])} baseline(s)" if sub["baseline_ids"] else ""))
         self.refresh_all()
 
+    def calibrate(self, settings, done) -> None:
+        """Measure this machine for these settings in a worker slot (a `calibrate` task, as
+        `ltm-tui estimate` starts); `done(None)` when it is stored, `done(error)` if it failed."""
+        self._calibrate(settings, done)
+
+    @work(group="calibrate")
+    async def _calibrate(self, settings, done) -> None:
+        from backend.core.errors import LtmError
+
+        if self.link is None:
+            done("the job service is not connected yet; try again in a moment")
+            return
+        try:
+            task = await self.link.call("task", kind="calibrate", base=settings.base, train=settings.train,
+                                        lora=settings.lora or None, steps=8, scenes=settings.scenes)
+        except LtmError as exc:
+            done(exc.one_line())
+            return
+        if task.get("task_id") is None:  # nothing to do: known already
+            done(None)
+            return
+        self.tasks_waiting[task["task_id"]] = done
+
+    def _task_event(self, event: dict) -> None:
+        done = self.tasks_waiting.get(event.get("task_id"))
+        if done is None or event.get("status") not in ("done", "failed", "cancelled"):
+            return
+        del self.tasks_waiting[event["task_id"]]
+        done(None if event["status"] == "done" else (event.get("error") or event["status"]))
+
     def _selected(self) -> tuple[str | None, str]:
         focused = self.focused
         if isinstance(focused, (QueueTable, ResultsTable)):
             run_id = focused.selected_run()
         else:
             run_id = self.results_table.selected_run()
-        label = run_id or ""
-        for j in self.jobs:
-            if j["run_id"] == run_id:
-                label = j.get("corpus") or f"baseline {j['base']}"
-        return run_id, label
+        if run_id in self.queue_table.jobs:
+            return run_id, job_label(self.queue_table.jobs[run_id])
+        if run_id in self.results_table.rows_by_id:
+            return run_id, run_label(self.results_table.rows_by_id[run_id], mixed=True)
+        return run_id, run_id or ""
 
     def action_cancel_selected(self) -> None:
-        self._job_op("cancel")
-
-    def action_retry_selected(self) -> None:
-        self._job_op("retry")
-
-    @work(group="job-op")
-    async def _job_op(self, op: str) -> None:
-        from backend.core.errors import LtmError
-
+        """Cancelling asks first: a running job stops (its checkpoint is kept for a retry)."""
         run_id, label = self._selected()
         if run_id is None or self.link is None:
+            return
+        # the queue's copy: it has the progress the events brought since the last reply
+        job = self.queue_table.jobs.get(run_id) or next((j for j in self.jobs if j["run_id"] == run_id), None)
+        if job is not None and JobState(job["status"]).is_terminal():
+            self.notify(f"{label} has ended ({job['status']}): nothing to cancel", severity="warning")
+            return
+        where = ""
+        if job is not None and job.get("step"):
+            where = f" at step {job['step']}" + (f" of {job['total']}" if job.get("total") else "")
+        status = job["status"] if job else "its job"
+        self.push_screen(
+            ConfirmScreen(f"Cancel {label} ({status}{where})?",
+                          "A running job stops and keeps its checkpoint: t retries it from there."),
+            lambda yes: self._job_op("cancel", run_id, label) if yes else None,
+        )
+
+    def action_retry_selected(self) -> None:
+        run_id, label = self._selected()
+        if run_id is not None:
+            self._job_op("retry", run_id, label)
+
+    @work(group="job-op")
+    async def _job_op(self, op: str, run_id: str, label: str) -> None:
+        from backend.core.errors import LtmError
+
+        if self.link is None:
             return
         try:
             await self.link.call(op, run_id=run_id)
@@ -336,6 +416,33 @@ class LtmApp(App):
         if run_id and self.link is not None:
             self.push_screen(LogScreen(run_id, label))
 
+    def action_mark_compare(self) -> None:
+        """`m`: this run is A of the next comparison (`v` on another run opens it)."""
+        run_id = self.results_table.selected_run()
+        if run_id is None:
+            return
+        self.compare_mark = None if self.compare_mark == run_id else run_id
+        label = run_label(self.results_table.rows_by_id[run_id], mixed=True)
+        self.notify(f"{label} marked as A: v on another run compares them" if self.compare_mark
+                    else f"{label} unmarked")
+
+    def action_compare(self) -> None:
+        """`v`: the selected run against the one marked with `m`, or against its baseline."""
+        table = self.results_table
+        run_id = table.selected_run()
+        if run_id is None or self.link is None:
+            return
+        other = self.compare_mark if self.compare_mark not in (None, run_id) else None
+        if other is None:
+            row = table.rows_by_id[run_id]
+            other = next((k for k, r in table.rows_by_id.items() if r.get("kind") == "baseline"
+                          and (r["base"], r.get("preset"), r.get("seed")) == (row["base"], row.get("preset"), row.get("seed"))
+                          and k != run_id), None)
+        if other is None:
+            self.notify("nothing to compare with: mark a run with m, then press v on another", severity="warning")
+            return
+        self.push_screen(CompareScreen(other, run_id, dict(table.rows_by_id)))
+
     def action_open_run(self) -> None:
         run_id = self.results_table.selected_run()
         if run_id and self.link is not None:
@@ -346,6 +453,10 @@ class LtmApp(App):
         if isinstance(event.data_table, (QueueTable, ResultsTable)) and event.row_key is not None and self.link:
             self.push_screen(RunScreen(event.row_key.value, self.results_table.rows_by_id.get(event.row_key.value)))
 
+    @on(ResultsTable.ViewChanged)
+    def _view_changed(self) -> None:
+        self._keep_view()
+
     @on(ResultsTable.HeaderSelected, "#results")
     def _header_clicked(self, event: ResultsTable.HeaderSelected) -> None:
         self.sort_results(str(event.column_key.value))
@@ -354,6 +465,13 @@ class LtmApp(App):
         table = self.results_table
         table.sort_by(key, descending)
         self._update_results_title()
+        self._keep_view()
+
+    def _keep_view(self) -> None:
+        """The sort, the filter and ± are kept in the workspace for the next time it opens."""
+        table = self.results_table
+        self.view = DashboardView(table.sort_key, table.descending, table.filter_text, table.show_intervals)
+        self.view.save(self.workspace.root / VIEW_FILE)
 
     def action_cycle_sort(self) -> None:
         table = self.results_table
@@ -366,28 +484,52 @@ class LtmApp(App):
         self.sort_results(table.sort_key, not table.descending)
 
     def action_filter(self) -> None:
-        box = self.filter_box
-        box.display = True
-        box.focus()
+        self.filter_bar.display = True
+        self.filter_box.focus()
 
     @on(Input.Changed, "#filter")
     def _filter_changed(self, event: Input.Changed) -> None:
         self.results_table.set_filter(event.value)
         self._update_results_title()
+        self._keep_view()
 
     @on(Input.Submitted, "#filter")
     def _filter_done(self, event: Input.Submitted) -> None:
         if not event.value.strip():
-            event.input.display = False
+            self.filter_bar.display = False
         self.results_table.focus()
 
-    def on_key(self, event) -> None:
-        box = self.filter_box
-        if event.key == "escape" and box.has_focus:
-            box.value = ""
-            box.display = False
+    def action_clear_filter(self) -> None:
+        """Esc: the filter is cleared, wherever the focus is on the dashboard."""
+        if self.filter_box.value or self.filter_bar.display:
+            self.filter_box.value = ""
+            self.results_table.set_filter("")
+            self.filter_bar.display = False
+            self._update_results_title()
+            self._keep_view()
             self.results_table.focus()
+
+    def on_key(self, event) -> None:
+        if event.key == "escape" and self.filter_box.has_focus:
+            self.action_clear_filter()
             event.stop()
+
+    @on(QueueTable.RowHighlighted, "#queue")
+    def _queue_row(self) -> None:
+        self._queue_hint()
+
+    def _queue_hint(self) -> None:
+        """The highlighted job, said whole under the tables: its error, or where it stands."""
+        job = self.queue_table.selected_job()
+        if job is None or not self.queue_table.has_focus:
+            return
+        name = job_label(job)
+        if job.get("error") and job["status"] in ("failed", "interrupted"):
+            self.hint(Text(f"{name}: {' '.join(job['error'].split())} (l shows the log, t retries)", style="red"))
+        else:
+            pid = f" · pid {job['pid']}" if job.get("pid") else ""
+            self.hint(Text(f"{name} · {job['status']} · run {job['run_id']}{pid} · c cancels · l log · Enter opens",
+                           style="dim"))
 
     def action_export(self) -> None:
         default = str(Path(os.getcwd()) / "ltm_results_table.csv")
@@ -434,7 +576,8 @@ class LtmApp(App):
                     ("Attribution", list(AttributionScreen.BINDINGS) + list(SortTable.BINDINGS)),
                     ("Search", list(SearchScreen.BINDINGS) + list(SortTable.BINDINGS)),
                     ("Everywhere", [Binding("tab", "", "Next panel"), Binding("ctrl+p", "", "Command palette")]),
-                ]
+                ],
+                self.results_table.legend(),
             )
         )
 
@@ -444,6 +587,8 @@ class LtmApp(App):
         yield SystemCommand("Open the selected run", "Curve, scenes, settings and probes", self.action_open_run)
         yield SystemCommand("Cancel the selected job", "It stops and keeps its checkpoint", self.action_cancel_selected)
         yield SystemCommand("Retry the selected job", "Queue it again; it resumes", self.action_retry_selected)
+        yield SystemCommand("Compare two runs", "The selected run against the marked one (m) or its baseline",
+                            self.action_compare)
         yield SystemCommand("Export results to CSV", "ltm_results_table.csv", self.action_export)
         yield SystemCommand("Filter results", "By corpus, base or status", self.action_filter)
         yield SystemCommand("Show a job's log", "The selected job's train.log", self.action_show_log)

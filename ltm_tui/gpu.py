@@ -66,16 +66,16 @@ class DeviceMonitor:
         try:
             import pynvml
         except ImportError:
-            self.note = "no NVML: the nvidia-ml-py package is not installed"
+            self.note = "no GPU readings: showing CPU and RAM (the nvidia-ml-py package is not installed)"
             return
         try:
             pynvml.nvmlInit()
             self.count = pynvml.nvmlDeviceGetCount()
         except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
-            self.note = f"no NVML: {_nvml_reason(exc)}"
+            self.note = f"no GPU driver found: showing CPU and RAM (NVML: {_nvml_reason(exc)})"
             return
         if self.count == 0:
-            self.note = "no NVML device"
+            self.note = "no GPU found: showing CPU and RAM"
             _reading(pynvml.nvmlShutdown)
             return
         self.nvml = pynvml
@@ -137,14 +137,14 @@ def _read_host() -> DeviceReading:
     try:
         import psutil
     except ImportError:
-        return DeviceReading(index=0, kind="host", name="CPU · RAM (psutil missing)")
+        return DeviceReading(index=0, kind="host", name="host (psutil missing)")
     cpu = _reading(lambda: psutil.cpu_percent(interval=None))
     mem = _reading(psutil.virtual_memory)
     cores = _reading(psutil.cpu_count) or "?"
     return DeviceReading(
         index=0,
         kind="host",
-        name=f"CPU ({cores} cores) · RAM",
+        name=f"host · {cores} cores",
         memory_used=None if mem is None else mem.total - mem.available,
         memory_total=None if mem is None else mem.total,
         utilization=cpu,

@@ -207,6 +207,7 @@ class AttributionScreen(StudyScreen):
             f"{runs.get('done', 0)} of {runs.get('distinct', 0)} runs done · {table['subsets']} subsets · ",
             f"seeds {', '.join(map(str, table['seeds']))} · detail: ", (self.measure, "bold cyan"),
         ))
+        settled = table.get("settled", True)
         by_file: dict[str, dict[str, dict]] = {}
         for row in table["rows"]:
             by_file.setdefault(row["corpus"], {})[row["measure"]] = row
@@ -222,7 +223,9 @@ class AttributionScreen(StudyScreen):
                 c, lo, hi = r.get("contribution"), r.get("ci_low"), r.get("ci_high")
                 lower_better = table["measures"][m].get("lower_is_better")
                 style = ""
-                if lo is not None and hi is not None and (lo > 0 or hi < 0):  # the interval excludes 0
+                if not settled:
+                    style = "dim"  # runs still to come move it: no verdict before the study ends
+                elif lo is not None and hi is not None and (lo > 0 or hi < 0):  # the interval excludes 0
                     helps = (lo > 0) != bool(lower_better)
                     style = "green" if helps else "red"
                 # the interval at the value's precision: rounding keeps lo ≤ value ≤ hi as printed
@@ -234,8 +237,10 @@ class AttributionScreen(StudyScreen):
             grid.sort_key = "overall" if "overall" in measures else (measures[0] if measures else None)
         grid.fill(columns, rows)
         advice = table.get("advice") or ""
-        self.query_one("#attribution-advice", Static).update(Text(
-            "green/red: the 95% interval excludes 0 (helps/hurts) · " + advice, style="dim"))
+        legend = ("green/red: the 95% interval excludes 0 (helps/hurts) · " if settled else
+                  f"unfinished: {runs.get('done', 0)} of {runs.get('distinct', 0)} runs done, so no file is called "
+                  "helpful or harmful yet · ")
+        self.query_one("#attribution-advice", Static).update(Text(legend + advice, style="dim" if settled else "yellow"))
 
     def action_next_measure(self) -> None:
         if self.reply and self.reply.get("table"):

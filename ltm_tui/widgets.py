@@ -12,6 +12,7 @@ from rich.segment import Segment
 from rich.table import Table
 from rich.text import Text
 from textual.binding import Binding
+from textual.message import Message
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
 
@@ -28,6 +29,7 @@ STATUS_STYLE = {
     "failed": "bold red",
     "cancelled": "yellow",
     "interrupted": "yellow",
+    "pruned": "dim yellow",
 }
 ACTIVE = ("starting", "training", "evaluating")
 
@@ -64,6 +66,46 @@ class Cell:
 
     def __hash__(self) -> int:
         return hash(self.text)
+
+
+def run_label(r: dict, mixed: bool = False) -> str:
+    """A run as the tables name it, so that runs of different kinds never look alike: a
+    baseline says which base it is; a run of a corpus set of an attribution study lists the
+    files (`subset-03-a+b+c.corpora` reads `a+b+c (3 files)`); a search trial, a second seed and
+    (where the table mixes them) a preset or base are added after a `·`."""
+    corpus = r.get("corpus") or ""
+    if r.get("kind") == "baseline":
+        name = "baseline"
+        mixed = True  # a baseline is nothing but its base: always say which
+    elif corpus.endswith(".corpora"):
+        stem = corpus[: -len(".corpora")]
+        parts = stem.split("-", 2)
+        if len(parts) == 3 and parts[0] == "subset":
+            stem = parts[2]
+        name = f"{stem} ({stem.count('+') + 1} files)" if "+" in stem else stem
+    else:
+        name = corpus or "-"
+    extra = []
+    if mixed:
+        extra.append(r.get("preset") or _short_base(r.get("base") or ""))
+    if r.get("seed"):
+        extra.append(f"s{r['seed']}")
+    if r.get("trial"):
+        extra.append(r["trial"].rsplit(" ", 1)[-1])  # "#3": the study is in the run's detail
+    return " · ".join([name, *filter(None, extra)])
+
+
+def _short_base(base: str) -> str:
+    """`Qwen/Qwen2.5-7B` → `Qwen2.5-7B`; a folder → its name."""
+    return base.rstrip("/").rsplit("/", 1)[-1]
+
+
+def status_text(r: dict) -> str:
+    """A run's status as the table shows it: a trial the search pruned reads `pruned`, not the
+    `cancelled` its job ended as."""
+    if r.get("trial_state") == "PRUNED" and r.get("status") == "cancelled":
+        return "pruned"
+    return r.get("status") or "-"
 
 
 def _num(value, digits: int) -> str:
@@ -103,11 +145,11 @@ class DevicePanel(Static):
             hist = sparkline(history.get(d.index, []), 20)
             if d.kind == "host":
                 cpu = "n/a" if d.utilization is None else f"{d.utilization:3.0f}%"
-                grid.add_row(
+                grid.add_row(  # the bar is RAM, the history the CPU's use beside its number
                     Text(d.name, style="bold"),
                     _bar(d.memory_share),
-                    Text(f"RAM {gib(d.memory_used)}/{gib(d.memory_total)} GiB · CPU {cpu}"),
-                    Text(f"cpu {hist}", style="cyan"),
+                    Text(f"RAM {gib(d.memory_used)}/{gib(d.memory_total)} GiB · CPU {cpu.strip()}"),
+                    Text(hist.strip(), style="cyan"),
                 )
                 continue
             util = "n/a" if d.utilization is None else f"{d.utilization:.0f}%"
@@ -125,7 +167,7 @@ class DevicePanel(Static):
             if held:
                 grid.add_row("", Text("  " + " · ".join(held), style="dim"), "", "")
         if snap.note:
-            return Group(grid, Text(snap.note, style="dim italic", overflow="ellipsis", no_wrap=True))
+            return Group(grid, Text(snap.note, style="yellow", overflow="ellipsis", no_wrap=True))
         return grid
 
 
@@ -180,32 +222,76 @@ class RunTable(DataTable):
 QUEUE_COLUMNS = (("corpus", "job"), ("status", "status"), ("bar", "progress"), ("step", "step"),
                  ("loss", "loss"), ("tps", "tok/s"), ("eta", "ETA"))
 RECENT_FINISHED = 50  # finished jobs kept in the queue panel (all of them are in the results)
+CELL_PADDING = 2  # DataTable's padding: one column either side of a cell
+SCROLLBAR = 2  # the vertical scrollbar's width, kept free so a long queue never cuts the last column
+SHORTEST = {"corpus": 8, "bar": 5}  # the two columns that give way when the terminal is narrow
+
+
+def queue_widths(room: int, natural: dict[str, int]) -> dict[str, int]:
+    """Each column's width in a queue `room` cells wide: the status, step and numbers as wide as
+    their widest text (so `evaluating` and `1200/1200` are never cut), the bar from 5 to 14
+    cells, and the job's name the rest; at 80 columns every column shows."""
+    widths = {key: max(natural.get(key, 0), len(label)) for key, label in QUEUE_COLUMNS}
+    widths["status"] = max(widths["status"], max(len(s) for s in STATUS_STYLE))
+    free = room - SCROLLBAR - CELL_PADDING * len(QUEUE_COLUMNS)
+    fixed = sum(w for k, w in widths.items() if k not in SHORTEST)
+    left = free - fixed
+    widths["bar"] = max(SHORTEST["bar"], min(14, left - SHORTEST["corpus"]))
+    widths["corpus"] = max(SHORTEST["corpus"], min(natural.get("corpus", 0) + 1, left - widths["bar"]))
+    return widths
 
 
 class QueueTable(RunTable):
-    """Every unfinished job and the most recent finished ones, with live progress."""
+    """Every unfinished job and the most recent finished ones, with live progress: training's
+    steps, then the evaluation's scenes. Its columns are fitted to the terminal as it is now
+    (a resize or a wider value fits them again), the job's name taking what the numbers leave."""
 
     BINDINGS = [
-        Binding("c", "app.cancel_selected", "Cancel", tooltip="Cancel the selected job"),
+        Binding("c", "app.cancel_selected", "Cancel", tooltip="Cancel the selected job (asks first)"),
         Binding("t", "app.retry_selected", "Retry", tooltip="Queue the selected job again (resumes)"),
         Binding("l", "app.show_log", "Log", tooltip="The selected job's log"),
         Binding("enter", "select_cursor", "Open", show=False, tooltip="Open the selected run"),
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
     ]
 
     def __init__(self, **kwargs) -> None:
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.jobs: dict[str, dict] = {}
-        self.live: dict[str, dict] = {}  # run_id -> last progress event
+        self.widths: dict[str, int] = {}
 
     def on_mount(self) -> None:
+        self._fit()
+
+    def on_resize(self) -> None:
+        self._fit()
+
+    def _fit(self) -> None:
+        """Lay the columns out for this width; rows are added again (a queue is short)."""
+        cells = {run_id: self._cells(job) for run_id, job in self.jobs.items()}
+        natural = {key: max((_text_width(c[i]) for c in cells.values()), default=0)
+                   for i, (key, _) in enumerate(QUEUE_COLUMNS)}
+        widths = queue_widths(self.size.width or 80, natural)
+        if widths == self.widths and self.columns:
+            return
+        keep = self.selected_run()
+        self.widths = widths
+        self.clear(columns=True)
         for key, label in QUEUE_COLUMNS:
-            self.add_column(label, key=key)
+            self.add_column(label, key=key, width=widths[key])
+        for run_id, row in cells.items():
+            self.add_row(*row, key=run_id)
+        self.follow(keep)
 
     def set_jobs(self, jobs: list[dict]) -> None:
         unfinished = [j for j in jobs if not JobState(j["status"]).is_terminal()]
         finished = [j for j in jobs if JobState(j["status"]).is_terminal()][-RECENT_FINISHED:]
         order = sorted(unfinished, key=lambda j: (j["status"] not in ACTIVE, j["status"] != "queued")) + finished[::-1]
-        self.jobs = {j["run_id"]: j for j in order}
+        old = self.jobs
+        self.jobs = {}
+        for j in order:  # what the events told since the last reply is kept until the service has it
+            live = {k: v for k, v in old.get(j["run_id"], {}).items() if k in LIVE_KEYS and j.get(k) is None}
+            self.jobs[j["run_id"]] = {**j, **(live if j["status"] == old.get(j["run_id"], {}).get("status") else {})}
         keep = self.selected_run()
         wanted = list(self.jobs)
         for key in [k.value for k in list(self.rows)]:
@@ -219,18 +305,22 @@ class QueueTable(RunTable):
                     self.update_cell(run_id, col, cell)
             else:
                 self.add_row(*cells, key=run_id)
+        self._fit()
         self.place(wanted)
         self.follow(keep)
 
     def on_progress(self, event: dict) -> None:
+        """A training step (`progress`) or scenes scored (`eval_progress`)."""
         run_id = event.get("run_id")
         if run_id not in self.jobs:
             return
-        self.live[run_id] = event
         job = self.jobs[run_id]
-        for k in ("step", "total", "loss", "tokens_per_s", "eta_s"):
-            if event.get(k) is not None:
-                job[k] = event[k]
+        if event.get("type") == "eval_progress":
+            job.update(eval_done=event.get("done"), eval_total=event.get("total"), eval_eta_s=event.get("eta_s"))
+        else:
+            for k in ("step", "total", "loss", "tokens_per_s", "eta_s"):
+                if event.get(k) is not None:
+                    job[k] = event[k]
         self._refresh_row(run_id)
 
     def on_state(self, event: dict) -> None:
@@ -242,32 +332,67 @@ class QueueTable(RunTable):
             self._refresh_row(run_id)
 
     def _refresh_row(self, run_id: str) -> None:
-        for (col, _), cell in zip(QUEUE_COLUMNS, self._cells(self.jobs[run_id])):
+        cells = self._cells(self.jobs[run_id])
+        if any(_text_width(c) > self.widths.get(key, 0) for c, (key, _) in zip(cells, QUEUE_COLUMNS)
+               if key not in SHORTEST):
+            self._fit()  # a wider number: fit the columns again
+        for (col, _), cell in zip(QUEUE_COLUMNS, cells):
             self.update_cell(run_id, col, cell)
+
+    def selected_job(self) -> dict | None:
+        run_id = self.selected_run()
+        return None if run_id is None else self.jobs.get(run_id)
 
     def _cells(self, job: dict) -> list:
         status = job["status"]
-        label = f"baseline {job['base']}" if job["kind"] == "baseline" else (job.get("corpus") or "-")
+        label = job_label(job)
         total, step = job.get("total"), job.get("step")
+        scenes, scored = job.get("eval_total"), job.get("eval_done")
+        evaluating = status == "evaluating" and scenes
         if status == "done":
             share = 1.0
+        elif evaluating:
+            share = min(1.0, (scored or 0) / scenes)
         elif total:
             share = min(1.0, (step or 0) / total)
         else:
             share = 0.0
-        bar = ProgressBar(total=1.0, completed=share, width=14, pulse=status == "starting")
+        bar = ProgressBar(total=1.0, completed=share, width=self.widths.get("bar", 14), pulse=status == "starting",
+                          complete_style="magenta" if evaluating else "bar.complete")
         tps = job.get("tokens_per_s")
-        extra = job.get("error") if status in ("failed", "interrupted") else None
+        if evaluating:
+            where = f"{scored or 0}/{scenes}"
+        else:
+            where = f"{step or 0}/{total}" if total else (str(step) if step else "-")
+        if status == "training":
+            eta = format_duration(job.get("eta_s"))
+        elif evaluating:
+            eta = format_duration(job.get("eval_eta_s"))
+        else:
+            eta = "-"
         return [
             Cell(label, key=job["run_id"]),
             Cell(status, style=STATUS_STYLE.get(status, "")),
             bar,
-            Cell(f"{step or 0}/{total}" if total else (str(step) if step else "-"), justify="right"),
+            Cell(where, justify="right", style="magenta" if evaluating else ""),
             Cell(_num(job.get("loss"), 3), justify="right"),
             Cell("-" if not tps else f"{tps:,.0f}", justify="right"),
-            Cell(extra[:40] if extra else (format_duration(job.get("eta_s")) if status == "training" else "-"),
-                 style="red" if extra else ""),
+            Cell(eta, justify="right"),
         ]
+
+
+LIVE_KEYS = ("step", "total", "loss", "tokens_per_s", "eta_s", "eval_done", "eval_total", "eval_eta_s")
+
+
+def job_label(job: dict) -> str:
+    """A job as the queue names it: its corpus, or `baseline` and its base."""
+    if job.get("kind") == "baseline":
+        return f"baseline {job['base']}"
+    return job.get("corpus") or "-"
+
+
+def _text_width(cell) -> int:
+    return cell_len(cell.text) if isinstance(cell, Cell) else 0
 
 
 # --- results -------------------------------------------------------------------------------
@@ -282,6 +407,27 @@ TAIL = (("base", "base"), ("status", "status"), ("pages", "pages"), ("tokens", "
 PROBES = (("weight_change", "Δweights"), ("attn_entropy_change", "Δattn H"), ("drift_layer", "drift L"))
 ROW_KEYS = {k for k, _ in (*HEAD, *TAIL, *PROBES)} - {"delta"}  # a row's own fields; the rest are scores
 
+# What each column of the results means, for the help screen (docs/measures.md and docs/probes.md
+# define them in full). A label ending in ↓: lower is better.
+COLUMN_MEANINGS = {
+    "corpus": "the corpus (· preset, seed s1, search trial #3 where runs differ so)",
+    "overall": "the weighted mean of the five measures, 0..1",
+    "delta": "overall minus its baseline's (same base, preset and seed): green is better",
+    "reasoning_depth": "reasoning depth: accuracy over chains of 1..k steps",
+    "consistency": "consistency: share of scene groups answered alike",
+    "pressure": "correctness under pressure: distractors, contradictions, hints",
+    "novelty": "novel completion: new, fluent text that passes its checks",
+    "compression": "compression of a concept: key ideas per word",
+    "depth_max": "the largest depth still clearly above chance",
+    "pressure_drop": "accuracy lost under pressure (lower is better)",
+    "perplexity": "perplexity on the battery's texts (lower is better)",
+    "forgetting": "perplexity change on general text against the base (lower is better)",
+    "weight_change": "probes: how far training moved the weights (‖Δ‖)",
+    "attn_entropy_change": "probes: attention entropy change, adapted − base (nats)",
+    "drift_layer": "probes: the layer whose representations drifted most",
+    "train_seconds": "seconds of training",
+}
+
 
 class ResultsTable(RunTable):
     """Every run's scores. Sorted by any column (a click on its header, or `s`/`d`), filtered,
@@ -291,13 +437,16 @@ class ResultsTable(RunTable):
     BINDINGS = [
         Binding("enter", "select_cursor", "Open", tooltip="Open the selected run: curve, scenes, settings, probes"),
         Binding("i", "toggle_intervals", "± CI", tooltip="Show each score's 95% interval (±) or hide it"),
-        Binding("c", "app.cancel_selected", "Cancel", show=False),
+        Binding("c", "app.cancel_selected", "Cancel", show=False, tooltip="Cancel the selected run (asks first)"),
         Binding("t", "app.retry_selected", "Retry", show=False),
         Binding("l", "app.show_log", "Log", show=False, tooltip="The selected run's training log"),
+        Binding("j", "cursor_down", "Down", show=False),
+        Binding("k", "cursor_up", "Up", show=False),
     ]
 
     def __init__(self, **kwargs) -> None:
-        super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
+        # The corpus column stays put when the measures scroll sideways.
+        super().__init__(cursor_type="row", zebra_stripes=True, fixed_columns=1, **kwargs)
         self.rows_by_id: dict[str, dict] = {}
         self.sort_key = "overall"
         self.descending = True
@@ -306,6 +455,9 @@ class ResultsTable(RunTable):
         self._shown: dict[str, tuple[dict, float | None]] = {}  # run id -> the row and delta shown
         self._by_id: list[dict] | None = None  # the rows sorted by run id (ties of every sort)
         self.show_intervals = False
+        self.corpus_width = 0
+        self._mixed = False  # runs of several bases or presets: each name says its own
+        self._kept_bases: set | None = None  # the baselines a filter keeps: those of the runs it shows
 
     # columns
 
@@ -314,15 +466,28 @@ class ResultsTable(RunTable):
         probes = [(k, label) for k, label in PROBES if any(r.get(k) is not None for r in self.rows_by_id.values())]
         return [*HEAD, *((m, MEASURE_LABELS.get(m, m)) for m in names), *probes, *TAIL]
 
+    def _corpus_width(self) -> int:
+        """The pinned corpus column: as wide as its longest name, but at most a quarter of the
+        table (so 80 columns show the overall, Δ base and the first measures beside it)."""
+        longest = max((cell_len(self._label(r)) for r in self.rows_by_id.values()), default=6)
+        return max(10, min(longest, max(16, (self.size.width or 80) // 4)))
+
     def _sync_columns(self) -> None:
         wanted = self.wanted_columns()
-        if [k for k, _ in wanted] == self.column_keys:
+        width = self._corpus_width()
+        if [k for k, _ in wanted] == self.column_keys and width == self.corpus_width:
             return
         # A new measure takes its place among the others: the table is rebuilt, once.
         self.clear(columns=True)
+        self._shown = {}
         for key, label in wanted:
-            self.add_column(label, key=key)
+            self.add_column(label, key=key, width=width if key == "corpus" else None)
         self.column_keys = [k for k, _ in wanted]
+        self.corpus_width = width
+
+    def on_resize(self) -> None:
+        if self.rows_by_id and self._corpus_width() != self.corpus_width:
+            self.set_rows(list(self.rows_by_id.values()))
 
     # rows
 
@@ -330,14 +495,16 @@ class ResultsTable(RunTable):
         """Replace the data; the table changes only where the rows did."""
         previous = self._by_id
         self.rows_by_id = {r["run_id"]: r for r in rows}
+        mixed = len({(r.get("base"), r.get("preset")) for r in rows}) > 1
+        if mixed != self._mixed:
+            self._mixed, self._shown = mixed, {}
+            self.clear()
+        self._kept_bases = self._bases_shown()
         same_runs = previous is not None and len(previous) == len(self.rows_by_id) and all(
             r["run_id"] in self.rows_by_id for r in previous)
         # The run-id order (every sort's ties) carries over when no run came or went.
         self._by_id = [self.rows_by_id[r["run_id"]] for r in previous] if same_runs else None
-        before = list(self.column_keys)
         self._sync_columns()
-        if self.column_keys != before:
-            self._shown = {}
         keep = self.selected_run()
         deltas = self._deltas()
         visible = {r["run_id"]: r for r in rows if self._matches(r)}
@@ -385,12 +552,11 @@ class ResultsTable(RunTable):
         dim = "dim" if is_base else ""
         gain = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
         fixed = {
-            "corpus": Cell("(baseline)" if is_base else (r.get("corpus") or "-"), r.get("corpus"), dim,
-                           key=r["run_id"]),
+            "corpus": Cell(self._label(r), r.get("corpus"), dim, key=r["run_id"]),
             "overall": Cell(_num(r.get("overall"), 3), r.get("overall"), dim or "bold", "right"),
             "delta": Cell("-" if delta is None else f"{delta:+.3f}", delta, gain, "right"),
             "base": Cell(r["base"], r["base"], dim),
-            "status": Cell(r["status"], r["status"], STATUS_STYLE.get(r["status"], "")),
+            "status": Cell(status_text(r), r["status"], STATUS_STYLE.get(status_text(r), "")),
             "pages": Cell(_num(r.get("pages"), 1), r.get("pages"), dim, "right"),
             "tokens": Cell("-" if r.get("tokens") is None else f"{r['tokens']:,}", r.get("tokens"), dim, "right"),
             "train_seconds": Cell(_num(r.get("train_seconds"), 1), r.get("train_seconds"), dim, "right"),
@@ -411,14 +577,29 @@ class ResultsTable(RunTable):
                 cells.append(Cell(text, v, dim, "right"))
         return cells
 
+    def _label(self, r: dict) -> str:
+        return run_label(r, self._mixed)
+
+    def _found(self, r: dict) -> bool:
+        needle = self.filter_text.lower()
+        hay = " ".join(str(r.get(k) or "") for k in ("corpus", "base", "status", "run_id", "corpus_path",
+                                                     "preset", "trial"))
+        return needle in f"{hay} {self._label(r)} {status_text(r)}".lower()
+
+    def _bases_shown(self) -> set | None:
+        if not self.filter_text:
+            return None
+        return {(r["base"], r.get("preset"), r.get("seed")) for r in self.rows_by_id.values()
+                if r.get("kind") != "baseline" and self._found(r)}
+
     def _matches(self, r: dict) -> bool:
+        """Whether the filter shows this row: a run it finds, and the baseline each such run is
+        measured against (so its Δ base still has its reference on screen)."""
         if not self.filter_text:
             return True
-        needle = self.filter_text.lower()
-        hay = " ".join(str(r.get(k) or "") for k in ("corpus", "base", "status", "run_id", "corpus_path"))
-        if r.get("kind") == "baseline":
-            hay += " baseline"
-        return needle in hay.lower()
+        if r.get("kind") == "baseline" and (r["base"], r.get("preset"), r.get("seed")) in (self._kept_bases or ()):
+            return True
+        return self._found(r)
 
     # order
 
@@ -464,9 +645,18 @@ class ResultsTable(RunTable):
         self.filter_text = text.strip()
         self.set_rows(list(self.rows_by_id.values()))
 
+    def shown_runs(self) -> tuple[int, int]:
+        """(runs the filter shows, runs in all), baselines not counted."""
+        runs = [r for r in self.rows_by_id.values() if r.get("kind") != "baseline"]
+        return sum(1 for r in runs if self._matches(r)), len(runs)
+
+    class ViewChanged(Message):
+        """The table's own view (± intervals) changed: the app keeps it for the next session."""
+
     def action_toggle_intervals(self) -> None:
         """Each score with the half-width of its bootstrap 95% interval (±), or without."""
         self.show_intervals = not self.show_intervals
+        self.post_message(self.ViewChanged())
         keep = self.selected_run()
         self.clear()
         self._shown = {}
@@ -475,3 +665,8 @@ class ResultsTable(RunTable):
 
     def column_labels(self) -> dict[str, str]:
         return dict(self.wanted_columns())
+
+    def legend(self) -> list[tuple[str, str]]:
+        """(label, meaning) of every column the table shows, in its order."""
+        return [(label, COLUMN_MEANINGS.get(key, "a measure a battery named: the mean of its scenes' scores"))
+                for key, label in self.wanted_columns() if key not in ("base", "status", "pages", "tokens")]

@@ -205,6 +205,19 @@ def finished(tmp_path_factory):
     stop_service(ws)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_dashboard_view(request):
+    """The dashboard keeps its sort and filter in the workspace (ltm_tui/view.py): each test that
+    opens the shared `finished` workspace starts from the default view and leaves none behind."""
+    if "finished" not in request.fixturenames:
+        yield
+        return
+    view = request.getfixturevalue("finished").ws / "dashboard.json"
+    view.unlink(missing_ok=True)
+    yield
+    view.unlink(missing_ok=True)
+
+
 @pytest.fixture
 def fake_nvml(monkeypatch):
     """NVML present (mocked: the only mock), two GPUs, one failing sensor."""

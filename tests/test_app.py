@@ -17,7 +17,7 @@ import pytest
 from backend.core.workspace import Workspace
 from ltm_tui.app import LtmApp
 from ltm_tui.gpu import DeviceMonitor
-from ltm_tui.screens import HelpScreen, LogScreen, PickerScreen, RunScreen
+from ltm_tui.screens import CompareScreen, ConfirmScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
 from tests.conftest import LOGIC_TEXT, WAIT, cli, write_tiny_battery
 
@@ -65,12 +65,13 @@ def test_results_sort_by_key_and_header_with_the_baseline_pinned(finished):
             assert names(app)[1:] == [r["corpus"] for r in by_overall]
             await pilot.press("d")  # ascending: the baseline stays on top
             assert names(app)[0] == "(baseline)" and names(app)[1:] == [r["corpus"] for r in by_overall][::-1]
-            assert "↑" in table.border_title
+            assert table.border_title.endswith("sorted by overall low→high")
             # a click on a header sorts by it; a second click reverses
             column = table.ordered_columns[table.column_keys.index("perplexity")]
             table.post_message(ResultsTable.HeaderSelected(table, column.key, table.column_keys.index("perplexity"), column.label))
             await pilot.pause()
             assert (table.sort_key, table.descending) == ("perplexity", False)  # lower is better
+            assert table.border_title.endswith("sorted by ppl low→high")  # one arrow, one meaning
             adapters = [n for n in sql_order if n is not None]
             assert names(app) == ["(baseline)", *adapters]
             table.post_message(ResultsTable.HeaderSelected(table, column.key, table.column_keys.index("perplexity"), column.label))
@@ -79,8 +80,22 @@ def test_results_sort_by_key_and_header_with_the_baseline_pinned(finished):
             following = table.column_keys[table.column_keys.index("perplexity") + 1]
             await pilot.press("s")  # the next column
             assert table.sort_key == following
+            await pilot.press("i", "slash", *"logic", "enter")
+            return following
 
-    run(scenario())
+    following = run(scenario())
+
+    async def reopened():  # the view is kept in the workspace: the next dashboard shows it so
+        app = LtmApp(str(finished.ws), poll_seconds=0)
+        async with app.run_test(size=(120, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            await until(pilot, lambda: table.row_count == 2, what="the filtered rows")
+            assert (table.sort_key, table.show_intervals, table.filter_text) == (following, True, "logic")
+            assert names(app) == ["(baseline)", "logic.txt"]  # the baseline of the run it finds stays
+            await pilot.press("escape")  # Esc clears the filter from the table too
+            assert table.row_count == 3 and not app.filter_box.value
+
+    run(reopened())
 
 
 def test_results_filter_export_and_delta(finished, tmp_path):
@@ -107,10 +122,10 @@ def test_results_filter_export_and_delta(finished, tmp_path):
 
             await pilot.press("slash")
             await pilot.press(*"logic")
-            assert names(app) == ["logic.txt"]
-            assert "1 of 3 runs" in table.border_title
+            assert names(app) == ["(baseline)", "logic.txt"]  # the run it finds and its baseline
+            assert "1 of 2 runs" in table.border_title
             await pilot.press("escape")
-            assert table.row_count == 3 and not app.query_one("#filter").display
+            assert table.row_count == 3 and not app.query_one("#filter-bar").display
 
             out = tmp_path / "exported.csv"
             await pilot.press("e")
@@ -143,6 +158,15 @@ def test_open_a_run_curve_scenes_settings_and_probes(finished):
             ids = {scenes.get_row_at(i)[1] for i in range(scenes.row_count)}
             assert {"d1", "d2", "g1", "p1"} <= ids
             assert scenes.get_row_at(0)[1] in _plain(screen.query_one("#scene-detail"))
+            detail = screen.query_one("#scene-detail")
+            scenes.move_cursor(row=scenes.get_row_index("depth/d1"))
+            await pilot.pause()
+            shown = _plain(detail)  # the question and every choice as asked, the answer marked
+            assert "All glims are blorps. All blorps are zents. So all glims are" in shown
+            assert "zents." in shown and "lamps." in shown and "(answer)" in shown
+            scenes.move_cursor(row=scenes.get_row_index(next(k for k in screen.scenes if k.endswith("/g1"))))
+            await pilot.pause()
+            assert "max_words 8" in _plain(detail)  # a check says what it wanted
             await pilot.press("3")
             settings = _plain(screen.query_one("#settings-text"))
             assert "base.preset" in settings and "tiny" in settings and "train.max_steps" in settings
@@ -152,6 +176,40 @@ def test_open_a_run_curve_scenes_settings_and_probes(finished):
             await pilot.press("escape")
             assert not isinstance(app.screen, RunScreen)
             assert table.selected_run() == logic  # back where we were
+
+    run(scenario())
+
+
+def test_compare_a_run_with_its_baseline_or_a_marked_run(finished):
+    async def scenario():
+        app = LtmApp(str(finished.ws), poll_seconds=0)
+        async with app.run_test(size=(120, 36)) as pilot:
+            table = app.query_one(ResultsTable)
+            await until(pilot, lambda: table.row_count == 3, what="rows")
+            rows = table.rows_by_id
+            base = next(k for k, r in rows.items() if r["kind"] == "baseline")
+            logic = next(k for k, r in rows.items() if r.get("corpus") == "logic.txt")
+            story = next(k for k, r in rows.items() if r.get("corpus") == "story.txt")
+            table.move_cursor(row=table.get_row_index(logic))
+            await pilot.press("v")  # nothing marked: against its baseline
+            screen = await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen, what="compare")
+            scores = screen.query_one("#compare-scores")
+            await until(pilot, lambda: scores.row_count, what="the scores")
+            assert (screen.run_a, screen.run_b) == (base, logic)
+            diff = scores.get_row("overall")[3]
+            assert str(diff) == f"{rows[logic]['overall'] - rows[base]['overall']:+.3f}"
+            said = str(screen.query_one("#compare-scenes").render())
+            out = cli("compare", base, logic, "--format", "json", "--workspace", str(finished.ws))
+            flips = json.loads(out.stdout)  # what `ltm-tui compare` says of the same two runs
+            assert said.startswith(f"{flips['shared']} scenes in both")
+            assert f"wrong → right {len(flips['wrong_to_right'])} · right → wrong {len(flips['right_to_wrong'])}" in said
+            await pilot.press("escape")
+            table.move_cursor(row=table.get_row_index(story))
+            await pilot.press("m")  # story is A of the next comparison
+            table.move_cursor(row=table.get_row_index(logic))
+            await pilot.press("v")
+            screen = await until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen, what="compare")
+            assert (screen.run_a, screen.run_b) == (story, logic)
 
     run(scenario())
 
@@ -202,8 +260,13 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
             preview = picker.query_one("#marked")
             row = preview.get_row(str(folder / "logic.txt"))
             assert row[2] == f"{len(LOGIC_TEXT.encode()) + 2:,}"  # micro reads bytes, plus BOS and EOS
-            await pilot.press("ctrl+s")
-            await until(pilot, lambda: not isinstance(app.screen, PickerScreen), what="the picker to close")
+            await pilot.press("ctrl+s")  # the batch's total first, and a question
+            ask = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the question")
+            assert ask.question == "Queue 1 run?"
+            assert str(ask.detail).startswith("1 run (1 file × 1 seed)")
+            await pilot.press("enter")
+            await until(pilot, lambda: not isinstance(app.screen, (PickerScreen, ConfirmScreen)),
+                        what="the picker to close")
             queue = app.query_one(QueueTable)
             await until(pilot, lambda: any(j.get("corpus") == "logic.txt" for j in queue.jobs.values()),
                         what="the job in the queue")
@@ -226,6 +289,55 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
     run(scenario())
     rows = results_json(ws)
     assert {r["status"] for r in rows} == {"done"} and len(rows) == 2
+
+
+def test_the_picker_goes_to_any_folder_jumps_by_name_and_keeps_its_marks(tmp_path):
+    """Up to the parent with Backspace, anywhere by typing a path, to a name by typing its first
+    letters; Esc and reopening keep the folder and the marks; QLoRA on micro is refused with the fix."""
+    home = tmp_path / "home" / "me"
+    home.mkdir(parents=True)
+    (home / "draft.md").write_text("# draft\n" + LOGIC_TEXT, encoding="utf-8")
+    docs = tmp_path / "usr" / "share" / "doc" / "bash"
+    docs.mkdir(parents=True)
+    for name in ("COPYING", "INTRO", "NEWS", "README"):  # plain text without suffixes
+        (docs / name).write_text(LOGIC_TEXT, encoding="utf-8")
+    (docs / "bash.core").write_bytes(bytes(range(256)))
+
+    async def scenario():
+        app = LtmApp(str(tmp_path / "ws"), poll_seconds=0, picker_root=str(home))
+        async with app.run_test(size=(100, 30)) as pilot:
+            await pilot.press("a")
+            picker = await until(pilot, lambda: isinstance(app.screen, PickerScreen) and app.screen, what="picker")
+            tree = picker.query_one("#tree")
+            await until(pilot, lambda: tree.root.children, what="the folder's files")
+            await pilot.press("backspace")  # the parent folder
+            await until(pilot, lambda: Path(tree.path) == home.parent and tree.root.children, what="the parent")
+            assert [c.data.path.name for c in tree.root.children] == ["me"]
+            await pilot.press("ctrl+l")
+            picker.query_one("#path").value = ""
+            await pilot.press(*str(docs), "enter")  # typed, as over SSH
+            await until(pilot, lambda: Path(tree.path) == docs and len(tree.root.children) == 4, what="the docs")
+            await pilot.press("r", "e")  # type-to-jump: README
+            assert tree.cursor_node.data.path.name == "README"
+            await pilot.press("space")
+            await pilot.press("n")  # one letter: the next name with it
+            assert tree.cursor_node.data.path.name == "NEWS"
+            await pilot.press("space", "escape")
+            assert not isinstance(app.screen, PickerScreen)
+            await pilot.press("a")  # the same picker: its folder and marks as they were
+            assert app.screen is picker and Path(tree.path) == docs
+            assert [p.name for p in picker.marked] == ["README", "NEWS"]
+            await until(pilot, lambda: len(picker.info) == 2, what="the previews")
+            assert all("error" not in i for i in picker.info.values())
+            picker.query_one("#method").value = "qlora"
+            await pilot.pause()
+            hint = str(picker.query_one("#picker-hint").render())
+            assert "4-bit" in hint and "micro" in hint
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+            assert not isinstance(app.screen, ConfirmScreen)  # refused before the question
+
+    run(scenario())
 
 
 @pytest.mark.slow
@@ -261,11 +373,17 @@ def test_cancel_and_retry_from_the_queue_and_the_log(tmp_path):
             log = await until(pilot, lambda: isinstance(app.screen, LogScreen) and app.screen, what="the log")
             await until(pilot, lambda: log.shown, what="log lines")
             await pilot.press("escape")
-            await pilot.press("c")
+            await pilot.press("c")  # asks first; n keeps the job
+            ask = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the question")
+            assert ask.question.startswith("Cancel long.txt (training at step ")
+            await pilot.press("n")
+            await pilot.pause(0.5)
+            assert queue.jobs[run_id]["status"] == "training"
+            await pilot.press("c", "y")
             await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", what="cancelled")
             await pilot.press("t")
             await until(pilot, lambda: queue.jobs[run_id]["status"] in ("queued", "starting", "training"), what="queued again")
-            await pilot.press("c")
+            await pilot.press("c", "enter")
             await until(pilot, lambda: queue.jobs[run_id]["status"] == "cancelled", what="cancelled again")
 
     run(scenario())
@@ -316,8 +434,8 @@ def test_device_panel_without_nvml_shows_this_machine(finished, monkeypatch):
     monitor = DeviceMonitor()
     snap = monitor.read()
     host = snap.devices[0]
-    assert snap.source == "psutil" and snap.note.startswith("no NVML")
-    assert host.kind == "host" and host.memory_total > 0 and "CPU" in host.name
+    assert snap.source == "psutil" and "showing CPU and RAM" in snap.note
+    assert host.kind == "host" and host.memory_total > 0 and host.name.startswith("host")
 
     async def scenario():
         app = LtmApp(str(finished.ws), poll_seconds=0.2)
@@ -325,7 +443,8 @@ def test_device_panel_without_nvml_shows_this_machine(finished, monkeypatch):
             panel = app.query_one("#devices")
             await until(pilot, lambda: panel.snapshot is not None, what="a reading")
             shown = _plain(panel)
-            assert "RAM" in shown and "GiB" in shown and "no NVML" in shown
+            assert "RAM" in shown and "GiB" in shown and "showing CPU and RAM" in shown
+            assert shown.count("RAM") == 2  # the numbers and the note, never the same word twice in a row
 
     run(scenario())
 

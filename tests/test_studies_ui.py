@@ -137,3 +137,34 @@ def test_empty_workspace_study_screens_say_how_to_start(tmp_path):
         stop_service(tmp_path / "ws")
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow  # the module's study: an attribution and a search, trained
+def test_an_unfinished_attribution_study_calls_no_file_helpful_or_harmful(studies):
+    """While runs of a study are still to come, its contributions move with each one: the screen
+    colours no file green or red and the advice counts what is in so far (issue 18's item 9)."""
+    from backend.studies.attribution_study import advice
+
+    async def scenario():
+        app = LtmApp(str(studies.ws), poll_seconds=0)
+        async with app.run_test(size=(120, 30)) as pilot:
+            screen = await open_screen(app, pilot, "f", AttributionScreen)
+            grid = screen.query_one(SortTable)
+            await until(pilot, lambda: grid.row_count == 2, what="two files")
+            table = screen.reply["table"]
+            assert table["settled"]  # every run of the module's study has ended
+            runs = table["runs"]
+            # the same study as it was with one run still training
+            unfinished = {**table, "settled": False, "runs": {**runs, "done": runs["done"] - 1, "training": 1}}
+            screen.show({**screen.reply, "table": unfinished})
+            await pilot.pause()
+            styles = {cell.style for key in grid.rows for cell in grid.get_row(key)[3:]}
+            assert styles <= {"dim"}
+            said = str(screen.query_one("#attribution-advice").render())
+            assert said.startswith(f"unfinished: {runs['done'] - 1} of {runs['distinct']} runs done")
+
+    asyncio.run(scenario())
+    overall = {"sigma": 0.05}
+    line = advice(overall, 5, {"seeds": [0]}, 3, 0.05, unfinished=3)
+    assert line.endswith("this study has 5 so far, 3 more to come: wait for them before reading the colours")
+    assert advice(overall, 64, {"seeds": [0]}, 3, 0.05).endswith(": enough")
