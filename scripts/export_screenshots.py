@@ -4,7 +4,8 @@
     python scripts/export_screenshots.py [--workspace ltm-workspace]
 
 Pictures: the dashboard (devices, queue, ranked results), the file picker with a corpus marked
-and its preview, a run's loss curve and its scenes, the help screen, and where the workspace
+and its preview, a run's loss curve and its scenes, the best run against its baseline, the help
+screen, and where the workspace
 has them, an attribution study (`ltm-tui attribute`) and a search (`ltm-tui search`). The
 device panel shows this machine as it is (NVML where present, else CPU and RAM).
 """
@@ -21,7 +22,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from ltm_tui.app import LtmApp  # noqa: E402
-from ltm_tui.screens import HelpScreen, PickerScreen, RunScreen  # noqa: E402
+from ltm_tui.screens import CompareScreen, HelpScreen, PickerScreen, RunScreen  # noqa: E402
 from ltm_tui.studies import AttributionScreen, SearchScreen  # noqa: E402
 
 SIZE = (110, 32)
@@ -71,6 +72,14 @@ async def shoot(workspace: str | None, out: Path, picker_root: Path) -> list[Pat
             await pilot.press("2")
             await pilot.pause(0.3)
             save("run-scenes.svg")
+            await pilot.press("escape")
+
+        if best is not None:  # the best run against its baseline
+            table.move_cursor(row=table.get_row_index(best))
+            await pilot.press("v")
+            await _until(pilot, lambda: isinstance(app.screen, CompareScreen) and app.screen.details)
+            await pilot.pause(0.5)
+            save("compare.svg")
             await pilot.press("escape")
 
         await pilot.press("question_mark")
