@@ -47,7 +47,8 @@ class LtmApp(App):
     TITLE = "ltm-tui"
     BINDINGS = [
         Binding("a", "add", "Add corpora", tooltip="Open the file picker to queue corpora"),
-        Binding("s", "cycle_sort", "Sort", tooltip="Sort the results by the next column"),
+        Binding("s", "cycle_sort", "Sort", tooltip="Sort the results by the next column (Shift+letter: by the "
+                "column whose name starts with it, e.g. Shift+O overall, Shift+P ppl)"),
         Binding("d", "toggle_direction", "Asc/desc", tooltip="Reverse the results' sort"),
         Binding("slash", "filter", "Filter", tooltip="Filter the results by corpus, base or status"),
         Binding("e", "export", "Export", tooltip="Write the results table to CSV"),
@@ -287,8 +288,8 @@ class LtmApp(App):
         table = self.results_table
         if not table.rows_by_id:
             return Text("No runs yet: press a to pick corpora (or run `ltm-tui run FILE...`).", style="yellow")
-        return Text("a add · Enter opens a run · s/d or a header click sorts · / filter · v compare · ? keys and columns",
-                    style="dim")
+        return Text("a add · Enter opens a run · s/d, Shift+letter or a header click sorts · / filter · v compare · "
+                    "? keys and columns", style="dim")
 
     def hint(self, text: Text | str) -> None:
         self.hint_box.update(text)
@@ -513,6 +514,23 @@ class LtmApp(App):
         if event.key == "escape" and self.filter_box.has_focus:
             self.action_clear_filter()
             event.stop()
+            return
+        char = event.character or ""
+        if len(self.screen_stack) == 1 and char.isalpha() and char.isupper() and not self.filter_box.has_focus:
+            if self.sort_by_letter(char):
+                event.stop()
+
+    def sort_by_letter(self, letter: str) -> bool:
+        """Shift and a letter: sort by the column whose label starts with it (again: the next such
+        column), as a spreadsheet user reaches for a column without cycling through the rest."""
+        table = self.results_table
+        labels = table.column_labels()
+        keys = [k for k in table.column_keys if labels.get(k, k).lstrip("Δ ").lower().startswith(letter.lower())]
+        if not keys:
+            return False
+        nxt = keys[(keys.index(table.sort_key) + 1) % len(keys)] if table.sort_key in keys else keys[0]
+        self.sort_results(nxt)
+        return True
 
     @on(QueueTable.RowHighlighted, "#queue")
     def _queue_row(self) -> None:

@@ -77,6 +77,10 @@ def test_results_sort_by_key_and_header_with_the_baseline_pinned(finished):
             table.post_message(ResultsTable.HeaderSelected(table, column.key, table.column_keys.index("perplexity"), column.label))
             await pilot.pause()
             assert names(app) == ["(baseline)", *adapters[::-1]]
+            await pilot.press("O")  # Shift+letter: the column whose name starts with it
+            assert (table.sort_key, table.descending) == ("overall", True)
+            await pilot.press("P")
+            assert table.sort_key == "perplexity"
             following = table.column_keys[table.column_keys.index("perplexity") + 1]
             await pilot.press("s")  # the next column
             assert table.sort_key == following
@@ -168,6 +172,9 @@ def test_open_a_run_curve_scenes_settings_and_probes(finished):
             await pilot.pause()
             assert "max_words 8" in _plain(detail)  # a check says what it wanted
             await pilot.press("3")
+            await pilot.pause()
+            # the Settings tab takes the screen below the tabs, not the picker's 9 lines
+            assert screen.query_one("#settings-text").parent.size.height > 20
             settings = _plain(screen.query_one("#settings-text"))
             assert "base.preset" in settings and "tiny" in settings and "train.max_steps" in settings
             await pilot.press("4")
