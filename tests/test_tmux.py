@@ -89,19 +89,21 @@ def test_queue_from_the_picker_wait_sort_and_quit(tmp_path):
         tmux.keys("Down", "Space")
         tmux.wait(r"marked: 1")
         tmux.wait(r"logic\.txt\s+\d+\.\d+\s+[\d,]+")  # the preview: pages and tokens
-        tmux.keys("Enter")  # Enter on a file queues the marked files
+        tmux.keys("Enter")  # Enter on a file asks to queue the marked files, with the batch's total
+        tmux.wait(r"Queue 1 run\?")
+        tmux.keys("y")
         tmux.wait(r"queued 1 run")
         screen = tmux.wait(r"logic\.txt\s+\d\.\d{3}\s+[+-]\d\.\d{3}")  # overall and Δ base
-        assert "(baseline)" in screen
+        assert "baseline · tiny" in screen
         current = re.search(r"sorted by (\S+)", screen).group(1)
         for _ in range(12):  # `s` walks the columns, one per press; stop at the depth score
             tmux.keys("s")
             current = re.search(r"sorted by (\S+)", tmux.wait(rf"sorted by (?!{re.escape(current)} )\S+ ")).group(1)
             if current == "depth":
                 break
-        tmux.wait(r"sorted by depth ↓")
+        tmux.wait(r"sorted by depth high→low")
         tmux.keys("d")
-        tmux.wait(r"sorted by depth ↑")
+        tmux.wait(r"sorted by depth low→high")
         tmux.keys("q")
         wait_for(done.exists, what="the dashboard to quit")
         assert done.read_text().strip() == "0"
