@@ -456,6 +456,7 @@ class ResultsTable(RunTable):
         self._by_id: list[dict] | None = None  # the rows sorted by run id (ties of every sort)
         self.show_intervals = False
         self.corpus_width = 0
+        self._longest: int | None = None  # the longest run name, in cells (None: measure again)
         self._mixed = False  # runs of several bases or presets: each name says its own
         self._kept_bases: set | None = None  # the baselines a filter keeps: those of the runs it shows
 
@@ -469,8 +470,9 @@ class ResultsTable(RunTable):
     def _corpus_width(self) -> int:
         """The pinned corpus column: as wide as its longest name, but at most a quarter of the
         table (so 80 columns show the overall, Δ base and the first measures beside it)."""
-        longest = max((cell_len(self._label(r)) for r in self.rows_by_id.values()), default=6)
-        return max(10, min(longest, max(16, (self.size.width or 80) // 4)))
+        if self._longest is None:  # once per change of the runs, not once per reply
+            self._longest = max((cell_len(self._label(r)) for r in self.rows_by_id.values()), default=6)
+        return max(10, min(self._longest, max(16, (self.size.width or 80) // 4)))
 
     def _sync_columns(self) -> None:
         wanted = self.wanted_columns()
@@ -497,13 +499,15 @@ class ResultsTable(RunTable):
         self.rows_by_id = {r["run_id"]: r for r in rows}
         mixed = len({(r.get("base"), r.get("preset")) for r in rows}) > 1
         if mixed != self._mixed:
-            self._mixed, self._shown = mixed, {}
+            self._mixed, self._shown, self._longest = mixed, {}, None
             self.clear()
         self._kept_bases = self._bases_shown()
         same_runs = previous is not None and len(previous) == len(self.rows_by_id) and all(
             r["run_id"] in self.rows_by_id for r in previous)
         # The run-id order (every sort's ties) carries over when no run came or went.
         self._by_id = [self.rows_by_id[r["run_id"]] for r in previous] if same_runs else None
+        if not same_runs:
+            self._longest = None
         self._sync_columns()
         keep = self.selected_run()
         deltas = self._deltas()
