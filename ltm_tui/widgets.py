@@ -513,6 +513,7 @@ class ResultsTable(RunTable):
         deltas = self._deltas()
         visible = {r["run_id"]: r for r in rows if self._matches(r)}
         moved = False  # whether the order can have changed: a row came, went or changed its sort value
+        longer = 0  # the longest name among the rows that changed
         for key in [k for k in self._shown if k not in visible]:
             self.remove_row(key)
             del self._shown[key]
@@ -523,6 +524,7 @@ class ResultsTable(RunTable):
             if shown == seen:
                 continue  # most rows of a big table did not change since the last reply
             cells = self._cells(r, seen[1])
+            longer = max(longer, cell_len(cells[0].text))
             if shown is not None:
                 moved = moved or (self._sort_value(*shown) != self._sort_value(*seen)
                                   or shown[0].get("kind") != r.get("kind"))
@@ -534,6 +536,11 @@ class ResultsTable(RunTable):
                 self.add_row(*cells, key=run_id)
                 moved = True
             self._shown[run_id] = seen
+        if longer > (self._longest or 0):  # a run renamed in place: the pinned column may widen
+            self._longest = longer
+            if self._corpus_width() != self.corpus_width:
+                self.set_rows(rows)
+                return
         if moved:
             self.apply_order(keep)
 
