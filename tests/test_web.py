@@ -102,3 +102,17 @@ def test_listening_beyond_loopback_warns_in_one_line(tmp_path):
         warnings = [line for line in log.read_text().splitlines() if "warning" in line]
     assert warnings == [("ltm-tui web: warning: listening on 0.0.0.0, reachable from other machines over plain "
                          "http; the token in the URL is the only guard")]
+
+
+def test_the_dashboards_flags_reach_each_tab_before_or_after_web():
+    """`ltm-tui --preset tiny web` and `ltm-tui web --preset tiny` start the same dashboards; a
+    flag after `web` is added to those before it, and one not given never hides one that was."""
+    from ltm_tui.cli import build_parser
+    from ltm_tui.cli.web import dashboard_flags
+
+    parse = build_parser().parse_args
+    before = dashboard_flags(parse(["--preset", "tiny", "--root", "/books", "web"]))
+    after = dashboard_flags(parse(["web", "--preset", "tiny", "--root", "/books"]))
+    mixed = dashboard_flags(parse(["--preset", "tiny", "web", "--root", "/books"]))
+    assert before == after == mixed == ["--preset", "tiny", "--root", "/books"]
+    assert dashboard_flags(parse(["web", "--steps", "40"])) == ["--steps", "40"]

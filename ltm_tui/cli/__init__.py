@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from ltm_tui.cli import attribute, estimate, evaluation, queue, run, search, web
-from ltm_tui.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, add_workspace
+from ltm_tui.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, add_dashboard_flags, add_workspace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,14 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Which of your texts teach a model to think better, and how long it takes.",
     )
     add_workspace(parser)
-    dash = parser.add_argument_group("the dashboard (ltm-tui with no command): the file picker's defaults")
-    dash.add_argument("--base", dest="dash_base", metavar="BASE", help="micro (default), an HF id or a folder")
-    dash.add_argument("--preset", dest="dash_preset", metavar="NAME", help="micro size (default small)")
-    dash.add_argument("--scenes", dest="dash_scenes", metavar="DIR", help="battery folder (default: built-in)")
-    dash.add_argument("--steps", dest="dash_steps", type=int, metavar="N", help="cap on optimizer steps")
-    dash.add_argument("--min-train-tokens", dest="dash_min_train_tokens", type=int, metavar="N",
-                      help="train on at least this many tokens")
-    dash.add_argument("--root", dest="dash_root", metavar="DIR", help="where the file picker opens (default: here)")
+    add_dashboard_flags(parser.add_argument_group("the dashboard (ltm-tui with no command): the file picker's defaults"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     add_workspace(run.add_parser(sub))
     queue.add_parsers(sub)

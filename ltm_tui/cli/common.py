@@ -19,6 +19,26 @@ def add_workspace(p: argparse.ArgumentParser) -> None:
                    help="where runs and ltm.duckdb live (env LTM_WORKSPACE, default ./ltm-workspace)")
 
 
+# The dashboard's own flags: the file picker's defaults and where it opens (dest, flag, type, metavar, help).
+DASHBOARD_FLAGS = (
+    ("dash_base", "--base", str, "BASE", "micro (default), an HF id or a folder"),
+    ("dash_preset", "--preset", str, "NAME", "micro size (default small)"),
+    ("dash_scenes", "--scenes", str, "DIR", "battery folder (default: built-in)"),
+    ("dash_steps", "--steps", int, "N", "cap on optimizer steps"),
+    ("dash_min_train_tokens", "--min-train-tokens", int, "N", "train on at least this many tokens"),
+    ("dash_root", "--root", str, "DIR", "where the file picker opens (default: here)"),
+)
+
+
+def add_dashboard_flags(group, *, below_a_command: bool = False) -> None:
+    """The dashboard's flags on the top-level parser, and again on a command that starts
+    dashboards (`web`), where they may come after the command's name. There a flag not given
+    is left out of the result, so it never hides the same flag given before the command."""
+    for dest, flag, kind, metavar, text in DASHBOARD_FLAGS:
+        extra = {"default": argparse.SUPPRESS} if below_a_command else {}
+        group.add_argument(flag, dest=dest, type=kind, metavar=metavar, help=text, **extra)
+
+
 def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
