@@ -331,6 +331,41 @@ class LtmApp(App):
                         (f" and {len(sub['baseline_ids'])} baseline(s)" if sub["baseline_ids"] else ""))
         self.refresh_all()
 
+    @work(group="studies")
+    async def start_attribution(self, paths: list[str], settings: dict, seeds: list[int]) -> None:
+        """Queue an attribution study over these files (the service's `attribute` op)."""
+        from backend.core.errors import LtmError
+
+        if self.link is None:
+            self.notify("the job service is not connected yet; try again in a moment", severity="error")
+            return
+        try:
+            sub = await self.link.call("attribute", paths=paths, settings=settings, subsets=None, seeds=seeds)
+        except LtmError as exc:
+            self.notify(exc.one_line(), severity="error", timeout=10)
+            return
+        self.notify(f"attribution study {sub['study']}: {len(sub['run_ids'])} runs, {len(sub['queued'])} newly "
+                    "queued; f shows it")
+        for note in sub.get("notes") or []:
+            self.notify(note, severity="warning", timeout=10)
+        self.refresh_all()
+
+    @work(group="studies")
+    async def start_search(self, request: dict) -> None:
+        """Start a search in the service (`search_start`); the `o` screen follows it."""
+        from backend.core.errors import LtmError
+
+        if self.link is None:
+            self.notify("the job service is not connected yet; try again in a moment", severity="error")
+            return
+        try:
+            started = await self.link.call("search_start", **request)
+        except LtmError as exc:
+            self.notify(exc.one_line(), severity="error", timeout=10)
+            return
+        self.notify(f"search {started['study']}: {started['status']}, {request['target']} trials; o shows it")
+        self.refresh_all()
+
     def calibrate(self, settings, done) -> None:
         """Measure this machine for these settings in a worker slot (a `calibrate` task, as
         `ltm-tui estimate` starts); `done(None)` when it is stored, `done(error)` if it failed."""

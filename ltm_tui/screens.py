@@ -136,6 +136,10 @@ class PickerScreen(Screen):
         Binding("ctrl+l", "focus_path", "Path", tooltip="Type a folder or file to go to"),
         Binding("ctrl+e", "calibrate", "Calibrate", tooltip="Measure this machine for the time≈ and memory≈ columns"),
         Binding("ctrl+x", "clear_marks", "Clear", tooltip="Unmark every file"),
+        Binding("ctrl+t", "attribute", "Attribute", tooltip="Which of the marked files makes the difference: "
+                "an attribution study over them (f shows it)"),
+        Binding("ctrl+o", "search", "Search", tooltip="Search settings over the marked files with a space file "
+                "(o shows it)"),
     ]
 
     def __init__(self, root: Path, defaults: dict[str, Any], workspace) -> None:
@@ -355,10 +359,6 @@ class PickerScreen(Screen):
         problem = self.problem()
         if problem:
             self._hint(problem, "bold red")
-        elif any(p in self.info and "error" not in self.info[p] and self.forecasts.get(p) is None
-                 for p in self.marked):
-            self._hint("time≈ and memory≈ need a calibration of this machine for these settings: "
-                       "ctrl+e measures it (a minute, in a worker slot)", "yellow")
 
     def _hint(self, text: str, style: str = "") -> None:
         self.query_one("#picker-hint", Static).update(Text(text, style=style))
@@ -459,6 +459,78 @@ class PickerScreen(Screen):
                                            yes="Queue", danger=batch["runs"] > BIG_BATCH_RUNS or bool(batch["too_big"])),
                              answer)
 
+    def _study_ready(self, least: int) -> tuple[Any, list[str]] | None:
+        """The settings and readable marked files for a study, or None with the reason shown."""
+        from backend.core.errors import LtmError
+
+        self._checked = None
+        problem = self.problem()
+        if problem:
+            self._hint(problem, "bold red")
+            return None
+        paths = [str(p) for p in self.marked if "error" not in self.info.get(p, {})]
+        if len(paths) < least:
+            self._hint(f"mark {least} or more readable files first (space marks, a marks a folder)", "yellow")
+            return None
+        try:
+            return self.settings(), paths
+        except LtmError as exc:
+            self._hint(exc.one_line(), "bold red")
+            return None
+
+    def action_attribute(self) -> None:
+        """An attribution study over the marked files (as `ltm-tui attribute`), after a question
+        that says how many runs it takes; the `f` screen follows it."""
+        from backend.studies.attribution_study import default_subsets
+
+        ready = self._study_ready(2)
+        if ready is None:
+            return
+        settings, paths = ready
+        seeds = max(1, _int(self.value("seeds")) or 1)
+        subsets = default_subsets(len(paths))
+        runs = (len(paths) + 2 + subsets) * seeds
+
+        def answer(yes: bool | None) -> None:
+            if yes:
+                self.app.start_attribution(paths, asdict(settings), list(range(seeds)))
+                self.app.pop_screen()
+
+        self.app.push_screen(ConfirmScreen(
+            f"Start an attribution study over {len(paths)} files?",
+            f"Up to {_plural(runs, 'run')}: the baseline, each file alone, all together and {subsets} mixed "
+            f"subsets, × {_plural(seeds, 'seed')} (runs the workspace has already are reused). "
+            "f shows each file's contribution as the runs finish.", yes="Start", danger=runs > BIG_BATCH_RUNS),
+            answer)
+
+    def action_search(self) -> None:
+        """A search over the marked files (as `ltm-tui search`): a space file, trials, sampler."""
+        ready = self._study_ready(1)
+        if ready is None:
+            return
+        settings, paths = ready
+
+        def asked(answer: dict | None) -> None:
+            if answer:
+                self._start_search(settings, paths, answer)
+
+        self.app.push_screen(SearchAskScreen(self.defaults.get("space") or ""), asked)
+
+    def _start_search(self, settings, paths: list[str], answer: dict) -> None:
+        from backend.core.errors import LtmError
+        from backend.studies.search import study_request
+
+        try:
+            request, notes = study_request(answer["space"], paths, asdict(settings), answer["trials"],
+                                           root=self.workspace.root, sampler=answer["sampler"])
+        except LtmError as exc:
+            self._hint(exc.one_line(), "bold red")
+            return
+        for note in notes:
+            self.app.notify(note)
+        self.app.start_search(request)
+        self.app.pop_screen()
+
     def action_calibrate(self) -> None:
         """Measure this machine for these settings, in a worker slot of the service (as
         `ltm-tui estimate` does); the time≈ and memory≈ columns fill in when it is done."""
@@ -493,12 +565,12 @@ def batch_line(batch: dict) -> Text:
     runs = batch["runs"]
     out.append(_plural(runs, "run"), style="bold red" if runs > BIG_BATCH_RUNS else "bold")
     out.append(f" ({_plural(batch['files'], 'file')} × {_plural(batch['seeds'], 'seed')})")
-    out.append(", and a baseline for each seed that has none")
+    out.append(" + baselines")
     if batch["seconds"] is not None:
         out.append(f" · ≈ {format_duration(batch['seconds'])} in all")
     else:
-        out.append(" · time unknown until a calibration (ctrl+e)" if not batch["pending"] else " · reading files…",
-                   style="yellow")
+        out.append(" · time ? until this machine is calibrated for these settings: ctrl+e (about a minute)"
+                   if not batch["pending"] else " · reading files…", style="yellow")
     if batch["peak_bytes"]:
         out.append(f" · peak ≈ {batch['peak_bytes'] / 2**30:.1f} GiB")
         if batch["too_big"]:
@@ -527,6 +599,46 @@ def _int(text: str) -> int | None:
         return int(text) if text else None
     except ValueError:
         return None
+
+
+class SearchAskScreen(ModalScreen[dict | None]):
+    """What a search needs besides the files: its space file, how many trials, which sampler."""
+
+    BINDINGS = [Binding("escape", "dismiss_none", "Back")]
+
+    def __init__(self, space: str = "") -> None:
+        super().__init__()
+        self.space = space
+
+    def compose(self) -> ComposeResult:
+        with Vertical(id="confirm-box"):
+            yield Label(Text("Search settings over the marked files", style="bold"))
+            yield Static(Text("A space file names the settings to try and the objective (docs/search.md; "
+                              "docs/search-demo.yaml is an example). Each trial is a run in the queue; o shows "
+                              "the trials and the best.", style="dim"), id="confirm-detail")
+            yield _field("space", Input(self.space, placeholder="SPACE.yaml", id="search-space", compact=True))
+            yield _field("trials", Input("8", id="search-trials", type="integer", compact=True))
+            yield _field("sampler", Select([("TPE", "tpe"), ("grid", "grid")], value="tpe", allow_blank=False,
+                                           id="search-sampler", compact=True))
+            yield Label(Text.assemble(("Enter", "bold"), " starts · ", ("Esc", "bold"), " back"), id="confirm-keys")
+
+    def on_mount(self) -> None:
+        self.query_one("#search-space", Input).focus()
+
+    @on(Input.Submitted)
+    def _submit(self, event: Input.Submitted) -> None:
+        event.stop()
+        space = self.query_one("#search-space", Input).value.strip()
+        trials = _int(self.query_one("#search-trials", Input).value.strip())
+        if not space or not trials or trials < 1:
+            self.query_one("#confirm-detail", Static).update(
+                Text("give a space file and a number of trials (1 or more)", style="bold red"))
+            return
+        self.dismiss({"space": str(Path(space).expanduser()), "trials": trials,
+                      "sampler": self.query_one("#search-sampler", Select).value})
+
+    def action_dismiss_none(self) -> None:
+        self.dismiss(None)
 
 
 class ConfirmScreen(ModalScreen[bool]):

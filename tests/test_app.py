@@ -19,7 +19,7 @@ from ltm_tui.app import LtmApp
 from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.screens import CompareScreen, ConfirmScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
-from tests.conftest import LOGIC_TEXT, WAIT, cli, write_tiny_battery
+from tests.conftest import LOGIC_TEXT, WAIT, cli, stop_service, write_tiny_battery
 
 
 async def until(pilot, condition, timeout: float = WAIT, what: str = "condition"):
@@ -41,6 +41,16 @@ def results_json(ws: Path, *extra: str) -> list[dict]:
     out = cli("results", "--format", "json", "--workspace", str(ws), *extra)
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+async def open_picker(app: LtmApp, pilot):
+    """Once the service answers, `a`: the picker and its tree, with the folder's files listed."""
+    await until(pilot, lambda: app.link is not None, what="the service")
+    await pilot.press("a")
+    picker = await until(pilot, lambda: isinstance(app.screen, PickerScreen) and app.screen, what="picker")
+    tree = picker.query_one("#tree")
+    await until(pilot, lambda: tree.root.children, what="the folder's files")
+    return picker, tree
 
 
 def names(app: LtmApp) -> list[str]:
@@ -256,11 +266,7 @@ def test_queue_from_the_picker_and_watch_it_finish(tmp_path):
     async def scenario():
         app = LtmApp(str(ws), poll_seconds=0, defaults=defaults, picker_root=str(folder))
         async with app.run_test(size=(100, 30)) as pilot:
-            await until(pilot, lambda: app.link is not None, what="the service")
-            await pilot.press("a")
-            picker = await until(pilot, lambda: isinstance(app.screen, PickerScreen) and app.screen, what="picker")
-            tree = picker.query_one("#tree")
-            await until(pilot, lambda: tree.root.children, what="the folder's files")
+            picker, tree = await open_picker(app, pilot)
             assert [c.data.path.name for c in tree.root.children] == ["logic.txt"]
             await pilot.press("down", "space")
             await until(pilot, lambda: picker.info, what="the preview")
@@ -345,6 +351,51 @@ def test_the_picker_goes_to_any_folder_jumps_by_name_and_keeps_its_marks(tmp_pat
             assert not isinstance(app.screen, ConfirmScreen)  # refused before the question
 
     run(scenario())
+
+
+def test_an_attribution_study_and_a_search_start_from_the_picker(tmp_path):
+    """Ctrl-T over two marked files starts an attribution study, Ctrl-O a search with a space
+    file: both in the service, as `ltm-tui attribute` and `ltm-tui search` start them."""
+    from backend.jobs.client import connect
+
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    for name in ("logic.txt", "story.txt"):
+        (folder / name).write_text(LOGIC_TEXT, encoding="utf-8")
+    battery = write_tiny_battery(tmp_path / "battery")
+    space = tmp_path / "space.yaml"
+    space.write_text("study: lr-pick\nobjective: overall\nparams:\n  lr: {choices: [0.001, 0.01]}\n",
+                     encoding="utf-8")
+    ws = tmp_path / "ws"
+    defaults = {"preset": "tiny", "steps": 4, "min_train_tokens": 0, "scenes": str(battery)}
+
+    async def scenario():
+        app = LtmApp(str(ws), poll_seconds=0, defaults=defaults, picker_root=str(folder))
+        async with app.run_test(size=(100, 30)) as pilot:
+            picker, tree = await open_picker(app, pilot)
+            await pilot.press("down", "space")
+            await pilot.press("ctrl+t")  # one file: not a study
+            assert "2 or more" in str(picker.query_one("#picker-hint").render())
+            await pilot.press("down", "space")
+            await until(pilot, lambda: len(picker.info) == 2, what="the previews")
+            await pilot.press("ctrl+t")
+            ask = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="question")
+            assert ask.question == "Start an attribution study over 2 files?"
+            await pilot.press("y")
+            with connect(Workspace(ws)) as client:
+                studies = await until(pilot, lambda: client.call("attribution"), what="the study")
+            assert set(studies[0]["files"]) == {"logic.txt", "story.txt"}
+            await pilot.press("a")  # the picker keeps its marks
+            await until(pilot, lambda: isinstance(app.screen, PickerScreen), what="picker")
+            await pilot.press("ctrl+o")
+            await until(pilot, lambda: app.screen.query("#search-space"), what="the search's fields")
+            await pilot.press(*str(space), "enter")
+            with connect(Workspace(ws)) as client:
+                found = await until(pilot, lambda: client.call("search")["studies"], what="the search")
+            assert found[0]["study"] == "lr-pick" and found[0]["target_trials"] == 8
+
+    run(scenario())
+    stop_service(ws)
 
 
 @pytest.mark.slow

@@ -27,7 +27,7 @@ import json
 import math
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -385,6 +385,50 @@ def objective_value(run: dict, scores: dict, objective: str) -> float | None:
 
 
 # --- the study -------------------------------------------------------------------------------
+
+
+def study_request(space_path: str | Path, files: list[str], settings: dict, trials: int, *, root: Path,
+                  sampler: str = "tpe", study: str | None = None, seed: int = 0, priority: int = 0,
+                  ) -> tuple[dict[str, Any], list[str]]:
+    """The `search_start` request for a space file, the files (none: a resumed study's own) and
+    the trials' starting settings (JobSettings as a dict), checked as `ltm-tui search` and the
+    dashboard both need it; and the notes to show (a grid smaller than the trials asked). Bad
+    input raises one line. The files are recorded in the study's folder the first time."""
+    import yaml
+
+    if study is not None and not STUDY_NAME.fullmatch(study):
+        raise SpaceError(f"study {study!r}: use letters, digits, _ . - (at most 64)")
+    if trials < 1:
+        raise SpaceError(f"--trials {trials}: give at least 1")
+    space = load_space(space_path)
+    if study:
+        space = replace(space, study=study)
+    check_base(space, settings["base"]["base"] == "micro")
+    check_objective(space, settings["scenes"])
+    folder = study_dir(root, space.study)
+    record = folder / "files.json"  # the files a resume takes when none are named
+    if files:
+        files = check_files(files, space.subsets, space.path)
+    elif record.exists():
+        files = json.loads(record.read_text(encoding="utf-8"))
+    else:
+        raise SpaceError(f"study {space.study!r} is new: name the files to search over")
+    notes, target = [], trials
+    if sampler == "grid":
+        size = grid_size(grid_space(space, files))
+        if target > size:
+            notes.append(f"the grid holds {size} points: {size} trials, not {target}")
+            target = size
+    data = yaml.safe_load(Path(space_path).read_text(encoding="utf-8"))
+    request = {
+        "study": space.study, "space": json.loads(json.dumps(data, default=str)),
+        "space_path": str(Path(space_path).expanduser().absolute()), "sampler": sampler,
+        "files": files, "settings": settings, "target": target, "seed": seed, "priority": priority,
+    }
+    if not record.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(files, indent=1), encoding="utf-8")
+    return request, notes
 
 
 def study_dir(workspace_root: Path, name: str) -> Path:

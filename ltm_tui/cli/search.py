@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, replace
-from pathlib import Path
+from dataclasses import asdict
 
 from ltm_tui.cli.common import (
     EXIT_FAILED,
@@ -60,36 +59,14 @@ def cmd_search(args) -> int:
         return _stop(args, workspace(args))
     if not args.space or args.trials is None:
         raise SpaceError("search needs --space SPACE.yaml and --trials N (docs/search.md)")
-    space = S.load_space(args.space)
-    if args.study:
-        space = replace(space, study=args.study)
-    if args.trials < 1:
-        raise SpaceError(f"--trials {args.trials}: give at least 1")
     settings = job_settings(args)
-    S.check_base(space, settings.base["base"] == "micro")
-    S.check_objective(space, settings.scenes)
-    ws = workspace(args).ensure()
-    folder = S.study_dir(ws.root, space.study)
-    files = _files(args, space, folder)
-    target = args.trials
-    if args.sampler == "grid":
-        size = S.grid_size(S.grid_space(space, files))
-        if target > size:
-            _say(f"the grid holds {size} points: {size} trials, not {target}")
-            target = size
-    import yaml
-
-    data = yaml.safe_load(Path(args.space).read_text(encoding="utf-8"))
-    request = {
-        "study": space.study, "space": json.loads(json.dumps(data, default=str)),
-        "space_path": str(Path(args.space).expanduser().absolute()), "sampler": args.sampler,
-        "files": files, "settings": asdict(settings), "target": target, "seed": args.seed,
-        "priority": args.priority,
-    }
-    record = folder / "files.json"  # the files a resume takes when none are named
-    if not record.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        record.write_text(json.dumps(files, indent=1), encoding="utf-8")
+    ws = workspace(args)
+    request, notes = S.study_request(args.space, args.files, asdict(settings), args.trials, root=ws.root,
+                                     sampler=args.sampler, study=args.study, seed=args.seed,
+                                     priority=args.priority)
+    ws.ensure()
+    for note in notes:
+        _say(note)
     report = follow_study(ws, request, quiet=args.quiet)
     if report is None:
         return EXIT_INTERRUPTED
@@ -149,20 +126,6 @@ def _stop(args, ws) -> int:
         out = client.call("search_stop", study=name)
     _say(f"search {name}: {out['status']}")
     return 0
-
-
-def _files(args, space, folder: Path) -> list[str]:
-    from backend.core.errors import SpaceError
-    from backend.studies import search as S
-
-    record = folder / "files.json"
-    if args.files:
-        files = S.check_files(args.files, space.subsets, space.path)
-    elif record.exists():
-        files = json.loads(record.read_text(encoding="utf-8"))
-    else:
-        raise SpaceError(f"study {space.study!r} is new: name the files to search over (FILE...)")
-    return files
 
 
 def _say(line: str) -> None:
