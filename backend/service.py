@@ -211,6 +211,8 @@ class Service:
             }
         if op == "jobs":
             return self.jobs(args.get("runs"))
+        if op == "workers":  # the live workers (a fit check counts the memory they hold as the queue's)
+            return [{"pid": w.pid, "slot": w.slot, "runs": list(w.run_ids)} for w in list(self.manager.live.values())]
         if op == "results":
             return self.store.results(
                 sort=args.get("sort", "overall"), descending=args.get("descending", True)

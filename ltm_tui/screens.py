@@ -317,7 +317,7 @@ class PickerScreen(Screen):
             settings = self.settings()
             guess = predict(self.workspace, settings.base, settings.train, tokens)
             if guess and guess.get("peak_memory_bytes"):
-                free, where = free_memory(settings.base)
+                free, where = free_memory(settings.base, self.workspace)
                 fix = memory_fix(guess["peak_memory_bytes"], free, settings.base, settings.train, where)
                 if fix:
                     guess["too_big"] = True

@@ -19,6 +19,7 @@ class FakeNvml(types.ModuleType):
         super().__init__("pynvml")
         self.inits = 0
         self.fail_temperature = fail_temperature
+        self.processes = [(4242, 30 * 2**30)]  # (pid, bytes) on GPU 0
 
     def nvmlInit(self):
         self.inits += 1
@@ -36,7 +37,8 @@ class FakeNvml(types.ModuleType):
         return "NVIDIA RTX PRO 6000 Blackwell" if h == 0 else b"NVIDIA H200"
 
     def nvmlDeviceGetMemoryInfo(self, h):
-        return types.SimpleNamespace(used=(40 if h == 0 else 10) * 2**30, total=(96 if h == 0 else 141) * 2**30)
+        used, total = (40 if h == 0 else 10) * 2**30, (96 if h == 0 else 141) * 2**30
+        return types.SimpleNamespace(used=used, total=total, free=total - used)
 
     def nvmlDeviceGetUtilizationRates(self, h):
         return types.SimpleNamespace(gpu=87 if h == 0 else 3)
@@ -47,4 +49,4 @@ class FakeNvml(types.ModuleType):
         return 61
 
     def nvmlDeviceGetComputeRunningProcesses(self, h):
-        return [types.SimpleNamespace(pid=4242, usedGpuMemory=30 * 2**30)] if h == 0 else []
+        return [types.SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes] if h == 0 else []

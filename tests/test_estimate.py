@@ -267,3 +267,39 @@ def test_estimate_forecasts_for_the_finished_runs_settings_and_names_them_otherw
     assert as_json.returncode == 0, as_json.stderr
     assert json.loads(as_json.stdout)[0]["runs"] == 7
     assert as_json.stderr.startswith("forecast for --preset tiny")
+
+
+def test_the_fit_check_counts_the_workspaces_own_workers_as_free(tmp_path, tiny_battery, fake_nvml, monkeypatch):
+    """While this workspace's warm worker holds 30 GiB of the card, a new job may use them: the
+    queue runs one job a slot. Memory of processes that are not its workers stays taken. The
+    worker is real (a run training in the real service); NVML is the mock, told its pid."""
+    from dataclasses import asdict
+
+    from backend.core.config import MICRO_DEFAULTS
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import connect
+    from backend.jobs.settings import JobSettings
+    from tests.conftest import LOGIC_TEXT, stop_service, wait_for
+
+    ws = Workspace(tmp_path / "ws")
+    corpus = tmp_path / "long.txt"
+    corpus.write_text(LOGIC_TEXT, encoding="utf-8")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # the fake card (the job itself trains on the CPU)
+    gpu = {"base": "micro", "device": "cuda"}
+    card_free = 56 * 2**30  # the fake card: 96 GiB, 40 used
+    assert forecast.free_memory(gpu, ws) == (card_free, "GPU")  # no service: nothing of ours
+    train = {**MICRO_DEFAULTS.to_dict(), "min_train_tokens": 10**9}  # trains until cancelled
+    train.pop("seed", None)
+    settings = JobSettings(base={"base": "micro", "preset": "tiny", "device": "cpu"}, scenes=str(tiny_battery),
+                           train=train)
+    try:
+        with connect(ws) as client:
+            run_id = client.call("submit", paths=[str(corpus)], settings=asdict(settings), seeds=[0])["run_ids"][0]
+            workers = wait_for(lambda: client.call("workers"), what="a live worker")
+            assert run_id in workers[0]["runs"]
+            fake_nvml.processes = [(workers[0]["pid"], 30 * 2**30), (999_999, 8 * 2**30)]  # ours, and another's
+            assert forecast.free_memory(gpu, ws) == (card_free + 30 * 2**30, "GPU")
+            assert forecast.free_memory(gpu) == (card_free, "GPU")  # without the workspace: the card's own free
+            client.call("cancel", run_id=run_id)
+    finally:
+        stop_service(ws.root)

@@ -374,8 +374,12 @@ def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None
 # --- memory ---------------------------------------------------------------------------------
 
 
-def free_memory(base_spec: Mapping[str, Any]) -> tuple[int | None, str]:
-    """(free bytes, where) on the device a job would use: NVML on a GPU, else available RAM."""
+def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | None, str]:
+    """(free bytes, where) on the device a job would use: NVML on a GPU, else available RAM.
+
+    On a GPU, memory held by the workspace's own workers (`own_workers`) counts as free: the
+    queue runs one job a slot, so a warm worker gives its memory up to the next job rather than
+    sharing the card with it. Only processes NVML lists on that device count."""
     if not device_tag(base_spec).startswith("cpu"):
         try:
             import pynvml
@@ -388,7 +392,12 @@ def free_memory(base_spec: Mapping[str, Any]) -> tuple[int | None, str]:
                     if first.isdigit()
                     else pynvml.nvmlDeviceGetHandleByUUID(first)
                 )
-                return int(pynvml.nvmlDeviceGetMemoryInfo(handle).free), "GPU"
+                free = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
+                mine = set(own_workers(workspace)) if workspace is not None else set()
+                if mine:
+                    held = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                    free += sum(int(p.usedGpuMemory or 0) for p in held if p.pid in mine)
+                return free, "GPU"
             finally:
                 pynvml.nvmlShutdown()
         except Exception:
@@ -399,6 +408,22 @@ def free_memory(base_spec: Mapping[str, Any]) -> tuple[int | None, str]:
         return int(psutil.virtual_memory().available), "RAM"
     except Exception:
         return None, "RAM"
+
+
+def own_workers(workspace) -> list[int]:
+    """The pids of this workspace's running workers, from its job service if one runs (none is
+    started for this): what `free_memory` may count as free."""
+    from backend.core.errors import LtmError
+    from backend.jobs.client import try_connect
+
+    try:
+        client = try_connect(workspace)
+        if client is None:
+            return []
+        with client:
+            return [int(w["pid"]) for w in client.call("workers")]
+    except (LtmError, OSError, KeyError, TypeError, ValueError):
+        return []
 
 
 def memory_fix(

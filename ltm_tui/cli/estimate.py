@@ -121,7 +121,7 @@ def cmd_estimate(args) -> int:
             sample=[str(Path(p).expanduser().absolute()) for p in args.sample or []] or None,
         )
     calib = forecast.load_calibration(ws, base, train)
-    free, where = forecast.free_memory(base)
+    free, where = forecast.free_memory(base, ws)
     rows = []
     for p in pages:
         tokens = forecast.tokens_for_pages(ws, base, train, p)
@@ -216,7 +216,7 @@ def forecast_before_queueing(ws, settings, files: list[str], budget_s: float = 5
     found, _ = expand_paths(files)  # bad paths are reported by the submission itself
     per_word, _ = forecast.tokens_per_word(ws, base, train)
     deadline = time.monotonic() + budget_s
-    free, where = forecast.free_memory(base)
+    free, where = forecast.free_memory(base, ws)
     warned = False
     for i, path in enumerate(found):
         if time.monotonic() > deadline:
