@@ -116,3 +116,40 @@ def test_evaluation_progress_reaches_the_listeners_and_never_the_curve(tmp_path,
         assert [p["step"] for p in store.curve(run_id)] == steps
     assert [p["step"] for p in store.curve(sub.run_ids[0])][-1] == 6
     store.close()
+
+
+def test_workers_get_cudas_expandable_segments_unless_the_user_chose(tmp_path, corpora, tiny_battery):
+    """The allocator setting a long run on a GPU wants (fewer out-of-memory errors from
+    fragmentation) is in the real worker's environment, under the name the installed torch
+    reads; a setting of the user's own is passed on untouched."""
+    from dataclasses import asdict
+
+    from backend.core.config import MICRO_DEFAULTS
+    from backend.jobs.client import connect
+    from backend.jobs.executor import ALLOC_CONF_NAMES, worker_env
+    from tests.conftest import stop_service
+
+    ws = Workspace(tmp_path / "ws")
+    train = {**MICRO_DEFAULTS.to_dict(), "min_train_tokens": 10**9}  # trains until cancelled
+    train.pop("seed", None)
+    settings = JobSettings(base={"base": "micro", "preset": "tiny"}, scenes=str(tiny_battery), train=train)
+    clean = {k: v for k, v in os.environ.items() if k not in ALLOC_CONF_NAMES}
+    try:
+        with connect(ws) as client:
+            run_id = client.call("submit", paths=[str(corpora["logic"])], settings=asdict(settings),
+                                 seeds=[0])["run_ids"][0]
+            pid = wait_for(lambda: client.call("workers"), what="a live worker")[0]["pid"]
+            environ = dict(line.split("=", 1) for line in
+                           open(f"/proc/{pid}/environ", encoding="utf-8", errors="replace").read().split("\0") if "=" in line)
+            client.call("cancel", run_id=run_id)
+    finally:
+        stop_service(ws.root)
+    import torch
+
+    expected = "PYTORCH_ALLOC_CONF" if tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 9) \
+        else "PYTORCH_CUDA_ALLOC_CONF"
+    if not any(os.environ.get(name) for name in ALLOC_CONF_NAMES):
+        assert environ.get(expected) == "expandable_segments:True"
+    mine = worker_env({**clean, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, None)
+    assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512" and "PYTORCH_ALLOC_CONF" not in mine
+    assert worker_env(clean, "1")["CUDA_VISIBLE_DEVICES"] == "1"

@@ -324,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
     from backend.core.workspace import keep_private
 
     keep_private()
+    from backend.compute.models import use_tensor_cores
+
+    use_tensor_cores()  # before a calibration too: it measures what the runs will do
     task = _read_task(Path(argv[0]))
     if task is not None:  # a calibration or a judge (backend.jobs.tasks), not a session of runs
         from backend.compute.task_worker import run_task

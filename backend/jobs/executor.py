@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Protocol
+from typing import Mapping, Protocol
 
 from backend.core.workspace import PROJECT_ROOT
 
@@ -71,18 +71,45 @@ class LocalProcess:
                 self.proc.wait()
 
 
+def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:
+    """A worker's environment: this project on its path, unbuffered output, quiet libraries,
+    its GPU slot, and CUDA's allocator with expandable segments (fewer out-of-memory errors
+    from fragmentation when block sizes change, as packed batches and evaluation's do) unless
+    the user chose an allocator setting of their own."""
+    env = dict(base)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if not any(env.get(name) for name in ALLOC_CONF_NAMES):
+        env[_alloc_conf_name()] = "expandable_segments:True"
+    if slot is not None:
+        env["CUDA_VISIBLE_DEVICES"] = slot
+    return env
+
+
+# torch reads PYTORCH_ALLOC_CONF from 2.9 on (PYTORCH_CUDA_ALLOC_CONF before, now a deprecated alias)
+ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+
+
+def _alloc_conf_name() -> str:
+    """The allocator variable the installed torch reads (its version from the package's metadata:
+    the service never imports torch)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = (int(part) for part in version("torch").split("+")[0].split(".")[:2])
+    except (PackageNotFoundError, ValueError):
+        return ALLOC_CONF_NAMES[0]
+    return ALLOC_CONF_NAMES[0] if (major, minor) >= (2, 9) else ALLOC_CONF_NAMES[1]
+
+
 class LocalExecutor:
     """Workers as local processes, each in its own session (setsid) with its own log, so a
     client's exit or a dropped terminal does not reach it and it outlives the service."""
 
     def start(self, session_path: Path, slot: str | None) -> LocalProcess:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        env.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        if slot is not None:
-            env["CUDA_VISIBLE_DEVICES"] = slot
+        env = worker_env(os.environ, slot)
         with open(session_path.with_suffix(".log"), "ab") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "backend.compute.worker", str(session_path)],
