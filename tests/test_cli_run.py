@@ -154,6 +154,25 @@ def test_unknown_model_is_one_line(tmp_path, corpora, tiny_battery):
     assert "no-such-org/no-such-model is not available offline" in done.stderr
 
 
+def test_a_base_with_pickled_weights_is_refused_in_one_line(tmp_path, corpora, tiny_battery, tiny_hf_model):
+    """Weights load from safetensors only: a folder holding only pytorch_model.bin (a pickle,
+    which can run code as it loads) is refused with the fix, never unpickled."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    folder = tmp_path / "pickled"
+    shutil.copytree(tiny_hf_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save(weights, folder / "pytorch_model.bin")
+    done = cli("run", str(corpora["logic"]), "--base", str(folder), "--scenes", str(tiny_battery),
+               "--workspace", str(tmp_path / "ws"), "--steps", "2", "--quiet")
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert f"{folder} holds its weights as pickles (.bin)" in done.stderr and "safetensors" in done.stderr
+
+
 def test_results_rejects_unknown_sort_column(tmp_path):
     done = cli("results", "--sort", "overall; DROP TABLE runs", "--workspace", str(tmp_path / "ws"))
     assert done.returncode == 2

@@ -140,6 +140,20 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def use_tensor_cores() -> None:
+    """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): what is left
+    in fp32 under bf16 (the optimizer's master weights, a 4-bit base's upcast norms) runs on the
+    tensor cores at a 10-bit mantissa instead of on the fp32 units. Nothing changes on the CPU."""
+    if not torch.cuda.is_available():
+        return
+    try:  # the API of torch 2.9 and later
+        torch.backends.cuda.matmul.fp32_precision = "tf32"
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+    except AttributeError:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def train_dtype(device: torch.device) -> torch.dtype:
     """bf16 on a GPU that has it, fp32 on the CPU (CPU bf16 matmuls are slow and lossy)."""
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -191,6 +205,12 @@ def _hf_error(spec: BaseSpec, exc: Exception) -> ModelError:
         return ModelError(
             f"{spec.base} needs its own code to load; rerun with --trust-remote-code if you trust it"
         )
+    folder = Path(spec.base).expanduser()
+    if "safetensors" in text and folder.is_dir() and any(folder.glob("*.bin")):
+        return ModelError(
+            f"{spec.base} holds its weights as pickles (.bin), which can run code as they load; ltm-tui "
+            "reads safetensors only: save the model again with save_pretrained (it writes .safetensors)"
+        )
     if isinstance(exc, OSError) or "offline" in text.lower() or "connect" in text.lower():
         return ModelError(
             f"{spec.base} is not available offline ({text[:160]}); download it first "
@@ -205,7 +225,10 @@ def load_hf_base(spec: BaseSpec, device: torch.device):
 
     where = _hf_source(spec.base)
     dtype = train_dtype(device)
-    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code}
+    # Weights from safetensors only, read straight onto the device: a 13B base never passes
+    # through 26 GB of host memory on its way to the card.
+    kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True,
+                    "device_map": {"": device.index or 0} if device.type == "cuda" else {"": str(device)}}
     if spec.quant == "4bit":
         from transformers import BitsAndBytesConfig
 
@@ -215,7 +238,6 @@ def load_hf_base(spec: BaseSpec, device: torch.device):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=dtype,
         )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
     elif spec.quant not in (None, "", "none"):
         raise ModelError(f"unknown --quant {spec.quant!r}; use 4bit for QLoRA or leave it out")
     try:
@@ -224,8 +246,6 @@ def load_hf_base(spec: BaseSpec, device: torch.device):
         raise
     except Exception as exc:
         raise _hf_error(spec, exc) from None
-    if spec.quant != "4bit":
-        model = model.to(device)
     if spec.quant == "4bit":
         from peft import prepare_model_for_kbit_training
 
