@@ -143,6 +143,9 @@ def save_checkpoint(
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # the training device's generator too (dropout draws on the GPU), so a run resumed on
+            # CUDA continues the same random sequence; None on the CPU
+            "cuda_rng": _cuda_rng(model),
         },
         tmp / "optimizer.pt",
     )
@@ -192,7 +195,21 @@ def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    device = _device_of(model)
+    if state.get("cuda_rng") is not None and device.type == "cuda":  # a checkpoint from a GPU, resumed on one
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
     return int(state["step"]), float(state.get("elapsed", 0.0))
+
+
+def _device_of(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _cuda_rng(model) -> torch.Tensor | None:
+    """The random state of the CUDA device the model trains on (the slot's own, whatever its
+    number on the machine), or None when it trains elsewhere."""
+    device = _device_of(model)
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
 def _fault_oom_limit() -> int | None:
