@@ -18,7 +18,7 @@ from textual.widgets.data_table import ColumnKey
 
 from backend.core.states import JobState
 from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, sparkline
-from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, format_duration, measure_names
+from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, fit_name, format_duration, measure_names
 
 STATUS_STYLE = {
     "queued": "dim",
@@ -73,18 +73,11 @@ def run_label(r: dict, mixed: bool = False) -> str:
     baseline says which base it is; a run of a corpus set of an attribution study lists the
     files (`subset-03-a+b+c.corpora` reads `a+b+c (3 files)`); a search trial, a second seed and
     (where the table mixes them) a preset or base are added after a `·`."""
-    corpus = r.get("corpus") or ""
     if r.get("kind") == "baseline":
         name = "baseline"
         mixed = True  # a baseline is nothing but its base: always say which
-    elif corpus.endswith(".corpora"):
-        stem = corpus[: -len(".corpora")]
-        parts = stem.split("-", 2)
-        if len(parts) == 3 and parts[0] == "subset":
-            stem = parts[2]
-        name = f"{stem} ({stem.count('+') + 1} files)" if "+" in stem else stem
     else:
-        name = corpus or "-"
+        name = corpus_name(r.get("corpus"))
     extra = []
     if mixed:
         extra.append(r.get("preset") or _short_base(r.get("base") or ""))
@@ -92,7 +85,34 @@ def run_label(r: dict, mixed: bool = False) -> str:
         extra.append(f"s{r['seed']}")
     if r.get("trial"):
         extra.append(r["trial"].rsplit(" ", 1)[-1])  # "#3": the study is in the run's detail
+    if r.get("attribution") and r.get("kind") != "baseline":
+        extra.append(f"study {r['attribution'][:4]}")  # the start of the id the attribution screen shows
     return " · ".join([name, *filter(None, extra)])
+
+
+def fit_label(label: str, width: int) -> str:
+    """A run's name in `width` cells: what tells it apart (`· small · s1 · #3`) is kept whole and
+    the corpus's own name is cut in the middle, keeping its extension."""
+    if width <= 0 or cell_len(label) <= width:
+        return label
+    name, sep, rest = label.partition(" · ")
+    room = width - cell_len(sep + rest)
+    if not sep or room < 6:  # no room for both: the end is cut, as any text is
+        return fit_name(label, width)
+    return fit_name(name, room) + sep + rest
+
+
+def corpus_name(corpus: str | None) -> str:
+    """A corpus as the tables name it: a corpus set of an attribution study lists its files
+    (`subset-03-a+b+c.corpora` reads `a+b+c (3 files)`); any other name is itself."""
+    corpus = corpus or ""
+    if not corpus.endswith(".corpora"):
+        return corpus or "-"
+    stem = corpus[: -len(".corpora")]
+    parts = stem.split("-", 2)
+    if len(parts) == 3 and parts[0] == "subset":
+        stem = parts[2]
+    return f"{stem} ({stem.count('+') + 1} files)" if "+" in stem else stem
 
 
 def _short_base(base: str) -> str:
@@ -388,7 +408,7 @@ def job_label(job: dict) -> str:
     """A job as the queue names it: its corpus, or `baseline` and its base."""
     if job.get("kind") == "baseline":
         return f"baseline {job['base']}"
-    return job.get("corpus") or "-"
+    return corpus_name(job.get("corpus"))
 
 
 def _text_width(cell) -> int:
@@ -410,7 +430,7 @@ ROW_KEYS = {k for k, _ in (*HEAD, *TAIL, *PROBES)} - {"delta"}  # a row's own fi
 # What each column of the results means, for the help screen (docs/measures.md and docs/probes.md
 # define them in full). A label ending in ↓: lower is better.
 COLUMN_MEANINGS = {
-    "corpus": "the corpus (· preset, seed s1, search trial #3 where runs differ so)",
+    "corpus": "the corpus (· preset, seed s1, search trial #3, attribution study where runs differ so)",
     "overall": "the weighted mean of the five measures, 0..1",
     "delta": "overall minus its baseline's (same base, preset and seed): green is better",
     "reasoning_depth": "reasoning depth: accuracy over chains of 1..k steps",
@@ -468,11 +488,11 @@ class ResultsTable(RunTable):
         return [*HEAD, *((m, MEASURE_LABELS.get(m, m)) for m in names), *probes, *TAIL]
 
     def _corpus_width(self) -> int:
-        """The pinned corpus column: as wide as its longest name, but at most a quarter of the
+        """The pinned corpus column: as wide as its longest name, but at most a third of the
         table (so 80 columns show the overall, Δ base and the first measures beside it)."""
         if self._longest is None:  # once per change of the runs, not once per reply
             self._longest = max((cell_len(self._label(r)) for r in self.rows_by_id.values()), default=6)
-        return max(10, min(self._longest, max(16, (self.size.width or 80) // 4)))
+        return max(10, min(self._longest, max(16, (self.size.width or 80) // 3)))
 
     def _sync_columns(self) -> None:
         wanted = self.wanted_columns()
@@ -524,7 +544,7 @@ class ResultsTable(RunTable):
             if shown == seen:
                 continue  # most rows of a big table did not change since the last reply
             cells = self._cells(r, seen[1])
-            longer = max(longer, cell_len(cells[0].text))
+            longer = max(longer, cell_len(self._label(r)))
             if shown is not None:
                 moved = moved or (self._sort_value(*shown) != self._sort_value(*seen)
                                   or shown[0].get("kind") != r.get("kind"))
@@ -563,7 +583,7 @@ class ResultsTable(RunTable):
         dim = "dim" if is_base else ""
         gain = "" if delta is None else ("green" if delta > 0 else "red" if delta < 0 else "")
         fixed = {
-            "corpus": Cell(self._label(r), r.get("corpus"), dim, key=r["run_id"]),
+            "corpus": Cell(fit_label(self._label(r), self.corpus_width), r.get("corpus"), dim, key=r["run_id"]),
             "overall": Cell(_num(r.get("overall"), 3), r.get("overall"), dim or "bold", "right"),
             "delta": Cell("-" if delta is None else f"{delta:+.3f}", delta, gain, "right"),
             "base": Cell(r["base"], r["base"], dim),

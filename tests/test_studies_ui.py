@@ -168,3 +168,25 @@ def test_an_unfinished_attribution_study_calls_no_file_helpful_or_harmful(studie
     line = advice(overall, 5, {"seeds": [0]}, 3, 0.05, unfinished=3)
     assert line.endswith("this study has 5 so far, 3 more to come: wait for them before reading the colours")
     assert advice(overall, 64, {"seeds": [0]}, 3, 0.05).endswith(": enough")
+
+
+@pytest.mark.slow  # the module's study: an attribution and a search, trained
+def test_runs_of_studies_are_named_so_that_none_look_alike(studies):
+    """In the results, a search trial's run says its trial, an attribution study's runs say the
+    study, and a corpus set says its files; no two runs share a name (issue 18's item 11)."""
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import connect
+    from ltm_tui.widgets import run_label
+
+    with connect(Workspace(studies.ws)) as client:
+        rows = client.call("results")
+        study = client.call("attribution")[0]["study"]
+        trials = client.call("search", study="lr-sweep")["trials"]
+    mixed = len({(r["base"], r.get("preset")) for r in rows}) > 1
+    names = {r["run_id"]: run_label(r, mixed) for r in rows}
+    assert len(set(names.values())) == len(names), sorted(names.values())
+    for t in trials:
+        assert names[t["run_id"]].endswith(f"#{t['number']}")
+    served = [r for r in rows if r.get("attribution") == study and r["kind"] != "baseline"]
+    assert served and all(f"study {study[:4]}" in names[r["run_id"]] for r in served)
+    assert any(names[r["run_id"]].startswith("all") for r in served)  # the set of every file

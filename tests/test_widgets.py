@@ -98,7 +98,7 @@ def test_a_wider_value_in_place_widens_its_column():
     rows = rows_with_gaps(40)
 
     async def scenario():
-        async with showing(rows, (240, 30)) as (table, pilot):  # the corpus column: up to a quarter
+        async with showing(rows, (240, 30)) as (table, pilot):  # the corpus column: up to a third
             fresh = [dict(r) for r in rows]
             long_name = "a-much-longer-corpus-name-than-any-before.epub"
             fresh[10]["corpus"] = long_name

@@ -92,6 +92,7 @@ RESULT_KEYS = (
     "preset",  # the micro model's size (None for a Hugging Face base)
     "trial",  # "study #n" for a search trial's run, else None
     "trial_state",  # that trial's Optuna state: RUNNING, COMPLETE, PRUNED or FAIL
+    "attribution",  # the attribution study the run serves, else None
     "intervals",  # {measure: [lo, hi]}; filled after the SQL row, keep it last
 )
 
@@ -579,7 +580,8 @@ class Store:
             " p.weight_change, p.attn_entropy_change, p.drift_layer,"
             " json_extract_string(r.settings, '$.base.preset'),"
             " (SELECT min(t.study || ' #' || t.number) FROM search_trials t WHERE t.run_id = r.run_id),"
-            " (SELECT min(t.state) FROM search_trials t WHERE t.run_id = r.run_id)"
+            " (SELECT min(t.state) FROM search_trials t WHERE t.run_id = r.run_id),"
+            " (SELECT min(a.study_id) FROM attribution_runs a WHERE a.run_id = r.run_id)"
             " FROM runs r LEFT JOIN corpora c ON c.corpus_id = r.corpus_id"
             " LEFT JOIN probes p ON p.run_id = r.run_id" + join
         )
