@@ -254,27 +254,6 @@ def quantized_lora_model(shape, device="cuda", r=16, seed=0, peer: bool = False)
     return attach_lora(base, LoraSettings(r=r, alpha=2 * r), seed, fast_dropout=not peer)
 
 
-def step_flops(model, block: int, micro_batch: int, device="cpu") -> int:
-    """FLOPs of one forward + backward + optimizer-free step, counted by torch.utils.flop_counter."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    x = torch.randint(0, model.config.vocab_size, (micro_batch, block), device=device)
-    model.train()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        out = model(input_ids=x, labels=x)
-        out.loss.backward()
-    model.zero_grad(set_to_none=True)
-    return int(counter.get_total_flops())
-
-
-def lora_flops_ratio(shape, block: int, micro_batch: int, r: int = 16) -> dict[str, Any]:
-    full = step_flops(llama(shape), block, micro_batch)
-    lora = step_flops(lora_model(shape, r=r), block, micro_batch)
-    return {"ratio": round(lora / full, 4), "lora_step_flops": lora, "full_step_flops": full,
-            "settings": {"shape": shape, "block": block, "micro_batch": micro_batch, "lora_r": r}}
-
-
 def mfu_ceiling(device, dtype) -> float:
     from backend.compute.estimate import matmul_ceiling
 
@@ -458,37 +437,4 @@ def _lm_eval_side(folder: Path, flat, ours, repeats: int, batch_size: int, t_our
         "lm_eval_seconds": round(t_theirs, 3),
         "lm_eval_max_abs_loglik_gap": gap,
         "lm_eval_identical": bool(gap < 1e-4 and [a[1] for a in ours] == [bool(b[1]) for b in theirs]),
-    }
-
-
-# --- packing ---------------------------------------------------------------------------------
-
-
-def packing_efficiency(block: int = 256, micro_batch: int = 16) -> dict[str, Any]:
-    """Share of real (non-padding) tokens in one epoch of training batches over the demo corpora
-    (byte tokens), ours against the common alternative of one padded row per paragraph."""
-    from backend.compute.models import ByteTokenizer
-    from backend.ingest.packing import batches, real_token_share, tokenize_to_file
-
-    tok = ByteTokenizer()
-    texts = [p.read_text(encoding="utf-8") for p in sorted((PROJECT_ROOT / "data" / "demo").glob("*.md"))]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "tokens.bin"
-        n = tokenize_to_file(texts, tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id)
-        blocks = PackedBlocks(load_tokens(path), block, 0)
-        per_epoch = -(-blocks.blocks_per_epoch // micro_batch)
-        real = total = 0
-        for index, batch in batches(blocks, micro_batch):
-            if index >= per_epoch:
-                break
-            real += int(round(real_token_share(batch, tok.pad_id) * batch.size))
-            total += batch.size
-    # the peer: each paragraph its own row, cut at the block, padded to the longest in its batch
-    rows = [min(block, len(tok.encode(p)) + 2) for t in texts for p in t.split("\n\n") if p.strip()]
-    padded = sum(max(rows[i:i + micro_batch]) * len(rows[i:i + micro_batch]) for i in range(0, len(rows), micro_batch))
-    return {
-        "efficiency": round(real / total, 4),
-        "corpus_tokens_trained_per_epoch": round(real / n, 4),
-        "padded_paragraphs_efficiency": round(sum(rows) / padded, 4),
-        "settings": {"block": block, "micro_batch": micro_batch, "tokens": n, "tokenizer": "bytes"},
     }

@@ -21,9 +21,6 @@ as the last line. Keys so far:
   same random Llama (built from a config), the same LoRA, packed blocks in the same order, the
   same optimizer, schedule and precision (fp32 on the CPU); `train_vs_hf_trainer.same_loss`
   checks both reach the same loss (goal ≥ 1.2 on the CPU).
-- `lora_flops_ratio_vs_full`: FLOPs of a LoRA step ÷ a full fine-tuning step, counted by
-  torch.utils.flop_counter on a Llama-proportioned model (goal ≤ 0.70).
-- `packing_efficiency`: share of real tokens in one epoch of training batches (goal ≥ 0.98).
 - `eval_batched_speedup`: batched, length-sorted scoring of every built-in choice scene ÷ one
   scene at a time, with identical numbers (goal ≥ 3); `eval_batched.speedup_vs_lm_eval` the
   same against lm-evaluation-harness's HF backend, when lm_eval is installed.
@@ -246,7 +243,6 @@ def bench_flood(quick: bool) -> dict:
 # Shapes for the CPU: Llama-proportioned (SwiGLU ffn ≈ 2.7 × hidden, grouped KV heads), small
 # enough that both sides of a comparison run in seconds on two cores.
 TRAIN_SHAPE = {"hidden": 256, "layers": 4, "heads": 8, "kv": 4, "ffn": 688, "vocab": 4096, "context": 512}
-FLOP_SHAPE = {"hidden": 1024, "layers": 4, "heads": 16, "kv": 4, "ffn": 2816, "vocab": 32000, "context": 512}
 EVAL_SHAPE = {"hidden": 128, "layers": 2, "heads": 4, "kv": 2, "ffn": 344, "context": 512}
 
 
@@ -256,20 +252,6 @@ def bench_train_vs_hf(quick: bool) -> dict:
     out = train_ratio(TRAIN_SHAPE, steps=12 if quick else 40, block=256, micro_batch=4, grad_accum=2,
                       repeats=2 if quick else 3)
     return {"train_ratio_vs_hf_trainer": out["ratio"], "train_vs_hf_trainer": out}
-
-
-def bench_lora_flops(quick: bool) -> dict:
-    from benchmarks.peers import lora_flops_ratio
-
-    out = lora_flops_ratio(FLOP_SHAPE, block=128, micro_batch=1)
-    return {"lora_flops_ratio_vs_full": out["ratio"], "lora_flops": out}
-
-
-def bench_packing(quick: bool) -> dict:
-    from benchmarks.peers import packing_efficiency
-
-    out = packing_efficiency()
-    return {"packing_efficiency": out["efficiency"], "packing": out}
 
 
 def bench_eval(quick: bool) -> dict:
@@ -333,7 +315,7 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
-    cases = (bench_warm_worker, bench_status, bench_status_submit, bench_flood, bench_train_vs_hf, bench_lora_flops, bench_packing, bench_eval, bench_eval_run, bench_ui, bench_probes)
+    cases = (bench_warm_worker, bench_status, bench_status_submit, bench_flood, bench_train_vs_hf, bench_eval, bench_eval_run, bench_ui, bench_probes)
     names = [case.__name__.removeprefix("bench_") for case in cases]
     only = {name.strip() for name in args.only.split(",")} if args.only else None
     if only and only - set(names):
