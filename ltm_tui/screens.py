@@ -151,6 +151,7 @@ class PickerScreen(Screen):
         self.marked: dict[Path, None] = {}
         self.info: dict[Path, dict] = {}
         self.forecasts: dict[Path, dict | None] = {}
+        self._free = None  # (the settings, when, (free bytes, where)): see _free_memory
         self.calibrating = False
 
     def compose(self) -> ComposeResult:
@@ -311,13 +312,13 @@ class PickerScreen(Screen):
     def _forecast(self, tokens: int) -> dict | None:
         """Predicted time and peak memory from this workspace's calibration and finished runs
         (`ltm-tui estimate` explains them); a peak above the free memory is flagged, with the fix."""
-        from backend.studies.forecast import free_memory, memory_fix, predict
+        from backend.studies.forecast import memory_fix, predict
 
         try:
             settings = self.settings()
             guess = predict(self.workspace, settings.base, settings.train, tokens)
             if guess and guess.get("peak_memory_bytes"):
-                free, where = free_memory(settings.base, self.workspace)
+                free, where = self._free_memory(settings)
                 fix = memory_fix(guess["peak_memory_bytes"], free, settings.base, settings.train, where)
                 if fix:
                     guess["too_big"] = True
@@ -325,6 +326,18 @@ class PickerScreen(Screen):
             return guess
         except Exception:  # a forecast is a courtesy: a field being typed must not break the picker
             return None
+
+    def _free_memory(self, settings) -> tuple[int | None, str]:
+        """The free memory the forecasts compare with: read once for all the marked files (on a
+        GPU it asks NVML and the service), again when the settings change or after 5 s."""
+        import time
+
+        from backend.studies.forecast import free_memory
+
+        now = time.monotonic()
+        if self._free is None or self._free[0] is not settings or now - self._free[1] > 5.0:
+            self._free = (settings, now, free_memory(settings.base, self.workspace))
+        return self._free[2]
 
     # the batch's total
 

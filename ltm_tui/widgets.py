@@ -286,22 +286,25 @@ class QueueTable(RunTable):
     def on_resize(self) -> None:
         self._fit()
 
-    def _fit(self) -> None:
-        """Lay the columns out for this width; rows are added again (a queue is short)."""
-        cells = {run_id: self._cells(job) for run_id, job in self.jobs.items()}
+    def _fit(self, cells: dict[str, list] | None = None) -> bool:
+        """Lay the columns out for this width and these cells (each job's, by default); when
+        the widths change, the rows are added again (a queue is short). True if they were."""
+        if cells is None:
+            cells = {run_id: self._cells(job) for run_id, job in self.jobs.items()}
         natural = {key: max((_text_width(c[i]) for c in cells.values()), default=0)
                    for i, (key, _) in enumerate(QUEUE_COLUMNS)}
         widths = queue_widths(self.size.width or 80, natural)
         if widths == self.widths and self.columns:
-            return
+            return False
         keep = self.selected_run()
         self.widths = widths
         self.clear(columns=True)
         for key, label in QUEUE_COLUMNS:
             self.add_column(label, key=key, width=widths[key])
-        for run_id, row in cells.items():
-            self.add_row(*row, key=run_id)
+        for run_id, job in self.jobs.items():  # made again: the bar is as wide as its new column
+            self.add_row(*self._cells(job), key=run_id)
         self.follow(keep)
+        return True
 
     def set_jobs(self, jobs: list[dict]) -> None:
         unfinished = [j for j in jobs if not JobState(j["status"]).is_terminal()]
@@ -314,18 +317,18 @@ class QueueTable(RunTable):
             self.jobs[j["run_id"]] = {**j, **(live if j["status"] == old.get(j["run_id"], {}).get("status") else {})}
         keep = self.selected_run()
         wanted = list(self.jobs)
-        for key in [k.value for k in list(self.rows)]:
-            if key not in self.jobs:
-                self.remove_row(key)
-        present = {k.value for k in self.rows}
-        for run_id in wanted:
-            cells = self._cells(self.jobs[run_id])
-            if run_id in present:
-                for (col, _), cell in zip(QUEUE_COLUMNS, cells):
-                    self.update_cell(run_id, col, cell)
-            else:
-                self.add_row(*cells, key=run_id)
-        self._fit()
+        cells = {run_id: self._cells(self.jobs[run_id]) for run_id in wanted}
+        if not self._fit(cells):  # the same widths: the rows change in place
+            for key in [k.value for k in list(self.rows)]:
+                if key not in self.jobs:
+                    self.remove_row(key)
+            present = {k.value for k in self.rows}
+            for run_id in wanted:
+                if run_id in present:
+                    for (col, _), cell in zip(QUEUE_COLUMNS, cells[run_id]):
+                        self.update_cell(run_id, col, cell)
+                else:
+                    self.add_row(*cells[run_id], key=run_id)
         self.place(wanted)
         self.follow(keep)
 
