@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from backend.core.errors import ModelError
+from backend.jobs.settings import ATTENTION, KERNELS, PRECISIONS
 
 MICRO = "micro"
 
@@ -125,6 +126,14 @@ class BaseSpec:
     quant: str | None = None  # None (LoRA) or "4bit" (QLoRA, nf4)
     trust_remote_code: bool = False  # only on the user's explicit flag
     device: str | None = None  # None: cuda when available, else cpu
+    # auto: bf16 mixed precision on a CUDA card (fp16 on one without bf16), fp32 on the CPU;
+    # bf16: mixed precision on the CPU too (slower there; the tests use it to check the GPU path)
+    precision: str = "auto"
+    # auto: flash_attention_2 when the flash-attn package is installed and the run is on CUDA,
+    # else PyTorch's SDPA; or one of ATTENTION by name
+    attn: str = "auto"
+    kernels: str | None = None  # "liger": fused norm, RoPE, SwiGLU and linear cross-entropy (CUDA)
+    compile: bool = False  # torch.compile each decoder layer (regional: minutes, not tens of them)
 
     @property
     def is_micro(self) -> bool:
@@ -154,8 +163,22 @@ def use_tensor_cores() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def train_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that has it, fp32 on the CPU (CPU bf16 matmuls are slow and lossy)."""
+def check_spec(spec: "BaseSpec") -> None:
+    """One line for a precision, attention or kernel name this code does not know."""
+    for value, known, flag in ((spec.precision, PRECISIONS, "--precision"), (spec.attn, ATTENTION, "--attn")):
+        if value not in known:
+            raise ModelError(f"unknown {flag} {value!r}; use one of {', '.join(known)}")
+    if spec.kernels not in (None, "", "none", *KERNELS):
+        raise ModelError(f"unknown --kernels {spec.kernels!r}; use liger or leave it out")
+
+
+def train_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The dtype of the forward pass: bf16 on a GPU that has it (fp16 on one that does not),
+    fp32 on the CPU, where bf16 matmuls are slow and lossy unless asked for."""
+    if precision == "fp32":
+        return torch.float32
+    if precision == "bf16":
+        return torch.bfloat16
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     if device.type == "cuda":
@@ -163,11 +186,45 @@ def train_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
-def build_micro(preset: str, seed: int, device: torch.device):
-    """A freshly initialised micro network: the same seed gives the same weights."""
+def autocast(device: torch.device, precision: str = "auto"):
+    """The forward pass's mixed precision: every matmul, attention and activation in bf16 while
+    trainable weights (the adapter, or a micro network) and the optimizer stay in fp32. A no-op
+    where the dtype is fp32 (the CPU by default)."""
+    import contextlib
+
+    dtype = train_dtype(device, precision)
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def attention_for(spec: "BaseSpec", device: torch.device) -> str:
+    """The attention kernel: the user's choice, else flash-attn 2 where it runs (installed, on
+    CUDA, half precision; packed documents go through its varlen path), else SDPA."""
+    if spec.attn != "auto":
+        if spec.attn == "flash_attention_2" and not _flash_attn_usable(device):
+            raise ModelError("--attn flash_attention_2 needs a CUDA card and the flash-attn package "
+                             "(pip install -e '.[gpu]'); use --attn sdpa")
+        return spec.attn
+    if _flash_attn_usable(device) and train_dtype(device, spec.precision) != torch.float32:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def _flash_attn_usable(device: torch.device) -> bool:
+    import importlib.util
+
+    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+
+
+def build_micro(preset: str, seed: int, device: torch.device, attn: str = "sdpa"):
+    """A freshly initialised micro network: the same seed gives the same weights. Its weights
+    stay fp32 on every device (it trains from scratch: they are the master weights); on a GPU
+    the forward pass runs under bf16 autocast (`autocast`)."""
     from transformers import LlamaForCausalLM
 
     config = micro_config(preset)
+    config._attn_implementation = attn
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
@@ -224,11 +281,12 @@ def load_hf_base(spec: BaseSpec, device: torch.device):
     from transformers import AutoModelForCausalLM
 
     where = _hf_source(spec.base)
-    dtype = train_dtype(device)
+    dtype = train_dtype(device, spec.precision)
     # Weights from safetensors only, read straight onto the device: a 13B base never passes
     # through 26 GB of host memory on its way to the card.
     kwargs: dict = {"dtype": dtype, "trust_remote_code": spec.trust_remote_code, "use_safetensors": True,
-                    "device_map": {"": device.index or 0} if device.type == "cuda" else {"": str(device)}}
+                    "device_map": {"": device.index or 0} if device.type == "cuda" else {"": str(device)},
+                    "attn_implementation": attention_for(spec, device)}
     if spec.quant == "4bit":
         from transformers import BitsAndBytesConfig
 
@@ -246,23 +304,70 @@ def load_hf_base(spec: BaseSpec, device: torch.device):
         raise
     except Exception as exc:
         raise _hf_error(spec, exc) from None
-    if spec.quant == "4bit":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    for p in model.parameters():  # the base is frozen; only an adapter trains
+        p.requires_grad_(False)
+    # A 4-bit base keeps its norms, embeddings and output layer in the load dtype (bf16 on a
+    # card). PEFT's prepare_model_for_kbit_training would upcast them to fp32, which makes the
+    # whole residual stream, RoPE and the logits fp32; under bf16 autocast the adapter's fp32
+    # weights still get fp32 gradients and AdamW state, which is all the stability it needs.
     model.config.use_cache = False
     return model
 
 
 def load_base(spec: BaseSpec, seed: int = 0):
     """(model, tokenizer, device) for a spec; for micro, the seed's untrained network."""
+    check_spec(spec)
     device = pick_device(spec.device)
     tok = load_tokenizer(spec)
     if spec.is_micro:
         if spec.quant:
             raise ModelError("--quant applies to Hugging Face bases, not to micro")
-        return build_micro(spec.preset, seed, device), tok, device
+        return build_micro(spec.preset, seed, device, attention_for(spec, device)), tok, device
     return load_hf_base(spec, device), tok, device
+
+
+def use_kernels(model, spec: BaseSpec, device: torch.device) -> str:
+    """Swap in fused kernels when asked (`--kernels liger`): RMSNorm, RoPE and SwiGLU as single
+    Triton kernels, and a linear cross-entropy that never holds the full logits (128k-vocabulary
+    logits of a 4×2048 batch are 4 GB in fp32). Returns what happened, in one line for the log;
+    where the kernels cannot run (not installed, not on CUDA) the run goes on without them."""
+    if spec.kernels in (None, "", "none"):
+        return "kernels: PyTorch's own"
+    if device.type != "cuda":
+        return f"kernels: --kernels {spec.kernels} runs on CUDA only; PyTorch's own on {device}"
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+    except ImportError as exc:
+        return f"kernels: liger-kernel is not importable ({exc}); pip install -e '.[gpu]'. PyTorch's own"
+    _apply_liger_kernel_to_instance(model=model)
+    return "kernels: liger (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy)"
+
+
+def compile_layers(model, backend: str | None = None) -> int:
+    """Regional compilation: each decoder layer compiled on its own. The layers share their
+    code, so the compiler traces one and reuses it for the rest (seconds, not the minutes a
+    whole-model compile takes), and a LoRA adapter attached to the same layers later compiles
+    once too. Returns how many layers were compiled. `LTM_COMPILE_BACKEND` picks the backend
+    (the tests use aot_eager: the same graph capture, no C++ toolchain)."""
+    backend = backend or os.environ.get("LTM_COMPILE_BACKEND") or "inductor"
+    layers = _decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend, dynamic=False)
+    return len(layers)
+
+
+def _decoder_layers(model) -> list:
+    """The repeated blocks of an HF causal LM, under a PEFT wrapper or not."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # under PEFT
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        node = inner
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList):
+            return list(node)
+    raise ModelError(f"--compile: no decoder layers found in {type(inner).__name__}")
 
 
 def context_length(model) -> int:

@@ -14,6 +14,11 @@ class TrainConfig:
     block_size: int = 256  # tokens per training sequence (capped by the model's context)
     micro_batch: int = 16  # sequences per forward pass; halve it if memory runs out
     grad_accum: int = 1  # micro-batches per optimizer step: effective batch = micro_batch × this
+    # recompute each layer's activations in the backward pass: about a third more compute for a
+    # fraction of the activation memory. auto: on a GPU, the memory plan decides, and grows the
+    # micro-batch (fewer accumulation steps, the same effective batch) to fill the card; off on
+    # the CPU. on/off: as said, with the micro-batch as given.
+    grad_checkpointing: str = "auto"
     lr: float = 3e-3  # peak learning rate; LoRA wants ~2e-4, a from-scratch micro model ~3e-3
     min_lr_ratio: float = 0.1  # the schedule decays to lr × this
     schedule: str = "cosine"  # "cosine" or "linear" decay after warm-up
@@ -69,7 +74,9 @@ class LoraSettings:
 
     r: int = 16  # rank: higher learns more, costs more memory
     alpha: int = 32  # scale = alpha / r
-    dropout: float = 0.05  # dropout on the adapter's input
+    # dropout on the adapter's input; 0 (PEFT's own default) lets the branch run as two plain
+    # matmuls with no mask to draw or keep, which on a card is most of what the branch costs
+    dropout: float = 0.0
     target_modules: str | list[str] = "all-linear"  # which linear layers get an adapter
 
     @classmethod

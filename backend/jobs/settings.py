@@ -18,6 +18,11 @@ from typing import Any
 from backend.core.errors import LtmError
 
 MICRO_PRESETS = ("tiny", "small", "base", "large")
+# How a base may run (backend/compute/models.py checks a spec against these too).
+PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
+KERNELS = ("liger",)
+GRAD_CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)
@@ -72,6 +77,11 @@ class RunOptions:
     grad_accum: int | None = None
     lora_r: int | None = None
     lora_alpha: int | None = None
+    grad_checkpointing: str | None = None  # auto (default), on, off
+    precision: str | None = None  # auto (default), bf16, fp32
+    attn: str | None = None  # auto (default), sdpa, flash_attention_2, eager
+    kernels: str | None = None  # liger
+    compile: bool = False
     probes: bool = True
 
     @classmethod
@@ -91,6 +101,11 @@ class RunOptions:
                            title="usage")
         if micro and self.quant:
             raise LtmError("--quant 4bit is for Hugging Face bases; micro trains in full", title="usage")
+        for value, known, flag in ((self.precision, PRECISIONS, "--precision"), (self.attn, ATTENTION, "--attn"),
+                                   (self.grad_checkpointing, GRAD_CHECKPOINTING, "--grad-checkpointing"),
+                                   (self.kernels, KERNELS, "--kernels")):
+            if value is not None and value not in known:
+                raise LtmError(f"unknown {flag} {value!r}; use one of {', '.join(known)}", title="usage")
         scenes = Path(self.scenes).expanduser().resolve() if self.scenes else default_scenes_dir()
         if not scenes.exists():
             raise LtmError(f"{scenes}: no such battery folder; pass --scenes DIR", title="battery")
@@ -98,7 +113,7 @@ class RunOptions:
         train = (MICRO_DEFAULTS if micro else LORA_DEFAULTS).to_dict()
         chosen = {"max_steps": self.steps, "epochs": self.epochs, "min_train_tokens": self.min_train_tokens,
                   "lr": self.lr, "block_size": self.block_size, "micro_batch": self.micro_batch,
-                  "grad_accum": self.grad_accum}
+                  "grad_accum": self.grad_accum, "grad_checkpointing": self.grad_checkpointing}
         train.update({k: v for k, v in chosen.items() if v is not None})
         train.pop("seed", None)  # each job's seed travels with the job
         lora = {}
@@ -107,4 +122,8 @@ class RunOptions:
             lora.update({k: v for k, v in (("r", self.lora_r), ("alpha", self.lora_alpha)) if v})
         base = {"base": self.base, "preset": preset if micro else None, "quant": self.quant,
                 "trust_remote_code": bool(self.trust_remote_code), "device": self.device}
+        # How the base runs, only where it differs from the default: a run's baseline key is
+        # its base's settings, and runs queued before these choices existed keep their baselines.
+        speed = {"precision": self.precision, "attn": self.attn, "kernels": self.kernels, "compile": self.compile}
+        base.update({k: v for k, v in speed.items() if v not in (None, False, "auto")})
         return JobSettings(base=base, scenes=str(scenes), train=train, lora=lora, probes=self.probes)

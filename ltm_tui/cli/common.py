@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from backend.jobs.settings import ATTENTION, GRAD_CHECKPOINTING, KERNELS, PRECISIONS
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 WEIGHTS_HELP = "weights of overall: depth=2,novelty=0.5 or a YAML/JSON file (default: 1 each)"
 
@@ -51,6 +53,14 @@ def model_flags() -> argparse.ArgumentParser:
     p.add_argument("--quant", choices=["4bit"], help="QLoRA: load the HF base in 4-bit nf4")
     p.add_argument("--trust-remote-code", action="store_true", help="let an HF base run its own code")
     p.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when present)")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="auto (default): bf16 mixed precision on a GPU, fp32 on the CPU")
+    p.add_argument("--attn", choices=ATTENTION,
+                   help="attention kernel (default auto: flash-attn 2 when installed on a GPU, else SDPA)")
+    p.add_argument("--kernels", choices=KERNELS,
+                   help="fused Triton kernels on a GPU (pip install -e '.[gpu]'); off where they cannot run")
+    p.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile each decoder layer (a minute of compiling, then faster steps)")
     return p
 
 
@@ -64,6 +74,9 @@ def training_flags() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, help="tokens per training sequence")
     p.add_argument("--micro-batch", type=int, help="sequences per forward pass")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step")
+    p.add_argument("--grad-checkpointing", choices=GRAD_CHECKPOINTING,
+                   help="recompute activations in the backward pass (default auto: when the memory plan "
+                        "says the step would not fit the GPU otherwise; off on the CPU)")
     p.add_argument("--lora-r", type=int, help="LoRA rank (HF bases)")
     p.add_argument("--lora-alpha", type=int, help="LoRA alpha (HF bases)")
     return p
