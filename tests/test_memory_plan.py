@@ -1,0 +1,95 @@
+"""The memory plan against the allocator's own bytes in real training steps, on the CPU, and what
+`choose` makes of it on a card. The measured side runs `backend.compute.train.train_model` on
+tiny Llamas built from configs (benchmarks/memory_plan_check.py; its 1B case is in
+docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from backend.core.errors import LtmError
+from backend.studies import memory_plan
+
+# Llama-3-8B's config.json, the fields the plan reads
+LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+             "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}
+
+
+@pytest.fixture(scope="module")
+def measured():
+    from benchmarks.memory_plan_check import QUICK_CASES, measure
+
+    return {case["name"]: measure(case) for case in QUICK_CASES}
+
+
+def test_the_plan_is_within_15_percent_of_measured_peaks(measured):
+    # three shapes (MHA; GQA with a 32k vocabulary and documents; a wide SwiGLU, checkpointed)
+    # in fp32 LoRA and a 4-bit QLoRA base, each its own kind of peak
+    assert len(measured) >= 4
+    for name, row in measured.items():
+        assert 0.85 <= row["plan_over_measured"] <= 1.15, (name, row)
+    assert {r["plan_stage"] for r in measured.values()} == {"loss", "layer"}
+    assert any(r["quant"] == "4bit" for r in measured.values())
+    assert any(r["grad_checkpointing"] for r in measured.values())
+
+
+def test_checkpointing_and_a_4bit_base_cut_what_the_plan_and_the_step_hold():
+    # the same 8B step four ways: 4-bit weights are about a quarter of bf16 ones (their
+    # constants and the unquantised embeddings on top), checkpointing keeps one tensor a layer
+    lora = memory_plan.plan(LLAMA3_8B, micro_batch=4, block_size=2048)
+    qlora = memory_plan.plan(LLAMA3_8B, quant="4bit", micro_batch=4, block_size=2048)
+    ckpt = memory_plan.plan(LLAMA3_8B, micro_batch=4, block_size=2048, grad_checkpointing=True)
+    assert 15e9 < lora.weights < 17e9 and qlora.quantized_weights < lora.weights / 3.5
+    assert ckpt.activations < lora.activations / 4 and ckpt.peak < lora.peak
+    # the plan's parts add up to its peak
+    for p in (lora, qlora, ckpt):
+        static = p.weights + p.quantized_weights + p.adapters + p.optimizer
+        working = p.activations + p.logits + (p.grads // 32 if p.peak_stage == "layer" else 0)
+        assert p.peak == static + working + p.cuda_context + p.allocator_slack
+        assert json.loads(json.dumps(p.to_dict()))["peak"] == p.peak
+
+
+def test_eager_attention_keeps_the_scores_that_flash_does_not():
+    flash = memory_plan.plan(LLAMA3_8B, micro_batch=1, block_size=4096, attention="flash")
+    eager = memory_plan.plan(LLAMA3_8B, micro_batch=1, block_size=4096, attention="eager")
+    scores = 32 * 4096 * 4096 * (4 + 2)  # heads × seq² in fp32 and in bf16, a layer
+    assert eager.activations_per_layer - flash.activations_per_layer >= scores
+
+
+def test_choose_prefers_no_checkpointing_then_checkpoints_then_gives_the_smallest_step():
+    big = 96 * memory_plan.GiB
+    ckpt, mb = memory_plan.choose(LLAMA3_8B, big, micro_batch=4, cap=16, block_size=2048)
+    assert (ckpt, mb) == (False, 4) or (not ckpt and mb >= 4)
+    assert memory_plan.plan(LLAMA3_8B, micro_batch=mb, block_size=2048).peak <= 0.9 * big
+    if mb < 16:  # the next power of two would not fit
+        assert memory_plan.plan(LLAMA3_8B, micro_batch=mb * 2, block_size=2048).peak > 0.9 * big
+    # 8B bf16 LoRA on a 24 GB card: the weights alone are 16 GB, so only checkpointing at
+    # micro-batch 1 comes close; 4-bit fits with room to grow
+    small = 24 * memory_plan.GiB
+    assert memory_plan.choose(LLAMA3_8B, small, micro_batch=4, cap=16, block_size=2048)[0] is True
+    q_ckpt, q_mb = memory_plan.choose(LLAMA3_8B, small, micro_batch=4, cap=16, block_size=2048, quant="4bit")
+    assert memory_plan.plan(LLAMA3_8B, quant="4bit", micro_batch=q_mb, block_size=2048,
+                            grad_checkpointing=q_ckpt).peak <= 0.9 * small
+    # nothing fits a 4 GB card: the smallest step, with checkpointing, for the caller to try
+    assert memory_plan.choose(LLAMA3_8B, 4 * memory_plan.GiB, block_size=2048) == (True, 1)
+
+
+def test_read_config_takes_a_folder_and_names_what_is_wrong(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA3_8B))
+    assert memory_plan.read_config(tmp_path)["hidden_size"] == 4096
+    nested = tmp_path / "vlm"
+    nested.mkdir()
+    (nested / "config.json").write_text(json.dumps({"text_config": LLAMA3_8B, "vision_config": {}}))
+    assert memory_plan.read_config(nested)["num_key_value_heads"] == 8
+    with pytest.raises(LtmError, match=r"no such file; point --base at a model folder holding config.json"):
+        memory_plan.read_config(tmp_path / "empty")
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "config.json").write_text(json.dumps({"hidden_size": 4096}))
+    with pytest.raises(LtmError, match=r"no num_hidden_layers, num_attention_heads, intermediate_size, vocab_size"):
+        memory_plan.read_config(bad)
+    (bad / "config.json").write_text("{not json")
+    with pytest.raises(LtmError, match=r"not readable as JSON"):
+        memory_plan.read_config(bad)
