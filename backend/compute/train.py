@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 
 from backend.core.config import TrainConfig
 from backend.core.errors import LtmError
-from backend.ingest.packing import PackedBlocks, batches, load_tokens
+from backend.ingest.packing import PackedBlocks, batches, document_marks, load_tokens, model_inputs
 
 FAULT_OOM_ENV = "LTM_FAULT_OOM_ABOVE"  # see the module docstring
 # A progress event goes out every `log_every` steps and also after any step that ends this many
@@ -254,6 +254,7 @@ def train_model(
     context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
     blocks = PackedBlocks(load_tokens(tokens_path), min(cfg.block_size, context), cfg.seed)
     block_size = blocks.block_size
+    marks = document_marks(tokens_path)  # the ids that start and end its documents
     total = cfg.plan_steps(len(blocks.tokens), block_size)
     params = list(_trainable(model).values())
     decay = [p for p in params if p.ndim >= 2]
@@ -289,7 +290,7 @@ def train_model(
     step = start
     while step < total:
         try:
-            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit)
+            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit, marks)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             _free_after_oom(device)
@@ -352,7 +353,7 @@ def train_model(
             )
             window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
         if eval_sample is not None and (step % cfg.eval_every == 0 or step == total):
-            value = _eval_loss(model, eval_sample, micro_batch, device)
+            value = _eval_loss(model, eval_sample, micro_batch, device, marks)
             emit("metric", name="eval_loss", step=step, value=round(value, 5), total=total)
             log(f"step {step:>6}/{total} | eval loss {value:.4f} on {len(eval_sample)} fixed blocks")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
@@ -386,33 +387,45 @@ def _eval_starts(blocks: PackedBlocks, n: int):
 
 
 @torch.no_grad()
-def _eval_loss(model, sample, micro_batch: int, device: torch.device) -> float:
+def _eval_loss(model, sample, micro_batch: int, device: torch.device, marks: dict) -> float:
     """Mean loss over the sample's blocks, in eval mode, micro_batch blocks a forward pass."""
     model.eval()
     total = 0.0
     for i in range(0, len(sample), micro_batch):
-        x = torch.from_numpy(sample[i : i + micro_batch]).to(device)
-        total += float(model(input_ids=x, labels=x).loss) * len(x)
+        rows = sample[i : i + micro_batch]
+        total += float(model(**packed_inputs(model, rows, marks, device)).loss) * len(rows)
     model.train()
     return total / len(sample)
 
 
-def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None):
+def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None, marks: dict):
     """Forward and backward over `grad_accum` micro-batches; returns (tokens, the step's mean
     loss). The loss stays a tensor on the device: no host sync inside a step."""
     step_tokens = 0
     step_loss = torch.zeros((), device=device)
     for _ in range(grad_accum):
         _, batch = next(stream)
-        x = torch.from_numpy(batch).to(device, non_blocking=True)
-        out = model(input_ids=x, labels=x)
-        if oom_limit is not None and x.shape[0] > oom_limit:
+        out = model(**packed_inputs(model, batch, marks, device))
+        if oom_limit is not None and len(batch) > oom_limit:
             del out  # the injected fault comes after the forward pass, as a real one would
-            raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {x.shape[0]} sequences")
+            raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {len(batch)} sequences")
         (out.loss / grad_accum).backward()
         step_loss += out.loss.detach()
-        step_tokens += x.numel()
+        step_tokens += batch.size
     return step_tokens, step_loss / grad_accum
+
+
+def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -> dict[str, Any]:
+    """A batch of packed blocks as the model's keyword arguments, on its device: positions that
+    restart at each document and labels masked across documents (packing.model_inputs), so no
+    document attends to or predicts another. No cache: with one (a micro network's config asks
+    for it), transformers skips the packed-sequence mask and attention runs across documents.
+    flash_attention_2 finds the documents from the positions only at batch 1: its blocks go in
+    end to end as one row, which costs nothing there (no mask is materialised)."""
+    flat = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+    arrays = model_inputs(batch, **marks, flat=flat)
+    inputs: dict[str, Any] = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
+    return inputs | {"use_cache": False}
 
 
 def keep_freed_memory() -> bool:

@@ -259,15 +259,17 @@ class Worker:
         return peft_base(model)
 
     def _tokenize(self, job: dict, tok, run_dir: Path, log) -> int:
-        from backend.ingest.corpora import iter_text
-        from backend.ingest.packing import TOKEN_DTYPE, tokenize_to_file
+        from backend.ingest.corpora import iter_documents
+        from backend.ingest.packing import TOKEN_DTYPE, tokenize_documents
 
         path = run_dir / "tokens.bin"
         if path.exists():  # a resumed run trains on exactly the tokens it started with
             return path.stat().st_size // TOKEN_DTYPE().itemsize
         t0 = time.perf_counter()
-        n = tokenize_to_file(
-            iter_text(Path(job["corpus_path"])), tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id
+        # a corpus set's files are documents of their own: each ends with EOS, and training keeps
+        # one from attending to another (packing.model_inputs)
+        n = tokenize_documents(
+            iter_documents(Path(job["corpus_path"])), tok.encode, path, bos_id=tok.bos_id, eos_id=tok.eos_id
         )
         log(f"tokenized {job['corpus_path']}: {n:,} tokens in {time.perf_counter() - t0:.1f}s")
         return n

@@ -9,9 +9,10 @@ costs a few MB of RAM, never a copy of the file. ``iter_text`` yields chunks of 
 ``chunk_chars`` characters; ``inspect_corpus`` makes one pass over them, hashing the raw bytes
 and counting characters and words as they go.
 
-This module holds the entry points (`expand_paths`, `iter_text`, `inspect_corpus`), the checks
-they share and corpus sets; each format has its reader: textfiles.py (plain text and Markdown,
-and how encodings are detected), markup.py (HTML), epub.py, pdf.py.
+This module holds the entry points (`expand_paths`, `iter_text`, `iter_documents`,
+`inspect_corpus`), the checks they share and corpus sets; each format has its reader:
+textfiles.py (plain text and Markdown, and how encodings are detected), markup.py (HTML),
+epub.py, pdf.py.
 
 The page rule: one A4 page is ``WORDS_PER_PAGE`` = 500 words (a single-spaced page of 12 pt
 prose), so ``pages = words / 500``, rounded to 2 decimals. "1, 10, 100, 1000 pages" in the
@@ -21,9 +22,10 @@ runs, exactly what ``str.split()`` would count.
 A corpus set (``.corpora``, written by ``ltm-tui attribute`` for a subset of files) is a small
 text file naming member corpora, one path a line (``#`` starts a comment; relative paths are
 relative to the set's folder). It is read in place: ``iter_text`` streams each member in turn
-with a blank line between them, and ``inspect_corpus`` sums the members' counts and hashes their
-hashes, so a set's id changes when a member's bytes do. Sets are named explicitly, never found
-by a folder walk, and do not nest.
+with a blank line between them, ``iter_documents`` gives each member as a document of its own
+(training ends each with EOS, so no file attends to another: packing.py), and
+``inspect_corpus`` sums the members' counts and hashes their hashes, so a set's id changes when
+a member's bytes do. Sets are named explicitly, never found by a folder walk, and do not nest.
 
 Every failure is a ``CorpusError`` whose one line names the file and the reason, with a fix
 where one exists; errors from pypdf, ebooklib and zipfile are wrapped, never re-raised raw.
@@ -170,6 +172,17 @@ def iter_text(path: str | os.PathLike[str], chunk_chars: int = 1 << 20) -> Itera
         return _set_text(members, chunk_chars)
     file, fmt = _checked_file(shown)
     return _extract(file, shown, fmt, chunk_chars, Reading())
+
+
+def iter_documents(
+    path: str | os.PathLike[str], chunk_chars: int = 1 << 20
+) -> Iterator[Iterator[str]]:
+    """A corpus's documents, each streamed as ``iter_text`` streams a file: a set's members in
+    its order (each checked when its turn comes), any other file as one document."""
+    shown = os.fspath(path)
+    if is_corpus_set(shown):
+        return (iter_text(member, chunk_chars) for member in read_corpus_set(shown))
+    return iter([iter_text(shown, chunk_chars)])
 
 
 def inspect_corpus(path: str | os.PathLike[str]) -> CorpusInfo:
