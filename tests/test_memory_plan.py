@@ -83,7 +83,10 @@ def test_read_config_takes_a_folder_and_names_what_is_wrong(tmp_path):
     nested.mkdir()
     (nested / "config.json").write_text(json.dumps({"text_config": LLAMA3_8B, "vision_config": {}}))
     assert memory_plan.read_config(nested)["num_key_value_heads"] == 8
-    with pytest.raises(LtmError, match=r"no such file; point --base at a model folder holding config.json"):
+    with pytest.raises(LtmError, match=r"empty: no such folder; point --base at a model folder holding config.json"):
+        memory_plan.read_config(tmp_path / "empty")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LtmError, match=r"empty: no config.json in this folder"):
         memory_plan.read_config(tmp_path / "empty")
     bad = tmp_path / "bad"
     bad.mkdir()

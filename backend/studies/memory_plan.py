@@ -64,10 +64,13 @@ def read_config(folder) -> dict:
     path = Path(folder).expanduser()
     if path.is_dir():
         path = path / "config.json"
+    elif not path.exists():
+        raise LtmError(f"{folder}: no such folder; point --base at a model folder holding config.json",
+                       title="model")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise LtmError(f"{path}: no such file; point --base at a model folder holding config.json",
+        raise LtmError(f"{path.parent}: no config.json in this folder; point --base at a model folder holding one",
                        title="model") from None
     except (OSError, ValueError) as exc:
         raise LtmError(f"{path}: not readable as JSON ({str(exc).splitlines()[0][:120]})", title="model") from None
@@ -177,7 +180,9 @@ class MemoryPlan:
         return out
 
 
-def _targets(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+def lora_targets(target_modules: str | Sequence[str]) -> tuple[str, ...]:
+    """The linear layers an adapter wraps: "all-linear" (PEFT's name for every linear layer of
+    the decoder but the output layer) or a list of names, short ("q") or full ("q_proj")."""
     if target_modules in ("all-linear", "all_linear", None):
         return ALL_LINEAR
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
@@ -277,7 +282,7 @@ def plan(
     B, b, seq = int(dtype_bytes), int(micro_batch), int(block_size)
     T = b * seq
     d, V, L = s.hidden, s.vocab, s.layers
-    targets = _targets(target_modules) if lora else ()
+    targets = lora_targets(target_modules) if lora else ()
     linears = s.linears()
 
     # --- what stays for the whole run -------------------------------------------------------

@@ -1,6 +1,12 @@
 """`ltm-tui estimate`: how long 1, 10, 100, 1000 pages take on this device, and why.
 
     ltm-tui estimate --base micro --preset small --pages 1,10,100,1000 [--format json]
+    ltm-tui estimate --base FOLDER --gpu "RTX PRO 6000" [--quant 4bit] [--format json]
+
+With --gpu it plans for a card that is not here, from the folder's config.json alone (no weights,
+no tokenizer, no torch): the memory plan on that card, the micro-batch and checkpointing it
+picks, and the training time projected from the card's datasheet peak and an MFU
+(`backend.studies.gpu_projection`).
 
 Without --base, --preset or --quant it forecasts for the settings most of the workspace's finished
 runs had (and says so), so that those runs refine the forecast. The first call for a device, base
@@ -32,6 +38,9 @@ def add_parser(sub):
                      help="measure tokens per word on these texts (default: the demo corpora)")
     est.add_argument("--recalibrate", action="store_true", help="measure again even if a calibration is cached")
     est.add_argument("--calibration-steps", type=int, default=8, help="steady-state steps measured (default 8)")
+    est.add_argument("--gpu", metavar="NAME",
+                     help='plan for this card instead of measuring here, e.g. "RTX PRO 6000", H100, H200, '
+                          "A100, L40S, 4090: memory from the base's config.json, time from the datasheet")
     est.add_argument("--format", choices=["table", "json"], default="table")
     # no --base given is not "micro": it lets the workspace's finished runs choose (_from_runs)
     est.set_defaults(handler=cmd_estimate, probes=False, base=None)
@@ -96,6 +105,8 @@ def cmd_estimate(args) -> int:
     from backend.studies import forecast
 
     pages = _pages(args.pages)
+    if args.gpu:
+        return estimate_on_card(args, pages)
     if args.sample:
         for path in args.sample:
             if not Path(path).expanduser().is_file():
@@ -242,3 +253,73 @@ def forecast_before_queueing(ws, settings, files: list[str], budget_s: float = 5
         if fix and not warned:
             print(f"ltm-tui: warning: {fix}", file=sys.stderr)
             warned = True
+
+
+GIB = 1 << 30
+# --attn's names as the memory plan knows them; auto: SDPA, what runs where flash-attn is not installed
+_PLAN_ATTENTION = {"flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager"}
+
+
+def estimate_on_card(args, pages: list[float]) -> int:
+    """`estimate --gpu`: the plan and a projected time for a card that is not here, from the
+    base folder's config.json alone (no weights or tokenizer are read, torch is not imported)."""
+    from backend.studies import gpu_projection, memory_plan
+
+    if not args.base or args.base == "micro":
+        raise usage("--gpu plans a Hugging Face base from its config.json: pass --base FOLDER (the folder "
+                    "holding config.json is enough)")
+    card = gpu_projection.find_gpu(args.gpu)
+    config = memory_plan.read_config(args.base)
+    settings = job_settings(args)
+    attn = _PLAN_ATTENTION.get(getattr(args, "attn", None) or "sdpa", "sdpa")
+    out = gpu_projection.project(workspace(args), config, card, settings.base, settings.train, settings.lora, pages,
+                                 attention=attn, grad_checkpointing=getattr(args, "grad_checkpointing", None) or "auto")
+    if args.format == "json":
+        print(json.dumps(out["rows"], ensure_ascii=False, indent=1))
+        return 0
+    _print_card_table(args, out, config)
+    return 0
+
+
+def _print_card_table(args, out: dict, config: dict) -> None:
+    from backend.studies import forecast
+
+    fs, fb = forecast.format_seconds, forecast.format_bytes
+    card, step, flops, rows = out["card"], out["plan"], out["flops"], out["rows"]
+    first = rows[0]
+    kind = f"QLoRA 4-bit, r{step.lora_r}" if step.quant else f"LoRA r{step.lora_r} on bf16"
+    print(f"{Path(args.base).expanduser().name} ({step.params / 1e9:.2f}B parameters, {kind}) on {card.name} "
+          f"({card.memory_bytes / GIB:.0f} GiB, {card.bf16_flops / 1e12:,.1f} TFLOP/s dense bf16, "
+          f"{card.source})")
+    if first["source"] == "projection":
+        print("a PROJECTION for a card that is not here, not a measurement: memory from the plan, time from the "
+              "datasheet peak and the MFU below")
+    else:
+        print("measured: a calibration on this card with these settings is in the workspace")
+    attention = {"flash": "flash-attn 2", "sdpa": "SDPA with each block's document mask",
+                 "eager": "eager attention"}[out["attention"]]
+    print(f"memory plan (block {out['block_size']}, {attention}): micro-batch {first['micro_batch']} × "
+          f"accumulation {first['grad_accum']}, {'with' if step.grad_checkpointing else 'no'} gradient "
+          f"checkpointing: peak {fb(step.peak)} of the card's {card.memory_bytes / GIB:.0f} GiB "
+          f"({fb(card.memory_bytes)}) "
+          f"({'fits' if step.peak <= card.memory_bytes else 'does NOT fit'})")
+    print(f"  weights {fb(step.weights + step.quantized_weights)}, adapter with gradients and AdamW "
+          f"{fb(step.adapters + step.grads + step.optimizer)}, activations {fb(step.activations)}, logits and "
+          f"loss {fb(step.logits)}, CUDA context and allocator {fb(step.cuda_context + step.allocator_slack)}")
+    print(f"time: 4 × {flops['frozen_matmul_params'] / 1e9:,.2f}B frozen + 6 × "
+          f"{flops['trainable_matmul_params'] / 1e6:,.1f}M adapter matmul weights + attention"
+          f"{' + the recomputed forward' if step.grad_checkpointing else ''} = "
+          f"{flops['flops_per_token'] / 1e9:,.1f} GFLOP a token, at an MFU of {out['mfu_source']}; "
+          "training only (loading the base and evaluation are not projected)")
+    head = ("pages", "tokens", "trained", "steps", "train", "peak memory", "fits")
+    table = [head] + [
+        (f"{r['pages']:g}", f"{r['tokens']:,}", f"{r['trained_tokens']:,}", f"{r['steps']:,}", fs(r["train_s"]),
+         f"{r['peak_memory_gb']:,.1f} GB", "yes" if r["fits"] else "no")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
+    for row in table:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if not first["fits"]:
+        print(f"warning: the step does not fit {card.name} even at micro-batch 1 with checkpointing: "
+              f"{'a smaller --block-size or a larger card' if step.quant else 'use --quant 4bit (QLoRA)'}")
