@@ -114,9 +114,12 @@ def test_eval_loss_events_come_every_k_steps_from_fixed_blocks(tmp_path):
     tokenize_to_file([LOGIC_TEXT], tok.encode, tokens, bos_id=tok.bos_id, eos_id=tok.eos_id)
     cfg = TrainConfig(block_size=64, micro_batch=8, lr=1e-2, epochs=50, min_train_tokens=0, max_steps=25,
                       checkpoint_every=0, log_every=5, eval_every=10)
+    trained = {}
+
     def train(folder: str, config: TrainConfig) -> list[dict]:
         events: list[dict] = []
-        train_model(build_micro("tiny", 0, torch.device("cpu")), tokens, tmp_path / folder, config,
+        trained[folder] = build_micro("tiny", 0, torch.device("cpu"))
+        train_model(trained[folder], tokens, tmp_path / folder, config,
                     device=torch.device("cpu"), emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
         return events
 
@@ -126,8 +129,10 @@ def test_eval_loss_events_come_every_k_steps_from_fixed_blocks(tmp_path):
     assert metrics[0]["value"] > metrics[-1]["value"]  # it learns, and the measure sees it
     plain = train("b", TrainConfig(**{**cfg.to_dict(), "eval_every": 0}))
     assert not [e for e in plain if e["type"] == "metric"]
-    losses = lambda evs: [e["loss"] for e in evs if e["type"] == "progress"]  # noqa: E731
-    assert losses(plain) == losses(with_eval)  # evaluating changes nothing in the training
+    # evaluating changes nothing in the training: the same weights at the end, bit for bit (the
+    # progress events may differ: a slow step adds one, and evaluating makes steps slower)
+    for (name, a), b in zip(trained["a"].state_dict().items(), trained["b"].state_dict().values()):
+        assert torch.equal(a, b), name
     # the sample: blocks spread evenly from the first to the last, the same every time
     blocks = PackedBlocks(load_tokens(tokens), 64, seed=0)
     starts = _eval_starts(blocks, 8)

@@ -22,6 +22,7 @@ import inspect
 import math
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -146,6 +147,9 @@ def encode_pair(tok: Tokenizer, context: str, continuation: str) -> tuple[list[i
 # rows this size fits in well under a gigabyte of activations on the micro presets and on a 1B
 # model, and keeps two CPU cores busy without paging.
 BATCH_TOKENS = 16384
+# On a GPU, `evaluate_all` sets the batch from the memory plan for the whole evaluation
+# (backend.compute.memory_fit.eval_batch_tokens); a function called without max_tokens uses it.
+_BATCH_TOKENS: ContextVar[int] = ContextVar("batch_tokens", default=BATCH_TOKENS)
 
 
 def clip_pair(ctx: Sequence[int], cont: Sequence[int], max_len: int, max_cont: int | None = None) -> tuple[list[int], list[int]]:
@@ -314,7 +318,7 @@ def _row_batch(rows: Sequence[_Row], idx: Sequence[int], *, device, pad_id: int,
 
 
 def pair_batches(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *, device, pad_id: int,
-                 max_cont: int | None = None, max_tokens: int = BATCH_TOKENS, max_rows: int | None = None):
+                 max_cont: int | None = None, max_tokens: int | None = None, max_rows: int | None = None):
     """Token pairs (context, continuation) as forward-pass batches: each pair clipped to the
     window (`clip_pair`), pairs with the same context in one row (`_pair_rows`), rows packed
     (`_pack`) and cut by tokens. Yields (input_ids, attention_mask, position_ids, flat, target,
@@ -325,7 +329,8 @@ def pair_batches(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
     yield from _batched_rows(model, rows, device=device, pad_id=pad_id, max_tokens=max_tokens, max_rows=max_rows)
 
 
-def _batched_rows(model, rows: Sequence[_Row], *, device, pad_id: int, max_tokens: int, max_rows: int | None):
+def _batched_rows(model, rows: Sequence[_Row], *, device, pad_id: int, max_tokens: int | None, max_rows: int | None):
+    max_tokens = max_tokens or _BATCH_TOKENS.get()
     kernel = _attention(model)
     dtype = _compute_dtype(model)
     if kernel != "other":
@@ -334,7 +339,7 @@ def _batched_rows(model, rows: Sequence[_Row], *, device, pad_id: int, max_token
         yield _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
 
 
-def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int, max_tokens: int,
+def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int, max_tokens: int | None,
                 max_requests: int | None = None) -> tuple[list[float], list[bool], list[int]]:
     """(sum of target log-probs, all targets greedy, target count) per request over `rows`.
 
@@ -371,7 +376,7 @@ def score_pairs(
     pad_id: int,
     max_cont: int | None = None,
     batch_size: int | None = None,
-    max_tokens: int = BATCH_TOKENS,
+    max_tokens: int | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probs of the continuation, whether it is the greedy continuation) for token
     pairs (context, continuation), each clipped to the window (`clip_pair`; `max_cont` caps
@@ -393,7 +398,7 @@ def loglikelihoods(
     *,
     device: torch.device,
     batch_size: int | None = None,
-    max_tokens: int = BATCH_TOKENS,
+    max_tokens: int | None = None,
 ) -> list[tuple[float, bool]]:
     """(sum of log-probs of the continuation, whether it is the greedy continuation) per request,
     in the caller's order, with lm-evaluation-harness's tokenization (`encode_pair`).
@@ -463,7 +468,7 @@ def generate_batch(
     prompts: Sequence[tuple[str, int]],
     *,
     device,
-    max_tokens: int = BATCH_TOKENS,
+    max_tokens: int | None = None,
     progress: EvalProgress | None = None,
 ) -> list[Generation]:
     """Greedy continuations of (prompt, max_new_tokens) pairs, each cut at end-of-text or a
@@ -486,7 +491,7 @@ def generate_batch(
     model.eval()
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
     with one_thread(model, device):
-        for idx in _batches(sizes, max_tokens, None):
+        for idx in _batches(sizes, max_tokens or _BATCH_TOKENS.get(), None):
             _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one,
                     progress=progress)
     return out
@@ -580,7 +585,7 @@ def _text_rows(tok: Tokenizer, texts: Sequence[str], window: int) -> list[_Row]:
 
 
 @torch.inference_mode()
-def text_losses(model, tok: Tokenizer, texts: Sequence[str], *, device, max_tokens: int = BATCH_TOKENS) -> list[tuple[float, int]]:
+def text_losses(model, tok: Tokenizer, texts: Sequence[str], *, device, max_tokens: int | None = None) -> list[tuple[float, int]]:
     """(mean per-token loss in nats, tokens scored) per text, in windows of the context length,
     all texts' windows batched together; (nan, 0) for a text with fewer than two tokens."""
     model.eval()
@@ -793,9 +798,15 @@ def evaluate_all(
     (default: the paragraphs of data/general/). `progress` (made for these batteries) hears of
     every scene done and sends its last event when the scores are in.
     """
-    with one_thread(model, device):
-        return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
-                             reference=reference, general=general, progress=progress or EvalProgress([], None))
+    from backend.compute.memory_fit import eval_batch_tokens
+
+    batch = _BATCH_TOKENS.set(eval_batch_tokens(model, torch.device(device), BATCH_TOKENS))
+    try:
+        with one_thread(model, device):
+            return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
+                                 reference=reference, general=general, progress=progress or EvalProgress([], None))
+    finally:
+        _BATCH_TOKENS.reset(batch)
 
 
 def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general, progress: EvalProgress):

@@ -15,8 +15,8 @@ from typing import Protocol, Sequence
 
 import torch
 
+from backend.core.config import ATTENTION, KERNELS, PRECISIONS
 from backend.core.errors import ModelError
-from backend.jobs.settings import ATTENTION, KERNELS, PRECISIONS
 
 MICRO = "micro"
 
@@ -304,12 +304,14 @@ def load_hf_base(spec: BaseSpec, device: torch.device):
         raise
     except Exception as exc:
         raise _hf_error(spec, exc) from None
-    for p in model.parameters():  # the base is frozen; only an adapter trains
-        p.requires_grad_(False)
-    # A 4-bit base keeps its norms, embeddings and output layer in the load dtype (bf16 on a
-    # card). PEFT's prepare_model_for_kbit_training would upcast them to fp32, which makes the
-    # whole residual stream, RoPE and the logits fp32; under bf16 autocast the adapter's fp32
-    # weights still get fp32 gradients and AdamW state, which is all the stability it needs.
+    if spec.quant == "4bit":
+        # Frozen, as PEFT's prepare_model_for_kbit_training leaves it, but without its upcast:
+        # a 4-bit base keeps its norms, embeddings and output layer in the load dtype (bf16 on
+        # a card). Upcast to fp32 they would make the whole residual stream, RoPE and the logits
+        # fp32; under bf16 autocast the adapter's fp32 weights still get fp32 gradients and
+        # AdamW state, which is all the stability it needs.
+        for p in model.parameters():
+            p.requires_grad_(False)
     model.config.use_cache = False
     return model
 

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from backend.compute.models import autocast
 from backend.core.config import TrainConfig
 from backend.core.errors import LtmError
 from backend.ingest.packing import PackedBlocks, batches, document_marks, load_tokens, model_inputs
@@ -248,6 +249,7 @@ def train_model(
     emit: Callable[..., Any],
     log: Callable[[str], None],
     should_stop: Callable[[], bool] = lambda: False,
+    precision: str = "auto",
 ) -> TrainOutcome:
     # --- setup -------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
@@ -290,7 +292,7 @@ def train_model(
     step = start
     while step < total:
         try:
-            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit, marks)
+            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit, marks, precision)
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             _free_after_oom(device)
@@ -353,7 +355,7 @@ def train_model(
             )
             window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
         if eval_sample is not None and (step % cfg.eval_every == 0 or step == total):
-            value = _eval_loss(model, eval_sample, micro_batch, device, marks)
+            value = _eval_loss(model, eval_sample, micro_batch, device, marks, precision)
             emit("metric", name="eval_loss", step=step, value=round(value, 5), total=total)
             log(f"step {step:>6}/{total} | eval loss {value:.4f} on {len(eval_sample)} fixed blocks")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
@@ -379,6 +381,23 @@ def train_model(
     )
 
 
+def set_grad_checkpointing(model, on: bool) -> None:
+    """Recompute each decoder layer's activations in the backward pass (or stop doing so). The
+    non-reentrant form: it needs no input that requires a gradient (a frozen base has none) and
+    keeps the random state, so dropout draws the same masks in the recomputation."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs = {"use_reentrant": False}
+    if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
+        if on:
+            inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        elif inner.is_gradient_checkpointing:
+            inner.activation_checkpointing_disable()
+    elif on:
+        inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif inner.is_gradient_checkpointing:
+        inner.gradient_checkpointing_disable()
+
+
 def _eval_starts(blocks: PackedBlocks, n: int):
     """Start indices of `n` blocks spread evenly over the corpus (fewer if it holds fewer)."""
     count = max(1, blocks.blocks_per_epoch)
@@ -387,25 +406,29 @@ def _eval_starts(blocks: PackedBlocks, n: int):
 
 
 @torch.no_grad()
-def _eval_loss(model, sample, micro_batch: int, device: torch.device, marks: dict) -> float:
+def _eval_loss(model, sample, micro_batch: int, device: torch.device, marks: dict, precision: str) -> float:
     """Mean loss over the sample's blocks, in eval mode, micro_batch blocks a forward pass."""
     model.eval()
     total = 0.0
     for i in range(0, len(sample), micro_batch):
         rows = sample[i : i + micro_batch]
-        total += float(model(**packed_inputs(model, rows, marks, device)).loss) * len(rows)
+        with autocast(device, precision):
+            total += float(model(**packed_inputs(model, rows, marks, device)).loss) * len(rows)
     model.train()
     return total / len(sample)
 
 
-def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None, marks: dict):
+def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None, marks: dict,
+                precision: str):
     """Forward and backward over `grad_accum` micro-batches; returns (tokens, the step's mean
-    loss). The loss stays a tensor on the device: no host sync inside a step."""
+    loss). The loss stays a tensor on the device: no host sync inside a step. The forward pass
+    (the loss included) runs under autocast, the backward pass outside it, as autocast wants."""
     step_tokens = 0
     step_loss = torch.zeros((), device=device)
     for _ in range(grad_accum):
         _, batch = next(stream)
-        out = model(**packed_inputs(model, batch, marks, device))
+        with autocast(device, precision):
+            out = model(**packed_inputs(model, batch, marks, device))
         if oom_limit is not None and len(batch) > oom_limit:
             del out  # the injected fault comes after the forward pass, as a real one would
             raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {len(batch)} sequences")

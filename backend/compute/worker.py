@@ -96,6 +96,7 @@ class _Trained:
     adapter: Any = None
     outcome: Any = None
     tokens: int = 0
+    grad_checkpointing: bool = False  # what the memory plan (or the user) chose for the steps
 
 
 class Worker:
@@ -109,14 +110,19 @@ class Worker:
         self._base = None  # (model, tokenizer, device) of an HF base, loaded once
         self.jobs_started = 0  # a job after the first finds the imports done and an HF base loaded
 
-    def base(self, seed: int):
-        from backend.compute.models import load_base
+    def base(self, seed: int, log=None):
+        from backend.compute.models import load_base, use_kernels
 
         if self.spec.is_micro:
-            return load_base(self.spec, seed)  # a fresh network per job, from its seed
-        if self._base is None:
-            self._base = load_base(self.spec, seed)
-        return self._base
+            loaded = load_base(self.spec, seed)  # a fresh network per job, from its seed
+        elif self._base is None:
+            loaded = self._base = load_base(self.spec, seed)
+        else:
+            return self._base
+        line = use_kernels(loaded[0], self.spec, loaded[2])
+        if log is not None:
+            log(line)
+        return loaded
 
     def run_job(self, job: dict[str, Any]) -> None:
         """One job's recipe: load (or reuse) the base, train (an adapter run), evaluate, look
@@ -150,7 +156,7 @@ class Worker:
             warm = self.jobs_started > 0
             self.jobs_started += 1
             t_load = time.perf_counter()
-            model, tok, device = self.base(seed)
+            model, tok, device = self.base(seed, log)
             load_seconds = time.perf_counter() - t_load
             log(f"base {self.spec.base} on {device} ({count_params(model):,} parameters) in {load_seconds:.1f}s")
             cfg = TrainConfig.from_dict({**job.get("train", {}), "seed": seed})
@@ -190,21 +196,35 @@ class Worker:
 
     def _train(self, job, trained: "_Trained", tok, device, cfg, seed: int, events, log, cancelled) -> None:
         """Tokenize the corpus, wrap an HF base in a fresh LoRA adapter, train, save the weights."""
-        from backend.compute.models import attach_lora, count_params
-        from backend.compute.train import train_model
+        from backend.compute.memory_fit import fit_to_card
+        from backend.compute.models import attach_lora, compile_layers, count_params, train_dtype
+        from backend.compute.train import set_grad_checkpointing, train_model
         from backend.core.config import LoraSettings
 
         run_dir = Path(job["run_dir"])
         trained.tokens = self._tokenize(job, tok, run_dir, log)
+        lora = None
         if not self.spec.is_micro:
-            trained.adapter = trained.model = attach_lora(trained.model, LoraSettings.from_dict(job.get("lora")), seed)
+            lora = LoraSettings.from_dict(job.get("lora"))
+            trained.adapter = trained.model = attach_lora(trained.model, lora, seed)
+        # A micro network's weights are fp32 master weights on every device: plan them so.
+        dtype_bytes = 4 if self.spec.is_micro else train_dtype(device, self.spec.precision).itemsize
+        cfg, trained.grad_checkpointing = fit_to_card(trained.model, cfg, quant=self.spec.quant, lora=lora,
+                                                      device=device, dtype_bytes=dtype_bytes, log=log)
+        set_grad_checkpointing(trained.model, trained.grad_checkpointing)
+        if self.spec.compile:
+            log(f"torch.compile: {compile_layers(trained.model)} decoder layers, each on its own; "
+                "the first steps include the compiling")
         trainable = count_params(trained.model, trainable_only=True)
         events.emit("phase", phase="training", tokens=trained.tokens, trainable_params=trainable)
         log(f"training {trainable:,} parameters on {trained.tokens:,} tokens: {json.dumps(cfg.to_dict())}")
-        trained.outcome = train_model(
-            trained.model, run_dir / "tokens.bin", run_dir, cfg, device=device, emit=events.emit, log=log,
-            should_stop=lambda: Stop.requested or cancelled(),
-        )
+        try:
+            trained.outcome = train_model(
+                trained.model, run_dir / "tokens.bin", run_dir, cfg, device=device, emit=events.emit, log=log,
+                should_stop=lambda: Stop.requested or cancelled(), precision=self.spec.precision,
+            )
+        finally:
+            set_grad_checkpointing(trained.model, False)  # a warm base goes to the next job as it came
         self._save(trained.model, run_dir)
 
     def _result(self, job, trained: "_Trained", cfg, device, scores, scene_results, probes, *,
@@ -231,6 +251,7 @@ class Worker:
             "micro_batch_used": outcome.micro_batch if outcome else None,
             "grad_accum_used": outcome.grad_accum if outcome else None,
             "oom_halvings": outcome.oom_halvings if outcome else 0,
+            "grad_checkpointing_used": trained.grad_checkpointing,
             "device": str(device),
             "params": count_params(trained.model),
             "settings": {

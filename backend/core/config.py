@@ -6,6 +6,13 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+# How a base may run: the flags' choices (ltm_tui/cli/common.py), checked when settings are made
+# (backend/jobs/settings.py) and again when the worker loads the base (backend/compute/models.py).
+PRECISIONS = ("auto", "bf16", "fp32")
+ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
+KERNELS = ("liger",)
+GRAD_CHECKPOINTING = ("auto", "on", "off")
+
 
 @dataclass
 class TrainConfig:

@@ -15,14 +15,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from backend.core.config import ATTENTION, GRAD_CHECKPOINTING, KERNELS, PRECISIONS
 from backend.core.errors import LtmError
 
 MICRO_PRESETS = ("tiny", "small", "base", "large")
-# How a base may run (backend/compute/models.py checks a spec against these too).
-PRECISIONS = ("auto", "bf16", "fp32")
-ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
-KERNELS = ("liger",)
-GRAD_CHECKPOINTING = ("auto", "on", "off")
 
 
 @dataclass(frozen=True)

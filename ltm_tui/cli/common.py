@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from backend.jobs.settings import ATTENTION, GRAD_CHECKPOINTING, KERNELS, PRECISIONS
+from backend.core.config import ATTENTION, GRAD_CHECKPOINTING, KERNELS, PRECISIONS
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 WEIGHTS_HELP = "weights of overall: depth=2,novelty=0.5 or a YAML/JSON file (default: 1 each)"
