@@ -59,9 +59,12 @@ QUICK_CASES = [
 ]
 # Llama 3.2 1B's shape (1.24B parameters, GQA 32/8, a 128k vocabulary), a short block so that
 # two steps take about a minute on two cores.
+LLAMA_3_2_1B = {"hidden": 2048, "layers": 16, "heads": 32, "kv": 8, "ffn": 8192, "vocab": 128256}
 LARGE_CASES = [
-    {"name": "llama-3.2-1b", "shape": {"hidden": 2048, "layers": 16, "heads": 32, "kv": 8, "ffn": 8192,
-                                       "vocab": 128256}, "micro_batch": 2, "block": 128},
+    {"name": "llama-3.2-1b", "shape": LLAMA_3_2_1B, "micro_batch": 2, "block": 128},
+    # the same with blocks of documents (the mask, keys repeated for GQA) and checkpointing
+    {"name": "llama-3.2-1b-documents-checkpointed", "shape": LLAMA_3_2_1B, "micro_batch": 4, "block": 128,
+     "documents": 48, "grad_checkpointing": True},
 ]
 
 
