@@ -7,7 +7,9 @@ Each case builds a randomly initialised Llama from a config (no download) as the
 (`benchmarks.peers`: LoRA through `attach_lora`, QLoRA through the project's own 4-bit loader),
 runs two optimizer steps of `backend.compute.train.train_model` (the worker's recipe: the second
 step has AdamW's state, the first step's gradients already dropped, as every later step) and
-compares the peak bytes with `backend.studies.memory_plan.plan` for the same config and settings.
+compares the peak bytes with `backend.studies.memory_plan.plan` for the same config and settings,
+in fp32 and in bf16 mixed precision (a bf16 base, fp32 adapters, the forward pass under autocast:
+the path a card takes, here through the CPU's autocast).
 
 How the peak is measured: the CPU has no `max_memory_allocated`, so the allocator is asked
 directly. With `torch.profiler.profile(profile_memory=True)` every allocation and free that goes
@@ -46,14 +48,15 @@ from benchmarks import peers  # noqa: E402
 QUICK_CASES = [
     {"name": "mha-256x3", "shape": {"hidden": 256, "layers": 3, "heads": 8, "kv": 8, "ffn": 688, "vocab": 4096},
      "micro_batch": 4, "block": 64},
-    # GQA and a 32k vocabulary (the logits' share of a Llama-2 step), blocks of documents
-    {"name": "gqa-384x2-vocab32k-documents", "shape": {"hidden": 384, "layers": 2, "heads": 6, "kv": 2,
-                                                       "ffn": 1024, "vocab": 32000},
-     "micro_batch": 2, "block": 64, "documents": 24},
+    # GQA and a 32k vocabulary (the logits' share of a Llama-2 step), blocks of documents; bf16
+    # mixed precision as on a card (a bf16 base, fp32 adapters, the forward under autocast)
+    {"name": "gqa-384x2-vocab32k-documents-bf16", "shape": {"hidden": 384, "layers": 2, "heads": 6, "kv": 2,
+                                                            "ffn": 1024, "vocab": 32000},
+     "micro_batch": 2, "block": 64, "documents": 24, "precision": "bf16"},
     # a wide SwiGLU and a small vocabulary: the peak is in the last layer's backward, not the loss
-    {"name": "ffn-heavy-checkpointed", "shape": {"hidden": 256, "layers": 3, "heads": 4, "kv": 4, "ffn": 2048,
-                                                 "vocab": 512}, "micro_batch": 4, "block": 64,
-     "grad_checkpointing": True},
+    {"name": "ffn-heavy-checkpointed-bf16", "shape": {"hidden": 256, "layers": 3, "heads": 4, "kv": 4,
+                                                      "ffn": 2048, "vocab": 512}, "micro_batch": 4, "block": 64,
+     "grad_checkpointing": True, "precision": "bf16"},
     {"name": "qlora-512x2", "shape": {"hidden": 512, "layers": 2, "heads": 8, "kv": 4, "ffn": 1376, "vocab": 8192},
      "micro_batch": 2, "block": 64, "quant": "4bit"},
 ]
@@ -96,15 +99,26 @@ def _live_bytes(prof, region: str) -> tuple[int, int]:
     return at_start or level, peak
 
 
-def _model(shape: dict[str, int], quant: str | None, r: int, dropout: float | None):
+def _model(shape: dict[str, int], quant: str | None, r: int, dropout: float | None, dtype):
     if quant:
         return peers.quantized_lora_model(shape, device="cpu", r=r)
     if dropout is None:
-        return peers.lora_model(shape, r=r)
+        return peers.lora_model(shape, r=r, dtype=dtype)
     from backend.compute.models import attach_lora
     from backend.core.config import LoraSettings
 
-    return attach_lora(peers.llama(shape), LoraSettings(r=r, alpha=2 * r, dropout=dropout), 0)
+    return attach_lora(peers.llama(shape, dtype=dtype), LoraSettings(r=r, alpha=2 * r, dropout=dropout), 0)
+
+
+def _train(model, tokens: Path, cfg, precision: str) -> None:
+    """The worker's recipe; "bf16" runs the forward pass under bf16 autocast on the CPU, the
+    path a card takes by default."""
+    from backend.compute.train import train_model
+
+    kwargs = {} if precision == "fp32" else {"precision": precision}
+    with tempfile.TemporaryDirectory() as run_dir:
+        train_model(model, tokens, Path(run_dir), cfg, device=torch.device("cpu"), emit=lambda kind, **p: None,
+                    log=lambda s: None, **kwargs)
 
 
 def _lora_dropout(model) -> float:
@@ -135,6 +149,8 @@ def measure(case: dict[str, Any], steps: int = 2, r: int = 16) -> dict[str, Any]
 
     shape = {**case["shape"], "context": max(512, case["block"])}
     quant, ckpt = case.get("quant"), bool(case.get("grad_checkpointing"))
+    precision = case.get("precision", "fp32")
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     mb, block = case["micro_batch"], case["block"]
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -143,16 +159,17 @@ def measure(case: dict[str, Any], steps: int = 2, r: int = 16) -> dict[str, Any]
             _mark_documents(tokens, shape["vocab"] - 1, every=case["documents"])
         cfg = peers.train_config(steps, block, mb, 1)
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            model = _model(shape, quant, r, case.get("lora_dropout"))
+            model = _model(shape, quant, r, case.get("lora_dropout"), dtype)
             if ckpt:
                 _checkpointing(model)
             config = model.get_base_model().config.to_dict()
             dropout = _lora_dropout(model)
             with record_function("ltm.train"):
-                peers.train_ours(model, tokens, cfg, "cpu")
+                _train(model, tokens, cfg, precision)
             del model
     before, peak = _live_bytes(prof, "ltm.train")
-    predicted = memory_plan.plan(config, quant=quant, lora_r=r, micro_batch=mb, block_size=block, dtype_bytes=4,
+    predicted = memory_plan.plan(config, quant=quant, lora_r=r, micro_batch=mb, block_size=block,
+                                 dtype_bytes=2 if precision == "bf16" else 4,
                                  grad_checkpointing=ckpt, attention="sdpa", device="cpu", lora_dropout=dropout,
                                  packed_documents=bool(case.get("documents")))
     return {
@@ -160,6 +177,7 @@ def measure(case: dict[str, Any], steps: int = 2, r: int = 16) -> dict[str, Any]
         "params": predicted.params,
         "quant": quant,
         "grad_checkpointing": ckpt,
+        "precision": precision,
         "lora_dropout": dropout,
         "documents": bool(case.get("documents")),
         "micro_batch": mb,

@@ -29,8 +29,10 @@ batch. The functions other code relies on, with stable signatures:
 Where the numbers come from: the tensors PyTorch's autograd keeps for the backward pass of
 transformers' Llama (the layout Mistral and Qwen share), counted op by op in the comments of
 `_layer_saved`, and checked against the allocator's own bytes in real training steps of
-`backend.compute.train.train_model` on the CPU (tests/test_memory_plan.py, and up to a
-1B shape in benchmarks/memory_plan_check.py; docs/benchmarks.md has the numbers).
+`backend.compute.train.train_model` on the CPU, in fp32 and in bf16 mixed precision through the
+CPU's autocast (tests/test_memory_plan.py, and up to a 1.5B shape in
+benchmarks/memory_plan_check.py; docs/benchmarks.md has the numbers). The CUDA context and the
+caching allocator's slack are assumptions until benchmarks/gpu_check.sh measures a card.
 """
 
 from __future__ import annotations
@@ -210,7 +212,9 @@ def _layer_saved(s: Shape, T: int, B: int, *, b: int, seq: int, targets: tuple[s
     rsqrt, twice a layer; not in the first layer of an adapter run, where nothing before it needs
     a gradient. Each trained linear keeps its input for its weight's gradient: LoRA's A does, the
     frozen base weight does not; inputs shared by q, k, v (and by gate, up) are one tensor, unless
-    LoRA dropout gives each adapter its own copy and a boolean mask. LoRA's B keeps A's output
+    each adapter makes its own copy: LoRA dropout does (a copy and a boolean mask), and so does
+    mixed precision, where PEFT casts the input to the adapter's fp32 and autocast casts it back
+    to bf16 for the matmul, a new tensor for each adapter. LoRA's B keeps A's output
     (rank r). Attention keeps q and k after RoPE, v, its output (which is o_proj's input) and a
     log-sum-exp a head and token; "eager" also keeps the softmax scores in fp32 (and their copy
     in the training dtype when that is narrower). SwiGLU keeps gate, silu(gate), up and their
@@ -224,19 +228,20 @@ def _layer_saved(s: Shape, T: int, B: int, *, b: int, seq: int, targets: tuple[s
         norms += 2 * T * d * B
     linear_in = s.linears()
     if lora:
+        copies = dropout or B < 4  # each adapter keeps its own copy of its input (see above)
         inputs = 0
         for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             hit = [n for n in group if n in targets]
-            if hit and dropout:  # each adapter drops its own copy: the copy and a boolean mask
-                # (no mask in the first layer's attention: nothing before it needs a gradient)
-                mask = 0 if (first and group[0] == "q_proj") else 1
+            if hit and copies:  # a copy each, and dropout's mask (none in the first layer's
+                # attention, where nothing before needs a gradient, so no mask is kept)
+                mask = 0 if not dropout or (first and group[0] == "q_proj") else 1
                 inputs += sum(T * linear_in[n][0] * (B + mask) for n in hit)
             elif hit:  # the adapters of a group read one tensor, kept once
                 inputs += T * linear_in[hit[0]][0] * B
-        if "o_proj" in targets and dropout:  # o_proj's input is attention's output, kept anyway
-            inputs += T * s.q_dim * (B + 1)
-        if "down_proj" in targets:  # down_proj's input, SwiGLU's product, or its dropped copy
-            inputs += T * f * (B + 1 if dropout else B)
+        if "o_proj" in targets and copies:  # o_proj's input is attention's output, kept anyway
+            inputs += T * s.q_dim * (B + (1 if dropout else 0))
+        if "down_proj" in targets:  # down_proj's input, SwiGLU's product, or its copy
+            inputs += T * f * (B + (1 if dropout else 0))
     else:  # every linear keeps its input: the two normalised ones and SwiGLU's product
         inputs = 2 * T * d * B + T * f * B
     lora_out = len(targets) * T * rank * B
@@ -325,7 +330,10 @@ def plan(
     if attention == "eager":
         mask = b * seq * seq * B  # an additive mask in the training dtype
     final_norm = T * d * 4 + T * 4 + (0 if lora else T * d * B)
-    kept = layers_kept + rope + mask + final_norm
+    # under autocast the fp32 trainable weights are cast to the training dtype once a step, and
+    # the backward pass keeps those copies
+    weight_casts = adapters // 4 * B if B < 4 else 0
+    kept = layers_kept + rope + mask + final_norm + weight_casts
 
     # The loss stage: the logits (held by the model's output until the step ends), and the
     # cross-entropy's fp32 working set: log_softmax's output (kept for its backward), the
@@ -339,8 +347,11 @@ def plan(
     # to the training dtype for the gradient of its input, one matrix at a time. Gradients by
     # then: the adapter's of that layer, or in full training every weight's (the output layer's
     # and the embeddings' come first).
+    # In mixed precision the adapter's input gradient passes PEFT's cast to fp32 on its way
+    # back: down_proj's comes back as a T×ffn in fp32 before it is cast to the training dtype.
     dequant = max(i * o for i, o in linears.values()) * B if quant else 0
-    layer_work = 2 * T * d * 4 + 2 * T * s.ffn * B + dequant
+    mixed = T * s.ffn * (4 - B) if lora and B < 4 else 0
+    layer_work = 2 * T * d * 4 + 2 * T * s.ffn * B + mixed + dequant
     layer_stage = kept + recomputed + logits_held + layer_work + (grads // L if lora else grads)
     activations_peak = max(loss_stage, layer_stage)
     stage = "loss" if loss_stage >= layer_stage else "layer"
