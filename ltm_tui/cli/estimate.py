@@ -268,6 +268,9 @@ def estimate_on_card(args, pages: list[float]) -> int:
     if not args.base or args.base == "micro":
         raise usage("--gpu plans a Hugging Face base from its config.json: pass --base FOLDER (the folder "
                     "holding config.json is enough)")
+    if getattr(args, "precision", None) == "fp32":
+        raise usage("--gpu projects bf16 training (what a card runs by default) from the bf16 datasheet peak; "
+                    "drop --precision fp32")
     card = gpu_projection.find_gpu(args.gpu)
     config = memory_plan.read_config(args.base)
     settings = job_settings(args)
@@ -320,6 +323,9 @@ def _print_card_table(args, out: dict, config: dict) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
+    if getattr(args, "kernels", None):
+        print(f"note: with --kernels {args.kernels} the fused cross-entropy never holds the full logits; the plan "
+              "counts PyTorch's own loss, so on the card the peak is lower than shown")
     if not first["fits"]:
         print(f"warning: the step does not fit {card.name} even at micro-batch 1 with checkpointing: "
               f"{'a smaller --block-size or a larger card' if step.quant else 'use --quant 4bit (QLoRA)'}")
