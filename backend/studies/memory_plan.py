@@ -312,8 +312,9 @@ def plan(
 
     # --- activations ------------------------------------------------------------------------
     def saved(first: bool) -> int:
-        return _layer_saved(s, T, B, b=b, seq=seq, targets=targets, rank=lora_r if lora else 0, dropout=lora and lora_dropout > 0,
-                            attention=attention, packed=packed_documents, first=first)
+        return _layer_saved(s, T, B, b=b, seq=seq, targets=targets, rank=lora_r if lora else 0,
+                            dropout=lora and lora_dropout > 0, attention=attention, packed=packed_documents,
+                            first=first)
 
     per_layer = saved(first=False)
     # checkpointing keeps each layer's input (the residual stream) and recomputes the rest of
