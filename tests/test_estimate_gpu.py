@@ -103,13 +103,24 @@ def test_a_calibration_on_the_card_replaces_the_assumption(tmp_path):
     assert row["total_s"] == pytest.approx(3.0 + row["trained_tokens"] / 5000.0, abs=0.1)
 
 
+@pytest.mark.parametrize("name, card", [
+    ("RTX PRO 6000", "RTX PRO 6000 Blackwell"),
+    ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),  # NVML's names
+    ("NVIDIA H100 80GB HBM3", "H100 SXM"), ("NVIDIA H100 PCIe", "H100 PCIe"), ("h100", "H100 SXM"),
+    ("NVIDIA A100-SXM4-40GB", "A100 40GB"), ("a100", "A100 80GB"), ("NVIDIA GeForce RTX 4090", "RTX 4090"),
+])
+def test_card_names_match_loosely_as_people_and_nvml_write_them(name, card):
+    # a calibration's device tag carries NVML's name: this is how it is matched to --gpu
+    assert gpu_projection.find_gpu(name).name == card
+
+
 def test_an_unknown_card_or_a_missing_config_is_one_line(tmp_path):
     base = _folder(tmp_path, "llama-3-8b", LLAMA3_8B)
     out = cli("estimate", "--base", str(base), "--gpu", "V100", "--workspace", str(tmp_path / "ws"))
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.strip().splitlines() == [
-        "ltm-tui: usage: unknown --gpu 'V100'; known cards: H100 SXM, H200, B200, RTX PRO 6000 Blackwell, "
-        "A100 80GB, L40S, RTX 4090"]
+        "ltm-tui: usage: unknown --gpu 'V100'; known cards: H100 SXM, H100 PCIe, H200, B200, "
+        "RTX PRO 6000 Blackwell, A100 80GB, A100 40GB, L40S, RTX 4090"]
     out = cli("estimate", "--base", str(tmp_path), "--gpu", "H200", "--workspace", str(tmp_path / "ws"))
     assert out.returncode == 2 and len(out.stderr.strip().splitlines()) == 1
     assert "no config.json in this folder" in out.stderr

@@ -42,22 +42,26 @@ class Card:
 # Dense bf16 peaks are half the "with sparsity" figure NVIDIA's datasheets headline.
 CARDS = (
     # NVIDIA H100 Tensor Core GPU datasheet, SXM5: BF16 1,979 TFLOPS with sparsity; 80 GB HBM3
-    Card("H100 SXM", ("h100sxm", "h100"), 80 * GiB, 989.4e12, "NVIDIA H100 datasheet (SXM)"),
+    Card("H100 SXM", ("h100 sxm", "h100 hbm3", "h100"), 80 * GiB, 989.4e12, "NVIDIA H100 datasheet (SXM)"),
+    # the same datasheet, PCIe: BF16 1,513 TFLOPS with sparsity; 80 GB HBM2e
+    Card("H100 PCIe", ("h100 pcie",), 80 * GiB, 756.5e12, "NVIDIA H100 datasheet (PCIe)"),
     # NVIDIA H200 Tensor Core GPU datasheet, SXM: BF16 1,979 TFLOPS with sparsity; 141 GB HBM3e
     Card("H200", ("h200",), 141 * GiB, 989.4e12, "NVIDIA H200 datasheet (SXM)"),
     # NVIDIA HGX B200 / DGX B200 datasheet, per GPU: FP16/BF16 4.5 PFLOPS with sparsity; 180 GB HBM3e
     Card("B200", ("b200",), 180 * GiB, 2.25e15, "NVIDIA DGX B200 datasheet, per GPU"),
     # NVIDIA RTX Blackwell GPU architecture whitepaper, RTX PRO 6000 Blackwell Workstation
     # Edition: FP16/BF16 tensor with FP32 accumulate 503.8 TFLOPS dense (1,007.6 sparse); 96 GB GDDR7
-    Card("RTX PRO 6000 Blackwell", ("rtxpro6000", "pro6000"), 96 * GiB, 503.8e12,
+    Card("RTX PRO 6000 Blackwell", ("rtx pro 6000", "pro 6000"), 96 * GiB, 503.8e12,
          "NVIDIA RTX Blackwell architecture whitepaper"),
-    # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense (624 sparse); 80 GB HBM2e
-    Card("A100 80GB", ("a100",), 80 * GiB, 312e12, "NVIDIA A100 datasheet"),
+    # NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOPS dense (624 sparse); 80 GB HBM2e,
+    # or 40 GB HBM2 (the same peak): "A100" alone means the 80 GB card
+    Card("A100 80GB", ("a100 80gb", "a100"), 80 * GiB, 312e12, "NVIDIA A100 datasheet"),
+    Card("A100 40GB", ("a100 40gb",), 40 * GiB, 312e12, "NVIDIA A100 datasheet"),
     # NVIDIA L40S datasheet: BF16 733 TFLOPS with sparsity; 48 GB GDDR6
     Card("L40S", ("l40s",), 48 * GiB, 366.5e12, "NVIDIA L40S datasheet"),
     # NVIDIA Ada GPU architecture whitepaper, GeForce RTX 4090: FP16/BF16 tensor with FP32
     # accumulate 165.2 TFLOPS dense (330.4 sparse); 24 GB GDDR6X
-    Card("RTX 4090", ("rtx4090", "4090"), 24 * GiB, 165.2e12, "NVIDIA Ada architecture whitepaper"),
+    Card("RTX 4090", ("rtx 4090", "4090"), 24 * GiB, 165.2e12, "NVIDIA Ada architecture whitepaper"),
 )
 # Model FLOPs utilisation assumed where nothing was measured on the card: what a well-fed
 # PyTorch LoRA step of a 7B-13B model in bf16 reaches on one card (issue 15's goal is 45%); a
@@ -72,12 +76,20 @@ def _norm(text: str) -> str:
 
 def find_gpu(name: str) -> Card:
     """The card a name means: "RTX PRO 6000", "h100", "NVIDIA H100 80GB HBM3" (NVML's name),
-    "rtx-4090". One clear line listing the known cards when none matches."""
+    "NVIDIA A100-SXM4-40GB", "rtx-4090". An alias matches when each of its words is in the name
+    (case, spaces and punctuation aside), the longest match wins; a short name matches a card
+    whose alias contains it. One clear line listing the known cards when none matches."""
     wanted = _norm(name or "")
     best, score = None, 0
     for card in CARDS:
-        for alias in card.aliases + (_norm(card.name),):
-            hit = len(alias) if alias in wanted else (len(wanted) if len(wanted) >= 3 and wanted in alias else 0)
+        for alias in card.aliases:
+            parts = [_norm(p) for p in alias.split()]
+            if all(p in wanted for p in parts):
+                hit = sum(map(len, parts))
+            elif len(wanted) >= 3 and wanted in "".join(parts):
+                hit = len(wanted)
+            else:
+                hit = 0
             if hit > score:
                 best, score = card, hit
     if best is None:
