@@ -62,12 +62,28 @@ class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 
 class Service:
-    def __init__(self, workspace: Workspace, *, slots_per_gpu: int = 1, idle_exit: float = 0) -> None:
+    def __init__(self, workspace: Workspace, *, slots_per_gpu: int = 1, idle_exit: float = 0,
+                 executor: str | None = None, address: str | None = None, max_retries: int = 1) -> None:
         self.workspace = workspace.ensure()
         self._lock_fh = self._take_lock()
+        self.executor_name, self.address = choose_executor(self.workspace, executor, address)
+        self.executor = None
+        slots = None
+        if self.executor_name == "ray":
+            from backend.jobs.ray_executor import RayExecutor
+
+            try:
+                self.executor = RayExecutor(self.workspace.root, self.address, slots_per_gpu=slots_per_gpu)
+            except LtmError:
+                self._lock_fh.close()
+                raise
+            slots = self.executor.slots()
+        if executor is not None:  # chosen on the command line, and it works: the workspace keeps it
+            remember_executor(self.workspace, self.executor_name, self.address)
         self.store = Store(workspace.db_path)
         self.manager = JobManager(
-            workspace, self.store, slots=detect_slots(slots_per_gpu), linger=WARM_LINGER_SECONDS
+            workspace, self.store, slots=slots or detect_slots(slots_per_gpu), linger=WARM_LINGER_SECONDS,
+            executor=self.executor, max_retries=max_retries,
         )
         self.lock = threading.RLock()  # one thread at a time touches the manager
         self.progress: dict[str, dict] = {}  # run_id -> last progress event
@@ -193,7 +209,9 @@ class Service:
             raise JobError(f"{run_id!r} is not a run id; `ltm-tui status` lists them")
         if op == "ping":
             return {"pid": os.getpid(), "workspace": str(self.workspace.root), "protocol": PROTOCOL_VERSION,
-                    "trouble": self.trouble, "searches": self.searches.running()}
+                    "trouble": self.trouble, "searches": self.searches.running(),
+                    "executor": self.executor_name, "address": self.address,
+                    "nodes": self.executor.nodes() if self.executor is not None else None}
         if op == "submit":
             settings = JobSettings(**args["settings"])
             paths = args["paths"]
@@ -212,7 +230,8 @@ class Service:
         if op == "jobs":
             return self.jobs(args.get("runs"))
         if op == "workers":  # the live workers (a fit check counts the memory they hold as the queue's)
-            return [{"pid": w.pid, "slot": w.slot, "runs": list(w.run_ids)} for w in list(self.manager.live.values())]
+            return [{"pid": w.pid, "slot": w.slot, "runs": list(w.run_ids), "node": getattr(w.process, "node", None)}
+                    for w in list(self.manager.live.values())]
         if op == "results":
             return self.store.results(
                 sort=args.get("sort", "overall"), descending=args.get("descending", True)
@@ -345,9 +364,37 @@ class Service:
                     "pid": None if JobState(run["status"]).is_terminal() else pids.get(run_id),
                     "eta_s": live.get("eta_s") if run["status"] == "training" else None,
                     "error": run.get("error"),
+                    "node": self.manager.nodes.get(run_id),  # the cluster node (Ray); None for local runs
                 }
             )
         return rows
+
+
+EXECUTORS = ("local", "ray")
+
+
+def choose_executor(workspace: Workspace, executor: str | None, address: str | None) -> tuple[str, str | None]:
+    """The workspace's executor: the flag, else LTM_EXECUTOR, else what `serve --executor` chose
+    last time (WORKSPACE/executor.json, so a service started on demand keeps it), else local.
+    The address likewise: flag, RAY_ADDRESS, the file, `auto`."""
+    path = workspace.root / "executor.json"
+    try:
+        remembered = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        remembered = {}
+    name = executor or os.environ.get("LTM_EXECUTOR") or remembered.get("executor") or "local"
+    if name not in EXECUTORS:
+        raise JobError(f"executor {name!r}: choose one of {', '.join(EXECUTORS)} (--executor or LTM_EXECUTOR)")
+    if name == "local":
+        address = None
+    else:
+        address = address or os.environ.get("RAY_ADDRESS") or remembered.get("address") or "auto"
+    return name, address
+
+
+def remember_executor(workspace: Workspace, name: str, address: str | None) -> None:
+    """`serve --executor`: the workspace keeps the choice (WORKSPACE/executor.json)."""
+    (workspace.root / "executor.json").write_text(json.dumps({"executor": name, "address": address}) + "\n")
 
 
 def _peer_uid(sock: socket.socket) -> int | None:
@@ -460,11 +507,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slots-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
     parser.add_argument("--idle-exit", type=float, default=float(os.environ.get("LTM_SERVICE_IDLE_EXIT", 0)),
                         help="exit after this many seconds with nothing queued, running or watching (0: never)")
+    parser.add_argument("--executor", choices=EXECUTORS, help="where workers run (default: LTM_EXECUTOR, "
+                        "else the workspace's last choice, else local)")
+    parser.add_argument("--address", help="the Ray cluster: auto or HOST:PORT (default RAY_ADDRESS, else auto)")
+    parser.add_argument("--max-retries", type=int, default=1,
+                        help="times a run whose node was lost is queued again by itself (default 1)")
     args = parser.parse_args(argv)
     keep_private()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        service = Service(Workspace.resolve(args.workspace), slots_per_gpu=args.slots_per_gpu, idle_exit=args.idle_exit)
+        service = Service(Workspace.resolve(args.workspace), slots_per_gpu=args.slots_per_gpu, idle_exit=args.idle_exit,
+                          executor=args.executor, address=args.address, max_retries=args.max_retries)
     except LtmError as exc:
         print(f"ltm-tui: {exc.one_line()}", file=sys.stderr)
         return 2

@@ -419,6 +419,8 @@ def print_status(jobs: list[dict], console: Console | None = None) -> None:
         FitColumn("pid", [str(j["pid"]) if j.get("pid") else "-" for j in jobs]),
         FitColumn("corpus", [j.get("corpus") or f"({j['kind']})" for j in jobs], names=True),
     ]
+    if any(j.get("node") for j in jobs):  # a Ray cluster: where each job runs, before the corpus
+        columns.insert(-1, FitColumn("node", [j.get("node") or "-" for j in jobs], left=True))
     widths, _ = fit_columns(columns, console.width, required=3)
     shown = list(zip(columns, widths))
     if len(shown) == len(columns):

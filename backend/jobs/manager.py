@@ -69,6 +69,7 @@ class JobManager:
         slots: list[str | None] | None = None,
         linger: float = 0.0,
         executor: Executor | None = None,
+        max_retries: int = 1,
     ) -> None:
         self.workspace = workspace.ensure()
         self.store = store
@@ -77,6 +78,11 @@ class JobManager:
         # how long a worker that finished its jobs waits for more on the same base (warm worker)
         self.linger = linger
         self.live: dict[int, LiveWorker] = {}  # by pid
+        # a run whose worker was lost with its node (a cluster executor's handle says `lost`) is
+        # queued again this many times by itself, resuming from its newest checkpoint
+        self.max_retries = max_retries
+        self.auto_retries: dict[str, int] = {}
+        self.nodes: dict[str, str] = {}  # run -> the cluster node its worker ran on (Ray)
         self.tasks = Tasks(self.workspace, self.executor)  # calibrations and judges, in the same slots
 
     # -- queueing ---------------------------------------------------------------------------
@@ -439,6 +445,12 @@ class JobManager:
                 self._settle(ghost, on_event, reason="worker died while no service watched it")
 
     def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
+        sync = getattr(worker.process, "sync", None)
+        if sync is not None:  # a remote worker: what its node wrote comes into the run folders first
+            sync()
+            node = getattr(worker.process, "node", None)
+            if node:
+                self.nodes.update(dict.fromkeys(worker.run_ids, node))
         for run_id in list(worker.run_ids):
             path = self.workspace.run_dir(run_id) / "events.jsonl"
             events, end = read_events(path, worker.offsets.get(run_id, 0))
@@ -462,6 +474,8 @@ class JobManager:
         code = worker.exit_code()
         for more in worker.session_path.parent.glob(f"{worker.session_path.stem}.more-*.json"):
             more.rename(more.with_suffix(".orphan"))  # handed over too late: back to the queue
+        lost = getattr(worker.process, "lost", None)  # its node or actor died (a cluster executor)
+        reason = reason or lost
         # a worker stopped on purpose, or one that got as far as an event, is no run's fault
         charged = bool(worker.stop_requested or reason or worker.seen_events)
         for run_id in worker.run_ids:
@@ -481,6 +495,9 @@ class JobManager:
             target = JobState.FAILED if state is JobState.QUEUED else JobState.INTERRUPTED
             self.store.transition(run_id, target, error=message)
             on_event({"type": "state", "run_id": run_id, "status": target.value, "error": message})
+            if lost and target is JobState.INTERRUPTED and self.auto_retries.get(run_id, 0) < self.max_retries:
+                self.auto_retries[run_id] = self.auto_retries.get(run_id, 0) + 1
+                self.retry(run_id, on_event)  # another node resumes it from its newest checkpoint
 
     def _exit_reason(self, code: int | None) -> str:
         if code == EXIT_DISK_FULL:

@@ -60,6 +60,12 @@ def add_parsers(sub) -> None:
     srv = sub.add_parser("serve", help="run the job service (clients start it on demand)")
     srv.add_argument("--detach", action="store_true", help="start it in the background and return")
     srv.add_argument("--slots-per-gpu", type=int, default=1, help="workers per GPU (default 1)")
+    srv.add_argument("--executor", choices=["local", "ray"],
+                     help="where workers run: this machine, or a Ray cluster (docs/cluster.md); the workspace "
+                          "keeps the choice (default: LTM_EXECUTOR, else the last choice, else local)")
+    srv.add_argument("--address", metavar="auto|HOST:PORT", help="the Ray cluster (default: RAY_ADDRESS, else auto)")
+    srv.add_argument("--max-retries", type=int, default=1,
+                     help="times a run whose cluster node was lost is queued again by itself (default 1)")
     srv.set_defaults(handler=cmd_serve)
 
     prb = sub.add_parser("probes", help="what training changed inside a run's network")
@@ -168,6 +174,9 @@ def cmd_status(args) -> int:
         print(json.dumps(jobs, ensure_ascii=False, indent=1))
         return EXIT_OK
     print_status(jobs)
+    if pong.get("executor") == "ray":  # where the workers run: every node of the cluster
+        nodes = ", ".join(f"{n['node']} {n['cpus']:g} CPU {n['gpus']:g} GPU" for n in pong.get("nodes") or [])
+        print(f"executor: ray at {pong.get('address')}; nodes: {nodes or 'none'}")
     for task in ask(args, "tasks", lambda st: []):  # calibrations and judges in the worker slots
         if task["status"] in ("waiting", "running"):
             pid = f", pid {task['pid']}" if task["pid"] else ""
@@ -198,15 +207,34 @@ def cmd_retry(args) -> int:
 def cmd_serve(args) -> int:
     ws = workspace(args)
     if args.detach:
+        from backend.core.errors import LtmError
         from backend.jobs.client import connect
+        from backend.service import choose_executor, remember_executor
 
-        with connect(ws) as client:
-            pid = client.call("ping")["pid"]
+        saved = ws.ensure().root / "executor.json"
+        before = saved.read_text() if saved.exists() else None
+        if args.executor:  # the service started on demand reads the workspace's choice
+            remember_executor(ws, *choose_executor(ws, args.executor, args.address))
+        try:
+            with connect(ws) as client:
+                pong = client.call("ping")
+        except LtmError:
+            if args.executor and before is None:  # a choice that did not start is not kept
+                saved.unlink(missing_ok=True)
+            elif args.executor:
+                saved.write_text(before)
+            raise
+        pid = pong["pid"]
+        if args.executor and pong.get("executor", "local") != args.executor:
+            print(f"ltm-tui: the service already running on {ws.root} uses the {pong.get('executor', 'local')} "
+                  f"executor; `ltm-tui stop`, then serve again to use {args.executor}", file=sys.stderr)
         print(f"service running on {ws.root} (pid {pid})")
         return EXIT_OK
     from backend.service import main as serve_main
 
-    return serve_main(["--workspace", str(ws.root), "--slots-per-gpu", str(args.slots_per_gpu)])
+    extra = [*(["--executor", args.executor] if args.executor else []),
+             *(["--address", args.address] if args.address else []), "--max-retries", str(args.max_retries)]
+    return serve_main(["--workspace", str(ws.root), "--slots-per-gpu", str(args.slots_per_gpu), *extra])
 
 
 def cmd_probes(args) -> int:

@@ -1,0 +1,644 @@
+"""Workers on a Ray cluster: the same worker code, on any node, with no shared disk.
+
+    ltm-tui serve --executor ray --address auto|HOST:PORT      (docs/cluster.md)
+
+`RayExecutor` is the job manager's executor (`start`, `adopt`, and a handle with `exit_code`,
+`terminate`, `kill`) for a Ray cluster. Each worker session runs in a named, detached Ray actor
+(`SessionActor`) placed where the resources it asks for are free. The actor starts the ordinary
+worker (`python -m backend.compute.worker SESSION.json`) as a process of its node, in a scratch
+folder of that node, so training, checkpoints, cancel and SIGTERM behave exactly as on one box.
+
+Nothing assumes a shared disk. What a job needs travels with it: the battery files, the corpus's
+text (through Ray's object store) and, for a resumed run, its token file, newest checkpoint,
+events and log. What it writes comes back: the service-side handle (`RayWorker.sync`, called by
+the manager before it reads a run's events) asks the actor for what changed since the last call
+and writes it into the workspace's run folder: whole files first (checkpoints in one piece, the
+adapter, result.json), then the new lines of `events.jsonl` and `train.log`. So the manager,
+which only ever reads the workspace, cannot tell a remote run from a local one.
+
+A dead actor or a lost node ends the worker with `lost` set to the reason (which node, what Ray
+said); the manager then requeues its runs (`max_retries`), and the next attempt resumes from the
+newest checkpoint that came back. A restarted service finds live actors by name in the
+workspace's namespace (`adopt`): their pids are ids of ours, and their start marker is
+`RAY_TICKS`, which no local process has.
+
+Ray is imported only here and only when this executor is chosen (`pip install -e ".[ray]"`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from backend.core.errors import LtmError
+from backend.jobs.executor import LocalExecutor, worker_env
+
+RAY_MISSING = 'the Ray executor needs ray: pip install -e ".[ray]"'
+# The start marker of a Ray worker in the `runs.worker_start` column: no /proc start time is
+# negative, so a local executor never adopts a Ray worker's id as a process, nor the reverse.
+RAY_TICKS = -1
+APPEND_FILES = ("events.jsonl", "train.log")  # grow by lines: only the new bytes travel
+SYNC_TIMEOUT = 60.0  # a final sync (after a kill) waits at most this long for the actor
+PROBE_TIMEOUT = 5.0  # after a failed call: is the actor still there?
+ACTOR_NAME = "ltm-worker-{pid}"
+
+
+class ExecutorError(LtmError):
+    title = "executor"
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ExecutorError(RAY_MISSING) from None
+    return ray
+
+
+def namespace_of(workspace_root: Path) -> str:
+    """One Ray namespace a workspace: its actors' names never meet another workspace's."""
+    return "ltm-" + hashlib.sha1(str(Path(workspace_root).resolve()).encode()).hexdigest()[:12]
+
+
+# -- the node side ------------------------------------------------------------------------------
+
+
+class SessionActor:
+    """One worker session on a node: its inputs in a scratch folder of the node, the worker as a
+    process of its own session there, and what it writes handed back by `poll`."""
+
+    def __init__(self, namespace: str, name: str) -> None:
+        self.root = Path(tempfile.gettempdir()) / "ltm-ray" / namespace / name
+        self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.proc: subprocess.Popen | None = None
+        self.session_path: Path | None = None
+
+    def where(self) -> dict:
+        import ray
+
+        ctx = ray.get_runtime_context()
+        return {"node_id": ctx.get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "host": os.uname().nodename, "pid": os.getpid(), "gpus": [str(g) for g in ray.get_gpu_ids()],
+                "scratch": str(self.root), "session": str(self.session_path or ""),
+                "worker_pid": self.proc.pid if self.proc is not None else None,
+                "runs": sorted(p.name for p in (self.root / "runs").glob("*"))}
+
+    def start(self, session: dict, payload: dict) -> dict:
+        """Write the session and its inputs here, start the worker; the node's identity back."""
+        stem = payload["stem"]
+        session = dict(session)
+        session["scenes"] = str(self._put_scenes(payload["scenes"], payload["scenes_file"]))
+        session["jobs"] = self._take_jobs(session["jobs"], payload)
+        sessions = self.root / "sessions"
+        sessions.mkdir(exist_ok=True)
+        self.session_path = sessions / f"{stem}.json"
+        self.session_path.write_text(json.dumps(session, indent=1))
+        env = worker_env(os.environ, None)  # Ray chose the node's GPUs: CUDA_VISIBLE_DEVICES is set
+        with open(self.session_path.with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "backend.compute.worker", str(self.session_path)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, cwd=str(self.root), preexec_fn=_own_session_tied_to_parent,
+            )
+        return self.where()
+
+    def _put_scenes(self, files: dict[str, bytes], single: str | None) -> Path:
+        folder = self.root / "scenes"
+        folder.mkdir(exist_ok=True)
+        for name, data in files.items():
+            (folder / name).write_bytes(data)
+        return folder / single if single else folder
+
+    def _take_jobs(self, jobs: list[dict], payload: dict) -> list[dict]:
+        """The jobs with this node's paths, their run files and corpus text written here."""
+        import ray
+
+        out = []
+        for job in jobs:
+            run_id = job["run_id"]
+            run_dir = self.root / "runs" / run_id
+            run_dir.mkdir(parents=True, exist_ok=True)
+            for rel, data in payload["files"].get(run_id, {}).items():
+                target = run_dir / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(data)
+            job = {**job, "run_dir": str(run_dir)}
+            ref = payload["corpora"].get(run_id)
+            if ref is not None:
+                corpus = self.root / "corpora" / f"{run_id}.txt"
+                corpus.parent.mkdir(exist_ok=True)
+                corpus.write_bytes(ray.get(ref[0]))  # the text, from the object store
+                job["corpus_path"] = str(corpus)
+            out.append(job)
+        return out
+
+    def poll(self, offsets: dict[str, int], have: dict[str, list], cancels: list[str], more: list[dict]) -> dict:
+        """Hand over cancel markers and more jobs, then return what changed: the worker's exit
+        code (read first, so that the files of an exited worker are complete), the new bytes of
+        each append-only file past the caller's offset, and every other file the caller lacks."""
+        for rel in cancels:
+            target = self.root / "runs" / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.touch()
+        for hand in more:
+            jobs = self._take_jobs(hand["jobs"], hand)
+            name = self.session_path.with_name(f"{self.session_path.stem}.more-{hand['tag']}.json")
+            tmp = name.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"jobs": jobs}))
+            tmp.replace(name)  # the worker claims only whole files
+        code = None if self.proc is None else self.proc.poll()
+        appends: dict[str, bytes] = {}
+        files: dict[str, list] = {}
+        checkpoints: dict[str, list[str]] = {}
+        log_rel = "session.log"
+        appends[log_rel] = _read_from(self.session_path.with_suffix(".log"), offsets.get(log_rel, 0), code is not None)
+        runs = self.root / "runs"
+        for run_dir in sorted(runs.iterdir()) if runs.is_dir() else []:
+            run_id = run_dir.name
+            for name in APPEND_FILES:
+                rel = f"{run_id}/{name}"
+                appends[rel] = _read_from(run_dir / name, offsets.get(rel, 0), code is not None)
+            ckpt = run_dir / "checkpoints"
+            checkpoints[run_id] = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-")) if ckpt.is_dir() else []
+            for path in sorted(run_dir.rglob("*")):
+                rel_in = path.relative_to(run_dir)
+                if not path.is_file() or _skipped(rel_in):
+                    continue
+                st = path.stat()
+                rel = f"{run_id}/{rel_in.as_posix()}"
+                if have.get(rel) != [st.st_size, st.st_mtime_ns]:
+                    files[rel] = [path.read_bytes(), st.st_size, st.st_mtime_ns]
+        return {"code": code, "appends": {k: v for k, v in appends.items() if v}, "files": files,
+                "checkpoints": checkpoints}
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+    def close(self) -> None:
+        """The worker gone and the node's scratch folder removed (everything came back)."""
+        self.signal(signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _own_session_tied_to_parent() -> None:
+    """In the worker before it runs: its own session (signals go to its group), and SIGKILL
+    when the actor dies, since then nothing would bring its files back (Linux's
+    PR_SET_PDEATHSIG; elsewhere the actor's `close` ends it)."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _read_from(path: Path, offset: int, whole: bool) -> bytes:
+    """An append-only file's bytes past `offset`, up to its last newline (a line being written
+    waits for the next call), or to its end once the worker has exited."""
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            data = fh.read()
+    except FileNotFoundError:
+        return b""
+    if whole:
+        return data
+    cut = data.rfind(b"\n")
+    return data[: cut + 1] if cut >= 0 else b""
+
+
+def _skipped(rel: Path) -> bool:
+    """What does not travel back: the growing logs (sent by offset), cancel markers (they came
+    from the service), and checkpoints still being written or set aside."""
+    parts = rel.parts
+    if len(parts) == 1 and (parts[0] in APPEND_FILES or parts[0].startswith("cancel.") or parts[0].endswith(".tmp")):
+        return True
+    return parts[0] == "checkpoints" and (len(parts) < 3 or not parts[1].startswith("step-") or parts[1].endswith(".tmp"))
+
+
+# -- the service side ---------------------------------------------------------------------------
+
+
+class RayWorker:
+    """The service's handle on one session actor. `sync()` brings the node's files into the
+    workspace; `exit_code()` is the worker's once everything it wrote has come back."""
+
+    def __init__(self, executor: "RayExecutor", pid: int, actor, session_path: Path | None) -> None:
+        self.executor = executor
+        self.pid = pid
+        self.start_ticks = RAY_TICKS
+        self.actor = actor
+        self.session_path = session_path
+        self.node: str | None = None  # "host (node id)" once the actor has started
+        self.lost: str | None = None  # why the worker ended without an exit code of its own
+        self._code: int | None = None
+        self._have: dict[str, list] = {}
+        self._pending = None  # the poll in flight
+        self._started = None  # the actor's start call, until it answers
+        self._closed = False
+
+    # the WorkerHandle calls
+
+    def exit_code(self) -> int | None:
+        self.sync()  # never waits: takes a poll's answer if one came (a stop awaits this too)
+        return self._code
+
+    def terminate(self) -> None:
+        """SIGTERM to the remote worker: it checkpoints and exits; its files come back."""
+        if self._code is None:
+            self.actor.signal.remote(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL to the remote worker, what it wrote brought back, the actor ended."""
+        if self._code is not None:
+            return
+        ray = import_ray()
+        try:
+            ray.get(self.actor.signal.remote(signal.SIGKILL), timeout=SYNC_TIMEOUT)
+            deadline = time.monotonic() + SYNC_TIMEOUT
+            while self._code is None and time.monotonic() < deadline:
+                self.sync(block=True)
+        except Exception as exc:  # noqa: BLE001 - an actor that cannot answer is ended anyway
+            self._lose(exc)
+        if self._code is None:
+            self._code = -signal.SIGKILL
+        self._close()
+
+    # the node's files
+
+    def sync(self, block: bool = False) -> None:
+        """Bring in what the node wrote since the last call. Without `block`, this never waits:
+        it takes the answer of the poll sent last time (if it came) and sends the next."""
+        if self._code is not None:
+            return
+        ray = import_ray()
+        try:
+            if self._started is not None:
+                ready, _ = ray.wait([self._started], timeout=SYNC_TIMEOUT if block else 0)
+                if not ready:
+                    return  # still waiting for a node with the resources it asked for
+                self.node = _node_label(ray.get(self._started))
+                self._started = None
+            if self._pending is None:
+                self._pending = self._poll()
+                if not block:
+                    return
+            ready, _ = ray.wait([self._pending], timeout=SYNC_TIMEOUT if block else 0)
+            if not ready:
+                return
+            answer = ray.get(self._pending)
+            self._pending = None
+            self._write(answer)
+            self.executor.held.setdefault(self.pid, set()).update(answer["checkpoints"])  # its runs
+            if answer["code"] is not None:
+                self._code = answer["code"]
+                self._close()
+            else:
+                self._pending = self._poll()
+        except ray.exceptions.RayError as exc:
+            self._failed(exc)
+
+    def _failed(self, exc: Exception) -> None:
+        """A call that failed: ask the actor once more. Alive, the answer was lost on the way and
+        is asked again; dead, what Ray says of its death is the reason the runs end with."""
+        ray = import_ray()
+        try:
+            ray.get(self.actor.where.remote(), timeout=PROBE_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            return  # busy or out of reach for now: the next tick asks again
+        except ray.exceptions.RayError as died:
+            exc = died
+        else:
+            self._pending = None
+            return
+        self._lose(exc)
+
+    def _poll(self):
+        cancels, more = self._to_send()
+        return self.actor.poll.remote(self._offsets_now(), self._have, cancels, more)
+
+    def _offsets_now(self) -> dict[str, int]:
+        """The node's append-only files begin as the workspace's copies (sent with each job), so
+        the workspace file's size is where the node's new bytes begin, after a restart too."""
+        out = {"session.log": _size(self._session_log())}
+        for run_id in self.executor.held.get(self.pid, ()):
+            for name in APPEND_FILES:
+                out[f"{run_id}/{name}"] = _size(self.executor.runs_dir / run_id / name)
+        return out
+
+    def _session_log(self) -> Path:
+        return (self.session_path or Path(os.devnull)).with_suffix(".log")
+
+    def _to_send(self) -> tuple[list[str], list[dict]]:
+        """Cancel markers of this worker's runs, and jobs the manager handed over to it (the
+        `.more-*.json` files a local worker would claim), with their inputs."""
+        cancels = []
+        for run_id in self.executor.held.get(self.pid, ()):
+            for marker in (self.executor.runs_dir / run_id).glob("cancel.*"):
+                cancels.append(f"{run_id}/{marker.name}")
+        more = []
+        if self.session_path is not None:
+            for path in sorted(self.session_path.parent.glob(f"{self.session_path.stem}.more-*.json")):
+                jobs = json.loads(path.read_text(encoding="utf-8"))["jobs"]
+                sent = path.with_suffix(".sent")
+                path.rename(sent)
+                more.append({"tag": sent.stem.rsplit("more-", 1)[-1], "jobs": jobs, **self.executor.job_inputs(jobs)})
+                self.executor.held.setdefault(self.pid, set()).update(j["run_id"] for j in jobs)
+        return cancels, more
+
+    def _write(self, answer: dict) -> None:
+        """Whole files first (a checkpoint lands in one piece, result.json by rename), then the
+        appended lines: the manager reads an event only after the files it speaks of."""
+        runs = self.executor.runs_dir
+        steps: dict[Path, list[tuple[Path, bytes]]] = {}
+        for rel, (data, size, mtime) in answer["files"].items():
+            run_id, inner = rel.split("/", 1)
+            parts = Path(inner).parts
+            if parts[0] == "checkpoints":
+                steps.setdefault(runs / run_id / "checkpoints" / parts[1], []).append((Path(*parts[2:]), data))
+            else:
+                if inner == "result.json":
+                    data = _workspace_result(runs / run_id, data)
+                _write_atomic(runs / run_id / inner, data)
+            self._have[rel] = [size, mtime]
+        for final, items in steps.items():
+            incoming = final.with_name(f".incoming-{final.name}")
+            if final.exists():  # a checkpoint already here gets only its changed files
+                incoming = final
+            for inner, data in items:
+                _write_atomic(incoming / inner, data)
+            if incoming != final:
+                incoming.rename(final)
+        for run_id, names in answer["checkpoints"].items():
+            folder = runs / run_id / "checkpoints"
+            for old in folder.glob("step-*") if names else ():
+                if old.name not in names and old.name < max(names):
+                    shutil.rmtree(old, ignore_errors=True)  # the node's trainer let it go
+        for rel, data in answer["appends"].items():
+            path = self._session_log() if rel == "session.log" else runs / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "ab") as fh:
+                fh.write(data)
+
+    def _lose(self, exc: Exception) -> None:
+        """The worker is gone with its actor. Once it had started on a node, its runs are
+        `lost` (the manager requeues them); an actor that never started (it could not import
+        this project on any node, say) says why in the session log, and its first run fails."""
+        said = _ray_said(exc)
+        if self.node is not None:
+            self.lost = f"node {self.node} lost ({said})"
+        else:
+            log = self._session_log()
+            if self.session_path is not None:
+                with open(log, "a", encoding="utf-8") as fh:
+                    fh.write(f"the Ray actor did not start: {said}\n")
+        self._code = -1
+        self._close()
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.executor.held.pop(self.pid, None)
+        ray = import_ray()
+        try:
+            if self.lost is None:
+                ray.get(self.actor.close.remote(), timeout=SYNC_TIMEOUT)
+        except Exception:  # noqa: BLE001 - it is killed below either way
+            pass
+        try:
+            ray.kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone with its node
+            pass
+
+
+class RayExecutor:
+    """Worker sessions as Ray actors, placed by the resources each asks for."""
+
+    def __init__(self, workspace_root: Path, address: str | None = "auto", *, slots_per_gpu: int = 1,
+                 gpu_memory_gib: float | None = None) -> None:
+        ray = import_ray()
+        self.root = Path(workspace_root)
+        self.runs_dir = self.root / "runs"
+        self.namespace = namespace_of(self.root)
+        self.address = address or "auto"
+        self.slots_per_gpu = max(1, slots_per_gpu)
+        self.gpu_memory = (gpu_memory_gib or float(os.environ.get("LTM_RAY_GPU_MEMORY_GIB", 24))) * 2**30
+        self.held: dict[int, set[str]] = {}  # worker id -> runs it was given (cancel markers go to it)
+        self._nodes: tuple[float, list[dict]] = (-1e9, [])
+        self.local = LocalExecutor()  # tasks (calibrations, judges) and workers from before a switch
+        if not ray.is_initialized():
+            _reachable(self.address)
+            try:
+                ray.init(address=self.address, namespace=self.namespace, log_to_driver=False,
+                         logging_level="warning", configure_logging=False)
+            except (ConnectionError, RuntimeError, ValueError) as exc:
+                raise ExecutorError(
+                    f"no Ray cluster at {self.address} ({str(exc).strip().splitlines()[0][:160]}): "
+                    "start one with `ray start --head` (docs/cluster.md)"
+                ) from None
+        self._actor_class = ray.remote(SessionActor)
+
+    def slots(self) -> list[str | None]:
+        """How many workers run at once: one per CPU of the cluster, or `slots_per_gpu` per GPU.
+        Ray places each; a slot names no device (Ray sets the actor's CUDA_VISIBLE_DEVICES)."""
+        ray = import_ray()
+        res = ray.cluster_resources()
+        gpus = int(res.get("GPU", 0))
+        count = gpus * self.slots_per_gpu if gpus else int(res.get("CPU", 1))
+        return [None] * max(1, count)
+
+    def nodes(self) -> list[dict]:
+        """The cluster's live nodes: host, id, CPUs and GPUs (for `status` and the device panel),
+        asked of Ray at most every few seconds."""
+        if time.monotonic() - self._nodes[0] < 5:
+            return self._nodes[1]
+        ray = import_ray()
+        out = []
+        for n in ray.nodes():
+            if not n.get("Alive"):
+                continue
+            res = n.get("Resources", {})
+            out.append({"node": _node_label({"host": n.get("NodeManagerHostname"), "node_id": n["NodeID"]}),
+                        "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
+        self._nodes = (time.monotonic(), out)
+        return out
+
+    def resources(self, session: dict) -> dict[str, float]:
+        """One CPU; on a cluster with GPUs, the share of a card its base needs (a quarter for a
+        micro model, so four share a card; the whole card, or several, for a 7B–13B base)."""
+        ray = import_ray()
+        if not ray.cluster_resources().get("GPU"):
+            return {"num_cpus": 1, "num_gpus": 0}
+        need = base_memory_bytes(session.get("base") or {})
+        if need is None:
+            return {"num_cpus": 1, "num_gpus": 1.0 / self.slots_per_gpu}
+        share = need / self.gpu_memory
+        if share > 1:
+            return {"num_cpus": 1, "num_gpus": float(-(-share // 1))}  # whole cards
+        return {"num_cpus": 1, "num_gpus": max(0.25, -(-share * 4 // 1) / 4)}  # quarters
+
+    def start(self, session_path: Path, slot: str | None):
+        session = json.loads(Path(session_path).read_text(encoding="utf-8"))
+        if "task" in session:
+            return self.local.start(session_path, slot)  # a calibration or a judge: on this host
+        pid = secrets.randbelow(2**31 - 2**20) + 2**20  # an id no list of local pids shows
+        name = ACTOR_NAME.format(pid=pid)
+        actor = self._actor_class.options(
+            name=name, namespace=self.namespace, lifetime="detached", max_restarts=0, **self.resources(session)
+        ).remote(self.namespace, name)
+        payload = {"stem": Path(session_path).stem, **self.scenes_payload(session["scenes"]),
+                   **self.job_inputs(session["jobs"])}
+        handle = RayWorker(self, pid, actor, Path(session_path))
+        handle._started = actor.start.remote(session, payload)
+        self.held[pid] = {j["run_id"] for j in session["jobs"]}
+        return handle
+
+    def adopt(self, pid: int, start_ticks: int | None):
+        if start_ticks != RAY_TICKS:
+            return self.local.adopt(pid, start_ticks)
+        ray = import_ray()
+        try:
+            actor = ray.get_actor(ACTOR_NAME.format(pid=pid), namespace=self.namespace)
+            where = ray.get(actor.where.remote(), timeout=SYNC_TIMEOUT)
+        except (ValueError, ray.exceptions.RayError):
+            return None
+        session = self.root / "sessions"
+        found = sorted(session.glob("session-*.json"))
+        handle = RayWorker(self, pid, actor, None)
+        stem = Path(where.get("session") or "").stem
+        handle.session_path = next((p for p in found if p.stem == stem), None)
+        handle.node = _node_label(where)
+        self.held[pid] = set(where["runs"])
+        return handle
+
+    def scenes_payload(self, scenes: str) -> dict:
+        path = Path(scenes)
+        if path.is_dir():
+            files = {p.name: p.read_bytes() for p in sorted(path.iterdir())
+                     if p.suffix in (".yaml", ".yml") and p.is_file() and not p.name.startswith(".")}
+            return {"scenes": files, "scenes_file": None}
+        return {"scenes": {path.name: path.read_bytes()}, "scenes_file": path.name}
+
+    def job_inputs(self, jobs: list[dict]) -> dict:
+        """What each job needs on a node with nothing of ours: the corpus's text, in the object
+        store (extracted here, so PDFs, EPUBs and corpus sets arrive as plain text), and what an
+        earlier attempt left (tokens, newest checkpoint, events, log, result, cancel markers)."""
+        from backend.ingest.corpora import iter_text
+
+        ray = import_ray()
+        corpora, files = {}, {}
+        for job in jobs:
+            run_id, run_dir = job["run_id"], Path(job["run_dir"])
+            if job.get("corpus_path"):  # to tokenize, and for evaluation's novelty against it
+                text = "".join(iter_text(Path(job["corpus_path"])))
+                corpora[run_id] = [ray.put(text.encode("utf-8"))]
+            files[run_id] = _resume_files(run_dir)
+        return {"corpora": corpora, "files": files}
+
+
+def _resume_files(run_dir: Path) -> dict[str, bytes]:
+    out = {}
+    for name in ("tokens.bin", "result.json", *APPEND_FILES):
+        if (run_dir / name).is_file():
+            out[name] = (run_dir / name).read_bytes()
+    for marker in run_dir.glob("cancel.*"):
+        out[marker.name] = b""
+    steps = sorted(p for p in (run_dir / "checkpoints").glob("step-*") if p.is_dir())
+    if steps:
+        for path in steps[-1].rglob("*"):
+            if path.is_file():
+                out[f"checkpoints/{steps[-1].name}/{path.relative_to(steps[-1]).as_posix()}"] = path.read_bytes()
+    return out
+
+
+def base_memory_bytes(base: dict) -> float | None:
+    """What training an adapter on this base holds on a card, roughly: the weights (a quarter in
+    4-bit) and as much again for activations, adapter and optimizer. None when the weights are
+    not on this host to measure (the whole card is asked for then)."""
+    name = base.get("base")
+    if not name or name == "micro":
+        return 0.5 * 2**30
+    folder = Path(name).expanduser()
+    if not folder.is_dir():
+        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
+        snaps = sorted((hub / f"models--{name.replace('/', '--')}" / "snapshots").glob("*"))
+        if not snaps:
+            return None
+        folder = snaps[-1]
+    weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    if not weights:
+        return None
+    if base.get("quant") in ("4bit", "nf4"):
+        weights /= 4
+    return 2.0 * weights + 2 * 2**30
+
+
+def _workspace_result(run_dir: Path, data: bytes) -> bytes:
+    """result.json as a local run's: it names the corpus file the user gave, not the node's copy."""
+    try:
+        result = json.loads(data)
+        job = json.loads((run_dir / "job.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return data
+    if result.get("corpus_path"):
+        result["corpus_path"] = job.get("corpus_path")
+    return json.dumps(result, ensure_ascii=False, indent=1).encode()
+
+
+def _reachable(address: str) -> None:
+    """A HOST:PORT that does not answer fails in one line at once (Ray itself waits minutes)."""
+    host, _, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ExecutorError(
+            f"no Ray cluster answers at {address} ({exc.strerror or exc}): start one there with "
+            "`ray start --head`, or pass --address auto on its head node (docs/cluster.md)"
+        ) from None
+
+
+def _node_label(where: dict) -> str:
+    return f"{where.get('host') or where.get('ip') or '?'} ({str(where.get('node_id', ''))[:8]})"
+
+
+def _ray_said(exc: Exception) -> str:
+    """Ray's own reason in one line: the sentence that says why the actor died, if there is one."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in lines:
+        if "died because" in line or "node" in line.lower() and "died" in line:
+            return line[:300]
+    return f"{type(exc).__name__}: {lines[0][:200]}" if lines else type(exc).__name__
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.incoming")
+    tmp.write_bytes(data)
+    tmp.replace(path)

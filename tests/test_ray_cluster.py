@@ -1,0 +1,262 @@
+"""The Ray executor on Ray's own multi-node simulator: two nodes of one CPU each (and a head with
+none), one cluster for the whole file. Real actors, real worker processes on the nodes, real
+files copied back; tiny micro jobs. The node-loss test removes a node, so it runs last."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from backend.core.events import read_events
+from backend.core.workspace import Workspace
+from backend.jobs.client import connect
+from backend.jobs.executor import process_alive
+from backend.jobs.manager import JobManager
+from backend.jobs.settings import JobSettings
+from backend.jobs.store import Store
+from tests.conftest import REPO, WAIT, cli, wait_for, write_corpora
+
+ray = pytest.importorskip("ray")
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+BASE = {"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False, "device": "cpu"}
+TRAIN = {"block_size": 64, "micro_batch": 8, "min_train_tokens": 0, "epochs": 1000, "max_steps": 30,
+         "checkpoint_every": 10, "log_every": 5}
+LONG = {**TRAIN, "max_steps": 100_000, "checkpoint_every": 10}  # only ever cancelled, killed or lost
+# Both sides run their workers with one thread (Ray gives an actor of one CPU one thread), so the
+# numbers of a Ray run and of a local run are the same numbers.
+ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    from ray.cluster_utils import Cluster
+
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", *ONE_THREAD)}
+    # the nodes' processes (and the workers their actors start) import this checkout, as a
+    # node with the project installed would
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), saved["PYTHONPATH"]]))
+    os.environ.update(ONE_THREAD)
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    for _ in range(2):
+        c.add_node(num_cpus=1)
+    c.wait_for_nodes()
+    yield c
+    ray.shutdown()
+    c.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _manager(root: Path, cluster, executor: str = "ray") -> JobManager:
+    ws = Workspace(root / "ws")
+    ws.ensure()
+    store = Store(ws.db_path)
+    if executor == "local":
+        return JobManager(ws, store, slots=[None])
+    from backend.jobs.ray_executor import RayExecutor
+
+    ex = RayExecutor(ws.root, cluster.address)
+    return JobManager(ws, store, slots=ex.slots(), executor=ex)
+
+
+def _settings(battery: Path, train: dict = TRAIN) -> JobSettings:
+    return JobSettings(base=BASE, scenes=str(battery), train=train, probes=False)
+
+
+def _rows(store: Store, seed: int | None = None) -> list[tuple]:
+    """The results table (and each run's steps and final loss) without what differs between
+    any two runs of the same jobs: ids, times, speeds."""
+    keep = ("corpus", "kind", "seed", "base", "status", "tokens", "overall", "scores")
+    rows = []
+    for r in store.results():
+        if seed is None or r["seed"] == seed:
+            run = store.get_run(r["run_id"])
+            rows.append((*(r[k] for k in keep), run["steps"], run["final_loss"]))
+    return sorted(rows, key=str)
+
+
+def _until(manager: JobManager, hook, condition, what: str):
+    """Drive the scheduler until a condition of the workspace holds."""
+    import time
+
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        manager.tick(hook)
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.25)
+    raise AssertionError(f"timed out after {WAIT:.0f}s waiting for {what}")
+
+
+def _steps(run_dir: Path, attempt: int) -> list[int]:
+    events, _ = read_events(run_dir / "events.jsonl")
+    return [e["step"] for e in events if e["type"] == "progress" and e.get("attempt", 0) == attempt]
+
+
+def test_jobs_spread_over_both_nodes_and_match_the_local_executor(cluster, tmp_path):
+    corpora, battery = write_corpora(tmp_path)
+    other = shutil.copytree(battery, tmp_path / "battery2")  # a second session, so a second worker
+    manager = _manager(tmp_path / "ray", cluster)
+    seen: list[dict] = []
+    files = [corpora / "logic.txt", corpora / "story.txt"]
+    runs = manager.submit(files, _settings(battery)).run_ids + manager.submit(files, _settings(other), seeds=[1]).run_ids
+    _until(manager, seen.append, lambda: len(manager.live) == 2, "two workers")
+    # both slots busy: a job queued now on the first session's base goes to its warm worker
+    extra = tmp_path / "more.txt"
+    extra.write_text(corpora.joinpath("logic.txt").read_text()[::-1], encoding="utf-8")
+    (warm,) = manager.submit([extra], _settings(battery)).run_ids
+    assert manager.run_queue(on_event=seen.append) is True
+
+    # four runs, two workers at once: one on each node (each has one CPU, each worker asks one)
+    assert len(runs) == 4
+    assert len({manager.nodes[r] for r in runs}) == 2
+    assert manager.nodes[warm] == manager.nodes[runs[0]]
+    assert any(e.get("type") == "worker" and e.get("warm") and e["runs"] == [warm] for e in seen)
+    store = manager.store
+    assert [r["status"] for r in store.list_runs()] == ["done"] * len(store.list_runs())
+    for run_id in runs:  # everything a local run leaves, in the workspace's own run folder
+        run_dir = manager.workspace.run_dir(run_id)
+        result = json.loads((run_dir / "result.json").read_text())
+        assert result["corpus_path"] in {str(f) for f in files}  # the user's file, not a node's copy
+        assert (run_dir / "model" / "model.safetensors").is_file()
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-000010", "step-000020"]
+        assert store.scene_results(run_id)
+
+    # the events, as a subscriber gets them: each run's states in order, its steps rising
+    for run_id in runs:
+        states = [e["status"] for e in seen if e.get("type") == "state" and e["run_id"] == run_id]
+        assert states == ["starting", "training", "evaluating", "done"], (run_id, states)
+        steps = [e["step"] for e in seen if e.get("type") == "progress" and e["run_id"] == run_id]
+        assert steps == [5, 10, 15, 20, 25, 30]
+
+    # the first session's jobs through the local executor: the same rows as through Ray
+    local = _manager(tmp_path / "local", cluster, executor="local")
+    local.submit(files, _settings(battery))
+    assert local.run_queue() is True
+    assert len(store.results()) == 7  # five runs and a baseline per seed, one row each
+    assert _rows(local.store) == [r for r in _rows(store, seed=0) if r[0] != "more.txt"]
+
+
+def test_cancel_on_a_remote_node_checkpoints_and_ends_the_actor(cluster, tmp_path):
+    corpora, battery = write_corpora(tmp_path)
+    manager = _manager(tmp_path, cluster)
+    run_id = manager.submit([corpora / "logic.txt"], _settings(battery, LONG)).run_ids[0]
+    run_dir = manager.workspace.run_dir(run_id)
+    seen: list[dict] = []
+    _until(manager, seen.append, lambda: len(_steps(run_dir, 0)) >= 3, "training on a node")
+    (worker,) = manager.live.values()
+    scratch = Path(ray.get(worker.process.actor.where.remote())["scratch"])
+
+    manager.cancel(run_id, seen.append)
+    manager.run_queue(on_event=seen.append)  # until the worker has let go and exited
+    run = manager.store.get_run(run_id)
+    assert run["status"] == "cancelled"
+    events, _ = read_events(run_dir / "events.jsonl")
+    assert any(e.get("phase") == "cancelled" for e in events)  # the remote worker let go of it
+    ckpts = sorted((run_dir / "checkpoints").glob("step-*"))
+    assert ckpts, "the checkpoint saved on the node came back"
+    assert int(ckpts[-1].name.split("-")[1]) >= _steps(run_dir, 0)[-1] - 1
+    with pytest.raises(ValueError):  # the detached actor is gone, with its scratch folder
+        ray.get_actor(f"ltm-worker-{worker.pid}", namespace=manager.executor.namespace)
+    assert not scratch.exists()
+
+
+def _serve(ws: Path, address: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "ltm_tui.cli", "serve", "--executor", "ray", "--address", address,
+         "--workspace", str(ws)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_a_killed_service_is_followed_by_one_that_reattaches_and_ingests_once(cluster, tmp_path):
+    corpora, battery = write_corpora(tmp_path)
+    ws = Workspace(tmp_path / "ws")
+    service = _serve(ws.root, cluster.address)
+    wait_for(lambda: ws.socket_path.exists(), what="the Ray service's socket")
+    train = {**TRAIN, "max_steps": 120, "checkpoint_every": 40}
+    with connect(ws) as client:
+        assert client.call("ping")["executor"] == "ray"
+        run_id = client.call("submit", paths=[str(corpora / "logic.txt")],
+                             settings=asdict(_settings(battery, train)))["run_ids"][0]
+
+    def training():
+        with connect(ws) as client:
+            job = {j["run_id"]: j for j in client.call("jobs")}[run_id]
+        return job if job["status"] == "training" and (job["step"] or 0) >= 10 else None
+
+    before = wait_for(training, what="the run training on a node")
+    assert before["node"] and before["pid"]  # `status --format json` says where it runs
+    shown = cli("status", "--workspace", str(ws.root))
+    assert f"executor: ray at {cluster.address}; nodes: " in shown.stdout and before["node"] in shown.stdout
+    os.kill(service.pid, signal.SIGKILL)  # no goodbye: the actor and its worker go on
+    service.wait()
+
+    # the next client starts a service on demand; the workspace remembers its executor
+    def done():
+        with connect(ws) as client:
+            job = {j["run_id"]: j for j in client.call("jobs")}[run_id]
+        return job if job["status"] in ("done", "failed", "interrupted") else None
+
+    after = wait_for(done, what="the run to end under the second service")
+    assert after["status"] == "done", after["error"]
+    with connect(ws) as client:
+        rows = [r for r in client.call("results") if r["run_id"] == run_id]
+        detail = client.call("run", run_id=run_id)
+    assert len(rows) == 1 and detail["run"]["steps"] == 120
+    assert detail["run"]["attempt"] == 0  # adopted, never interrupted nor retried
+    assert [p["step"] for p in detail["curve"]] == sorted({p["step"] for p in detail["curve"]})
+    events, _ = read_events(ws.run_dir(run_id) / "events.jsonl")
+    assert sum(e["type"] == "result" for e in events) == 1  # each line copied back once
+    assert len(events) == len({json.dumps(e, sort_keys=True) for e in events})
+
+
+def test_a_lost_node_interrupts_and_the_run_resumes_on_the_other(cluster, tmp_path):
+    corpora, battery = write_corpora(tmp_path)
+    manager = _manager(tmp_path, cluster)
+    train = {**TRAIN, "max_steps": 60, "checkpoint_every": 20}
+    run_id = manager.submit([corpora / "logic.txt"], _settings(battery, train)).run_ids[0]
+    run_dir = manager.workspace.run_dir(run_id)
+    seen: list[dict] = []
+
+    def copied():
+        steps = sorted(run_dir.glob("checkpoints/step-*"))
+        return steps if steps and manager.store.get_run(run_id)["status"] == "training" else None
+
+    steps = _until(manager, seen.append, copied, "a checkpoint copied back from the node")
+    newest = int(steps[-1].name.split("-")[1])  # nothing more comes back from that node
+    (worker,) = manager.live.values()
+    where = ray.get(worker.process.actor.where.remote())
+    node_id = where["node_id"]
+    (node,) = [n for n in cluster.list_all_nodes() if n.node_id == node_id]
+    cluster.remove_node(node)
+
+    assert manager.run_queue(on_event=seen.append) is True
+    run = manager.store.get_run(run_id)
+    assert run["status"] == "done" and run["attempt"] == 1
+    first = manager.store.attempts(run_id)[0]
+    assert first["attempt"] == 0 and first["status"] == "interrupted"
+    assert node_id[:8] in first["error"] and "lost" in first["error"]
+    states = [e["status"] for e in seen if e.get("type") == "state" and e["run_id"] == run_id]
+    lost = states.index("interrupted")
+    assert states[lost:] == ["interrupted", "queued", "starting", "training", "evaluating", "done"]
+    # the second attempt began where the newest copied checkpoint left off, and ended once
+    second = _steps(run_dir, 1)
+    assert newest < second[0] <= newest + TRAIN["log_every"] and second[-1] == 60
+    assert len([r for r in manager.store.results() if r["run_id"] == run_id]) == 1
+    assert manager.nodes[run_id] != worker.process.node
+    assert not process_alive(where["worker_pid"], None)  # the lost node's worker ended with its actor
