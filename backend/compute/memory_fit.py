@@ -57,8 +57,12 @@ def fit_to_card(model, cfg: TrainConfig, *, quant: str | None, lora: LoraSetting
     if card_bytes is None:
         if device.type != "cuda":
             return cfg, False
+        from backend.studies.memory_plan import CUDA_CONTEXT_BYTES
+
         free, _total = torch.cuda.mem_get_info(device)
-        card_bytes = int(free + torch.cuda.memory_reserved(device))  # what this process may fill
+        # What this process may fill, plus the context it already has: the plan's peak counts
+        # the context, which `free` has already lost.
+        card_bytes = int(free + torch.cuda.memory_reserved(device)) + CUDA_CONTEXT_BYTES
     settings = plan_settings(model, cfg, quant=quant, lora=lora, device=device, dtype_bytes=dtype_bytes)
     config = _base_config(model).to_dict()
     effective = cfg.micro_batch * cfg.grad_accum

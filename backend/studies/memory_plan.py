@@ -58,6 +58,10 @@ CUDA_CONTEXT_BYTES = int(0.8 * GB)
 # measures reserved against allocated on a card.
 ALLOCATOR_SLACK = 0.05
 MICRO_BATCH_CAP = 64
+# Tokens a forward pass needs to keep a card's matmuls at full speed: with 4096 rows the GEMMs of
+# a 4k-wide model are far past the size where an H100's tensor cores saturate. Below it, `choose`
+# prefers a larger micro-batch with checkpointing to a short pass without.
+FULL_PASS_TOKENS = 4096
 
 
 def read_config(folder) -> dict:
@@ -387,8 +391,11 @@ def choose(
 ) -> tuple[bool, int]:
     """(grad_checkpointing, micro_batch) for a card of `card_bytes`: the largest power-of-two
     micro-batch up to `cap` whose plan fits `target_share` of the card. Without checkpointing
-    when that micro-batch is at least the requested one (no recomputation: about a third less
-    compute a step); else with checkpointing, the largest that fits that way. When not even
+    when that micro-batch is at least the requested one, or already runs FULL_PASS_TOKENS a
+    forward pass: recomputing the forward costs a LoRA step on a frozen base half as much matmul
+    work again (6 instead of 4 FLOPs a frozen weight and token), while a smaller micro-batch of
+    passes that long costs only more, equally efficient passes. Else with checkpointing, the
+    largest that fits that way. When not even
     micro-batch 1 with checkpointing fits, (True, 1): the smallest step there is, for the caller
     to try (and `plan` of it says by how much it is over). Pass cap = micro_batch × grad_accum
     to keep the effective batch."""
@@ -404,6 +411,7 @@ def choose(
         return best
 
     plain = largest(False)
-    if plain and plain >= min(micro_batch, sizes[-1]):
+    block = int(settings.get("block_size", 512))
+    if plain and (plain >= min(micro_batch, sizes[-1]) or plain * block >= FULL_PASS_TOKENS):
         return False, plain
     return True, max(1, largest(True))
