@@ -369,6 +369,8 @@ class QueueTable(RunTable):
     def _cells(self, job: dict) -> list:
         status = job["status"]
         label = job_label(job)
+        if job.get("node"):  # a Ray cluster: the node it runs on, after its name
+            label = f"{label} @ {job['node']}"
         total, step = job.get("total"), job.get("step")
         scenes, scored = job.get("eval_total"), job.get("eval_done")
         evaluating = status == "evaluating" and scenes

@@ -106,6 +106,33 @@ def _steps(run_dir: Path, attempt: int) -> list[int]:
     return [e["step"] for e in events if e["type"] == "progress" and e.get("attempt", 0) == attempt]
 
 
+def test_the_dashboards_queue_names_the_node_of_each_job():
+    """A `jobs` row of a Ray service carries `node`; a local one does not, and reads as before."""
+    import asyncio
+
+    from textual.app import App
+
+    from ltm_tui.widgets import QueueTable
+
+    rows = [{"run_id": "logic-s0-1", "corpus": "logic.txt", "kind": "adapter", "base": "micro:tiny",
+             "status": "training", "step": 5, "total": 30, "node": "gpu-box-2 (7da3b97d)"},
+            {"run_id": "story-s0-2", "corpus": "story.txt", "kind": "adapter", "base": "micro:tiny",
+             "status": "queued", "step": None, "total": None, "node": None}]
+
+    class Queue(App):
+        def compose(self):
+            yield QueueTable()
+
+    async def scenario():
+        async with Queue().run_test(size=(140, 12)) as pilot:
+            table = pilot.app.query_one(QueueTable)
+            table.set_jobs(rows)
+            await pilot.pause()
+            return [table.get_cell(r["run_id"], "corpus").text for r in rows]
+
+    assert asyncio.run(scenario()) == ["logic.txt @ gpu-box-2 (7da3b97d)", "story.txt"]
+
+
 def test_jobs_spread_over_both_nodes_and_match_the_local_executor(cluster, tmp_path):
     corpora, battery = write_corpora(tmp_path)
     other = shutil.copytree(battery, tmp_path / "battery2")  # a second session, so a second worker
