@@ -153,3 +153,25 @@ def test_workers_get_cudas_expandable_segments_unless_the_user_chose(tmp_path, c
     mine = worker_env({**clean, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, None)
     assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512" and "PYTORCH_ALLOC_CONF" not in mine
     assert worker_env(clean, "1")["CUDA_VISIBLE_DEVICES"] == "1"
+
+
+@pytest.mark.slow
+def test_a_worker_runs_the_gpu_paths_settings_on_the_cpu(tmp_path, corpora, tiny_battery, monkeypatch):
+    """`--precision bf16 --compile --grad-checkpointing on` through a real worker process: the
+    job trains, the log says what was applied, and result.json records what the steps ran with."""
+    monkeypatch.setenv("LTM_COMPILE_BACKEND", "aot_eager")  # the worker inherits it; no C++ toolchain
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    settings = JobSettings(base={**settings.base, "precision": "bf16", "compile": True, "kernels": "liger"},
+                           scenes=settings.scenes, train={**TRAIN, "max_steps": 12, "grad_checkpointing": "on"},
+                           probes=False)
+    sub = manager.submit([corpora["logic"]], settings)
+    run = store.get_run(sub.run_ids[0])
+    assert manager.start_worker(manager._write_session([run])).wait(timeout=WAIT) == 0
+    folder = tmp_path / "ws" / "runs" / run["run_id"]
+    result = json.loads((folder / "result.json").read_text())
+    assert result["steps"] == 12 and result["grad_checkpointing_used"] is True
+    assert result["final_loss"] < result["curve"][0]["loss"]
+    log = (folder / "train.log").read_text()
+    assert "torch.compile: 2 decoder layers" in log
+    assert "--kernels liger runs on CUDA only" in log
+    store.close()
