@@ -2,10 +2,13 @@
 
 Used by `benchmarks/run.py` (CPU-sized shapes) and `benchmarks/gpu_check.py` (1B- and 7B-shaped
 Llamas). Both sides of every comparison get the same randomly initialised model built from a
-config (no download), the same LoRA adapter (`backend.compute.models.attach_lora`; the peer's keeps PEFT's
-own dropout, ours `backend.compute.dropout.FastDropout` at the same rate), the same packed
-blocks in the same order, the same optimizer (fused AdamW, betas 0.9/0.95, weight decay 0.01, clip
-1.0), the same schedule (no warm-up, cosine to 10% of the peak) and the same precision.
+config (no download), the same LoRA adapter (`backend.compute.models.attach_lora` with
+`LoraSettings()`'s rank-independent defaults, dropout included; the peer's keeps PEFT's own
+dropout, ours `backend.compute.dropout.FastDropout` at the same rate), the same packed blocks in
+the same order, the same optimizer (fused AdamW, betas 0.9/0.95, weight decay 0.01, clip 1.0),
+the same schedule (no warm-up, cosine to 10% of the peak; both sides' learning rates are
+compared), the same precision and the worker's allocator setting (`keep_freed_memory`), each
+side in a fresh process.
 """
 
 from __future__ import annotations
@@ -13,10 +16,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +57,13 @@ def lora_model(shape, seed=0, dtype=torch.float32, device="cpu", r=16, peer: boo
     Both start from the same weights."""
     from backend.compute.models import attach_lora
 
-    return attach_lora(llama(shape, seed, dtype, device), LoraSettings(r=r, alpha=2 * r), seed,
-                       fast_dropout=not peer)
+    return attach_lora(llama(shape, seed, dtype, device), lora_settings(r), seed, fast_dropout=not peer)
+
+
+def lora_settings(r: int) -> LoraSettings:
+    """The worker's LoRA settings (dropout, target modules: whatever `LoraSettings` defaults to
+    now) at rank r, alpha 2r: both sides of every comparison get these."""
+    return replace(LoraSettings(), r=r, alpha=2 * r)
 
 
 def demo_tokens(folder: Path, n_tokens: int, vocab: int) -> Path:
@@ -93,9 +103,22 @@ def train_ours(model, tokens: Path, cfg: TrainConfig, device) -> dict[str, Any]:
         _sync(device)
         seconds = time.perf_counter() - t0
     losses, steady = log_windows(curve, cfg.log_every)
-    return {"seconds": seconds, "tokens": out.tokens_seen, "tokens_per_s": out.tokens_seen / seconds,
+    return {**_rates_used(curve, cfg, out.steps),"seconds": seconds, "tokens": out.tokens_seen, "tokens_per_s": out.tokens_seen / seconds,
             "steady_tokens_per_s": steady,  # after the first log window
             "final_loss": losses[-1], "first_loss": losses[0]}
+
+
+def _rates_used(curve: list[dict], cfg: TrainConfig, total: int) -> dict[str, list[float]]:
+    """{"lrs": the learning rate each multiple of log_every steps ran with}, as the Trainer logs
+    it. Our progress events carry the rate for the step after theirs; when those are exactly
+    `lr_factor`'s, the rates the steps ran with are lr_factor's one step earlier; when not, the
+    events' own rates, which then differ from the Trainer's."""
+    from backend.compute.train import lr_factor
+
+    logged = [(p["step"], p["lr"]) for p in curve if p["step"] % cfg.log_every == 0]
+    if isclose_all([lr for _, lr in logged], [cfg.lr * lr_factor(s, total, cfg) for s, _ in logged], 1e-6):
+        return {"lrs": [cfg.lr * lr_factor(s - 1, total, cfg) for s, _ in logged]}
+    return {"lrs": [lr for _, lr in logged]}
 
 
 def log_windows(curve: list[dict], log_every: int) -> tuple[list[float], float]:
@@ -145,11 +168,13 @@ def train_hf_trainer(model, tokens: Path, cfg: TrainConfig, device, bf16: bool =
     n_blocks = cfg.max_steps * cfg.micro_batch * cfg.grad_accum
     data = _Blocks(tokens, cfg, n_blocks)
     losses: list[float] = []
+    lrs: list[float] = []
 
     class Losses(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(float(logs["loss"]))
+                lrs.append(float(logs["learning_rate"]))
 
     class InOrder(Trainer):
         def _get_train_sampler(self, *args, **kwargs):
@@ -175,18 +200,18 @@ def train_hf_trainer(model, tokens: Path, cfg: TrainConfig, device, bf16: bool =
         seconds = time.perf_counter() - t0
     n = n_blocks * cfg.block_size
     return {"seconds": seconds, "tokens": n, "tokens_per_s": n / seconds,
-            "final_loss": losses[-1], "first_loss": losses[0]}
+            "final_loss": losses[-1], "first_loss": losses[0], "lrs": lrs}
 
 
 def train_side(spec: dict[str, Any]) -> dict[str, Any]:
     """One side of `train_ratio` in this process: `spec` names the side ("ours" or "peer"), the
     shape, the run (steps, block, micro_batch, grad_accum), dtype, device, LoRA rank and quant,
-    and the token file. Ours starts as the worker does (`keep_freed_memory`)."""
+    and the token file. Both sides start as the worker does (`keep_freed_memory`): the same
+    allocator setting, so the ratio is our loop's and not glibc's."""
     from backend.compute.train import keep_freed_memory
 
     ours = spec["side"] == "ours"
-    if ours:
-        keep_freed_memory()
+    keep_freed_memory()
     device, dtype = spec["device"], getattr(torch, spec["dtype"])
     cfg = train_config(spec["steps"], spec["block"], spec["micro_batch"], spec["grad_accum"])
     model = (quantized_lora_model(spec["shape"], device=device, r=spec["r"], peer=not ours) if spec["quant"]
@@ -209,10 +234,11 @@ def _side_in_process(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def train_ratio(shape, steps, block, micro_batch, grad_accum, *, device="cpu", dtype=torch.float32,
-                repeats: int = 2, r: int = 16, quant: bool = False) -> dict[str, Any]:
-    """Our tokens/s ÷ HF Trainer + PEFT tokens/s, alternating the sides `repeats` times (best of
-    each), each side in a process of its own, with both final losses: the same model, data,
-    order and settings must reach the same loss."""
+                repeats: int = 3, r: int = 16, quant: bool = False) -> dict[str, Any]:
+    """Our tokens/s ÷ HF Trainer + PEFT tokens/s: the median over `repeats` pairs run one after
+    the other (ours, then the peer), each side in a process of its own, every pair's ratio
+    listed; with both final losses (the same model, data, order and settings must reach the
+    same loss) and both learning-rate schedules."""
     ours, peer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tokens = demo_tokens(Path(tmp), steps * micro_batch * grad_accum * block + block + 1, shape["vocab"])
@@ -222,19 +248,25 @@ def train_ratio(shape, steps, block, micro_batch, grad_accum, *, device="cpu", d
         for _ in range(repeats):
             ours.append(_side_in_process({**spec, "side": "ours"}))
             peer.append(_side_in_process({**spec, "side": "peer"}))
-    best_ours = max(ours, key=lambda x: x["tokens_per_s"])
-    best_peer = max(peer, key=lambda x: x["tokens_per_s"])
-    loss_gap = abs(best_ours["final_loss"] - best_peer["final_loss"]) / max(1e-9, best_peer["final_loss"])
+    ratios = [o["tokens_per_s"] / p["tokens_per_s"] for o, p in zip(ours, peer)]
+    mid = sorted(range(repeats), key=lambda i: ratios[i])[(repeats - 1) // 2]  # the median pair
+    o, p = ours[mid], peer[mid]
+    loss_gap = abs(o["final_loss"] - p["final_loss"]) / max(1e-9, p["final_loss"])
+    lora = lora_settings(r)
     return {
-        "ratio": round(best_ours["tokens_per_s"] / best_peer["tokens_per_s"], 3),
-        "ours_tokens_per_s": round(best_ours["tokens_per_s"], 1),
-        "hf_trainer_tokens_per_s": round(best_peer["tokens_per_s"], 1),
-        "ours_loss": [round(best_ours["first_loss"], 4), round(best_ours["final_loss"], 4)],
-        "hf_trainer_loss": [round(best_peer["first_loss"], 4), round(best_peer["final_loss"], 4)],
-        "same_loss": bool(loss_gap < 0.02 and best_ours["final_loss"] < best_ours["first_loss"]),
+        "ratio": round(statistics.median(ratios), 3),
+        "ratios": [round(x, 3) for x in ratios],
+        "ours_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in ours), 1),
+        "hf_trainer_tokens_per_s": round(statistics.median(x["tokens_per_s"] for x in peer), 1),
+        "ours_loss": [round(o["first_loss"], 4), round(o["final_loss"], 4)],
+        "hf_trainer_loss": [round(p["first_loss"], 4), round(p["final_loss"], 4)],
+        "same_loss": bool(loss_gap < 0.02 and o["final_loss"] < o["first_loss"]),
+        "same_schedule": bool(len(o["lrs"]) == len(p["lrs"]) > 0 and isclose_all(o["lrs"], p["lrs"], 1e-6)),
         "settings": {"shape": shape, "steps": steps, "block": block, "micro_batch": micro_batch,
-                     "grad_accum": grad_accum, "lora_r": r, "dtype": spec["dtype"],
-                     "quant": "nf4" if quant else None, "device": str(device), "each_side": "own process"},
+                     "grad_accum": grad_accum, "lora_r": r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+                     "dtype": spec["dtype"], "quant": "nf4" if quant else None, "device": str(device),
+                     "allocator": "keep_freed_memory on both sides", "repeats": repeats,
+                     "each_side": "own process, alternating"},
     }
 
 
@@ -251,7 +283,7 @@ def quantized_lora_model(shape, device="cuda", r=16, seed=0, peer: bool = False)
         (Path(tmp) / "config.json").write_text(
             json.dumps({**json.loads((Path(tmp) / "config.json").read_text()), "use_cache": False}))
         base = load_hf_base(BaseSpec(base=tmp, quant="4bit", device=str(device)), torch.device(device))
-    return attach_lora(base, LoraSettings(r=r, alpha=2 * r), seed, fast_dropout=not peer)
+    return attach_lora(base, lora_settings(r), seed, fast_dropout=not peer)
 
 
 def mfu_ceiling(device, dtype) -> float:
@@ -273,8 +305,8 @@ def isclose_all(a, b, tol=1e-5) -> bool:
 # --- scoring ---------------------------------------------------------------------------------
 
 
-def hf_folder(folder: Path, shape: dict[str, int], texts: list[str], seed: int = 0) -> Path:
-    """A random Llama saved with a word-level tokenizer trained on `texts` (no download)."""
+def word_tokenizer(folder: Path, texts: list[str]):
+    """A word-level tokenizer trained on `texts` (no download), saved in `folder` and returned."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -284,6 +316,12 @@ def hf_folder(folder: Path, shape: dict[str, int], texts: list[str], seed: int =
     tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
                                   pad_token="<pad>")
     tok.save_pretrained(folder)
+    return tok
+
+
+def hf_folder(folder: Path, shape: dict[str, int], texts: list[str], seed: int = 0) -> Path:
+    """A random Llama saved with a word-level tokenizer trained on `texts` (no download)."""
+    tok = word_tokenizer(folder, texts)
     model = llama({**shape, "vocab": len(tok)}, seed)
     model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
     model.config.pad_token_id = tok.pad_token_id

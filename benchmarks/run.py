@@ -18,9 +18,17 @@ as the last line. Keys so far:
   asks for `results` (0.3 MB a reply): the answers received and the service's resident memory
   idle, at its peak (VmHWM) and after (goal: every answer, peak under 500 MB).
 - `train_ratio_vs_hf_trainer`: our training loop's tokens/s ÷ transformers.Trainer + PEFT on the
-  same random Llama (built from a config), the same LoRA, packed blocks in the same order, the
-  same optimizer, schedule and precision (fp32 on the CPU); `train_vs_hf_trainer.same_loss`
-  checks both reach the same loss (goal ≥ 1.2 on the CPU).
+  same random Llama (built from a config), the same LoRA (`LoraSettings()`'s dropout), packed
+  blocks in the same order, the same optimizer, schedule, precision (fp32 on the CPU) and
+  allocator setting; the median of 3 pairs (5 without `--quick`), each pair's ratio in
+  `train_vs_hf_trainer.ratios`; `same_loss` and `same_schedule` check both sides (goal ≥ 1.0).
+- `hf_load_ratio`: seconds from a saved bf16 safetensors folder (Llama-3.2-1B's shape; 4 of its
+  16 layers with `--quick`) to the first optimizer step, plain `from_pretrained` + `.to()` +
+  `get_peft_model` + AdamW ÷ our worker, each side a fresh process, median of 2 pairs (3)
+  (goal ≥ 1.3).
+- `warm_worker_speedup_hf`: ten one-page corpora on a saved HF base (31M parameters with
+  `--quick`, the 1B without) through one warm worker ÷ ten cold workers, two training steps and a
+  two-scene battery a job, probes off (goal ≥ 3).
 - `eval_batched_speedup`: batched, length-sorted scoring of every built-in choice scene ÷ one
   scene at a time, with identical numbers (goal ≥ 3); `eval_batched.speedup_vs_lm_eval` the
   same against lm-evaluation-harness's HF backend, when lm_eval is installed.
@@ -250,8 +258,102 @@ def bench_train_vs_hf(quick: bool) -> dict:
     from benchmarks.peers import train_ratio
 
     out = train_ratio(TRAIN_SHAPE, steps=12 if quick else 40, block=256, micro_batch=4, grad_accum=2,
-                      repeats=2 if quick else 3)
+                      repeats=3 if quick else 5)
     return {"train_ratio_vs_hf_trainer": out["ratio"], "train_vs_hf_trainer": out}
+
+
+# The saved Hugging Face bases of this run, by shape: written once (a 1B in bf16 is 2.5 GB and
+# takes most of a minute to write here), removed at exit.
+_HF_BASES: dict[str, Path] = {}
+
+
+def _hf_base(shape: dict[str, int]) -> Path:
+    import atexit
+    import shutil
+
+    from benchmarks.hf_load import save_llama_folder
+
+    key = json.dumps(shape, sort_keys=True)
+    if key not in _HF_BASES:
+        folder = Path(tempfile.mkdtemp(prefix="ltm-bench-hf-"))
+        atexit.register(shutil.rmtree, folder, True)
+        _HF_BASES[key] = save_llama_folder(folder / "base", shape)
+    return _HF_BASES[key]
+
+
+def _hf_load_shape(quick: bool) -> dict[str, int]:
+    from benchmarks.hf_load import LLAMA_1B
+
+    # --quick: Llama-3.2-1B's width, heads and vocabulary with 4 of its 16 layers (0.51B, 1 GB):
+    # each side's process takes about 20 s instead of 50 s on two shared cores
+    return {**LLAMA_1B, "layers": 4} if quick else LLAMA_1B
+
+
+def bench_hf_load(quick: bool) -> dict:
+    from benchmarks.hf_load import load_ratio
+
+    shape = _hf_load_shape(quick)
+    t0 = time.perf_counter()
+    folder = _hf_base(shape)
+    saved = time.perf_counter() - t0
+    out = load_ratio(folder, shape, repeats=2 if quick else 3, block=64, micro_batch=1)
+    out["settings"]["save_seconds"] = round(saved, 1)
+    return {"hf_load_ratio": out["ratio"], "hf_load": out}
+
+
+# --quick: a base a quarter of the 1B's width (hidden 512, 4 layers, GQA 8/2, vocabulary 32,000:
+# 31M parameters). Each job's evaluation puts the general text (data/general, ~560 tokens)
+# through the model and its base; on the 1B that is 80-100 s a job on two shared cores, so ten
+# and ten jobs would take over half an hour. The full mode runs the 1B.
+WARM_HF_QUICK_SHAPE = {"hidden": 512, "layers": 4, "heads": 8, "kv": 2, "ffn": 2048, "vocab": 32000, "context": 2048}
+
+
+def bench_warm_worker_hf(quick: bool) -> dict:
+    """Ten one-page corpora on a saved HF base through one warm worker (the base loaded once)
+    against ten cold workers, each job a fresh LoRA adapter trained a few steps and scored on a
+    two-scene battery, probes off: what stays is what a cold start costs."""
+    from benchmarks.hf_load import LLAMA_1B, TINY_BATTERY, params
+
+    n = 10
+    shape = WARM_HF_QUICK_SHAPE if quick else LLAMA_1B
+    folder = _hf_base(shape)
+    train = {"block_size": 64, "micro_batch": 1, "grad_accum": 1, "lr": 2e-4, "warmup_frac": 0.0,
+             "min_train_tokens": 0, "epochs": 1, "max_steps": 2, "checkpoint_every": 0, "log_every": 1}
+    base = {"base": str(folder), "quant": None, "trust_remote_code": False, "device": "cpu"}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        corpora = _one_page_corpora(tmp, n)
+        scenes = tmp / "tiny.yaml"
+        scenes.write_text(TINY_BATTERY, encoding="utf-8")
+        ws = Workspace(tmp / "ws").ensure()
+
+        def jobs(root: Path) -> list[dict]:
+            return [{**job, "probes": False} for job in _jobs(root, corpora, train)]
+
+        with Store(":memory:") as store:
+            manager = JobManager(ws, store, slots=[None])
+            warm_jobs, cold_jobs = jobs(ws.runs_dir / "warm"), jobs(ws.runs_dir / "cold")
+            warm = _run_sessions(manager, base, str(scenes), [warm_jobs])
+            cold = _run_sessions(manager, base, str(scenes), [[j] for j in cold_jobs])
+        per_job = {side: [json.loads((Path(j["run_dir"]) / "result.json").read_text()) for j in side_jobs]
+                   for side, side_jobs in (("warm", warm_jobs), ("cold", cold_jobs))}
+
+    def median(side: str, key: str, skip_first: bool = False) -> float:
+        rows = per_job[side][1:] if skip_first else per_job[side]
+        return round(statistics.median(r[key] for r in rows), 2)
+
+    return {
+        "warm_worker_speedup_hf": round(cold / warm, 2),
+        "warm_worker_hf": {
+            "jobs": n, "warm_seconds": round(warm, 1), "cold_seconds": round(cold, 1),
+            # from each job's result.json: the base's load (0 once warm), training and scoring
+            "cold_load_s": median("cold", "load_seconds"), "warm_load_s": median("warm", "load_seconds", True),
+            "train_s": median("cold", "train_seconds"), "eval_s": median("cold", "eval_seconds"),
+            "settings": {"shape": shape, "params": params(shape), "dtype": "float32 (bf16 on disk)",
+                         "battery": "2 choice scenes (benchmarks/hf_load.py TINY_BATTERY)", "probes": False,
+                         "train": train, "device": "cpu"},
+        },
+    }
 
 
 def bench_eval(quick: bool) -> dict:
@@ -315,7 +417,8 @@ def main() -> int:
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "quick": args.quick,
     }
-    cases = (bench_warm_worker, bench_status, bench_status_submit, bench_flood, bench_train_vs_hf, bench_eval, bench_eval_run, bench_ui, bench_probes)
+    cases = (bench_warm_worker, bench_status, bench_status_submit, bench_flood, bench_train_vs_hf, bench_hf_load,
+             bench_warm_worker_hf, bench_eval, bench_eval_run, bench_ui, bench_probes)
     names = [case.__name__.removeprefix("bench_") for case in cases]
     only = {name.strip() for name in args.only.split(",")} if args.only else None
     if only and only - set(names):
