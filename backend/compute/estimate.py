@@ -127,7 +127,8 @@ def _time_batteries(model, tok, batteries, device, log, per_battery: int = 4) ->
     return total
 
 
-def _time_steps(model, ids: list[int], cfg, block: int, device, *, warm: int, steps: int, log) -> dict[str, Any]:
+def _time_steps(model, ids: list[int], cfg, block: int, device, *, warm: int, steps: int, log,
+                precision: str = "auto") -> dict[str, Any]:
     """`warm` + `steps` real optimizer steps on these tokens (repeated to fill them) through
     the worker's own training loop: the steady steps' speed (median step, tokens a second), what
     the first steps cost on top, and the peak memory."""
@@ -150,7 +151,7 @@ def _time_steps(model, ids: list[int], cfg, block: int, device, *, warm: int, st
         t0 = time.perf_counter()
         train_model(model, path, Path(tmp), run_cfg, device=device,
                     emit=lambda kind, **p: progress.append(p) if kind == "progress" else None,
-                    log=lambda s: None)
+                    log=lambda s: None, precision=precision)
         wall = time.perf_counter() - t0
     peak, peak_kind = _peak_memory(device)
     step_tokens = cfg.micro_batch * cfg.grad_accum * block
@@ -180,11 +181,13 @@ def calibrate(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict[str, Any]:
     """Measure, cache and return the calibration for this device, base and settings."""
-    from backend.compute.models import BaseSpec, attach_lora, count_params, load_base, train_dtype
+    from backend.compute.models import BaseSpec, attach_lora, count_params, load_base, train_dtype, use_kernels
+    from backend.compute.train import ready_to_train, set_grad_checkpointing
     from backend.core.config import LoraSettings
     from backend.scoring.scenes import load_batteries
 
-    spec = BaseSpec(**{k: base_spec.get(k) for k in ("base", "preset", "quant", "device")
+    spec = BaseSpec(**{k: base_spec.get(k) for k in ("base", "preset", "quant", "device", "precision", "attn",
+                                                        "kernels", "compile")
                        if base_spec.get(k) is not None},
                     trust_remote_code=bool(base_spec.get("trust_remote_code")))
     cfg = forecast.resolved_train(base_spec, train)
@@ -192,8 +195,11 @@ def calibrate(
     # 1. the base, as a worker's first job loads it (an HF base with its fresh adapter)
     t0 = time.perf_counter()
     model, tok, device = load_base(spec, seed=0)
+    log(use_kernels(model, spec, device))
+    adapter = None
     if not spec.is_micro:
-        model = attach_lora(model, LoraSettings.from_dict(lora), 0)
+        adapter = LoraSettings.from_dict(lora)
+        model = attach_lora(model, adapter, 0)
     _sync(device)
     load_seconds = time.perf_counter() - t0
     log(f"loaded {spec.base} on {device} in {load_seconds:.2f} s ({count_params(model):,} parameters)")
@@ -207,21 +213,30 @@ def calibrate(
     # 3. real optimizer steps with these settings, and 4. one pass over the batteries
     context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
     block = min(cfg.block_size, context)
-    timing = _time_steps(model, ids, cfg, block, device, warm=warm, steps=steps, log=log)
+    fitted, checkpointing = ready_to_train(model, spec, cfg, adapter, device, log)  # as the worker would
+    try:
+        timing = _time_steps(model, ids, fitted, block, device, warm=warm, steps=steps, log=log,
+                             precision=spec.precision)
+    finally:
+        set_grad_checkpointing(model, False)
     eval_seconds = _time_batteries(model, tok, load_batteries(scenes or default_scenes_dir()), device, log)
     tokens_per_s = timing["tokens_per_s"]
 
     flops = flop_model(model, block)
-    ceiling = matmul_ceiling(device, train_dtype(device))  # measured with each calibration, same load
+    ceiling = matmul_ceiling(device, train_dtype(device, spec.precision))  # measured with each calibration, same load
     achieved = flops["flops_per_token"] * tokens_per_s
     result = {
         "version": forecast.CALIBRATION_VERSION,
         "device_tag": forecast.device_tag(base_spec),
         "torch_device": str(device),
-        "dtype": str(train_dtype(device)).replace("torch.", ""),
+        "dtype": str(train_dtype(device, spec.precision)).replace("torch.", ""),
         "key": forecast.settings_key(base_spec, train),
         "base": spec.to_dict(),
         "train": {k: getattr(cfg, k) for k in ("block_size", "micro_batch", "grad_accum")},
+        # what the steps ran with: the memory plan may fit a larger micro-batch to the card
+        "micro_batch_used": fitted.micro_batch,
+        "grad_accum_used": fitted.grad_accum,
+        "grad_checkpointing_used": checkpointing,
         "block_size": block,
         "steps": steps,
         "warm_steps": warm,

@@ -381,6 +381,27 @@ def train_model(
     )
 
 
+def ready_to_train(model, spec, cfg: TrainConfig, lora, device: torch.device,
+                   log: Callable[[str], None]) -> tuple[TrainConfig, bool]:
+    """What comes between attaching the adapter and the first step, in the worker and in the
+    estimate's calibration alike (so a calibration measures the speed the worker gets): the
+    micro-batch and checkpointing fitted to the card (`memory_fit.fit_to_card`), checkpointing
+    switched on or off, the decoder layers compiled when asked. Returns (the fitted settings,
+    whether checkpointing is on); the caller switches it off again after training."""
+    from backend.compute.memory_fit import fit_to_card
+    from backend.compute.models import compile_layers, train_dtype
+
+    # A micro network's weights are fp32 master weights on every device: plan them so.
+    dtype_bytes = 4 if spec.is_micro else train_dtype(device, spec.precision).itemsize
+    cfg, checkpointing = fit_to_card(model, cfg, quant=spec.quant, lora=lora, device=device,
+                                     dtype_bytes=dtype_bytes, log=log)
+    set_grad_checkpointing(model, checkpointing)
+    if spec.compile:
+        log(f"torch.compile: {compile_layers(model)} decoder layers, each on its own; "
+            "the first steps include the compiling")
+    return cfg, checkpointing
+
+
 def set_grad_checkpointing(model, on: bool) -> None:
     """Recompute each decoder layer's activations in the backward pass (or stop doing so). The
     non-reentrant form: it needs no input that requires a gradient (a frozen base has none) and

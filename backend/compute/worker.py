@@ -196,9 +196,8 @@ class Worker:
 
     def _train(self, job, trained: "_Trained", tok, device, cfg, seed: int, events, log, cancelled) -> None:
         """Tokenize the corpus, wrap an HF base in a fresh LoRA adapter, train, save the weights."""
-        from backend.compute.memory_fit import fit_to_card
-        from backend.compute.models import attach_lora, compile_layers, count_params, train_dtype
-        from backend.compute.train import set_grad_checkpointing, train_model
+        from backend.compute.models import attach_lora, count_params
+        from backend.compute.train import ready_to_train, set_grad_checkpointing, train_model
         from backend.core.config import LoraSettings
 
         run_dir = Path(job["run_dir"])
@@ -207,14 +206,7 @@ class Worker:
         if not self.spec.is_micro:
             lora = LoraSettings.from_dict(job.get("lora"))
             trained.adapter = trained.model = attach_lora(trained.model, lora, seed)
-        # A micro network's weights are fp32 master weights on every device: plan them so.
-        dtype_bytes = 4 if self.spec.is_micro else train_dtype(device, self.spec.precision).itemsize
-        cfg, trained.grad_checkpointing = fit_to_card(trained.model, cfg, quant=self.spec.quant, lora=lora,
-                                                      device=device, dtype_bytes=dtype_bytes, log=log)
-        set_grad_checkpointing(trained.model, trained.grad_checkpointing)
-        if self.spec.compile:
-            log(f"torch.compile: {compile_layers(trained.model)} decoder layers, each on its own; "
-                "the first steps include the compiling")
+        cfg, trained.grad_checkpointing = ready_to_train(trained.model, self.spec, cfg, lora, device, log)
         trainable = count_params(trained.model, trainable_only=True)
         events.emit("phase", phase="training", tokens=trained.tokens, trainable_params=trainable)
         log(f"training {trainable:,} parameters on {trained.tokens:,} tokens: {json.dumps(cfg.to_dict())}")

@@ -36,6 +36,7 @@ CALIBRATION_VERSION = 1
 # max_steps) does not, and enters through the trained-token count instead.
 _KEY_BASE = ("base", "preset", "quant")
 _KEY_TRAIN = ("block_size", "micro_batch", "grad_accum")
+_KEY_SPEED = ("precision", "attn", "kernels", "compile")
 
 # Tokens a word when nothing was measured yet: bytes of English prose with its space (micro's
 # byte tokenizer), and a typical subword tokenizer on English.
@@ -76,6 +77,8 @@ def settings_key(base_spec: Mapping[str, Any], train: Mapping[str, Any] | None) 
         spec["preset"] = None
     spec["quant"] = spec.get("quant") or None
     parts = [str(spec.get(k)) for k in _KEY_BASE] + [str(cfg[k]) for k in _KEY_TRAIN]
+    # how the base runs, where it is not the default (so the keys of earlier calibrations stay)
+    parts += [f"{k}={spec[k]}" for k in _KEY_SPEED if spec.get(k) not in (None, False, "auto")]
     return "|".join(parts)
 
 
