@@ -50,6 +50,7 @@ RAY_TICKS = -1
 APPEND_FILES = ("events.jsonl", "train.log")  # grow by lines: only the new bytes travel
 SYNC_TIMEOUT = 60.0  # a final sync (after a kill) waits at most this long for the actor
 PROBE_TIMEOUT = 5.0  # after a failed call: is the actor still there?
+POLL_SECONDS = 0.2  # the newest a poll's answer is taken: the service ticks four times a second
 ACTOR_NAME = "ltm-worker-{pid}"
 
 
@@ -82,6 +83,7 @@ class SessionActor:
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.proc: subprocess.Popen | None = None
         self.session_path: Path | None = None
+        self._listed: dict[str, tuple] = {}  # run -> (its events file's size and mtime, its files)
 
     def where(self) -> dict:
         import ray
@@ -168,18 +170,38 @@ class SessionActor:
             for name in APPEND_FILES:
                 rel = f"{run_id}/{name}"
                 appends[rel] = _read_from(run_dir / name, offsets.get(rel, 0), code is not None)
-            ckpt = run_dir / "checkpoints"
-            checkpoints[run_id] = sorted(p.name for p in ckpt.iterdir() if p.name.startswith("step-")) if ckpt.is_dir() else []
-            for path in sorted(run_dir.rglob("*")):
-                rel_in = path.relative_to(run_dir)
-                if not path.is_file() or _skipped(rel_in):
-                    continue
-                st = path.stat()
-                rel = f"{run_id}/{rel_in.as_posix()}"
-                if have.get(rel) != [st.st_size, st.st_mtime_ns]:
-                    files[rel] = [path.read_bytes(), st.st_size, st.st_mtime_ns]
+            listing = self._listing(run_dir, fresh=code is not None)
+            checkpoints[run_id] = sorted({rel.split("/")[1] for rel in listing if rel.startswith("checkpoints/")})
+            for rel_in, sig in listing.items():
+                rel = f"{run_id}/{rel_in}"
+                if have.get(rel) != sig:
+                    try:
+                        files[rel] = [(run_dir / rel_in).read_bytes(), *sig]
+                    except FileNotFoundError:  # gone since it was listed: the next call lists again
+                        self._listed.pop(run_id, None)
         return {"code": code, "appends": {k: v for k, v in appends.items() if v}, "files": files,
                 "checkpoints": checkpoints}
+
+    def _listing(self, run_dir: Path, fresh: bool) -> dict[str, list[int]]:
+        """A run's files that travel back, each with [size, mtime]. The worker appends an event
+        after every file it writes (a checkpoint, the model, result.json), so while a run's
+        events.jsonl stands still its listing is the last one, and a finished run costs no stat."""
+        try:
+            st = (run_dir / "events.jsonl").stat()
+            mark = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            mark = None
+        known = self._listed.get(run_dir.name)
+        if known is not None and mark is not None and known[0] == mark and not fresh:
+            return known[1]
+        listing = {}
+        for path in sorted(run_dir.rglob("*")):
+            rel_in = path.relative_to(run_dir)
+            if path.is_file() and not _skipped(rel_in):
+                st = path.stat()
+                listing[rel_in.as_posix()] = [st.st_size, st.st_mtime_ns]
+        self._listed[run_dir.name] = (mark, listing)
+        return listing
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -251,6 +273,7 @@ class RayWorker:
         self._code: int | None = None
         self._have: dict[str, list] = {}
         self._pending = None  # the poll in flight
+        self._sent = 0.0  # when it was sent
         self._started = None  # the actor's start call, until it answers
         self._closed = False
 
@@ -300,6 +323,8 @@ class RayWorker:
                 self._pending = self._poll()
                 if not block:
                     return
+            if not block and time.monotonic() - self._sent < POLL_SECONDS:
+                return  # asked a moment ago (the manager calls twice a tick): one poll a tick
             ready, _ = ray.wait([self._pending], timeout=SYNC_TIMEOUT if block else 0)
             if not ready:
                 return
@@ -331,6 +356,7 @@ class RayWorker:
         self._lose(exc)
 
     def _poll(self):
+        self._sent = time.monotonic()
         cancels, more = self._to_send()
         return self.actor.poll.remote(self._offsets_now(), self._have, cancels, more)
 
