@@ -1,26 +1,39 @@
-"""One GPU, no internet, at most 8 minutes: our training against the arithmetic limit and the peer.
+"""One GPU, no internet, at most 8 minutes: our training against the card's limits and the peer.
 
-    bash benchmarks/gpu_check.sh            # on the GPU box; prints one JSON object last
+    bash benchmarks/gpu_check.sh                         # on the GPU box; one JSON line a case, the whole object last
     LTM_GPU_CHECK_SMALL=1 bash benchmarks/gpu_check.sh   # the same code path, CPU-sized shapes
 
-For a 1B-shaped and a 7B-shaped Llama (random weights from a config, so nothing is downloaded):
-LoRA in bf16 and QLoRA (nf4 base, through the project's own loader) tokens/s of our training
-loop, MFU against a bf16 matmul ceiling measured on the same GPU, peak memory, and the ratio
-against transformers.Trainer + PEFT on the same model, data, order and settings (with both
-losses). A case that would not finish inside the time budget is reported as skipped.
+Llama-3-8B, Llama-2-13B and Llama-3.2-1B shapes (random weights from their configs, built on the
+card; nothing downloaded), LoRA on a bf16 base and QLoRA on an nf4 one, in the order of
+`benchmarks.gpu_cases.CASES`. For each case two processes, one after the other, each printing
+one JSON line (`--case C --side ours|peer`, benchmarks/gpu_cases.py): ours (the worker's path)
+and the peer (transformers.Trainer + PEFT with the settings ours ran with). This process imports
+no torch and never touches the card; it writes each case's line to stdout and appends it to
+`$LTM_GPU_CHECK_OUT/gpu_check.jsonl` (default ltm-workspace/gpu_check/) as soon as the case ends,
+so a timeout loses nothing, and ends with the whole object. A case whose estimated time (from
+the FLOPs, the MFU and the start-up seconds the cases before it measured) would overrun
+`LTM_GPU_CHECK_BUDGET_S` is skipped with the estimate given.
+
+Per case: steady tokens/s of both sides (the median step after the warm-up steps), the ratio,
+MFU against the card's datasheet dense bf16 peak (backend/studies/gpu_projection.py's table,
+matched to the device's name) and against the bf16 matmul ceiling measured on the card, peak
+memory (allocated, reserved, and the card's view) against the memory plan's peak for the same
+settings, and the issue 15 goals as flags: MFU ≥ 45% of datasheet peak for 8B and 13B bf16
+LoRA, ≥ 1.5× HF Trainer + PEFT, card peak within 10% of the plan.
 """
 
 from __future__ import annotations
 
-import gc
 import json
 import os
-import platform
+import signal
+import statistics
+import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -28,116 +41,255 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
-
-from benchmarks import peers  # noqa: E402
+from benchmarks import gpu_cases  # torch-free at import
 
 SMALL = os.environ.get("LTM_GPU_CHECK_SMALL") == "1"
-BUDGET_S = float(os.environ.get("LTM_GPU_CHECK_BUDGET_S", "420"))  # the shell script allows 480
+BUDGET_S = float(os.environ.get("LTM_GPU_CHECK_BUDGET_S", "420"))  # the shell script's timeout is 480
+GOAL_MFU, GOAL_RATIO, GOAL_MEMORY = 0.45, 1.5, 0.10
+MFU_GOAL_CASES = ("8b_lora", "13b_lora")
+# Before a case has measured anything: seconds a side spends outside its training steps (imports,
+# CUDA context, building the model, the first step's autotuning), and the MFU against the measured
+# ceiling to expect; later cases use what the earlier ones measured.
+GUESS_OVERHEAD_S = 40.0
+GUESS_MFU = {"lora": 0.35, "qlora": 0.2}
+MARGIN = 1.15  # on an estimate, before a case is skipped for it
 
-# Llama 3.2 1B and Llama 2 7B shapes; SMALL keeps the proportions at CPU size.
-SHAPES = {
-    "1b": {"hidden": 2048, "layers": 16, "heads": 32, "kv": 8, "ffn": 8192, "vocab": 128256, "context": 4096},
-    "7b": {"hidden": 4096, "layers": 32, "heads": 32, "kv": 32, "ffn": 11008, "vocab": 32000, "context": 4096},
-}
-RUN = {  # block, micro-batch, grad-accum, steps
-    "1b": (2048, 8, 1, 12),
-    "7b": (2048, 4, 1, 10),
-}
-if SMALL:
-    SHAPES = {
-        "1b": {"hidden": 128, "layers": 2, "heads": 4, "kv": 1, "ffn": 512, "vocab": 4096, "context": 512},
-        "7b": {"hidden": 256, "layers": 2, "heads": 4, "kv": 4, "ffn": 688, "vocab": 2048, "context": 512},
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_term(signum, frame):
+    raise Interrupted(f"signal {signum}")
+
+
+def side(case: str, which: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
+    """One side of a case in a fresh process, in a session of its own: a stop (the shell script's
+    timeout, ^C) reaches it only through this process, which ends it and still prints its JSON."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--side", which,
+           "--spec", json.dumps({**spec, "case": case, "side": which, "small": SMALL})]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=max(1.0, timeout))
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        return {"error": f"timed out after {timeout:.0f} s (the budget left)"}
+    except BaseException:
+        _stop(proc)
+        raise
+    if proc.returncode != 0:
+        tail = "\n".join(err.strip().splitlines()[-6:])
+        return {"error": f"exit {proc.returncode}: {tail[-1500:]}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM to the child's group, a wait, then SIGKILL."""
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=wait)
+            return
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            continue
+
+
+def estimate_seconds(case: str, seen: dict[str, Any]) -> float:
+    """Both sides of `case`, from what earlier cases measured (or the guesses above): the steps at
+    the MFU seen, the peer's at the ratio seen, and each process's start-up (imports, CUDA, the
+    first steps' extra time) plus its build, which grows with the base's size."""
+    from backend.studies.gpu_projection import flops_per_token
+
+    ceiling = seen.get("ceiling")
+    if not ceiling:
+        return 0.0  # the first case measures what the estimates need
+    run = gpu_cases.run_of(case, SMALL)
+    kind = "qlora" if gpu_cases.parts(case)[1] else "lora"
+    flops = flops_per_token(gpu_cases.config_dict(case, SMALL), run.block, gpu_cases.LORA_R)["flops_per_token"]
+    work = (run.warm + run.steps) * run.micro_batch * run.grad_accum * run.block * flops
+    mfu = seen.get(f"mfu_{kind}") or (seen["mfu_lora"] * 0.6 if kind == "qlora" and seen.get("mfu_lora")
+                                      else GUESS_MFU[kind])
+    ours = work / (ceiling * mfu)
+    peer = ours / min(seen.get("ratio") or 1.0, 3.0)
+    overhead = seen.get("startup", GUESS_OVERHEAD_S) + seen.get("build_per_b", 0.0) * _billions(case)
+    return MARGIN * (ours + peer + 2 * overhead)
+
+
+def _billions(case: str) -> float:
+    from backend.studies.memory_plan import shape
+
+    return shape(gpu_cases.config_dict(case, SMALL)).params() / 1e9
+
+
+def _learn(seen: dict[str, Any], case: str, ours: dict[str, Any], line: dict[str, Any]) -> None:
+    """What the next estimates use from a finished case: the slowest start-up and build rate."""
+    kind = "qlora" if gpu_cases.parts(case)[1] else "lora"
+    seen["ceiling"] = ours["matmul_ceiling_flops"]
+    seen[f"mfu_{kind}"] = line["mfu_vs_measured_ceiling"]
+    if line.get("ratio_vs_hf_trainer"):
+        seen["ratio"] = line["ratio_vs_hf_trainer"]
+    steady = ours["median_step_seconds"] * len(ours["step_seconds"])
+    startup = ours["process_seconds"] - ours["build_seconds"] - steady  # the warm-up's extra included
+    seen["startup"] = max(seen.get("startup", 0.0), startup)
+    seen["build_per_b"] = max(seen.get("build_per_b", 0.0), ours["build_seconds"] / _billions(case))
+
+
+def summarise(case: str, ours: dict, peer: dict, card) -> dict[str, Any]:
+    """One case's line: both sides' numbers, the ratios and the goals' flags."""
+    out: dict[str, Any] = {"case": case, **{k: ours.get(k) for k in (
+        "device", "dtype", "quant", "attention", "kernels", "kernels_line", "lora", "block", "asked", "fitted",
+        "micro_batch", "grad_accum", "oom_halvings", "grad_checkpointing", "plan_line", "tokens_per_step", "warm_steps", "measured_steps",
+        "flops_per_token", "build_seconds")}}
+    tps = ours["tokens_per_s"]
+    achieved = ours["flops_per_token"] * tps
+    out["tokens_per_s"] = round(tps, 1)
+    out["median_step_seconds"] = round(ours["median_step_seconds"], 4)
+    out["step_seconds"] = ours["step_seconds"]
+    out["mfu_vs_measured_ceiling"] = round(achieved / ours["matmul_ceiling_flops"], 4)
+    out["matmul_ceiling_tflops"] = round(ours["matmul_ceiling_flops"] / 1e12, 2)
+    out["mfu_vs_datasheet"] = round(achieved / card.bf16_flops, 4) if card else None
+    out["memory"] = {k: ours.get(k) for k in ("peak_allocated_bytes", "peak_reserved_bytes", "card_peak_bytes",
+                                              "plan_peak_bytes", "plan_allocated_bytes", "plan_peak_stage")}
+    mem = out["memory"]
+    if ours.get("card_peak_bytes"):
+        mem["card_peak_vs_plan"] = round(ours["card_peak_bytes"] / ours["plan_peak_bytes"], 3)
+        mem["allocated_vs_plan"] = round(ours["peak_allocated_bytes"] / ours["plan_allocated_bytes"], 3)
+        mem["reserved_vs_allocated"] = round(ours["peak_reserved_bytes"] / ours["peak_allocated_bytes"], 3)
+        if ours.get("kernels") == "liger":
+            mem["note"] = "the plan counts full logits; liger's fused cross-entropy never holds them"
+    out["ours_losses"] = ours.get("losses")
+    if "error" in peer or "skipped" in peer:
+        out["hf_trainer"] = peer
+        ratio = None
+    else:
+        ratio = tps / peer["tokens_per_s"]
+        out["hf_trainer"] = {k: peer.get(k) for k in ("tokens_per_s", "median_step_seconds", "step_seconds",
+                                                      "losses", "kernels", "peak_allocated_bytes", "build_seconds")}
+        out["hf_trainer"]["tokens_per_s"] = round(peer["tokens_per_s"], 1)
+        out["hf_trainer"]["median_step_seconds"] = round(peer["median_step_seconds"], 4)
+        out["hf_trainer"]["losses"] = [round(x, 5) for x in peer["losses"]] if peer.get("losses") else None
+        out["ratio_vs_hf_trainer"] = round(ratio, 3)
+    memory_ratio = mem.get("card_peak_vs_plan")
+    out["goals"] = {
+        "mfu_ge_45pct_of_datasheet": (out["mfu_vs_datasheet"] >= GOAL_MFU
+                                      if case in MFU_GOAL_CASES and out["mfu_vs_datasheet"] is not None else None),
+        "ge_1_5x_hf_trainer": ratio >= GOAL_RATIO if ratio is not None else None,
+        "peak_memory_within_10pct_of_plan": abs(memory_ratio - 1) <= GOAL_MEMORY if memory_ratio else None,
     }
-    RUN = {"1b": (128, 4, 1, 4), "7b": (128, 2, 1, 4)}
-
-
-def _free() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def _peak_reset(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def _peak(device) -> int | None:
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def case(name: str, quant: bool, device, dtype, ceiling: float, started: float) -> dict:
-    """One shape × (LoRA | QLoRA): ours alone (tokens/s, MFU, peak memory), then the ratio."""
-    if time.perf_counter() - started > BUDGET_S * (0.55 if name == "7b" and quant else 0.8):
-        return {"skipped": "time budget"}
-    shape = SHAPES[name]
-    block, micro_batch, accum, steps = RUN[name]
-    cfg = peers.train_config(steps, block, micro_batch, accum)
-    out: dict = {"shape": shape, "block": block, "micro_batch": micro_batch, "grad_accum": accum, "steps": steps,
-                 "dtype": str(dtype).replace("torch.", ""), "quant": "nf4" if quant else None}
-    with tempfile.TemporaryDirectory() as tmp:
-        tokens = peers.demo_tokens(Path(tmp), steps * micro_batch * accum * block + block + 1, shape["vocab"])
-
-        def build(peer=False):
-            t0 = time.perf_counter()
-            m = (peers.quantized_lora_model(shape, device=device, peer=peer) if quant
-                 else peers.lora_model(shape, dtype=dtype, device=device, peer=peer))
-            out.setdefault("build_seconds", round(time.perf_counter() - t0, 1))
-            return m
-
-        model = build()
-        out["flops_per_token"] = peers.flops_per_token(model, block)
-        _peak_reset(device)
-        ours = peers.train_ours(model, tokens, cfg, device)
-        out["peak_memory_bytes"] = _peak(device)
-        del model
-        _free()
-        out["tokens_per_s"] = round(ours["steady_tokens_per_s"], 1)
-        out["mfu"] = round(out["flops_per_token"] * ours["steady_tokens_per_s"] / ceiling, 4)
-        if time.perf_counter() - started > BUDGET_S * 0.85:
-            out["hf_trainer"] = {"skipped": "time budget"}
-            return out
-        model = build(peer=True)
-        peer = peers.train_hf_trainer(model, tokens, cfg, device, bf16=dtype == torch.bfloat16)
-        del model
-        _free()
-    out["hf_trainer_tokens_per_s"] = round(peer["tokens_per_s"], 1)
-    out["ours_end_to_end_tokens_per_s"] = round(ours["tokens_per_s"], 1)
-    out["ratio_vs_hf_trainer"] = round(ours["tokens_per_s"] / peer["tokens_per_s"], 3)  # same span both
-    out["losses"] = {"ours": [ours["first_loss"], ours["final_loss"]], "hf_trainer": [peer["first_loss"], peer["final_loss"]]}
     return out
 
 
+def _goals(result: dict[str, Any]) -> dict[str, bool | None]:
+    """Each goal over the cases: false if any case failed it, true if some passed and none failed."""
+    flags: dict[str, list[bool]] = {}
+    for value in result.values():
+        if isinstance(value, dict) and isinstance(value.get("goals"), dict):
+            for name, flag in value["goals"].items():
+                if flag is not None:
+                    flags.setdefault(name, []).append(flag)
+    names = ("mfu_ge_45pct_of_datasheet", "ge_1_5x_hf_trainer", "peak_memory_within_10pct_of_plan")
+    return {n: (all(flags[n]) if n in flags else None) for n in names}
+
+
+def _card(device: str | None):
+    from backend.core.errors import LtmError
+    from backend.studies.gpu_projection import find_gpu
+
+    if not device or device == "cpu":
+        return None
+    try:
+        return find_gpu(device)
+    except LtmError:
+        return None
+
+
 def main() -> int:
+    import tempfile
+
     started = time.perf_counter()
-    cuda = torch.cuda.is_available() and not SMALL
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-    result: dict = {
-        "machine": torch.cuda.get_device_name(0) if cuda else f"{platform.machine()} CPU ×{os.cpu_count()}",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "small": SMALL,
-        "torch": torch.__version__,
-    }
-    ceiling = peers.mfu_ceiling(device, dtype)
-    result["matmul_ceiling_tflops"] = round(ceiling / 1e12, 2)
-    print(f"matmul ceiling {ceiling / 1e12:.1f} TFLOP/s ({dtype})", file=sys.stderr, flush=True)
-    for name in ("1b", "7b"):
-        for quant in (False, True):
-            key = f"{name}_{'qlora' if quant else 'lora'}"
-            try:
-                result[key] = case(name, quant, device, dtype, ceiling, started)
-            except Exception as exc:  # one failed case must not cost the others their numbers
-                result[key] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-                _free()
-            print(f"{key}: {json.dumps(result[key])}", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGTERM, _on_term)
+    out_dir = Path(os.environ.get("LTM_GPU_CHECK_OUT") or REPO / "ltm-workspace" / "gpu_check")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines_path = out_dir / "gpu_check.jsonl"
+    date = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    result: dict[str, Any] = {"date": date, "small": SMALL, "budget_s": BUDGET_S, "results_file": str(lines_path)}
+    if SMALL:
+        result["note"] = ("CPU smoke run (LTM_GPU_CHECK_SMALL=1): proves the code path on CPU-sized shapes; its "
+                          "numbers are not GPU results and its goal flags are not the GPU goals")
+    seen: dict[str, Any] = {}
+    stopped: BaseException | None = None
+
+    def record(case: str, line: dict[str, Any]) -> None:
+        result[case] = line
+        text = json.dumps({"date": date, "small": SMALL, "case": case, **line})
+        print(text, flush=True)
+        with open(lines_path, "a", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+
+    try:
+        with tempfile.TemporaryDirectory(prefix="ltm-gpu-check-") as tmp:
+            for case in gpu_cases.CASES:
+                left = BUDGET_S - (time.perf_counter() - started)
+                need = estimate_seconds(case, seen)
+                if need > left:
+                    record(case, {"skipped": f"would not finish: about {need:.0f} s needed, {left:.0f} s left"})
+                    continue
+                folder = Path(tmp) / case
+                folder.mkdir()
+                tokens = gpu_cases.corpus(folder, gpu_cases.tokens_needed(case, SMALL),
+                                          gpu_cases.config_dict(case, SMALL)["vocab_size"])
+                spec = {"tokens": str(tokens), "seed": 0}
+                t0 = time.perf_counter()
+                print(f"{case}: ours, then HF Trainer + PEFT ({left:.0f} s of the budget left)", file=sys.stderr,
+                      flush=True)
+                ours = side(case, "ours", spec, left)
+                if "error" in ours:
+                    record(case, {"error": f"ours: {ours['error']}"})
+                    continue
+                result.setdefault("machine", ours["device"] if ours["device"] != "cpu" else
+                                  f"{os.uname().machine} CPU ×{os.cpu_count()}")
+                left = BUDGET_S - (time.perf_counter() - started)
+                peer_need = ours["process_seconds"] / min(seen.get("ratio") or 1.0, 3.0)
+                if peer_need > left:
+                    peer = {"skipped": f"would not finish: about {peer_need:.0f} s needed, {left:.0f} s left"}
+                else:
+                    try:
+                        peer = side(case, "peer", {**spec, **{k: ours[k] for k in (
+                            "micro_batch", "grad_accum", "grad_checkpointing", "kernels")}}, left)
+                    except (Interrupted, KeyboardInterrupt) as exc:  # ours' numbers are kept
+                        stopped = exc
+                        peer = {"skipped": f"interrupted ({exc or '^C'})"}
+                line = summarise(case, ours, peer, _card(ours["device"]))
+                line["seconds"] = round(time.perf_counter() - t0, 1)
+                record(case, line)
+                if stopped is not None:
+                    raise stopped
+                _learn(seen, case, ours, line)
+    except (Interrupted, KeyboardInterrupt) as exc:  # the child is stopped already (side)
+        result["interrupted"] = str(exc) or "^C"
+    measured = [v["matmul_ceiling_tflops"] for v in result.values() if isinstance(v, dict) and "matmul_ceiling_tflops" in v]
+    result["matmul_ceiling_tflops"] = statistics.median(measured) if measured else None
+    card = _card(result.get("machine"))
+    result["datasheet_bf16_tflops"] = round(card.bf16_flops / 1e12, 1) if card else None
+    result["datasheet"] = card.source if card else None
+    result["goals"] = _goals(result)
     result["seconds"] = round(time.perf_counter() - started, 1)
-    print(json.dumps(result))
+    text = json.dumps(result)
+    print(text, flush=True)
+    with open(lines_path, "a", encoding="utf-8") as fh:
+        fh.write(text + "\n")
+    return 0
+
+
+def child(argv: list[str]) -> int:
+    """`--case C --side ours|peer --spec JSON`: one side, one JSON line on stdout."""
+    args = dict(zip(argv[::2], argv[1::2]))
+    spec = {**json.loads(args.get("--spec", "{}")), "case": args["--case"], "side": args["--side"]}
+    spec.setdefault("small", SMALL)
+    print(json.dumps(gpu_cases.run_side(spec)), flush=True)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(child(sys.argv[1:]) if "--case" in sys.argv else main())

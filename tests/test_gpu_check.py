@@ -1,0 +1,79 @@
+"""benchmarks/gpu_check.py on the CPU: the in-memory nf4 base equals the loader's, and one case's
+two sides through the subprocess protocol train the same model on the same data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from backend.core.workspace import PROJECT_ROOT
+from benchmarks import gpu_cases
+
+
+def test_in_memory_nf4_base_gives_the_loaders_logits(tmp_path):
+    """quantize_in_memory stands in for load_hf_base(quant="4bit") on a saved copy: the same
+    layers quantised, the same packed weights, the same logits, everything frozen."""
+    import bitsandbytes as bnb
+
+    from backend.compute.models import BaseSpec, load_hf_base
+
+    cpu = torch.device("cpu")
+    ours = gpu_cases.build_base("1b_qlora", True, cpu, torch.float32, "sdpa")
+    dense = gpu_cases.build_base("1b_lora", True, cpu, torch.float32, "sdpa")
+    dense.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = load_hf_base(BaseSpec(base=str(tmp_path), quant="4bit", device="cpu"), cpu)
+
+    kinds = {n: type(m).__name__ for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == {n: type(m).__name__ for n, m in loaded.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds["model.layers.0.self_attn.q_proj"] == "Linear4bit" and kinds["lm_head"] == "Linear"
+    q_ours = ours.model.layers[1].mlp.down_proj.weight
+    q_loaded = loaded.model.layers[1].mlp.down_proj.weight
+    assert isinstance(q_ours, bnb.nn.Params4bit) and torch.equal(q_ours.data, q_loaded.data)
+    assert not any(p.requires_grad for p in ours.parameters())
+    ids = torch.randint(3, 4096, (2, 32), generator=torch.Generator().manual_seed(0))
+    for model in (ours, loaded, dense):  # from_pretrained leaves eval mode, whose CPU kernel repacks the weights
+        model.train()
+    with torch.no_grad():
+        a, b = ours(input_ids=ids).logits, loaded(input_ids=ids).logits
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5), (a - b).abs().max()
+    assert not torch.allclose(a, dense(input_ids=ids).logits, atol=1e-3)  # quantised, not the dense model
+
+
+def _side(case: str, which: str, spec: dict) -> dict:
+    done = subprocess.run(
+        [sys.executable, "benchmarks/gpu_check.py", "--case", case, "--side", which, "--spec", json.dumps(spec)],
+        check=False, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "LTM_GPU_CHECK_SMALL": "1", "HF_HUB_OFFLINE": "1"},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_one_case_both_sides_through_the_subprocess_protocol(tmp_path):
+    """Ours runs the worker's path and reports what it chose; the peer, given those settings,
+    trains the same steps on the same blocks from the same weights: the same first loss."""
+    from backend.studies.gpu_projection import flops_per_token
+
+    case, run = "8b_lora", gpu_cases.run_of("8b_lora", True)
+    config = gpu_cases.config_dict(case, True)
+    tokens = gpu_cases.corpus(tmp_path, gpu_cases.tokens_needed(case, True), config["vocab_size"])
+    spec = {"tokens": str(tokens), "small": True, "seed": 0}
+    ours = _side(case, "ours", spec)
+    assert (ours["micro_batch"], ours["grad_accum"], ours["grad_checkpointing"]) == (run.micro_batch, run.grad_accum, False)
+    assert len(ours["step_seconds"]) == run.warm + run.steps and ours["measured_steps"] == run.steps
+    assert ours["tokens_per_s"] == pytest.approx(ours["tokens_per_step"] / ours["median_step_seconds"])
+    assert ours["tokens_per_step"] == run.micro_batch * run.grad_accum * run.block
+    # the model's FLOPs as the calibration counts them equal the projection's count from the config
+    assert ours["flops_per_token"] == flops_per_token(config, run.block, gpu_cases.LORA_R)["flops_per_token"]
+    assert ours["plan_peak_bytes"] > 0 and ours["lora"]["dropout"] == 0.0
+    peer = _side(case, "peer", {**spec, **{k: ours[k] for k in ("micro_batch", "grad_accum", "grad_checkpointing",
+                                                                 "kernels")}})
+    assert len(peer["step_seconds"]) == run.warm + run.steps
+    assert peer["losses"][0] == pytest.approx(ours["losses"][0], rel=1e-4)
+    assert peer["losses"][1] == pytest.approx(ours["losses"][1], rel=2e-3)
