@@ -214,6 +214,19 @@ def _memory(device) -> dict[str, int | None]:
             "card_peak_bytes": reserved + int(outside), "outside_allocator_bytes": int(outside)}
 
 
+def _fresh_peaks(device) -> None:
+    """Peaks from here on, with the cache emptied first: what building left cached (the bf16
+    weights an nf4 base was quantised from, the ceiling's matrices) is not the training's."""
+    import gc
+
+    import torch
+
+    if device.type == "cuda":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def _steady(times: list[float], warm: int) -> dict[str, Any]:
     steady = times[warm:] or times
     return {"step_seconds": [round(t, 4) for t in times], "median_step_seconds": statistics.median(steady),
@@ -278,8 +291,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
             stamps.append(time.perf_counter())
             losses.append(p["loss"])
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    _fresh_peaks(device)
     with tempfile.TemporaryDirectory() as tmp:
         _sync(device)
         t_train = time.perf_counter()
@@ -391,8 +403,7 @@ def run_peer(spec: dict[str, Any]) -> dict[str, Any]:
         trainer = InOrder(model=model, args=args, train_dataset=starts[: steps * micro_batch * grad_accum],
                           data_collator=collate, callbacks=[StepTimes()])
         trainer.remove_callback(PrinterCallback)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(device)
+        _fresh_peaks(device)
         t_train = time.perf_counter()
         trainer.train()
         _sync(device)
