@@ -109,7 +109,8 @@ def first_step_ours(folder: Path, work: Path, block: int, micro_batch: int, time
     worker = LocalExecutor().start(session, None)
     try:
         while True:
-            found = [json.loads(line) for line in events.read_text().splitlines()] if events.exists() else []
+            # whole lines only: the worker may be writing the last one
+            found = [json.loads(line) for line in events.read_text().split("\n")[:-1]] if events.exists() else []
             step = next((e for e in found if e["type"] == "progress"), None)
             if step is not None:
                 break
