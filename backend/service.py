@@ -364,7 +364,8 @@ class Service:
                     "pid": None if JobState(run["status"]).is_terminal() else pids.get(run_id),
                     "eta_s": live.get("eta_s") if run["status"] == "training" else None,
                     "error": run.get("error"),
-                    "node": self.manager.nodes.get(run_id),  # the cluster node (Ray); None for local runs
+                    # the cluster node (Ray) it runs or ran on; none while queued, nor for local runs
+                    "node": None if run["status"] == "queued" else self.manager.nodes.get(run_id),
                 }
             )
         return rows

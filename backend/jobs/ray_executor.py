@@ -424,12 +424,13 @@ class RayWorker:
                 fh.write(data)
 
     def _lose(self, exc: Exception) -> None:
-        """The worker is gone with its actor. Once it had started on a node, its runs are
-        `lost` (the manager requeues them); an actor that never started (it could not import
-        this project on any node, say) says why in the session log, and its first run fails."""
+        """The worker is gone with its actor. Once it had started on a node, or when its node
+        died, its runs are `lost` (the manager requeues them); an actor that never started for
+        another reason (it could not import this project on its node, say) says why in the
+        session log, and its first run fails."""
         said = _ray_said(exc)
-        if self.node is not None:
-            self.lost = f"node {self.node} lost ({said})"
+        if self.node is not None or "node" in said.lower():  # its node died, perhaps as it started
+            self.lost = f"node {self.node or 'unknown'} lost ({said})"
         else:
             log = self._session_log()
             if self.session_path is not None:
