@@ -133,6 +133,15 @@ def test_the_dashboards_queue_names_the_node_of_each_job():
     assert asyncio.run(scenario()) == ["logic.txt @ gpu-box-2 (7da3b97d)", "story.txt"]
 
 
+def test_a_cluster_that_does_not_answer_is_one_line_and_not_remembered(tmp_path):
+    ws = tmp_path / "ws"
+    for detach in ([], ["--detach"]):
+        out = cli("serve", *detach, "--executor", "ray", "--address", "127.0.0.1:1", "--workspace", str(ws))
+        assert out.returncode != 0 and "Traceback" not in out.stderr
+        assert "no Ray cluster answers at 127.0.0.1:1" in out.stderr.strip().splitlines()[-1]
+        assert not (ws / "executor.json").exists()  # the next service started on demand stays local
+
+
 def test_jobs_spread_over_both_nodes_and_match_the_local_executor(cluster, tmp_path):
     corpora, battery = write_corpora(tmp_path)
     other = shutil.copytree(battery, tmp_path / "battery2")  # a second session, so a second worker
