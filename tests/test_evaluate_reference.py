@@ -90,3 +90,38 @@ def test_novelty_is_gated_on_the_base_models_fluency(tiny_hf_model, novelty_batt
     _, rows, _ = evaluate_all(model, tok, [novelty_battery], device=cpu, reference=peft_base(model), general=GENERAL)
     gated = next(r for r in rows if r["scene_id"] == "n1")
     assert gated["detail"]["fluent"] is False and gated["score"] == 0.0 and gated["correct"] is True
+
+
+def test_a_warm_base_reads_the_general_text_once(tiny_hf_model, novelty_battery, monkeypatch):
+    """A warm worker's base is the same for every job: with a memo its general-text losses are
+    computed by the first evaluation and taken from the memo by the next, with the same rows."""
+    import torch
+
+    from backend.compute import evaluate
+    from backend.compute.evaluate import evaluate_all, peft_base
+
+    model, tok = _model(tiny_hf_model)
+    cpu = torch.device("cpu")
+    passes = []
+    real = evaluate.text_losses
+    general_texts = [text for _, text in GENERAL]
+
+    def counted(m, tok, texts, **kw):  # the passes over general text (scoring reads other texts too)
+        if texts and list(texts) == general_texts[: len(texts)]:
+            passes.append(m)
+        return real(m, tok, texts, **kw)
+
+    monkeypatch.setattr(evaluate, "text_losses", counted)
+    memo: dict = {}
+    first = evaluate_all(model, tok, [novelty_battery], device=cpu, reference=peft_base(model), general=GENERAL,
+                         base_memo=memo)[1]
+    assert len(passes) == 2  # the adapted model's, then its base's
+    second = evaluate_all(model, tok, [novelty_battery], device=cpu, reference=peft_base(model), general=GENERAL,
+                          base_memo=memo)[1]
+    assert len(passes) == 3  # the adapted model's only
+    rows = lambda rs: [(r["scene_id"], r["detail"]["base_loss"]) for r in rs if r["battery"] == "_general"]  # noqa: E731
+    assert rows(second) == rows(first)
+    # other general texts are not taken from the memo
+    evaluate_all(model, tok, [novelty_battery], device=cpu, reference=peft_base(model), general=GENERAL[:1],
+                 base_memo=memo)
+    assert len(passes) == 5

@@ -790,13 +790,16 @@ def evaluate_all(
     reference: Callable[[], AbstractContextManager] | None = None,
     general: Sequence[tuple[str, str]] | None = None,
     progress: EvalProgress | None = None,
+    base_memo: dict | None = None,
 ) -> tuple[dict[str, dict], list[dict], float]:
     """(scores {measure: {value, n, lo, hi}}, scene results, seconds) over every battery.
 
     `reference` opens the base model (None: `model` is the base itself, as for a baseline run);
     it gates novelty on fluency and gives the base's loss on `general` text for `forgetting`
     (default: the paragraphs of data/general/). `progress` (made for these batteries) hears of
-    every scene done and sends its last event when the scores are in.
+    every scene done and sends its last event when the scores are in. `base_memo`, a dict the
+    caller keeps for one base, remembers the base's losses on the general text: a warm worker's
+    base is the same for every job, so they are computed once, not once a job.
     """
     from backend.compute.memory_fit import eval_batch_tokens
 
@@ -804,12 +807,14 @@ def evaluate_all(
     try:
         with one_thread(model, device):
             return _evaluate_all(model, tok, batteries, device=device, corpus_chunks=corpus_chunks,
-                                 reference=reference, general=general, progress=progress or EvalProgress([], None))
+                                 reference=reference, general=general, progress=progress or EvalProgress([], None),
+                                 base_memo={} if base_memo is None else base_memo)
     finally:
         _BATCH_TOKENS.reset(batch)
 
 
-def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general, progress: EvalProgress):
+def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, general, progress: EvalProgress,
+                  base_memo: dict):
     t0 = time.perf_counter()
     general = general_texts() if general is None else list(general)
     passes = 1 if reference is None else 2  # the model's loss on the general text, and its base's
@@ -831,7 +836,14 @@ def _evaluate_all(model, tok, batteries, *, device, corpus_chunks, reference, ge
     progress.scored(0, len(general))
     with (reference or (lambda: nullcontext(model)))() as base:
         # a baseline is its own base: its general-text losses are the ones just computed
-        base_general = own if reference is None else text_losses(base, tok, [text for _, text in general], device=device)
+        texts = tuple(text for _, text in general)
+        if reference is None:
+            base_general = own
+        elif base_memo.get("general", (None,))[0] == texts:
+            base_general = base_memo["general"][1]
+        else:
+            base_general = text_losses(base, tok, list(texts), device=device)
+            base_memo["general"] = (texts, base_general)
         progress.scored(0, (passes - 1) * len(general))
         prompts = [r["detail"]["prompt"] for r in novel]
         completion_ppl = _completion_ppl(base, tok, prompts, novel_made, device=device) if novel else []

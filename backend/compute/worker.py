@@ -109,6 +109,7 @@ class Worker:
         self.batteries = load_batteries(session["scenes"])
         self._base = None  # (model, tokenizer, device) of an HF base, loaded once
         self.jobs_started = 0  # a job after the first finds the imports done and an HF base loaded
+        self._base_memos: dict = {}  # per reference base (an HF base; micro: per seed): see evaluate_all
 
     def base(self, seed: int, log=None):
         from backend.compute.models import load_base, use_kernels
@@ -171,6 +172,7 @@ class Worker:
                 trained.model, tok, self.batteries, device=device, corpus_chunks=chunks,
                 reference=self._reference(job, trained.model, seed),
                 progress=EvalProgress(self.batteries, events.emit),  # eval_progress events, ≤ 1 a second
+                base_memo=self._base_memo(job, seed),
             )
             probes = None
             if job["kind"] == "adapter" and job.get("probes", True):
@@ -257,6 +259,14 @@ class Worker:
             "curve": _curve_from_events(Path(job["run_dir"]) / "events.jsonl"),
             "probes": probes,
         }
+
+    def _base_memo(self, job: dict, seed: int) -> dict | None:
+        """What evaluation may remember about the reference base across this worker's jobs:
+        an HF base is one network for every job; a micro run's base is its seed's untrained
+        network, the same for every job of that seed."""
+        if job["kind"] != "adapter":
+            return None
+        return self._base_memos.setdefault(seed if self.spec.is_micro else None, {})
 
     def _reference(self, job: dict, model, seed: int):
         """The base an adapted model is compared with (fluency gate, forgetting); None for a
