@@ -298,8 +298,8 @@ class RayWorker:
             deadline = time.monotonic() + SYNC_TIMEOUT
             while self._code is None and time.monotonic() < deadline:
                 self.sync(block=True)
-        except Exception as exc:  # noqa: BLE001 - an actor that cannot answer is ended anyway
-            self._lose(exc)
+        except Exception:  # noqa: BLE001 - an actor that cannot answer is ended anyway (stopped, not lost)
+            pass
         if self._code is None:
             self._code = -signal.SIGKILL
         self._close()
