@@ -229,6 +229,8 @@ class Service:
             }
         if op == "jobs":
             return self.jobs(args.get("runs"))
+        if op == "devices":  # each cluster node's devices, for the dashboard's panel (local: None)
+            return self.node_devices()
         if op == "workers":  # the live workers (a fit check counts the memory they hold as the queue's)
             return [{"pid": w.pid, "slot": w.slot, "runs": list(w.run_ids), "node": getattr(w.process, "node", None)}
                     for w in list(self.manager.live.values())]
@@ -337,6 +339,19 @@ class Service:
         path = self.workspace.run_dir(run_id) / "train.log"
         text = read_tail(path, 64 * 1024)
         return {"path": str(path), "lines": text.splitlines()[-max(1, min(int(lines), 2000)):]}
+
+    def node_devices(self) -> list[dict] | None:
+        """One entry a node of the Ray cluster: its devices as last read (at most every 2 s, never
+        waited for: a tick goes on meanwhile) and `workers`, its worker processes' pids on the
+        node -> their ids in `jobs`, so the panel names the run that holds each GPU."""
+        if self.executor is None or not hasattr(self.executor, "node_devices"):
+            return None
+        workers: dict[str, dict[str, int]] = {}
+        for w in list(self.manager.live.values()):  # no lock: as `jobs`, a copy of the live ones
+            node, node_pid = getattr(w.process, "node", None), getattr(w.process, "node_pid", None)
+            if node and node_pid:
+                workers.setdefault(node, {})[str(node_pid)] = w.pid
+        return [{**n, "workers": workers.get(n["node"], {})} for n in self.executor.node_devices()]
 
     def jobs(self, runs: list[str] | None = None) -> list[dict]:
         """The status rows: one per run, with live progress where a worker reports it."""

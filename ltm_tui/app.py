@@ -38,6 +38,7 @@ from ltm_tui.widgets import DevicePanel, QueueTable, ResultsTable, job_holders, 
 
 JOBS_POLL_SECONDS = 5.0  # the event stream moves the bars; this catches anything it missed
 RECONNECT_SECONDS = 2.0
+NODES_POLL_SECONDS = 2.0  # a Ray cluster's nodes: the service reads them no more often
 
 
 class LtmApp(App):
@@ -85,6 +86,7 @@ class LtmApp(App):
         self.poll_seconds = poll_seconds
         self.picker_root = Path(picker_root or os.getcwd())
         self.link: Link | None = None
+        self.cluster = False  # the service's workers run on a Ray cluster: the panel lists its nodes
         self.jobs: list[dict] = []
         self.status_line = "connecting to the job service…"
         self._results_due = False
@@ -156,6 +158,7 @@ class LtmApp(App):
         if self.poll_seconds:
             self.poll_devices()
             self.set_interval(self.poll_seconds, self.poll_devices)
+            self.set_interval(max(self.poll_seconds, NODES_POLL_SECONDS), self.refresh_nodes)
         self.set_interval(JOBS_POLL_SECONDS, self.refresh_jobs)
         self.set_interval(0.5, self._results_if_due)
         self.connect()
@@ -173,13 +176,18 @@ class LtmApp(App):
         from backend.jobs.client import connect
 
         try:
-            connect(self.workspace).close()
+            client = connect(self.workspace)
+            try:
+                cluster = client.call("ping").get("executor") == "ray"
+            finally:
+                client.close()
         except LtmError as exc:
             self.call_from_thread(self._offline, exc.one_line())
             return
-        self.call_from_thread(self._online)
+        self.call_from_thread(self._online, cluster)
 
-    def _online(self) -> None:
+    def _online(self, cluster: bool = False) -> None:
+        self.cluster = cluster
         self.link = Link(self.workspace.socket_path)
         self.listen()
         self.refresh_all()
@@ -298,8 +306,24 @@ class LtmApp(App):
 
     @work(thread=True, exclusive=True, group="devices")
     def poll_devices(self) -> None:
+        if self.cluster:  # the cluster's nodes, this box among them, come from the service
+            return
         snapshot = self.monitor.read()
         self.call_from_thread(self.device_panel.show, snapshot, job_holders(self.jobs))
+
+    @work(exclusive=True, group="nodes")
+    async def refresh_nodes(self) -> None:
+        """A Ray service's nodes for the device panel (it reads them at most every 2 s)."""
+        from backend.core.errors import LtmError
+
+        if self.link is None or not self.cluster:
+            return
+        try:
+            nodes = await self.link.call("devices")
+        except LtmError:
+            return  # the panel keeps the last reading; the queue's hint says what is wrong
+        if nodes is not None:
+            self.device_panel.show_nodes(nodes, job_holders(self.jobs))
 
     # --- actions ---------------------------------------------------------------------------
 

@@ -44,6 +44,12 @@ class Snapshot:
     at: float
 
 
+def reading_of(data: dict) -> DeviceReading:
+    """A reading as it came through the socket (a cluster node's): JSON keys are strings."""
+    procs = {int(pid): used for pid, used in (data.get("processes") or {}).items()}
+    return DeviceReading(**{**data, "processes": procs})
+
+
 def _reading(read: Callable[[], Any]) -> Any:
     """One reading, or None (n/a) when it fails: every NVML or psutil call may fail on its own
     (not supported, a lost device, a sandboxed /proc), and none may take the panel down."""

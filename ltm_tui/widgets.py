@@ -17,7 +17,7 @@ from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
 
 from backend.core.states import JobState
-from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, sparkline
+from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, reading_of, sparkline
 from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, fit_name, format_duration, measure_names
 
 STATUS_STYLE = {
@@ -189,6 +189,37 @@ class DevicePanel(Static):
         if snap.note:
             return Group(grid, Text(snap.note, style="yellow", overflow="ellipsis", no_wrap=True))
         return grid
+
+
+    def show_nodes(self, nodes: list[dict], holders: dict[int, str] | None = None) -> None:
+        """A Ray cluster's nodes (the service's `devices` reply), one line a node: each GPU's
+        memory, use and the run on it, or the node's CPU and RAM where it has no GPU."""
+        if holders is not None:
+            self.holders = holders
+        grid = Table.grid(padding=(0, 1), expand=True)
+        grid.add_column(no_wrap=True, max_width=22)  # node
+        grid.add_column(no_wrap=True)  # bar: the fullest GPU's memory, or RAM
+        grid.add_column(ratio=1, overflow="ellipsis", no_wrap=True)  # numbers
+        for node in nodes:
+            devices = [reading_of(d) for d in node.get("devices") or []]
+            on_node = {int(pid): ours for pid, ours in (node.get("workers") or {}).items()}
+            shares = [d.memory_share for d in devices if d.memory_share is not None]
+            if not devices:
+                text = Text(node.get("note") or "no reading", style="yellow")
+            elif devices[0].kind == "host":
+                d = devices[0]
+                cpu = "n/a" if d.utilization is None else f"{d.utilization:.0f}%"
+                text = Text(f"RAM {gib(d.memory_used)}/{gib(d.memory_total)} GiB · CPU {cpu} · no GPU")
+            else:
+                parts = []
+                for d in devices:
+                    util = "n/a" if d.utilization is None else f"{d.utilization:.0f}%"
+                    runs = [self.holders.get(on_node.get(pid), f"pid {pid}") for pid in d.processes]
+                    parts.append(f"GPU{d.index} {gib(d.memory_used)}/{gib(d.memory_total)} GiB {util}"
+                                 + (f" {', '.join(runs)}" if runs else ""))
+                text = Text(" · ".join(parts))
+            grid.add_row(Text(node.get("node") or "?", style="bold"), _bar(max(shares) if shares else None), text)
+        self.update(grid if nodes else Text("reading the cluster's nodes…", style="dim"))
 
 
 def job_holders(jobs: list[dict]) -> dict[int, str]:

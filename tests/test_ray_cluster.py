@@ -210,6 +210,77 @@ def test_cancel_on_a_remote_node_checkpoints_and_ends_the_actor(cluster, tmp_pat
     assert not scratch.exists()
 
 
+def _panel_lines(nodes: list[dict], jobs: list[dict]) -> list[str]:
+    """The device panel as it shows a `devices` reply, line by line."""
+    import asyncio
+    import io
+
+    from rich.console import Console
+    from textual.app import App
+
+    from ltm_tui.widgets import DevicePanel, job_holders
+
+    class Panel(App):
+        def compose(self):
+            yield DevicePanel()
+
+    async def scenario():
+        async with Panel().run_test(size=(140, 8)) as pilot:
+            panel = pilot.app.query_one(DevicePanel)
+            panel.show_nodes(nodes, job_holders(jobs))
+            await pilot.pause()
+            console = Console(width=140, record=True, file=io.StringIO())
+            console.print(panel.content)
+            return [line.rstrip() for line in console.export_text().splitlines() if line.strip()]
+
+    return asyncio.run(scenario())
+
+
+def _node_readings_come_through_the_socket_and_show_one_line_a_node(ws: Workspace, job: dict) -> None:
+    """The service reads every node (no GPU here: CPU and RAM, read on the node) and names the
+    worker process of the node that runs `job`; the panel gives each node one line."""
+    import psutil
+
+    with connect(ws) as client:
+        labels = {n["node"] for n in client.call("ping")["nodes"]}
+
+        def all_nodes():
+            nodes = client.call("devices")
+            return nodes if {n["node"] for n in nodes} == labels else None
+
+        nodes = wait_for(all_nodes, what="a device reading from every node")
+    assert len(nodes) == len(labels) == 3  # the head (no CPU for jobs) and the two nodes
+    for node in nodes:
+        [host] = node["devices"]
+        assert node["source"] == "psutil" and host["kind"] == "host"
+        assert host["memory_total"] == psutil.virtual_memory().total  # simulated nodes: this machine
+    workers = {n["node"]: n["workers"] for n in nodes}
+    [(node_pid, ours)] = workers.pop(job["node"]).items()
+    assert ours == job["pid"]
+    assert "backend.compute.worker" in psutil.Process(int(node_pid)).cmdline()  # the node's real worker
+    assert not any(workers.values())
+    lines = _panel_lines(nodes, [job])
+    assert len(lines) == 3
+    for node, line in zip(nodes, lines):
+        assert line.startswith(node["node"][:20]) and "RAM" in line and "no GPU" in line, line
+
+
+def test_a_node_with_gpus_shows_each_card_and_the_run_on_it(fake_nvml, monkeypatch):
+    """The reading a node sends where NVML answers (the mocked pynvml: two cards, a worker of
+    pid 4242 on the first), through JSON, as the panel shows it. Not through Ray: the mock
+    cannot be put into a node's own process cleanly; the CPU/RAM path above runs on the nodes."""
+    from backend.jobs import ray_executor
+
+    monkeypatch.setattr(ray_executor, "_node_monitor", None)
+    reading = json.loads(json.dumps(ray_executor.read_node_devices()))
+    assert reading["source"] == "nvml" and len(reading["devices"]) == 2
+    node = {"node": "gpu-box-2 (7da3b97d)", **reading, "workers": {"4242": 777}}
+    job = {"run_id": "logic-s0-1", "pid": 777, "status": "training", "corpus": "logic.txt"}
+    [line] = _panel_lines([node], [job])
+    assert "GPU0 40.0/96.0 GiB 87% logic.txt · GPU1 10.0/141.0 GiB 3%" in line, line
+    assert line.startswith("gpu-box-2 (7da3b97d)")
+
+
 def _serve(ws: Path, address: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "ltm_tui.cli", "serve", "--executor", "ray", "--address", address,
@@ -237,6 +308,7 @@ def test_a_killed_service_is_followed_by_one_that_reattaches_and_ingests_once(cl
 
     before = wait_for(training, what="the run training on a node")
     assert before["node"] and before["pid"]  # `status --format json` says where it runs
+    _node_readings_come_through_the_socket_and_show_one_line_a_node(ws, before)
     shown = cli("status", "--workspace", str(ws.root))
     assert f"executor: ray at {cluster.address}; nodes: " in shown.stdout and before["node"] in shown.stdout
     os.kill(service.pid, signal.SIGKILL)  # no goodbye: the actor and its worker go on

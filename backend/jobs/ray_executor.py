@@ -37,7 +37,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from backend.core.errors import LtmError
@@ -52,6 +54,7 @@ SYNC_TIMEOUT = 60.0  # a final sync (after a kill) waits at most this long for t
 PROBE_TIMEOUT = 5.0  # after a failed call: is the actor still there?
 POLL_SECONDS = 0.2  # the newest a poll's answer is taken: the service ticks four times a second
 ACTOR_NAME = "ltm-worker-{pid}"
+READ_SECONDS = 2.0  # each node's devices are read at most this often, and only while a client asks
 
 
 class ExecutorError(LtmError):
@@ -218,6 +221,22 @@ class SessionActor:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
+_node_monitor = None  # on a node: one per Ray worker process, so NVML is initialised once there
+
+
+def read_node_devices() -> dict:
+    """This node's devices, read on the node (a Ray task pinned to it): each GPU through NVML,
+    or its CPU and RAM with psutil, as the dashboard reads its own box (`ltm_tui.gpu`, which
+    imports neither textual nor torch)."""
+    global _node_monitor
+    from ltm_tui.gpu import DeviceMonitor
+
+    if _node_monitor is None:
+        _node_monitor = DeviceMonitor()
+    snap = _node_monitor.read()
+    return {"source": snap.source, "note": snap.note, "devices": [asdict(d) for d in snap.devices]}
+
+
 def _own_session_tied_to_parent() -> None:
     """In the worker before it runs: its own session (signals go to its group), and SIGKILL
     when the actor dies, since then nothing would bring its files back (Linux's
@@ -269,6 +288,7 @@ class RayWorker:
         self.actor = actor
         self.session_path = session_path
         self.node: str | None = None  # "host (node id)" once the actor has started
+        self.node_pid: int | None = None  # the worker process's pid on its node (NVML lists it)
         self.lost: str | None = None  # why the worker ended without an exit code of its own
         self._code: int | None = None
         self._have: dict[str, list] = {}
@@ -317,7 +337,8 @@ class RayWorker:
                 ready, _ = ray.wait([self._started], timeout=SYNC_TIMEOUT if block else 0)
                 if not ready:
                     return  # still waiting for a node with the resources it asked for
-                self.node = _node_label(ray.get(self._started))
+                where = ray.get(self._started)
+                self.node, self.node_pid = _node_label(where), where.get("worker_pid")
                 self._started = None
             if self._pending is None:
                 self._pending = self._poll()
@@ -471,6 +492,10 @@ class RayExecutor:
         self.held: dict[int, set[str]] = {}  # worker id -> runs it was given (cancel markers go to it)
         self._nodes: tuple[float, list[dict]] = (-1e9, [])
         self.local = LocalExecutor()  # tasks (calibrations, judges) and workers from before a switch
+        self._readings: dict[str, dict] = {}  # node id -> its last device reading
+        self._reading: dict = {}  # a reading task in flight -> its node
+        self._read_at = -1e9
+        self._read_lock = threading.Lock()  # the socket's threads ask at once
         if not ray.is_initialized():
             _reachable(self.address)
             try:
@@ -482,6 +507,7 @@ class RayExecutor:
                     "start one with `ray start --head` (docs/cluster.md)"
                 ) from None
         self._actor_class = ray.remote(SessionActor)
+        self._read_task = ray.remote(num_cpus=0, max_retries=0)(read_node_devices)  # holds no CPU
 
     def slots(self) -> list[str | None]:
         """How many workers run at once: one per CPU of the cluster, or `slots_per_gpu` per GPU.
@@ -504,9 +530,37 @@ class RayExecutor:
                 continue
             res = n.get("Resources", {})
             out.append({"node": _node_label({"host": n.get("NodeManagerHostname"), "node_id": n["NodeID"]}),
-                        "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
+                        "node_id": n["NodeID"], "cpus": res.get("CPU", 0), "gpus": res.get("GPU", 0)})
         self._nodes = (time.monotonic(), out)
         return out
+
+    def node_devices(self) -> list[dict]:
+        """Each live node's devices as last read, one entry a node: {node, node_id, source, note,
+        devices, at}. Never waits: it takes the readings that came since the last call and, at
+        most every READ_SECONDS, sends a reading task pinned to each node; a node whose first
+        reading has not come yet is absent."""
+        ray = import_ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        with self._read_lock:
+            if self._reading:
+                ready, _ = ray.wait(list(self._reading), num_returns=len(self._reading), timeout=0)
+                for ref in ready:
+                    node = self._reading.pop(ref)
+                    try:
+                        self._readings[node["node_id"]] = {**node, **ray.get(ref), "at": time.time()}
+                    except ray.exceptions.RayError as exc:  # its node went as it read
+                        self._readings[node["node_id"]] = {**node, "source": None, "devices": [],
+                                                          "note": f"no reading: {_ray_said(exc)}", "at": time.time()}
+            alive = self.nodes()
+            if time.monotonic() - self._read_at >= READ_SECONDS:
+                self._read_at = time.monotonic()
+                busy = {n["node_id"] for n in self._reading.values()}
+                for node in alive:
+                    if node["node_id"] not in busy:
+                        strategy = NodeAffinitySchedulingStrategy(node["node_id"], soft=False)
+                        self._reading[self._read_task.options(scheduling_strategy=strategy).remote()] = node
+            return [self._readings[n["node_id"]] for n in alive if n["node_id"] in self._readings]
 
     def resources(self, session: dict) -> dict[str, float]:
         """One CPU; on a cluster with GPUs, the share of a card its base needs (a quarter for a
@@ -552,7 +606,7 @@ class RayExecutor:
         handle = RayWorker(self, pid, actor, None)
         stem = Path(where.get("session") or "").stem
         handle.session_path = next((p for p in found if p.stem == stem), None)
-        handle.node = _node_label(where)
+        handle.node, handle.node_pid = _node_label(where), where.get("worker_pid")
         self.held[pid] = set(where["runs"])
         return handle
 
