@@ -383,6 +383,10 @@ def _merged(file: str, quick: bool) -> dict:
     return dict(module.run(quick))
 
 
+def bench_ray(quick: bool) -> dict:
+    return _merged("ray_bench.py", quick)
+
+
 def bench_ui(quick: bool) -> dict:
     """The dashboard's own benchmarks (`benchmarks/ui.py`), run in a process of their own as the
     dashboard is: one that never imports torch and holds none of the other cases' objects (in this
@@ -418,7 +422,7 @@ def main() -> int:
         "quick": args.quick,
     }
     cases = (bench_warm_worker, bench_status, bench_status_submit, bench_flood, bench_train_vs_hf, bench_hf_load,
-             bench_warm_worker_hf, bench_eval, bench_eval_run, bench_ui, bench_probes)
+             bench_warm_worker_hf, bench_eval, bench_eval_run, bench_ui, bench_probes, bench_ray)
     names = [case.__name__.removeprefix("bench_") for case in cases]
     only = {name.strip() for name in args.only.split(",")} if args.only else None
     if only and only - set(names):

@@ -53,6 +53,7 @@ APPEND_FILES = ("events.jsonl", "train.log")  # grow by lines: only the new byte
 SYNC_TIMEOUT = 60.0  # a final sync (after a kill) waits at most this long for the actor
 PROBE_TIMEOUT = 5.0  # after a failed call: is the actor still there?
 POLL_SECONDS = 0.2  # the newest a poll's answer is taken: the service ticks four times a second
+EXIT_WAIT = 0.5  # a poll with nothing to bring waits this long on the node for the worker's exit
 ACTOR_NAME = "ltm-worker-{pid}"
 READ_SECONDS = 2.0  # each node's devices are read at most this often, and only while a client asks
 
@@ -182,8 +183,18 @@ class SessionActor:
                         files[rel] = [(run_dir / rel_in).read_bytes(), *sig]
                     except FileNotFoundError:  # gone since it was listed: the next call lists again
                         self._listed.pop(run_id, None)
-        return {"code": code, "appends": {k: v for k, v in appends.items() if v}, "files": files,
-                "checkpoints": checkpoints}
+        appends = {k: v for k, v in appends.items() if v}
+        if code is None and self.proc is not None and not (appends or files or cancels or more):
+            # Nothing new: a worker past its last event is exiting. Waiting for that here, not
+            # at the next poll, is a round trip less between a session's end and the service
+            # seeing it (the service never waits on a poll; only the actor's own calls queue).
+            try:
+                self.proc.wait(timeout=EXIT_WAIT)
+            except subprocess.TimeoutExpired:
+                pass
+            else:
+                return self.poll(offsets, have, [], [])
+        return {"code": code, "appends": appends, "files": files, "checkpoints": checkpoints}
 
     def _listing(self, run_dir: Path, fresh: bool) -> dict[str, list[int]]:
         """A run's files that travel back, each with [size, mtime]. The worker appends an event
