@@ -102,7 +102,7 @@ def train_ours(model, tokens: Path, cfg: TrainConfig, device) -> dict[str, Any]:
                           log=lambda s: None)
         _sync(device)
         seconds = time.perf_counter() - t0
-    losses, steady = log_windows(curve, cfg.log_every)
+    losses, steady = log_windows(curve)
     return {**_rates_used(curve, cfg, out.steps),"seconds": seconds, "tokens": out.tokens_seen, "tokens_per_s": out.tokens_seen / seconds,
             "steady_tokens_per_s": steady,  # after the first log window
             "final_loss": losses[-1], "first_loss": losses[0]}
@@ -121,22 +121,22 @@ def _rates_used(curve: list[dict], cfg: TrainConfig, total: int) -> dict[str, li
     return {"lrs": [lr for _, lr in logged]}
 
 
-def log_windows(curve: list[dict], log_every: int) -> tuple[list[float], float]:
+def log_windows(curve: list[dict]) -> tuple[list[float], float]:
     """The mean loss of each `log_every` steps (what the Trainer logs with logging_steps), and the
     tokens/s after the first such window, from progress events that may also come between them
     (one goes out after any step that ends a second after the last: backend/compute/train.py).
-    Each event's loss is the mean over the steps since the one before; its tokens/s is over them."""
-    losses, acc, n, prev_step, prev_tokens = [], 0.0, 0, 0, 0
+    An event at a multiple of log_every (or the last) carries the mean loss since the one before
+    it; one in between is marked `timed`. Every event's tokens/s is over the steps since the
+    event before it."""
+    losses, prev_tokens = [], 0
     tokens = seconds = 0.0
     for p in curve:
-        steps, window = p["step"] - prev_step, p["tokens"] - prev_tokens
+        window = p["tokens"] - prev_tokens
         if losses:  # after the first window
             tokens, seconds = tokens + window, seconds + window / max(p["tokens_per_s"], 1e-9)
-        acc, n = acc + p["loss"] * steps, n + steps
-        prev_step, prev_tokens = p["step"], p["tokens"]
-        if p["step"] % log_every == 0 or p is curve[-1]:
-            losses.append(acc / n)
-            acc, n = 0.0, 0
+        prev_tokens = p["tokens"]
+        if not p.get("timed"):
+            losses.append(p["loss"])
     steady = tokens / seconds if seconds else curve[0]["tokens_per_s"]
     return losses, steady
 

@@ -117,8 +117,9 @@ def test_training_lowers_the_loss_and_writes_events(tmp_path, monkeypatch):
 
 def test_a_slow_step_sends_progress_without_waiting_for_log_every(tmp_path, monkeypatch):
     """With the time threshold at zero every step is "slow": each sends its event, whose loss is
-    that step's alone; the curve the worker builds from them has a point per step; the outcome's
-    final loss is the same as when the events fell every log_every steps only."""
+    that step's alone (marked `timed` between the log_every points); the curve the worker builds
+    from them, and the outcome's final loss, are the same as when the events fell every
+    log_every steps only."""
     from backend.compute import train
     from backend.compute.worker import _curve_from_events
     from backend.core.events import EventLog
@@ -139,19 +140,23 @@ def test_a_slow_step_sends_progress_without_waiting_for_log_every(tmp_path, monk
     assert [e["step"] for e in progress] == [1, 2, 3, 4, 5, 6]
     assert [e["eta_s"] is None for e in progress] == [True, True, False, False, False, False]
     assert progress[-1]["eta_s"] == 0
-    assert [p["step"] for p in _curve_from_events(tmp_path / "events.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [bool(e.get("timed")) for e in progress] == [True, True, True, False, True, False]
+    curve = _curve_from_events(tmp_path / "events.jsonl")
+    assert [p["step"] for p in curve] == [4, 6]
     monkeypatch.setattr(train, "PROGRESS_SECONDS", 1e9)
     (tmp_path / "again").mkdir()
     again = []
     same = train_model(build_micro("tiny", 0, CPU), path, tmp_path / "again", cfg, device=CPU,
                        emit=lambda kind, **p: again.append(p) if kind == "progress" else None, log=lambda s: None)
     assert [e["step"] for e in again] == [4, 6]
+    assert [e["loss"] for e in again] == [p["loss"] for p in curve]  # a point: the mean since the last
     assert same.final_loss == pytest.approx(out.final_loss, rel=1e-6)
-    assert same.final_loss == pytest.approx(sum(e["loss"] for e in progress[4:]) / 2, rel=1e-4)
+    assert same.final_loss == pytest.approx(curve[-1]["loss"], rel=1e-4)  # steps 5 and 6
+    assert curve[-1]["loss"] != pytest.approx(progress[-2]["loss"], rel=1e-4)  # not step 5's alone
     # the benchmark reads the Trainer's logging windows back out of either kind of curve
     from benchmarks.peers import log_windows
 
-    assert log_windows(progress, 4)[0] == pytest.approx([e["loss"] for e in again], rel=1e-4)
+    assert log_windows(progress)[0] == pytest.approx([e["loss"] for e in again], rel=1e-4)
 
 
 def test_smoothed_eta_damps_one_slow_window_and_follows_a_lasting_change():

@@ -8,8 +8,10 @@ Run it through the worker, e.g.::
 
 Every `log_every` steps, and after any step that ends a second or more after the last event (so
 a slow step still moves the bar), it writes a `progress` event (step, total, tokens, loss: the
-mean over the steps since the last event, tokens_per_s, eta_s, gpu_mem_bytes) and one human
-line; the ETA comes from `smooth_pace`, not from the last window alone. Every `eval_every` steps (when set) a `metric` event
+mean over the steps since the last event, tokens_per_s, eta_s, gpu_mem_bytes; an event of the
+second kind is marked `timed`, and the loss of one of the first kind is the mean since the last
+of that kind, so the loss curve is the same however fast the steps ran) and one human line. On
+a GPU the forward pass runs under bf16 autocast (`precision`, `models.autocast`); the ETA comes from `smooth_pace`, not from the last window alone. Every `eval_every` steps (when set) a `metric` event
 {name: "eval_loss", step, value}: the mean loss on a fixed, evenly spaced sample of the corpus's
 blocks, the same at every evaluation, in eval mode (no dropout, no random numbers drawn, so a
 resumed run still trains exactly as an uninterrupted one); every `checkpoint_every` steps,
@@ -324,14 +326,17 @@ def train_model(
         window_n += 1
         window_loss += step_loss  # stays on the device: one host sync per log line, not per step
         tail_loss, tail_n = tail_loss + step_loss, tail_n + 1
+        # The curve's points: every log_every steps and the last, each the mean loss since the
+        # one before, so a run's curve is the same however fast its steps ran. The events a slow
+        # step adds in between (for the bar and the ETA) carry their own window's mean, marked
+        # `timed`, and stay out of the curve.
+        on_curve = step % cfg.log_every == 0 or step == total
         if step == total:
             final_loss = float(tail_loss) / tail_n
-        elif step % cfg.log_every == 0:
-            tail_loss, tail_n = 0.0, 0
 
         now = time.perf_counter()
-        if step % cfg.log_every == 0 or step == total or now - window_t >= PROGRESS_SECONDS:
-            loss_value = float(window_loss) / window_n
+        if on_curve or now - window_t >= PROGRESS_SECONDS:
+            loss_value = float(tail_loss) / tail_n if on_curve else float(window_loss) / window_n
             tps = window_tokens / max(now - window_t, 1e-9)
             pace = smooth_pace(pace, now - window_t, window_n, step - start)
             eta = eta_seconds(pace, total - step, step - start)
@@ -348,12 +353,15 @@ def train_model(
                 total=total,
                 eta_s=None if eta is None else round(eta, 1),
                 gpu_mem_bytes=_device_memory(device),
+                **({} if on_curve else {"timed": True}),
             )
             log(
                 f"step {step:>6}/{total} | loss {loss_value:.4f} | lr {point['lr']:.2e} "
                 f"| {tps:,.0f} tok/s | eta {'-' if eta is None else f'{eta:,.0f}s'}"
             )
             window_t, window_tokens, window_loss, window_n = now, 0, 0.0, 0
+        if on_curve:
+            tail_loss, tail_n = 0.0, 0
         if eval_sample is not None and (step % cfg.eval_every == 0 or step == total):
             value = _eval_loss(model, eval_sample, micro_batch, device, marks, precision)
             emit("metric", name="eval_loss", step=step, value=round(value, 5), total=total)

@@ -330,13 +330,14 @@ def _stopped():
 
 
 def _curve_from_events(path: Path) -> list[dict]:
-    """The whole loss curve, across resumed attempts (a later point for a step wins)."""
+    """The whole loss curve, across resumed attempts (a later point for a step wins); the
+    events a slow step added between its points (`timed`) are not on it."""
     from backend.core.events import read_events
 
     events, _ = read_events(path)
     points: dict[int, dict] = {}
     for e in events:
-        if e.get("type") == "progress":
+        if e.get("type") == "progress" and not e.get("timed"):
             points[e["step"]] = {k: e.get(k) for k in ("step", "loss", "lr", "tokens", "tokens_per_s")}
     return [points[s] for s in sorted(points)]
 

@@ -522,7 +522,8 @@ class JobManager:
                     self._to(run_id, state, target)
                     on_event({**event, "type": "state", "run_id": run_id, "status": target.value})
             elif kind == "progress":
-                self.store.add_curve_points(run_id, [event])
+                if not event.get("timed"):  # between the curve's points: the bar's, not the curve's
+                    self.store.add_curve_points(run_id, [event])
                 on_event(event)
             elif kind == "eval_progress":  # scenes done of all: the queue's bar, no curve point
                 on_event({**event, "run_id": run_id})
