@@ -20,8 +20,8 @@ from textual.containers import Horizontal
 from textual.markup import escape
 from textual.widgets import Footer, Header, Input, Label, Static
 
+from backend.core.devices import DeviceMonitor
 from backend.core.states import JobState
-from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.link import Link
 from ltm_tui.screens import (
     CompareScreen,

@@ -16,8 +16,9 @@ from textual.message import Message
 from textual.widgets import DataTable, Static
 from textual.widgets.data_table import ColumnKey
 
+from backend.core.devices import DeviceMonitor, Snapshot, reading_of
 from backend.core.states import JobState
-from ltm_tui.gpu import DeviceMonitor, Snapshot, gib, reading_of, sparkline
+from ltm_tui.gpu import gib, sparkline
 from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, fit_name, format_duration, measure_names
 
 STATUS_STYLE = {

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from backend.core.devices import DeviceMonitor
 from backend.core.workspace import Workspace
 from ltm_tui.app import LtmApp
-from ltm_tui.gpu import DeviceMonitor
 from ltm_tui.screens import CompareScreen, ConfirmScreen, HelpScreen, LogScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import QueueTable, ResultsTable, job_holders
 from tests.conftest import LOGIC_TEXT, WAIT, cli, stop_service, write_tiny_battery

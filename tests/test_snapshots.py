@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import time
 
+from backend.core.devices import DeviceMonitor, DeviceReading, Snapshot
 from ltm_tui.app import LtmApp
-from ltm_tui.gpu import DeviceMonitor, DeviceReading, Snapshot
 from ltm_tui.screens import CompareScreen, ConfirmScreen, HelpScreen, PickerScreen, RunScreen
 from ltm_tui.widgets import DevicePanel, ResultsTable
 from tests.conftest import WAIT

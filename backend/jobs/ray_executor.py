@@ -237,10 +237,10 @@ _node_monitor = None  # on a node: one per Ray worker process, so NVML is initia
 
 def read_node_devices() -> dict:
     """This node's devices, read on the node (a Ray task pinned to it): each GPU through NVML,
-    or its CPU and RAM with psutil, as the dashboard reads its own box (`ltm_tui.gpu`, which
+    or its CPU and RAM with psutil, as the dashboard reads its own box (`backend.core.devices`, which
     imports neither textual nor torch)."""
     global _node_monitor
-    from ltm_tui.gpu import DeviceMonitor
+    from backend.core.devices import DeviceMonitor
 
     if _node_monitor is None:
         _node_monitor = DeviceMonitor()

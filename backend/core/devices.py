@@ -1,0 +1,158 @@
+"""Device readings: NVML per GPU, or the host's CPU and RAM, for the dashboard's device panel
+and, on a Ray cluster, for each node (backend/jobs/ray_executor.py reads them on the node).
+
+NVML (the `pynvml` module of the nvidia-ml-py distribution) is initialised once, by the first
+`DeviceMonitor`; every reading that fails shows as None ("n/a" on screen) and never raises. Where
+NVML is absent — no package, no driver, no GPU — the monitor reads CPU and RAM with psutil and
+says so. No textual here, no torch: `ltm_tui/widgets.py` renders these readings.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+HISTORY = 60  # samples kept per device: one minute at the panel's one-second poll
+
+
+@dataclass
+class DeviceReading:
+    """One device at one moment. `kind` is "gpu" or "host"; any number may be None (n/a)."""
+
+    index: int
+    kind: str
+    name: str
+    memory_used: int | None = None  # bytes
+    memory_total: int | None = None
+    utilization: float | None = None  # percent
+    temperature: float | None = None  # degrees C
+    processes: dict[int, int | None] = field(default_factory=dict)  # pid -> bytes on the device
+
+    @property
+    def memory_share(self) -> float | None:
+        if self.memory_used is None or not self.memory_total:
+            return None
+        return self.memory_used / self.memory_total
+
+
+@dataclass
+class Snapshot:
+    devices: list[DeviceReading]
+    source: str  # "nvml" or "psutil"
+    note: str  # why NVML is not used, or ""
+    at: float
+
+
+def reading_of(data: dict) -> DeviceReading:
+    """A reading as it came through the socket (a cluster node's): JSON keys are strings."""
+    procs = {int(pid): used for pid, used in (data.get("processes") or {}).items()}
+    return DeviceReading(**{**data, "processes": procs})
+
+
+def _reading(read: Callable[[], Any]) -> Any:
+    """One reading, or None (n/a) when it fails: every NVML or psutil call may fail on its own
+    (not supported, a lost device, a sandboxed /proc), and none may take the panel down."""
+    try:
+        return read()
+    except Exception:
+        return None
+
+
+class DeviceMonitor:
+    """Reads every GPU through NVML when it can, else the host; keeps a memory history per device."""
+
+    def __init__(self) -> None:
+        self.nvml = None
+        self.note = ""
+        self.history: dict[int, deque[float | None]] = {}
+        self._init_nvml()
+
+    def _init_nvml(self) -> None:
+        try:
+            import pynvml
+        except ImportError:
+            self.note = "no GPU readings: showing CPU and RAM (the nvidia-ml-py package is not installed)"
+            return
+        try:
+            pynvml.nvmlInit()
+            self.count = pynvml.nvmlDeviceGetCount()
+        except Exception as exc:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+            self.note = f"no GPU driver found: showing CPU and RAM (NVML: {_nvml_reason(exc)})"
+            return
+        if self.count == 0:
+            self.note = "no GPU found: showing CPU and RAM"
+            _reading(pynvml.nvmlShutdown)
+            return
+        self.nvml = pynvml
+
+    @property
+    def source(self) -> str:
+        return "nvml" if self.nvml is not None else "psutil"
+
+    def read(self) -> Snapshot:
+        devices = self._read_gpus() if self.nvml is not None else [_read_host()]
+        for d in devices:
+            self.history.setdefault(d.index, deque(maxlen=HISTORY)).append(
+                d.utilization / 100 if d.kind == "host" and d.utilization is not None else d.memory_share
+            )
+        return Snapshot(devices=devices, source=self.source, note=self.note, at=time.time())
+
+    def _read_gpus(self) -> list[DeviceReading]:
+        nv = self.nvml
+        out = []
+        for i in range(self.count):
+            handle = _reading(lambda: nv.nvmlDeviceGetHandleByIndex(i))
+            if handle is None:
+                out.append(DeviceReading(index=i, kind="gpu", name=f"GPU {i} (n/a)"))
+                continue
+            name = _reading(lambda: nv.nvmlDeviceGetName(handle))
+            if isinstance(name, bytes):
+                name = name.decode(errors="replace")
+            mem = _reading(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
+            util = _reading(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
+            temp = _reading(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))
+            procs = _reading(lambda: nv.nvmlDeviceGetComputeRunningProcesses(handle)) or []
+            out.append(
+                DeviceReading(
+                    index=i,
+                    kind="gpu",
+                    name=name or "n/a",
+                    memory_used=getattr(mem, "used", None),
+                    memory_total=getattr(mem, "total", None),
+                    utilization=getattr(util, "gpu", None),
+                    temperature=temp,
+                    processes={p.pid: getattr(p, "usedGpuMemory", None) for p in procs},
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        if self.nvml is not None:
+            _reading(self.nvml.nvmlShutdown)
+            self.nvml = None
+
+
+def _nvml_reason(exc: Exception) -> str:
+    text = str(exc) or type(exc).__name__
+    return text.rstrip(".").lower() if len(text) < 80 else type(exc).__name__
+
+
+def _read_host() -> DeviceReading:
+    """CPU use and RAM of this machine (psutil), for a box without NVML."""
+    try:
+        import psutil
+    except ImportError:
+        return DeviceReading(index=0, kind="host", name="host (psutil missing)")
+    cpu = _reading(lambda: psutil.cpu_percent(interval=None))
+    mem = _reading(psutil.virtual_memory)
+    cores = _reading(psutil.cpu_count) or "?"
+    return DeviceReading(
+        index=0,
+        kind="host",
+        name=f"host · {cores} cores",
+        memory_used=None if mem is None else mem.total - mem.available,
+        memory_total=None if mem is None else mem.total,
+        utilization=cpu,
+    )
