@@ -132,7 +132,8 @@ class Service:
     def serve(self) -> int:
         self._bind()
         with self.lock:
-            self.manager.reattach(self.broadcast)
+            for name in self.manager.reattach(self.broadcast):
+                self.log(f"ended {name}: a worker no run needs any more (its service had left)")
         self.searches.resume_all()
         threading.Thread(target=self.server.serve_forever, name="socket", daemon=True).start()
         self.log(f"serving {self.workspace.root} on {self.workspace.socket_path} (pid {os.getpid()})")
@@ -163,6 +164,8 @@ class Service:
             self.manager.tasks.stop_all()  # their clients wait on this service: they are told it stopped
             if self.stop_workers:
                 self.manager.shutdown_workers(self.broadcast, reason="stopped with the service")
+            else:  # the rest go on without us; one with no run left would wait for nothing
+                self.manager.end_lingering(self.broadcast)
         self.broadcast({"type": "service", "status": "stopped"})
         if self.server is not None:
             self.server.shutdown()

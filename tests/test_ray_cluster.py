@@ -20,6 +20,7 @@ from backend.core.workspace import Workspace
 from backend.jobs.client import connect
 from backend.jobs.executor import process_alive
 from backend.jobs.manager import JobManager
+from backend.jobs.ray_executor import namespace_of
 from backend.jobs.settings import JobSettings
 from backend.jobs.store import Store
 from tests.conftest import REPO, WAIT, cli, wait_for, write_corpora
@@ -310,7 +311,7 @@ def test_a_killed_service_is_followed_by_one_that_reattaches_and_ingests_once(cl
     ws = Workspace(tmp_path / "ws")
     service = _serve(ws.root, cluster.address)
     wait_for(lambda: ws.socket_path.exists(), what="the Ray service's socket")
-    train = {**TRAIN, "max_steps": 120, "checkpoint_every": 40}
+    train = {**TRAIN, "max_steps": 360, "checkpoint_every": 120}  # long enough to outlive a restart
     with connect(ws) as client:
         assert client.call("ping")["executor"] == "ray"
         run_id = client.call("submit", paths=[str(corpora / "logic.txt")],
@@ -340,17 +341,28 @@ def test_a_killed_service_is_followed_by_one_that_reattaches_and_ingests_once(cl
     with connect(ws) as client:
         rows = [r for r in client.call("results") if r["run_id"] == run_id]
         detail = client.call("run", run_id=run_id)
-    assert len(rows) == 1 and detail["run"]["steps"] == 120
+    assert len(rows) == 1 and detail["run"]["steps"] == 360
     assert detail["run"]["attempt"] == 0  # adopted, never interrupted nor retried
     assert [p["step"] for p in detail["curve"]] == sorted({p["step"] for p in detail["curve"]})
     events, _ = read_events(ws.run_dir(run_id) / "events.jsonl")
     assert sum(e["type"] == "result" for e in events) == 1  # each line copied back once
     assert len(events) == len({json.dumps(e, sort_keys=True) for e in events})
-    # The second service went idle and left while its worker lingered for more jobs; no service
-    # adopts a session whose runs have all ended, so its actor stays until killed (a known limit,
-    # docs/cluster.md): end it here so the next test has both nodes.
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    # The second service dies too, while the worker lingers for more jobs with its run ended: no
+    # run names that actor any more, so the next service ends it as it starts (else it would hold
+    # its node's CPU for ever), and the next test has both nodes.
+    namespace = namespace_of(ws.root)
+
+    def ours():
+        return [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == namespace]
+
+    with connect(ws) as client:
+        second = client.call("ping")["pid"]
+    os.kill(second, signal.SIGKILL)
+    wait_for(lambda: not process_alive(second, None), what="the second service to die")
+    with connect(ws) as client:
+        assert client.call("ping")["pid"] != second
+    wait_for(lambda: not ours(), what="the third service to end the actor no run needs")
+    assert "a worker no run needs any more" in ws.log_path.read_text()
 
 
 def test_a_lost_node_interrupts_and_the_run_resumes_on_the_other(cluster, tmp_path):

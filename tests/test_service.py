@@ -116,7 +116,9 @@ def test_killed_service_leaves_workers_running_and_a_new_one_reattaches(tmp_path
     assert len(rows) == 1 and rows[0]["status"] == "done"
     with connect(ws) as client:
         assert client.call("run", run_id=rows[0]["run_id"])["run"]["worker_pid"] == job["pid"]
-    cli("stop", "--workspace", str(ws.root))
+    cli("stop", "--workspace", str(ws.root))  # workers go on, but this one has no run left:
+    # it ends with the service, not a linger later (on Ray, no later service would end its actor)
+    wait_for(lambda: not process_alive(job["pid"], None), timeout=10, what="the lingering worker to end")
     with Store(ws.db_path) as store:
         scenes = [r for r in store.scene_results(rows[0]["run_id"]) if r["battery"] != "_general"]
         assert len(scenes) == 4  # ingested once, not twice (the general-text rows of forgetting aside)

@@ -297,11 +297,12 @@ class JobManager:
     def _lingering_worker(self) -> LiveWorker | None:
         """A live worker whose runs have all ended: it waits for a hand-over it may never get."""
         for worker in self.live.values():
-            if worker.stop_requested is None and all(
-                JobState(self.store.get_run(r)["status"]).is_terminal() for r in worker.run_ids
-            ):
+            if worker.stop_requested is None and self._all_ended(worker):
                 return worker
         return None
+
+    def _all_ended(self, worker: LiveWorker) -> bool:
+        return all(JobState(self.store.get_run(r)["status"]).is_terminal() for r in worker.run_ids)
 
     def _hand_over(self, worker: LiveWorker, runs: list[dict], on_event: EventHook) -> None:
         path = worker.session_path.with_name(
@@ -345,17 +346,28 @@ class JobManager:
 
     def shutdown_workers(self, on_event: EventHook, reason: str, grace: float = STOP_GRACE_SECONDS) -> None:
         """Stop every live worker (they checkpoint) and settle their runs."""
-        for worker in list(self.live.values()):
+        self._stop(list(self.live.values()), on_event, reason, grace)
+
+    def end_lingering(self, on_event: EventHook, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Stop the workers whose runs have all ended, as a service leaves without stopping the
+        rest: no later service adopts a worker with no run left to watch, so one lingering for a
+        hand-over would outlive its service (a Ray actor would hold its node's CPU or GPU)."""
+        lingering = [w for w in self.live.values() if self._all_ended(w)]
+        self._stop(lingering, on_event, "stopped with the service", grace)
+
+    def _stop(self, workers: list[LiveWorker], on_event: EventHook, reason: str, grace: float) -> None:
+        for worker in workers:
             worker.request_stop()
         deadline = time.monotonic() + grace
-        while self.live and time.monotonic() < deadline:
-            for worker in list(self.live.values()):
+        while workers and time.monotonic() < deadline:
+            for worker in list(workers):
                 if worker.exit_code() is not None:
                     self._pump(worker, on_event)
                     self._settle(worker, on_event, reason=reason)
                     del self.live[worker.pid]
+                    workers.remove(worker)
             time.sleep(0.1)
-        for worker in list(self.live.values()):
+        for worker in workers:
             worker.kill()
             self._settle(worker, on_event, reason=reason)
             del self.live[worker.pid]
@@ -416,9 +428,11 @@ class JobManager:
         on_event({"type": "worker", "pid": worker.pid, "runs": list(worker.run_ids), "slot": slot})
         return worker
 
-    def reattach(self, on_event: EventHook) -> None:
+    def reattach(self, on_event: EventHook) -> list[str]:
         """After a restart: adopt workers still alive (pid and start time must both match), ingest
-        what finished while no service watched, and settle runs whose worker died."""
+        what finished while no service watched, and settle runs whose worker died. An executor
+        whose workers outlive their host (Ray's detached actors) then ends those no run names:
+        what they list of their own went away with the service before."""
         active = ["queued", "starting", "training", "evaluating"]
         for run in self.store.list_runs(status=active):
             pid, ticks = run.get("worker_pid"), run.get("worker_start")
@@ -443,6 +457,8 @@ class JobManager:
                 ghost.offsets[run_id] = 0
                 self._pump(ghost, on_event)
                 self._settle(ghost, on_event, reason="worker died while no service watched it")
+        sweep = getattr(self.executor, "sweep", None)
+        return sweep(set(self.live)) if sweep is not None else []
 
     def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
         sync = getattr(worker.process, "sync", None)

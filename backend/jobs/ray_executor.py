@@ -53,7 +53,8 @@ APPEND_FILES = ("events.jsonl", "train.log")  # grow by lines: only the new byte
 SYNC_TIMEOUT = 60.0  # a final sync (after a kill) waits at most this long for the actor
 PROBE_TIMEOUT = 5.0  # after a failed call: is the actor still there?
 POLL_SECONDS = 0.2  # the newest a poll's answer is taken: the service ticks four times a second
-EXIT_WAIT = 0.5  # a poll with nothing to bring waits this long on the node for the worker's exit
+QUIET_WAIT = 0.5  # a poll with nothing to bring waits this long on the node for news or the exit
+WATCH_SECONDS = 0.05  # how often a waiting poll looks at the worker's files (a stat each)
 ACTOR_NAME = "ltm-worker-{pid}"
 READ_SECONDS = 2.0  # each node's devices are read at most this often, and only while a client asks
 
@@ -151,7 +152,11 @@ class SessionActor:
     def poll(self, offsets: dict[str, int], have: dict[str, list], cancels: list[str], more: list[dict]) -> dict:
         """Hand over cancel markers and more jobs, then return what changed: the worker's exit
         code (read first, so that the files of an exited worker are complete), the new bytes of
-        each append-only file past the caller's offset, and every other file the caller lacks."""
+        each append-only file past the caller's offset, and every other file the caller lacks.
+
+        With nothing new, the call waits on the node (up to QUIET_WAIT) until the worker writes
+        or exits: an event then reaches the service one hop after it is written, not one poll
+        later (the service never waits on a poll; only this actor's own calls queue)."""
         for rel in cancels:
             target = self.root / "runs" / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -162,6 +167,17 @@ class SessionActor:
             tmp = name.with_suffix(".tmp")
             tmp.write_text(json.dumps({"jobs": jobs}))
             tmp.replace(name)  # the worker claims only whole files
+        deadline = time.monotonic() + QUIET_WAIT
+        while True:
+            answer = self._changes(offsets, have)
+            quiet = not (answer["appends"] or answer["files"] or cancels or more)
+            if answer["code"] is not None or self.proc is None or not quiet or time.monotonic() >= deadline:
+                return answer
+            marks = self._marks()
+            while time.monotonic() < deadline and self.proc.poll() is None and self._marks() == marks:
+                time.sleep(WATCH_SECONDS)
+
+    def _changes(self, offsets: dict[str, int], have: dict[str, list]) -> dict:
         code = None if self.proc is None else self.proc.poll()
         appends: dict[str, bytes] = {}
         files: dict[str, list] = {}
@@ -184,17 +200,16 @@ class SessionActor:
                     except FileNotFoundError:  # gone since it was listed: the next call lists again
                         self._listed.pop(run_id, None)
         appends = {k: v for k, v in appends.items() if v}
-        if code is None and self.proc is not None and not (appends or files or cancels or more):
-            # Nothing new: a worker past its last event is exiting. Waiting for that here, not
-            # at the next poll, is a round trip less between a session's end and the service
-            # seeing it (the service never waits on a poll; only the actor's own calls queue).
-            try:
-                self.proc.wait(timeout=EXIT_WAIT)
-            except subprocess.TimeoutExpired:
-                pass
-            else:
-                return self.poll(offsets, have, [], [])
         return {"code": code, "appends": appends, "files": files, "checkpoints": checkpoints}
+
+    def _marks(self) -> list[int]:
+        """The sizes of what the worker appends to (its session log, each run's events and log):
+        the worker appends an event after every file it writes, so these grow with any news."""
+        paths = [self.session_path.with_suffix(".log")]
+        runs = self.root / "runs"
+        for run_dir in sorted(runs.iterdir()) if runs.is_dir() else []:
+            paths += [run_dir / name for name in APPEND_FILES]
+        return [_size(p) for p in paths]
 
     def _listing(self, run_dir: Path, fresh: bool) -> dict[str, list[int]]:
         """A run's files that travel back, each with [size, mtime]. The worker appends an event
@@ -620,6 +635,30 @@ class RayExecutor:
         handle.node, handle.node_pid = _node_label(where), where.get("worker_pid")
         self.held[pid] = set(where["runs"])
         return handle
+
+    def sweep(self, keep: set[int]) -> list[str]:
+        """End this workspace's actors whose ids are not in `keep` (the workers a restarted service
+        adopted): a session whose runs have all ended has nothing more to bring back, and its
+        actor would hold its CPU or GPU share until killed. Their names back."""
+        ray = import_ray()
+        ended = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != self.namespace or not name.startswith(ACTOR_NAME.format(pid="")):
+                continue
+            if int(name.rsplit("-", 1)[1]) in keep:
+                continue
+            try:
+                actor = ray.get_actor(name, namespace=self.namespace)
+            except ValueError:  # gone meanwhile
+                continue
+            try:
+                ray.get(actor.close.remote(), timeout=PROBE_TIMEOUT)  # its node's scratch folder too
+            except Exception:  # noqa: BLE001 - killed below either way
+                pass
+            ray.kill(actor, no_restart=True)
+            ended.append(name)
+        return ended
 
     def scenes_payload(self, scenes: str) -> dict:
         path = Path(scenes)
