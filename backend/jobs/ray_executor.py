@@ -52,7 +52,6 @@ RAY_TICKS = -1
 APPEND_FILES = ("events.jsonl", "train.log")  # grow by lines: only the new bytes travel
 SYNC_TIMEOUT = 60.0  # a final sync (after a kill) waits at most this long for the actor
 PROBE_TIMEOUT = 5.0  # after a failed call: is the actor still there?
-POLL_SECONDS = 0.2  # the newest a poll's answer is taken: the service ticks four times a second
 QUIET_WAIT = 0.5  # a poll with nothing to bring waits this long on the node for news or the exit
 WATCH_SECONDS = 0.05  # how often a waiting poll looks at the worker's files (a stat each)
 ACTOR_NAME = "ltm-worker-{pid}"
@@ -319,7 +318,6 @@ class RayWorker:
         self._code: int | None = None
         self._have: dict[str, list] = {}
         self._pending = None  # the poll in flight
-        self._sent = 0.0  # when it was sent
         self._started = None  # the actor's start call, until it answers
         self._closed = False
 
@@ -370,8 +368,6 @@ class RayWorker:
                 self._pending = self._poll()
                 if not block:
                     return
-            if not block and time.monotonic() - self._sent < POLL_SECONDS:
-                return  # asked a moment ago (the manager calls twice a tick): one poll a tick
             ready, _ = ray.wait([self._pending], timeout=SYNC_TIMEOUT if block else 0)
             if not ready:
                 return
@@ -403,7 +399,6 @@ class RayWorker:
         self._lose(exc)
 
     def _poll(self):
-        self._sent = time.monotonic()
         cancels, more = self._to_send()
         return self.actor.poll.remote(self._offsets_now(), self._have, cancels, more)
 
