@@ -11,12 +11,11 @@ workers at once), one thread per worker (Ray gives an actor of one CPU one threa
 workers are told the same), the job manager driven in-process. The cluster's start is not
 counted (it happens once a night, not once a job) and is reported beside the ratio.
 
-On the two-core box (3 Dec 2026, other work on the cores) it read 1.34 and 1.40 with 40 steps a
-job, 1.34 with 10: about 2 s more a session, most of it Ray starting the actor's process on its
-node (the simulated nodes, their raylets and the workers share the same two cores). A job of
-minutes amortises it; tiny jobs do not, hence the goal is not met here yet. With a quiet poll
-waiting on the node for the worker's exit it read 1.33, 1.14 and 1.42 the same evening, under
-load that moved one side's tries by up to 8 s (docs/benchmarks.md, "Ray executor").
+With nothing else on the two-core box (7 Dec 2026, `--quick`) five runs read 1.39, 1.32,
+1.29, 1.29 and 1.17, median 1.29: about 1.5 s more a session, nearly all of it Ray starting the
+actor's Python process on its node (the simulated nodes, their raylets and the workers share the
+same two cores). A job of minutes amortises it; tiny jobs do not (docs/benchmarks.md, "Ray
+executor").
 """
 
 from __future__ import annotations
