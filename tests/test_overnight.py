@@ -386,9 +386,10 @@ LIVE = ("starting", "training", "evaluating")
 
 @pytest.mark.slow
 def test_a_kill_storm_ends_every_run_exactly_once(tmp_path, tiny_battery):
-    """Six corpora queued; for 30 s workers and the service are SIGKILLed at random. Then every
-    run is retried until done: each ends exactly once, with one result, and nothing is left
-    running. While the storm lasts, no run shows as live without a process for long."""
+    """Six corpora queued; workers and the service are SIGKILLed at random, every 1–3 s, until
+    five workers and three services have died (30 s at most). Then every run is retried until
+    done: each ends exactly once, with one result, and nothing is left running. While the storm
+    lasts, no run shows as live without a process for long."""
     import random
     import time
 
@@ -405,7 +406,7 @@ def test_a_kill_storm_ends_every_run_exactly_once(tmp_path, tiny_battery):
     ghost_since: dict[str, float] = {}
     end = time.monotonic() + 30
     kills = {"worker": 0, "service": 0}
-    while time.monotonic() < end:
+    while time.monotonic() < end and not (kills["worker"] >= 5 and kills["service"] >= 3):
         jobs = _jobs(ws)  # connects, so a killed service is started again here
         now = time.monotonic()
         for job in jobs.values():

@@ -20,7 +20,7 @@ from backend.jobs.store import Store
 from tests.conftest import REPO, WAIT, cli, exit_code, wait_for
 
 # Long enough to be killed mid-training, short enough for CI.
-SLOW = ["--preset", "tiny", "--steps", "400", "--block-size", "64", "--micro-batch", "8",
+SLOW = ["--preset", "tiny", "--steps", "200", "--block-size", "64", "--micro-batch", "8",
         "--min-train-tokens", "0", "--epochs", "1000", "--quiet"]
 
 
@@ -89,7 +89,7 @@ def test_retry_after_sigterm_resumes_from_the_checkpoint(tmp_path, corpora, tiny
     assert f"resumed from {ckpts[0].name}" in log
     with connect(ws) as client:
         result = json.loads((ws.run_dir(job["run_id"]) / "result.json").read_text())
-        assert result["steps"] == 400
+        assert result["steps"] == int(SLOW[SLOW.index("--steps") + 1])  # all of them
         assert [r["status"] for r in client.call("results") if r["run_id"] == job["run_id"]] == ["done"]
 
 
@@ -207,7 +207,8 @@ def test_a_warm_worker_takes_the_next_corpus_on_its_base(tmp_path, corpora, tiny
     ws = Workspace(tmp_path / "ws")
     first = _start_run(ws, corpora["logic"], scenes=tiny_battery)
     job = _training(ws, "logic.txt")
-    second = cli("run", str(corpora["story"]), "--scenes", str(tiny_battery), "--workspace", str(ws.root), *SLOW)
+    second = cli("run", str(corpora["story"]), "--scenes", str(tiny_battery), "--workspace", str(ws.root),
+                 *SLOW[:2], "--steps", "30", *SLOW[4:])  # training settings travel with each job
     assert second.returncode == 0, second.stderr
     assert exit_code(first, "`ltm-tui run` of the first corpus") == 0
     with connect(ws) as client:
