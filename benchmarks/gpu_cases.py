@@ -242,7 +242,8 @@ def _setting(spec: dict[str, Any], device) -> dict[str, Any]:
     from backend.compute.models import BaseSpec, attention_for, train_dtype
 
     quant = parts(spec["case"])[1]
-    kernels = "liger" if liger_importable() and device.type == "cuda" else None  # --kernels liger runs on CUDA only
+    # --kernels liger runs on CUDA only; gpu_check's preflight may have found it failing here
+    kernels = "liger" if liger_importable() and device.type == "cuda" and not spec.get("no_liger") else None
     base = BaseSpec(base=f"random:{spec['case']}", quant=quant, device=str(device), kernels=kernels)
     dtype = train_dtype(device, base.precision)
     return {"base": base, "dtype": dtype, "attention": attention_for(base, device), "quant": quant}
@@ -418,6 +419,75 @@ def run_peer(spec: dict[str, Any]) -> dict[str, Any]:
         "build_seconds": round(build_seconds, 2), "train_seconds": round(train_seconds, 2),
         "process_seconds": round(time.perf_counter() - t_start, 2),
     }
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def preflight(small: bool) -> dict[str, Any]:
+    """Before the cases spend minutes each: the versions this box runs, and two short trainings
+    (`train_model`, 2 steps of 2 × 64 tokens) on a shrunk Llama of each kind the cases use
+    beyond plain LoRA: liger's kernels (CUDA only) and an nf4 base through bitsandbytes. The
+    cases then leave out what failed here, each line saying why, instead of failing one by one
+    a minute into their build. On a GPU the trial also fills Triton's kernel cache for liger."""
+    import torch
+
+    from backend.compute.models import BaseSpec, attach_lora, pick_device, train_dtype, use_kernels
+    from backend.compute.train import train_model
+    from backend.core.config import LoraSettings
+    from benchmarks.peers import train_config
+
+    device = pick_device("cpu" if small else None)
+    dtype = train_dtype(device)
+    out: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {name: _version(name) for name in ("torch", "transformers", "peft", "accelerate",
+                                                       "bitsandbytes", "liger-kernel", "flash-attn", "triton")},
+        "cuda": torch.version.cuda,
+    }
+
+    def trial(case: str, kernels: str | None) -> str:
+        with tempfile.TemporaryDirectory() as tmp:
+            config = SMALL_CONFIGS[parts(case)[0]]
+            tokens = corpus(Path(tmp), 4 * 64 * 2, config["vocab_size"])
+            model = build_base(case, True, device, dtype, "sdpa")
+            use_kernels(model, BaseSpec(base=f"random:{case}", device=str(device), kernels=kernels), device)
+            model = attach_lora(model, LoraSettings(), 0)
+            losses: list[float] = []
+            train_model(model, tokens, Path(tmp), replace(train_config(2, 64, 2, 1), log_every=1), device=device,
+                        emit=lambda kind, **p: losses.append(p["loss"]) if kind == "progress" else None,
+                        log=lambda line: None)
+        if len(losses) != 2 or not all(math.isfinite(x) for x in losses):
+            return f"failed: losses {losses}"
+        return "ok"
+
+    def attempt(case: str, kernels: str | None) -> str:
+        try:
+            return trial(case, kernels)
+        except Exception as exc:  # noqa: BLE001 - any failure here is the finding, reported in one line
+            return f"failed: {_first_line(exc)}"
+        finally:
+            _fresh_peaks(device)
+
+    if out["versions"]["liger-kernel"] is None:
+        out["liger"] = "not installed"
+    elif device.type != "cuda":
+        out["liger"] = "not on CUDA"
+    else:
+        out["liger"] = attempt("8b_lora", "liger")
+    out["nf4"] = "not installed" if out["versions"]["bitsandbytes"] is None else attempt("1b_qlora", None)
+    return out
 
 
 def run_side(spec: dict[str, Any]) -> dict[str, Any]:

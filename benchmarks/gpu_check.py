@@ -12,7 +12,14 @@ no torch and never touches the card; it writes each case's line to stdout and ap
 `$LTM_GPU_CHECK_OUT/gpu_check.jsonl` (default ltm-workspace/gpu_check/) as soon as the case ends,
 so a timeout loses nothing, and ends with the whole object. A case whose estimated time (from
 the FLOPs, the MFU and the start-up seconds the cases before it measured) would overrun
-`LTM_GPU_CHECK_BUDGET_S` is skipped with the estimate given.
+`LTM_GPU_CHECK_BUDGET_S` is skipped with the estimate given; `LTM_GPU_CHECK_CASES=8b_qlora,13b_qlora`
+runs those alone (a second call for what the first one's budget left out).
+
+First a preflight (`--preflight`, gpu_cases.preflight): the versions the box runs and two
+2-step trainings on tiny models, one with liger's kernels (CUDA only) and one on an nf4 base.
+Its line comes first; where liger failed the cases run with PyTorch's own kernels, and where nf4
+failed or bitsandbytes is missing the QLoRA cases are skipped, each saying why, instead of each
+failing a minute into its build.
 
 Per case: steady tokens/s of both sides (the median step after the warm-up steps), the ratio,
 MFU against the card's datasheet dense bf16 peak (backend/studies/gpu_projection.py's table,
@@ -53,6 +60,7 @@ MFU_GOAL_CASES = ("8b_lora", "13b_lora")
 GUESS_OVERHEAD_S = 40.0
 GUESS_MFU = {"lora": 0.35, "qlora": 0.2}
 MARGIN = 1.15  # on an estimate, before a case is skipped for it
+PREFLIGHT_S = 180.0  # imports, two tiny trainings, liger's Triton kernels compiled once
 
 
 class Interrupted(Exception):
@@ -66,15 +74,19 @@ def _on_term(signum, frame):
 def side(case: str, which: str, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
     """One side of a case in a fresh process, in a session of its own: a stop (the shell script's
     timeout, ^C) reaches it only through this process, which ends it and still prints its JSON."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--case", case, "--side", which,
-           "--spec", json.dumps({**spec, "case": case, "side": which, "small": SMALL})]
+    return _child(["--case", case, "--side", which,
+                   "--spec", json.dumps({**spec, "case": case, "side": which, "small": SMALL})], timeout)
+
+
+def _child(args: list[str], timeout: float) -> dict[str, Any]:
+    cmd = [sys.executable, str(Path(__file__).resolve()), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=max(1.0, timeout))
     except subprocess.TimeoutExpired:
         _stop(proc)
-        return {"error": f"timed out after {timeout:.0f} s (the budget left)"}
+        return {"error": f"timed out after {timeout:.0f} s"}
     except BaseException:
         _stop(proc)
         raise
@@ -93,6 +105,20 @@ def _stop(proc: subprocess.Popen) -> None:
             return
         except (ProcessLookupError, subprocess.TimeoutExpired):
             continue
+
+
+def _left_out(found: dict[str, Any]) -> dict[str, str]:
+    """What the preflight found the cases cannot use: {"liger" | "nf4": why}. Liger is left out
+    where it failed (the cases run with PyTorch's own kernels, as they do where it is not
+    installed); the QLoRA cases are skipped where nf4 failed or bitsandbytes is not installed.
+    A preflight that could not run at all leaves nothing out: each case finds out for itself."""
+    out = {"liger": found["liger"]} if str(found.get("liger", "")).startswith("failed") else {}
+    nf4 = str(found.get("nf4", ""))
+    if nf4.startswith("failed"):
+        out["nf4"] = nf4
+    elif nf4 == "not installed":
+        out["nf4"] = "not installed: bitsandbytes is missing (bash benchmarks/gpu_wheels.sh where pip works)"
+    return out
 
 
 def estimate_seconds(case: str, seen: dict[str, Any]) -> float:
@@ -209,11 +235,18 @@ def main() -> int:
 
     started = time.perf_counter()
     signal.signal(signal.SIGTERM, _on_term)
+    cases = [c.strip() for c in os.environ.get("LTM_GPU_CHECK_CASES", "").split(",") if c.strip()] or gpu_cases.CASES
+    unknown = [c for c in cases if c not in gpu_cases.CASES]
+    if unknown:
+        print(f"gpu_check: unknown case {', '.join(unknown)} in LTM_GPU_CHECK_CASES; the cases are "
+              f"{', '.join(gpu_cases.CASES)}", file=sys.stderr)
+        return 2
     out_dir = Path(os.environ.get("LTM_GPU_CHECK_OUT") or REPO / "ltm-workspace" / "gpu_check")
     out_dir.mkdir(parents=True, exist_ok=True)
     lines_path = out_dir / "gpu_check.jsonl"
     date = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    result: dict[str, Any] = {"date": date, "small": SMALL, "budget_s": BUDGET_S, "results_file": str(lines_path)}
+    result: dict[str, Any] = {"date": date, "small": SMALL, "budget_s": BUDGET_S, "results_file": str(lines_path),
+                              "cases": list(cases)}
     if SMALL:
         result["note"] = ("CPU smoke run (LTM_GPU_CHECK_SMALL=1): proves the code path on CPU-sized shapes; its "
                           "numbers are not GPU results and its goal flags are not the GPU goals")
@@ -222,14 +255,24 @@ def main() -> int:
 
     def record(case: str, line: dict[str, Any]) -> None:
         result[case] = line
-        text = json.dumps({"date": date, "small": SMALL, "case": case, **line})
+        text = json.dumps({"date": date, "small": SMALL, **({"preflight": line} if case == "preflight" else
+                                                             {"case": case, **line})})
         print(text, flush=True)
         with open(lines_path, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
 
     try:
+        print("preflight: versions, liger's kernels and nf4 on tiny models", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        found = result["preflight"] = _child(["--preflight"], min(PREFLIGHT_S, BUDGET_S))
+        found["seconds"] = round(time.perf_counter() - t0, 1)
+        record("preflight", found)
+        left_out = _left_out(found)
         with tempfile.TemporaryDirectory(prefix="ltm-gpu-check-") as tmp:
-            for case in gpu_cases.CASES:
+            for case in cases:
+                if gpu_cases.parts(case)[1] and "nf4" in left_out:
+                    record(case, {"skipped": f"preflight: nf4 {left_out['nf4']}"})
+                    continue
                 left = BUDGET_S - (time.perf_counter() - started)
                 need = estimate_seconds(case, seen)
                 if need > left:
@@ -239,7 +282,7 @@ def main() -> int:
                 folder.mkdir()
                 tokens = gpu_cases.corpus(folder, gpu_cases.tokens_needed(case, SMALL),
                                           gpu_cases.config_dict(case, SMALL)["vocab_size"])
-                spec = {"tokens": str(tokens), "seed": 0}
+                spec = {"tokens": str(tokens), "seed": 0, "no_liger": "liger" in left_out}
                 t0 = time.perf_counter()
                 print(f"{case}: ours, then HF Trainer + PEFT ({left:.0f} s of the budget left)", file=sys.stderr,
                       flush=True)
@@ -283,7 +326,11 @@ def main() -> int:
 
 
 def child(argv: list[str]) -> int:
-    """`--case C --side ours|peer --spec JSON`: one side, one JSON line on stdout."""
+    """`--case C --side ours|peer --spec JSON`: one side, one JSON line on stdout; `--preflight`:
+    what this box can run (gpu_cases.preflight)."""
+    if argv == ["--preflight"]:
+        print(json.dumps(gpu_cases.preflight(SMALL)), flush=True)
+        return 0
     args = dict(zip(argv[::2], argv[1::2]))
     spec = {**json.loads(args.get("--spec", "{}")), "case": args["--case"], "side": args["--side"]}
     spec.setdefault("small", SMALL)
@@ -292,4 +339,4 @@ def child(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(child(sys.argv[1:]) if "--case" in sys.argv else main())
+    sys.exit(child(sys.argv[1:]) if {"--case", "--preflight"} & set(sys.argv) else main())

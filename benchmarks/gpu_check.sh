@@ -8,11 +8,24 @@
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU
 #   LTM_GPU_CHECK_SMALL=1 bash benchmarks/gpu_check.sh    # the same code path on the CPU, shrunk
+#
+# A box with no package index gets what it lacks (bitsandbytes, liger-kernel, peft) as wheels:
+# `bash benchmarks/gpu_wheels.sh` fills .whl/ where pip works, and this script installs them into
+# a folder of its own (not the box's site-packages) before the check starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 # the allocator setting the service gives its workers (backend/jobs/executor.py), for both sides
 export PYTORCH_ALLOC_CONF="${PYTORCH_ALLOC_CONF:-${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}}"
 unset PYTORCH_CUDA_ALLOC_CONF
+# python3 first: GPU images often have no plain `python`
+PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    site="${TMPDIR:-/tmp}/ltm-gpu-site"
+    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
+        --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_check: installed $(cd .whl && ls *.whl | sed 's/-py3.*//' | tr '\n' ' ')into $site" >&2
+fi
 export LTM_GPU_CHECK_BUDGET_S="${LTM_GPU_CHECK_BUDGET_S:-420}"
-exec timeout --signal=TERM --kill-after=20 480 "${PYTHON:-python}" benchmarks/gpu_check.py
+exec timeout --signal=TERM --kill-after=20 480 "$PYTHON" benchmarks/gpu_check.py

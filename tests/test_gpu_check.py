@@ -77,3 +77,31 @@ def test_one_case_both_sides_through_the_subprocess_protocol(tmp_path):
     assert len(peer["step_seconds"]) == run.warm + run.steps
     assert peer["losses"][0] == pytest.approx(ours["losses"][0], rel=1e-4)
     assert peer["losses"][1] == pytest.approx(ours["losses"][1], rel=2e-3)
+
+
+def test_preflight_trains_the_nf4_kind_and_reports_what_the_box_runs():
+    """The preflight (gpu_check.py --preflight) is the first thing a GPU box runs: it names the
+    versions it found and trains two steps on an nf4 base, so the QLoRA cases are skipped with
+    a reason where 4-bit cannot run, not failed one by one. Liger's trial needs CUDA."""
+    from importlib import metadata
+
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--preflight"], check=False, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "LTM_GPU_CHECK_SMALL": "1", "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["device"] == "cpu"
+    assert found["versions"]["transformers"] == metadata.version("transformers")
+    assert found["versions"]["bitsandbytes"] == metadata.version("bitsandbytes")
+    assert found["nf4"] == "ok"
+    assert found["liger"] == ("not on CUDA" if gpu_cases.liger_importable() else "not installed")
+
+
+def test_an_unknown_case_is_named_with_the_cases_there_are(tmp_path):
+    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py"], check=False, cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LTM_GPU_CHECK_SMALL": "1", "LTM_GPU_CHECK_CASES": "8b_lora,70b_lora",
+                               "LTM_GPU_CHECK_OUT": str(tmp_path)})
+    assert done.returncode == 2 and done.stdout == ""
+    assert "unknown case 70b_lora" in done.stderr and "13b_qlora" in done.stderr
+    assert not (tmp_path / "gpu_check.jsonl").exists()  # nothing started
