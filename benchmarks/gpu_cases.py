@@ -272,6 +272,7 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = build_base(case, small, device, s["dtype"], s["attention"], spec.get("seed", 0))
     kernels_line = use_kernels(model, s["base"], device)
+    kernels = s["base"].kernels if kernels_line.startswith(f"kernels: {s['base'].kernels}") else None
     lora = LoraSettings()
     model = attach_lora(model, lora, spec.get("seed", 0))
     _sync(device)
@@ -306,7 +307,8 @@ def run_ours(spec: dict[str, Any]) -> dict[str, Any]:
     return {
         "side": "ours", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "dtype": str(s["dtype"]).replace("torch.", ""), "attention": s["attention"],
-        "kernels": s["base"].kernels, "kernels_line": kernels_line, "quant": "nf4" if s["quant"] else None,
+        # the kernels that ran (the peer is given the same), not only those asked for
+        "kernels": kernels, "kernels_line": kernels_line, "quant": "nf4" if s["quant"] else None,
         "lora": {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout, "target_modules": lora.target_modules},
         # what the last step ran with: out-of-memory halving (train_model's fallback) shows here
         "block": run.block, "micro_batch": outcome.micro_batch, "grad_accum": outcome.grad_accum,
@@ -440,7 +442,8 @@ def preflight(small: bool) -> dict[str, Any]:
     (`train_model`, 2 steps of 2 × 64 tokens) on a shrunk Llama of each kind the cases use
     beyond plain LoRA: liger's kernels (CUDA only) and an nf4 base through bitsandbytes. The
     cases then leave out what failed here, each line saying why, instead of failing one by one
-    a minute into their build. On a GPU the trial also fills Triton's kernel cache for liger."""
+    a minute into their build. (Liger's Triton kernels compile again for each case's shapes, in
+    its warm-up steps.)"""
     import torch
 
     from backend.compute.models import BaseSpec, attach_lora, pick_device, train_dtype, use_kernels
@@ -462,7 +465,9 @@ def preflight(small: bool) -> dict[str, Any]:
             config = SMALL_CONFIGS[parts(case)[0]]
             tokens = corpus(Path(tmp), 4 * 64 * 2, config["vocab_size"])
             model = build_base(case, True, device, dtype, "sdpa")
-            use_kernels(model, BaseSpec(base=f"random:{case}", device=str(device), kernels=kernels), device)
+            line = use_kernels(model, BaseSpec(base=f"random:{case}", device=str(device), kernels=kernels), device)
+            if kernels and not line.startswith(f"kernels: {kernels}"):  # asked for, fell back
+                return f"failed: {line}"
             model = attach_lora(model, LoraSettings(), 0)
             losses: list[float] = []
             train_model(model, tokens, Path(tmp), replace(train_config(2, 64, 2, 1), log_every=1), device=device,
@@ -478,15 +483,19 @@ def preflight(small: bool) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - any failure here is the finding, reported in one line
             return f"failed: {_first_line(exc)}"
         finally:
-            _fresh_peaks(device)
+            try:
+                _fresh_peaks(device)
+            except Exception:  # noqa: BLE001 - a kernel fault leaves CUDA unusable: the trial said so
+                pass
 
+    # nf4 first: a liger kernel that faults can leave this process's CUDA context unusable
+    out["nf4"] = "not installed" if out["versions"]["bitsandbytes"] is None else attempt("1b_qlora", None)
     if out["versions"]["liger-kernel"] is None:
         out["liger"] = "not installed"
     elif device.type != "cuda":
         out["liger"] = "not on CUDA"
     else:
         out["liger"] = attempt("8b_lora", "liger")
-    out["nf4"] = "not installed" if out["versions"]["bitsandbytes"] is None else attempt("1b_qlora", None)
     return out
 
 

@@ -90,10 +90,17 @@ def _child(args: list[str], timeout: float) -> dict[str, Any]:
     except BaseException:
         _stop(proc)
         raise
+    tail = "\n".join(err.strip().splitlines()[-6:])[-1500:]
     if proc.returncode != 0:
-        tail = "\n".join(err.strip().splitlines()[-6:])
-        return {"error": f"exit {proc.returncode}: {tail[-1500:]}"}
-    return json.loads(out.strip().splitlines()[-1])
+        return {"error": f"exit {proc.returncode}: {tail}"}
+    for line in reversed(out.strip().splitlines()):  # its JSON, whatever a library printed after it
+        try:
+            found = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(found, dict):
+            return found
+    return {"error": f"no JSON line on stdout (it ended {out.strip()[-300:]!r}); stderr: {tail}"}
 
 
 def _stop(proc: subprocess.Popen) -> None:

@@ -116,6 +116,27 @@ def test_liger_kernels_off_the_gpu_leave_the_model_as_it_was(tiny_hf_model):
     assert base.forward == forward
 
 
+def test_tf32_leaves_every_reader_of_the_flags_working():
+    """What `use_tensor_cores` sets on a card, in a fresh interpreter (the flags are global):
+    TF32 for CUDA matmuls and convolutions, while the old flags torch's compiler and other
+    libraries read still answer (torch 2.9's per-backend setter makes them raise) and the CPU's
+    matmuls stay fp32."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from backend.compute.models import _tf32_on\n"
+        "_tf32_on()\n"
+        "b = torch.backends\n"
+        "print(b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cuda.matmul.allow_tf32,\n"
+        "      torch.get_float32_matmul_precision(), b.mkldnn.matmul.fp32_precision)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.split() == ["tf32", "tf32", "True", "high", "none"]
+
+
 def test_regional_compile_gives_the_same_losses(monkeypatch, tmp_path):
     """Each decoder layer compiled on its own (aot_eager here: the same graph capture as
     inductor, without a C++ toolchain) trains exactly as the plain network does."""

@@ -153,14 +153,18 @@ def use_tensor_cores() -> None:
     """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): what is left
     in fp32 under bf16 (the optimizer's master weights, a 4-bit base's upcast norms) runs on the
     tensor cores at a 10-bit mantissa instead of on the fp32 units. Nothing changes on the CPU."""
-    if not torch.cuda.is_available():
-        return
-    try:  # the API of torch 2.9 and later
-        torch.backends.cuda.matmul.fp32_precision = "tf32"
-        torch.backends.cudnn.conv.fp32_precision = "tf32"
-    except AttributeError:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    if torch.cuda.is_available():
+        _tf32_on()
+
+
+def _tf32_on() -> None:
+    """Through the flags every torch since 1.12 reads. Torch 2.9's per-backend
+    `fp32_precision = "tf32"` would do the same, but once it is set, reading the old flags
+    (`torch.backends.cuda.matmul.allow_tf32`, `torch.get_float32_matmul_precision()`, which
+    torch's own compiler and other libraries still read) raises a RuntimeError about mixing the
+    two APIs. The old flags set the new ones too, for CUDA alone: the CPU's matmuls stay fp32."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def check_spec(spec: "BaseSpec") -> None:

@@ -293,9 +293,12 @@ def train_model(
     loss_value = final_loss = float("nan")
     step = start
     while step < total:
+        out_of_memory = False
         try:
             step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit, marks, precision)
         except torch.OutOfMemoryError:
+            out_of_memory = True
+        if out_of_memory:  # handled out here: inside `except` the traceback still holds the pass's tensors
             optimizer.zero_grad(set_to_none=True)
             _free_after_oom(device)
             if micro_batch == 1:
