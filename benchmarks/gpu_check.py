@@ -190,7 +190,7 @@ def summarise(case: str, ours: dict, peer: dict, card) -> dict[str, Any]:
         mem["allocated_vs_plan"] = round(ours["peak_allocated_bytes"] / ours["plan_allocated_bytes"], 3)
         mem["reserved_vs_allocated"] = round(ours["peak_reserved_bytes"] / ours["peak_allocated_bytes"], 3)
         if ours.get("kernels") == "liger":
-            mem["note"] = "the plan counts full logits; liger's fused cross-entropy never holds them"
+            mem["note"] = "planned with liger's kernels: terms read from liger-kernel's code, first measured here"
     out["ours_losses"] = ours.get("losses")
     if "error" in peer or "skipped" in peer:
         out["hf_trainer"] = peer

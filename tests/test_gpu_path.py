@@ -220,6 +220,15 @@ def test_the_memory_plan_fits_the_micro_batch_to_the_card(tiny_hf_model):
     for mode, want in (("on", True), ("off", False)):
         same, ckpt = fit(10, grad_checkpointing=mode)
         assert (same.micro_batch, same.grad_accum, ckpt) == (2, 8, want)
+    # where liger's kernels run (use_kernels marks the base), the plan counts what they keep:
+    # the same room holds a larger micro-batch
+    room = int(plan(base.config.to_dict(), micro_batch=8, **{**settings, "kernels": "liger"}).peak / 0.9) + 1
+    assert fit(room)[0].micro_batch < 8
+    base.ltm_kernels = "liger"
+    try:
+        assert fit(room)[0].micro_batch == 8
+    finally:
+        del base.ltm_kernels
     # on the CPU, auto keeps the run's settings without a plan
     kept, ckpt = fit_to_card(model, cfg, quant=None, lora=lora, device=device, dtype_bytes=4, log=lambda _: None)
     assert (kept.micro_batch, kept.grad_accum, ckpt) == (2, 8, False)

@@ -59,6 +59,39 @@ def test_eager_attention_keeps_the_scores_that_flash_does_not():
     assert eager.activations_per_layer - flash.activations_per_layer >= scores
 
 
+def test_liger_never_holds_the_logits_and_keeps_less_a_layer():
+    """With liger's fused cross-entropy the step no longer grows with tokens × vocabulary: four
+    times the vocabulary adds the larger embeddings and output layer, and of the working set at
+    most one chunk of logits, where PyTorch's loss adds the logits and their fp32 working set.
+    Its RMSNorm and SwiGLU keep less a layer. The parts still add up to the peak."""
+    wide = {**LLAMA3_8B, "vocab_size": 4 * LLAMA3_8B["vocab_size"]}
+    T, extra_vocab = 4 * 2048, 3 * LLAMA3_8B["vocab_size"]
+    for kernels, most, least in ((None, None, T * extra_vocab * (2 + 12)), ("liger", 0.01 * T * extra_vocab * 2, 0)):
+        a, b = (memory_plan.plan(c, micro_batch=4, block_size=2048, kernels=kernels) for c in (LLAMA3_8B, wide))
+        working = (b.activations + b.logits) - (a.activations + a.logits)
+        assert working >= least and (most is None or working <= most), (kernels, working)
+    torch_plan = memory_plan.plan(LLAMA3_8B, micro_batch=4, block_size=2048)
+    liger = memory_plan.plan(LLAMA3_8B, micro_batch=4, block_size=2048, kernels="liger")
+    assert liger.activations_per_layer < torch_plan.activations_per_layer and liger.peak < torch_plan.peak
+    assert liger.kernels == "liger" and liger.logits < torch_plan.logits / 100
+    static = liger.weights + liger.quantized_weights + liger.adapters + liger.optimizer
+    working = liger.activations + liger.logits + (liger.grads // 32 if liger.peak_stage == "layer" else 0)
+    assert liger.peak == static + working + liger.cuda_context + liger.allocator_slack
+    with pytest.raises(LtmError, match="unknown kernels 'triton'"):
+        memory_plan.plan(LLAMA3_8B, kernels="triton")
+
+
+def test_a_4bit_layer_under_cudas_autocast_shares_its_input_among_adapters():
+    """PEFT casts each adapter's input to fp32 (a copy each) except in a 4-bit layer under
+    CUDA's autocast: a QLoRA layer keeps less on a card than the CPU's calibration measured,
+    while a bf16 LoRA layer keeps the same on both."""
+    per_layer = {(quant, device): memory_plan.plan(LLAMA3_8B, quant=quant, micro_batch=4, block_size=2048,
+                                                   device=device).activations_per_layer
+                 for quant in (None, "4bit") for device in ("cpu", "cuda")}
+    assert per_layer[None, "cuda"] == per_layer[None, "cpu"]
+    assert per_layer["4bit", "cuda"] < per_layer["4bit", "cpu"]
+
+
 def test_choose_prefers_no_checkpointing_then_checkpoints_then_gives_the_smallest_step():
     def peak(mb, ckpt, **kw):
         return memory_plan.plan(LLAMA3_8B, micro_batch=mb, grad_checkpointing=ckpt, block_size=2048, **kw).peak

@@ -31,6 +31,7 @@ def plan_settings(model, cfg: TrainConfig, *, quant: str | None, lora: LoraSetti
     """The memory plan's keywords for this model and run (lora None: every weight trains)."""
     config = _base_config(model)
     attention = getattr(config, "_attn_implementation", None) or "sdpa"
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return {
         "quant": quant,
         "lora_r": lora.r if lora else None,
@@ -41,6 +42,7 @@ def plan_settings(model, cfg: TrainConfig, *, quant: str | None, lora: LoraSetti
         "attention": _PLAN_ATTENTION.get(attention, "sdpa"),
         "device": device.type,
         "packed_documents": True,
+        "kernels": getattr(inner, "ltm_kernels", None),  # set by models.use_kernels where they run
     }
 
 

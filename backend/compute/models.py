@@ -346,6 +346,7 @@ def use_kernels(model, spec: BaseSpec, device: torch.device) -> str:
     except ImportError as exc:
         return f"kernels: liger-kernel is not importable ({exc}); pip install -e '.[gpu]'. PyTorch's own"
     _apply_liger_kernel_to_instance(model=model)
+    model.ltm_kernels = "liger"  # the memory plan reads it (memory_fit.plan_settings): liger keeps less
     return "kernels: liger (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy)"
 
 

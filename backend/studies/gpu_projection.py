@@ -182,7 +182,8 @@ def project(workspace, config: Mapping[str, Any], card: Card, base: Mapping[str,
     settings = {"quant": quant, "lora_r": r, "target_modules": targets, "block_size": block, "dtype_bytes": 2,
                 "attention": attention, "device": "cuda", "lora_dropout": float((lora or {}).get("dropout") or 0.0),
                 # a corpus is documents: SDPA then needs the block-diagonal mask (flash does not)
-                "packed_documents": attention != "flash"}
+                "packed_documents": attention != "flash",
+                "kernels": "liger" if base.get("kernels") == "liger" else None}
     ckpt, mb, step = choose_step(config, card, micro_batch=cfg.micro_batch, grad_accum=cfg.grad_accum,
                                  grad_checkpointing=grad_checkpointing, **settings)
     accum = max(1, -(-cfg.micro_batch * cfg.grad_accum // mb))

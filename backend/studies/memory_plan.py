@@ -10,7 +10,7 @@ batch. The functions other code relies on, with stable signatures:
 
     plan(config, *, quant=None, lora_r=16, target_modules="all-linear", micro_batch=4,
          block_size=512, dtype_bytes=2, grad_checkpointing=False, attention="sdpa",
-         device="cuda", lora_dropout=0.0, packed_documents=False) -> MemoryPlan
+         device="cuda", lora_dropout=0.0, packed_documents=False, kernels=None) -> MemoryPlan
         the bytes of one optimizer step, by part, and its peak. quant: None or "4bit" (nf4,
         double quantization, as backend.compute.models loads it); lora_r: the adapter's rank, or
         None to train every weight (the micro network); target_modules: "all-linear" (q, k, v, o,
@@ -18,7 +18,10 @@ batch. The functions other code relies on, with stable signatures:
         on the CPU; attention: "flash" (flash-attn 2), "sdpa" (PyTorch's memory-efficient or
         flash kernel) or "eager"/"math" (scores materialised); device: "cuda" adds the CUDA
         context and the caching allocator's slack, "cpu" adds nothing; packed_documents: blocks
-        hold several documents, so SDPA gets a block-diagonal mask (and GQA keys repeated).
+        hold several documents, so SDPA gets a block-diagonal mask (and GQA keys repeated);
+        kernels: None for PyTorch's, "liger" for liger-kernel's RMSNorm, SwiGLU, RoPE and fused
+        linear cross-entropy (`--kernels liger`, CUDA only): they keep less (see `_layer_saved`
+        and the loss stage in `plan`).
 
     choose(config, card_bytes, target_share=0.9, *, micro_batch=4, cap=64, **settings)
         -> (grad_checkpointing, micro_batch)
@@ -32,7 +35,9 @@ transformers' Llama (the layout Mistral and Qwen share), counted op by op in the
 `backend.compute.train.train_model` on the CPU, in fp32 and in bf16 mixed precision through the
 CPU's autocast (tests/test_memory_plan.py, and up to a 1.5B shape in
 benchmarks/memory_plan_check.py; docs/benchmarks.md has the numbers). The CUDA context and the
-caching allocator's slack are assumptions until benchmarks/gpu_check.sh measures a card.
+caching allocator's slack are assumptions until benchmarks/gpu_check.sh measures a card, and
+so are liger's terms and those of a 4-bit base under CUDA's autocast: both are read from the
+libraries' code (liger-kernel 0.8, peft 0.21), and neither runs on the CPU.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ GB = 1e9
 GiB = 1 << 30
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ATTENTION = ("flash", "sdpa", "eager", "math")  # "math" is "eager": both materialise the scores
+KERNELS = (None, "liger")
 # A bare CUDA context with PyTorch's kernels loaded is about 0.5 GB on Ampere and Hopper
 # (nvidia-smi beside torch.cuda.init()); cuBLAS and cuDNN workspaces and the lazily loaded
 # kernels of a training step add a few hundred MB. None of it is in the caching allocator's count.
@@ -161,7 +167,7 @@ class MemoryPlan:
     activations_per_layer: int  # kept for the backward pass by one decoder layer, no checkpointing
     checkpointed_per_layer: int  # kept by one decoder layer with checkpointing: its input
     activations: int  # at the peak: every layer's saved tensors and the backward's working set
-    logits: int  # at the peak: the logits and the loss's fp32 working set
+    logits: int  # at the peak: the logits and the loss's working set (liger's: one chunk of logits)
     cuda_context: int  # the CUDA context and workspaces: outside the allocator, 0 on the CPU
     allocator_slack: int  # the caching allocator's reserve beyond live tensors, 0 on the CPU
     peak: int  # the sum of the static parts and the largest stage of the step
@@ -175,6 +181,7 @@ class MemoryPlan:
     attention: str
     device: str
     params: int  # weights of the base, for the reader
+    kernels: str | None = None
 
     @property
     def total(self) -> int:
@@ -209,30 +216,36 @@ def _nf4_bytes(n: int) -> int:
 
 
 def _layer_saved(s: Shape, T: int, B: int, *, b: int, seq: int, targets: tuple[str, ...], rank: int,
-                 dropout: bool, attention: str, packed: bool, first: bool) -> int:
+                 dropout: bool, copies: bool, attention: str, packed: bool, first: bool, liger: bool) -> int:
     """Bytes one Llama decoder layer keeps for the backward pass: T tokens, B bytes an element.
 
     RMSNorm (x.float() * rsqrt(mean(x²) + eps), times its weight) keeps its input in fp32 and the
     rsqrt, twice a layer; not in the first layer of an adapter run, where nothing before it needs
     a gradient. Each trained linear keeps its input for its weight's gradient: LoRA's A does, the
     frozen base weight does not; inputs shared by q, k, v (and by gate, up) are one tensor, unless
-    each adapter makes its own copy: LoRA dropout does (a copy and a boolean mask), and so does
-    mixed precision, where PEFT casts the input to the adapter's fp32 and autocast casts it back
-    to bf16 for the matmul, a new tensor for each adapter. LoRA's B keeps A's output
+    each adapter makes its own copy (`copies`): LoRA dropout does (a copy and a boolean mask), and
+    so does mixed precision, where PEFT casts the input to the adapter's fp32 and autocast casts
+    it back to bf16 for the matmul, a new tensor for each adapter. PEFT's 4-bit layer skips that
+    cast while CUDA's autocast is on (`torch.is_autocast_enabled()`, which the CPU's autocast
+    does not answer), so on a card a QLoRA group's adapters read one tensor. LoRA's B keeps A's output
     (rank r). Attention keeps q and k after RoPE, v, its output (which is o_proj's input) and a
     log-sum-exp a head and token; "eager" also keeps the softmax scores in fp32 (and their copy
     in the training dtype when that is narrower). SwiGLU keeps gate, silu(gate), up and their
     product (down_proj's input) unless nothing needs it.
+
+    With liger's kernels (`liger`): its RMSNorm keeps its input as it came (the training dtype,
+    not fp32) and the rsqrt in fp32; its SwiGLU keeps gate and up and recomputes silu(gate) in
+    the backward pass; its RoPE keeps only cos and sin, as PyTorch's does.
     """
     d, f, q, kv = s.hidden, s.ffn, s.q_dim, s.kv_dim
     lora = rank > 0
-    norms = 0 if (first and lora) else T * d * 4 + T * 4
-    norms += T * d * 4 + T * 4  # the second norm's input is the residual after attention
+    norm = T * d * (B if liger else 4) + T * 4
+    norms = 0 if (first and lora) else norm
+    norms += norm  # the second norm's input is the residual after attention
     if not lora:  # a trained norm weight also keeps the normalised input, in the training dtype
         norms += 2 * T * d * B
     linear_in = s.linears()
     if lora:
-        copies = dropout or B < 4  # each adapter keeps its own copy of its input (see above)
         inputs = 0
         for group in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
             hit = [n for n in group if n in targets]
@@ -257,7 +270,7 @@ def _layer_saved(s: Shape, T: int, B: int, *, b: int, seq: int, targets: tuple[s
     if attention in ("eager", "math"):
         scores = b * s.heads * seq * seq
         attn += scores * 4 + (scores * B if B < 4 else 0)
-    mlp = 3 * T * f * B  # gate (for silu's gradient), silu(gate) and up (for the product's)
+    mlp = (2 if liger else 3) * T * f * B  # gate (for silu's gradient), silu(gate) and up (for the product's)
     return norms + inputs + lora_out + attn + mlp
 
 
@@ -275,6 +288,7 @@ def plan(
     device: str = "cuda",
     lora_dropout: float = 0.0,
     packed_documents: bool = False,
+    kernels: str | None = None,
 ) -> MemoryPlan:
     """The bytes of one optimizer step (see the module docstring for the arguments)."""
     s = shape(config)
@@ -283,6 +297,8 @@ def plan(
         raise LtmError(f"unknown attention {attention!r}; use one of {', '.join(ATTENTION)}", title="usage")
     if quant not in (None, "4bit"):
         raise LtmError(f"unknown quant {quant!r}; use 4bit or none", title="usage")
+    if kernels not in KERNELS:
+        raise LtmError(f"unknown kernels {kernels!r}; use liger or none", title="usage")
     if micro_batch < 1 or block_size < 1:
         raise LtmError(f"micro_batch {micro_batch} and block_size {block_size} must be at least 1", title="usage")
     lora = lora_r is not None and lora_r > 0
@@ -293,6 +309,11 @@ def plan(
     d, V, L = s.hidden, s.vocab, s.layers
     targets = lora_targets(target_modules) if lora else ()
     linears = s.linears()
+    cuda = device.startswith("cuda")
+    liger = kernels == "liger"
+    # PEFT casts an adapter's input to its fp32 weights (a copy for each adapter, and a gradient
+    # that comes back in fp32) unless it is a 4-bit layer under CUDA's autocast (_layer_saved)
+    cast = lora and B < 4 and not (quant and cuda)
 
     # --- what stays for the whole run -------------------------------------------------------
     out_layer = 0 if s.tied else V * d
@@ -317,8 +338,8 @@ def plan(
     # --- activations ------------------------------------------------------------------------
     def saved(first: bool) -> int:
         return _layer_saved(s, T, B, b=b, seq=seq, targets=targets, rank=lora_r if lora else 0,
-                            dropout=lora and lora_dropout > 0, attention=attention, packed=packed_documents,
-                            first=first)
+                            dropout=lora and lora_dropout > 0, copies=(lora and lora_dropout > 0) or cast,
+                            attention=attention, packed=packed_documents, first=first, liger=liger)
 
     per_layer = saved(first=False)
     # checkpointing keeps each layer's input (the residual stream) and recomputes the rest of
@@ -335,6 +356,8 @@ def plan(
     if attention == "eager":
         mask = b * seq * seq * B  # an additive mask in the training dtype
     final_norm = T * d * 4 + T * 4 + (0 if lora else T * d * B)
+    if liger:  # its input as it came and the rsqrt; the backward recomputes the rest
+        final_norm = T * d * B + T * 4
     # under autocast the fp32 trainable weights are cast to the training dtype once a step, and
     # the backward pass keeps those copies
     weight_casts = adapters // 4 * B if B < 4 else 0
@@ -344,7 +367,16 @@ def plan(
     # cross-entropy's fp32 working set: log_softmax's output (kept for its backward), the
     # gradient nll_loss hands back and log_softmax's gradient of the logits, 4 bytes each.
     logits_held = T * V * B
-    loss_stage = kept + logits_held + 3 * T * V * 4
+    loss_work = 3 * T * V * 4
+    if liger:
+        # liger's fused linear cross-entropy never holds the logits: in the forward pass it takes
+        # the tokens in chunks of about T / ceil(V / d) (a power of two), one chunk's logits in
+        # the training dtype at a time, turns them into their gradient in place and adds it into
+        # the gradient of its input (T×d, kept for the backward), beside its input (the final
+        # norm's output) and an fp32 loss a token
+        chunk = min(T, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / d)))))))
+        logits_held, loss_work = 0, chunk * V * B + 2 * T * d * B + T * 4
+    loss_stage = kept + logits_held + loss_work
     # The last layer's backward: its saved tensors (recomputed first with checkpointing), the
     # gradient of the residual stream (fp32 where the norms run) and SwiGLU's gradients: two
     # T×ffn at a time (down_proj's input gradient from the base and from the adapter, or the
@@ -355,19 +387,19 @@ def plan(
     # In mixed precision the adapter's input gradient passes PEFT's cast to fp32 on its way
     # back: down_proj's comes back as a T×ffn in fp32 before it is cast to the training dtype.
     dequant = max(i * o for i, o in linears.values()) * B if quant else 0
-    mixed = T * s.ffn * (4 - B) if lora and B < 4 else 0
-    layer_work = 2 * T * d * 4 + 2 * T * s.ffn * B + mixed + dequant
+    mixed = T * s.ffn * (4 - B) if cast else 0
+    # the residual stream's gradient: fp32 inside PyTorch's RMSNorm, the training dtype in liger's
+    layer_work = 2 * T * d * (B if liger else 4) + 2 * T * s.ffn * B + mixed + dequant
     layer_stage = kept + recomputed + logits_held + layer_work + (grads // L if lora else grads)
     activations_peak = max(loss_stage, layer_stage)
     stage = "loss" if loss_stage >= layer_stage else "layer"
-    logits = logits_held + (3 * T * V * 4 if stage == "loss" else 0)
+    logits = logits_held + (loss_work if stage == "loss" else 0)
     activations = activations_peak - logits - ((grads // L if lora else grads) if stage == "layer" else 0)
 
     # Gradients are set to None after each step (zero_grad(set_to_none=True)), so at the loss
     # stage they do not exist yet; the optimizer's moments live from the first step on.
     static = weights + quantized + adapters + optimizer
     allocated = static + max(activations_peak, grads)
-    cuda = device.startswith("cuda")
     context = CUDA_CONTEXT_BYTES if cuda else 0
     slack = int(ALLOCATOR_SLACK * allocated) if cuda else 0
     return MemoryPlan(
@@ -376,7 +408,7 @@ def plan(
         logits=logits, cuda_context=context, allocator_slack=slack, peak=allocated + context + slack,
         peak_stage=stage, micro_batch=b, block_size=seq, grad_checkpointing=bool(grad_checkpointing),
         quant=quant, lora_r=lora_r if lora else None, dtype_bytes=B, attention=attention, device=device,
-        params=s.params(),
+        params=s.params(), kernels=kernels,
     )
 
 

@@ -323,9 +323,10 @@ def _print_card_table(args, out: dict, config: dict) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(head))]
     for row in table:
         print("  ".join(cell.rjust(w) for cell, w in zip(row, widths)))
-    if getattr(args, "kernels", None):
-        print(f"note: with --kernels {args.kernels} the fused cross-entropy never holds the full logits; the plan "
-              "counts PyTorch's own loss, so on the card the peak is lower than shown")
+    if step.kernels:
+        print(f"note: planned with --kernels {step.kernels}: its fused cross-entropy never holds the full logits, "
+              "and its RMSNorm and SwiGLU keep less; these terms come from liger-kernel's code, not yet from a "
+              "card's measured peak")
     if not first["fits"]:
         print(f"warning: the step does not fit {card.name} even at micro-batch 1 with checkpointing: "
               f"{'a smaller --block-size or a larger card' if step.quant else 'use --quant 4bit (QLoRA)'}")
