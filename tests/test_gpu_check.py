@@ -85,11 +85,7 @@ def test_preflight_trains_the_nf4_kind_and_reports_what_the_box_runs():
     a reason where 4-bit cannot run, not failed one by one. Liger's trial needs CUDA."""
     from importlib import metadata
 
-    done = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--preflight"], check=False, cwd=PROJECT_ROOT,
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "LTM_GPU_CHECK_SMALL": "1", "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 0, done.stderr[-2000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = json.loads(json.dumps(gpu_cases.preflight(small=True)))  # what the child prints
     assert found["device"] == "cpu"
     assert found["versions"]["transformers"] == metadata.version("transformers")
     assert found["versions"]["bitsandbytes"] == metadata.version("bitsandbytes")

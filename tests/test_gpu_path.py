@@ -117,24 +117,21 @@ def test_liger_kernels_off_the_gpu_leave_the_model_as_it_was(tiny_hf_model):
 
 
 def test_tf32_leaves_every_reader_of_the_flags_working():
-    """What `use_tensor_cores` sets on a card, in a fresh interpreter (the flags are global):
-    TF32 for CUDA matmuls and convolutions, while the old flags torch's compiler and other
-    libraries read still answer (torch 2.9's per-backend setter makes them raise) and the CPU's
-    matmuls stay fp32."""
-    import subprocess
-    import sys
+    """What `use_tensor_cores` sets on a card: TF32 for CUDA matmuls and convolutions, while the
+    old flags torch's compiler and other libraries read still answer (torch 2.9's per-backend
+    setter makes them raise) and the CPU's matmuls stay fp32. The flags are global: put back."""
+    from backend.compute.models import _tf32_on
 
-    code = (
-        "import torch\n"
-        "from backend.compute.models import _tf32_on\n"
-        "_tf32_on()\n"
-        "b = torch.backends\n"
-        "print(b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision, b.cuda.matmul.allow_tf32,\n"
-        "      torch.get_float32_matmul_precision(), b.mkldnn.matmul.fp32_precision)\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-1500:]
-    assert done.stdout.split() == ["tf32", "tf32", "True", "high", "none"]
+    b = torch.backends
+    before = (b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+    try:
+        _tf32_on()
+        assert (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        assert b.cuda.matmul.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+        assert b.mkldnn.matmul.fp32_precision == "none"
+    finally:
+        b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32 = before
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_regional_compile_gives_the_same_losses(monkeypatch, tmp_path):
