@@ -34,6 +34,7 @@ tables without it.
 from __future__ import annotations
 
 import importlib
+import json
 import importlib.util
 import math
 import statistics
@@ -435,6 +436,72 @@ def _version(dist: str) -> str | None:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+# The product's own path on this box: a tiny Llama saved as a user's folder (bf16 safetensors and a
+# word-level tokenizer), trained and scored by the worker the service starts.
+WORKER_SHAPE = {"hidden": 128, "layers": 2, "heads": 4, "kv": 2, "ffn": 352, "vocab": 8192, "context": 512}
+
+
+def worker_trial(folder: Path, work: Path, quant: str | None, device: str, timeout: float = 120) -> str:
+    """One adapter job through `python -m backend.compute.worker` (LocalExecutor, as the service
+    starts it) on the base saved in `folder`: `load_hf_base` onto `device` (with `quant` "4bit",
+    bitsandbytes' nf4 through `from_pretrained`), the memory plan's fit, 4 steps with a
+    checkpoint at step 2, the battery scored, probes. What the cases do not cover: they build
+    their bases in memory. "ok: …" with what result.json says, or "failed: …" with the log's end."""
+    from backend.jobs.executor import LocalExecutor
+    from benchmarks.hf_load import TINY_BATTERY, _one_page
+
+    tag = quant or "bf16"
+    corpus, scenes = work / f"page-{tag}.txt", work / f"scenes-{tag}.yaml"
+    corpus.write_text(_one_page(), encoding="utf-8")
+    scenes.write_text(TINY_BATTERY, encoding="utf-8")
+    run_dir = work / f"run-{tag}"
+    train = {"block_size": 64, "micro_batch": 2, "grad_accum": 1, "lr": 2e-4, "warmup_frac": 0.0,
+             "min_train_tokens": 0, "epochs": 1, "max_steps": 4, "checkpoint_every": 2, "log_every": 1}
+    session = work / f"session-{tag}.json"
+    session.write_text(json.dumps({
+        "base": {"base": str(folder), "quant": quant, "trust_remote_code": False, "device": device},
+        "scenes": str(scenes),
+        "jobs": [{"run_id": f"trial-{tag}", "kind": "adapter", "corpus_path": str(corpus), "run_dir": str(run_dir),
+                  "seed": 0, "train": train, "lora": {}, "probes": True}],
+    }))
+    result = run_dir / "result.json"
+    t0 = time.monotonic()
+    worker = LocalExecutor().start(session, None)
+    try:  # a worker lingers for more jobs once its session is done: the result is the end here
+        while not result.exists() and worker.exit_code() is None and time.monotonic() - t0 < timeout:
+            time.sleep(0.2)
+    finally:
+        worker.kill()
+    if not result.exists():
+        log = session.with_suffix(".log")
+        lines = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
+        why = "timed out" if time.monotonic() - t0 >= timeout else f"exit {worker.exit_code()}"
+        return f"failed: {why}: {' | '.join(lines[-3:])[-400:]}"
+    done = json.loads(result.read_text(encoding="utf-8"))
+    probes = done.get("probes") or {}
+    return (f"ok: on {done['device']}, {done['steps']} steps (micro-batch {done['micro_batch_used']}), "
+            f"final loss {done['final_loss']:.3f}, load {done['load_seconds']:.1f} s, {len(done['scene_results'])} "
+            f"scenes scored, overall {done['overall']}, probes {'stored' if probes else 'none'}, "
+            f"{time.monotonic() - t0:.1f} s in all")
+
+
+def product_check(small: bool) -> dict[str, Any]:
+    """The worker's own path on this device (`worker_trial`), on a bf16 base and a 4-bit one."""
+    from backend.compute.models import pick_device
+    from benchmarks.hf_load import save_llama_folder
+
+    device = str(pick_device("cpu" if small else None))
+    with tempfile.TemporaryDirectory(prefix="ltm-product-") as tmp:
+        folder = save_llama_folder(Path(tmp) / "base", WORKER_SHAPE)
+        out: dict[str, Any] = {"device": device, "shape": WORKER_SHAPE}
+        for name, quant in (("lora", None), ("qlora", "4bit")):
+            if quant and _version("bitsandbytes") is None:
+                out[name] = "not installed: bitsandbytes is missing"
+                continue
+            out[name] = worker_trial(folder, Path(tmp), quant, device)
+    return out
 
 
 def preflight(small: bool) -> dict[str, Any]:

@@ -19,7 +19,11 @@ First a preflight (`--preflight`, gpu_cases.preflight): the versions the box run
 2-step trainings on tiny models, one with liger's kernels (CUDA only) and one on an nf4 base.
 Its line comes first; where liger failed the cases run with PyTorch's own kernels, and where nf4
 failed or bitsandbytes is missing the QLoRA cases are skipped, each saying why, instead of each
-failing a minute into its build.
+failing a minute into its build. Then the product's own path (`--product`,
+gpu_cases.product_check), which the cases, building their bases in memory, do not take: a tiny
+Llama saved as a user's folder, one adapter job each on its bf16 and its 4-bit load through the
+worker the service starts (the loader onto the device, the memory plan's fit, a checkpoint,
+scoring, probes).
 
 Per case: steady tokens/s of both sides (the median step after the warm-up steps), the ratio,
 MFU against the card's datasheet dense bf16 peak (backend/studies/gpu_projection.py's table,
@@ -61,6 +65,8 @@ GUESS_OVERHEAD_S = 40.0
 GUESS_MFU = {"lora": 0.35, "qlora": 0.2}
 MARGIN = 1.15  # on an estimate, before a case is skipped for it
 PREFLIGHT_S = 180.0  # imports, two tiny trainings, liger's Triton kernels compiled once
+PRODUCT_S = 240.0  # a tiny folder saved, two worker processes each training and scoring
+PHASES = ("preflight", "product")  # the lines before the cases
 
 
 class Interrupted(Exception):
@@ -262,8 +268,7 @@ def main() -> int:
 
     def record(case: str, line: dict[str, Any]) -> None:
         result[case] = line
-        text = json.dumps({"date": date, "small": SMALL, **({"preflight": line} if case == "preflight" else
-                                                             {"case": case, **line})})
+        text = json.dumps({"date": date, "small": SMALL, **({case: line} if case in PHASES else {"case": case, **line})})
         print(text, flush=True)
         with open(lines_path, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
@@ -275,6 +280,11 @@ def main() -> int:
         found["seconds"] = round(time.perf_counter() - t0, 1)
         record("preflight", found)
         left_out = _left_out(found)
+        print("product: the worker's own job on a saved tiny Llama, bf16 and 4-bit", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        product = _child(["--product"], min(PRODUCT_S, BUDGET_S - (time.perf_counter() - started)))
+        product["seconds"] = round(time.perf_counter() - t0, 1)
+        record("product", product)
         with tempfile.TemporaryDirectory(prefix="ltm-gpu-check-") as tmp:
             for case in cases:
                 if gpu_cases.parts(case)[1] and "nf4" in left_out:
@@ -334,9 +344,13 @@ def main() -> int:
 
 def child(argv: list[str]) -> int:
     """`--case C --side ours|peer --spec JSON`: one side, one JSON line on stdout; `--preflight`:
-    what this box can run (gpu_cases.preflight)."""
+    what this box can run (gpu_cases.preflight); `--product`: the worker's own job on this
+    device (gpu_cases.product_check)."""
     if argv == ["--preflight"]:
         print(json.dumps(gpu_cases.preflight(SMALL)), flush=True)
+        return 0
+    if argv == ["--product"]:
+        print(json.dumps(gpu_cases.product_check(SMALL)), flush=True)
         return 0
     args = dict(zip(argv[::2], argv[1::2]))
     spec = {**json.loads(args.get("--spec", "{}")), "case": args["--case"], "side": args["--side"]}
@@ -346,4 +360,4 @@ def child(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(child(sys.argv[1:]) if {"--case", "--preflight"} & set(sys.argv) else main())
+    sys.exit(child(sys.argv[1:]) if {"--case", "--preflight", "--product"} & set(sys.argv) else main())

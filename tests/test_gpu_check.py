@@ -101,3 +101,12 @@ def test_an_unknown_case_is_named_with_the_cases_there_are(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert "unknown case 70b_lora" in done.stderr and "13b_qlora" in done.stderr
     assert not (tmp_path / "gpu_check.jsonl").exists()  # nothing started
+
+
+def test_the_product_line_runs_the_workers_own_job(tiny_hf_model, tmp_path):
+    """gpu_check's product phase hands the worker a session as the service does: on a saved
+    folder it trains, checkpoints, scores and stores probes, and the line says so."""
+    line = gpu_cases.worker_trial(tiny_hf_model, tmp_path, None, "cpu")
+    assert line.startswith("ok: on cpu, 4 steps"), line
+    assert "probes stored" in line
+    assert (tmp_path / "run-bf16" / "checkpoints" / "step-000002").is_dir()
