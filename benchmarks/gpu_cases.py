@@ -34,8 +34,8 @@ tables without it.
 from __future__ import annotations
 
 import importlib
-import json
 import importlib.util
+import json
 import math
 import statistics
 import tempfile
@@ -443,7 +443,7 @@ def _first_line(exc: BaseException) -> str:
 WORKER_SHAPE = {"hidden": 128, "layers": 2, "heads": 4, "kv": 2, "ffn": 352, "vocab": 8192, "context": 512}
 
 
-def worker_trial(folder: Path, work: Path, quant: str | None, device: str, timeout: float = 120) -> str:
+def worker_trial(folder: Path, work: Path, quant: str | None, device: str, timeout: float = 90) -> str:
     """One adapter job through `python -m backend.compute.worker` (LocalExecutor, as the service
     starts it) on the base saved in `folder`: `load_hf_base` onto `device` (with `quant` "4bit",
     bitsandbytes' nf4 through `from_pretrained`), the memory plan's fit, 4 steps with a

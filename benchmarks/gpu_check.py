@@ -66,7 +66,7 @@ GUESS_OVERHEAD_S = 40.0
 GUESS_MFU = {"lora": 0.35, "qlora": 0.2}
 MARGIN = 1.15  # on an estimate, before a case is skipped for it
 PREFLIGHT_S = 180.0  # imports, two tiny trainings, liger's Triton kernels compiled once
-PRODUCT_S = 240.0  # a tiny folder saved, two worker processes each training and scoring
+PRODUCT_S = 200.0  # a tiny folder saved, two worker processes each training and scoring (90 s at most each)
 PHASES = ("preflight", "product")  # the lines before the cases
 
 
@@ -98,15 +98,15 @@ def _child(args: list[str], timeout: float) -> dict[str, Any]:
         _stop(proc)
         raise
     tail = "\n".join(err.strip().splitlines()[-6:])[-1500:]
-    if proc.returncode != 0:
-        return {"error": f"exit {proc.returncode}: {tail}"}
     for line in reversed(out.strip().splitlines()):  # its JSON, whatever a library printed after it
         try:
             found = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if isinstance(found, dict):
-            return found
+        if isinstance(found, dict):  # kept even where the exit failed after it (CUDA's teardown)
+            return found if proc.returncode == 0 else {**found, "exit": f"{proc.returncode}: {tail[-300:]}"}
+    if proc.returncode != 0:
+        return {"error": f"exit {proc.returncode}: {tail}"}
     return {"error": f"no JSON line on stdout (it ended {out.strip()[-300:]!r}); stderr: {tail}"}
 
 
@@ -349,6 +349,9 @@ def child(argv: list[str]) -> int:
     """`--case C --side ours|peer --spec JSON`: one side, one JSON line on stdout; `--preflight`:
     what this box can run (gpu_cases.preflight); `--product`: the worker's own job on this
     device (gpu_cases.product_check)."""
+    # a stop from the parent (`_stop`) unwinds: the product's `finally` ends the worker it started,
+    # which runs in a process group of its own
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     if argv == ["--preflight"]:
         print(json.dumps(gpu_cases.preflight(SMALL)), flush=True)
         return 0

@@ -19,11 +19,20 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_
 export PYTORCH_ALLOC_CONF="${PYTORCH_ALLOC_CONF:-${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}}"
 unset PYTORCH_CUDA_ALLOC_CONF
 # python3 first: GPU images often have no plain `python`
-PYTHON="${PYTHON:-$(command -v python3 || command -v python)}"
+PYTHON="${PYTHON:-$(command -v python3 || command -v python || true)}"
+if [ -z "$PYTHON" ]; then
+    echo "gpu_check: no python3 or python on PATH; set PYTHON=/path/to/the/python/with/torch" >&2
+    exit 1
+fi
 if compgen -G ".whl/*.whl" > /dev/null; then
     site="${TMPDIR:-/tmp}/ltm-gpu-site"
-    PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index --no-deps \
-        --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    if "$PYTHON" -m pip --version > /dev/null 2>&1; then
+        PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet --disable-pip-version-check --no-index \
+            --no-deps --no-compile --no-cache-dir --upgrade --target "$site" .whl/*.whl
+    else  # a wheel is a zip of its package and its dist-info: unpacked, it is installed
+        rm -rf "$site" && mkdir -p "$site"
+        for wheel in .whl/*.whl; do "$PYTHON" -m zipfile -e "$wheel" "$site"; done
+    fi
     export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
     echo "gpu_check: installed $(cd .whl && ls *.whl | sed 's/-py3.*//' | tr '\n' ' ')into $site" >&2
 fi

@@ -4,13 +4,15 @@
 # whatever it finds there into a folder of its own before it starts. The versions are the ones
 # this checkout is tested with where they are installed here, else the pins below.
 #
-#   bash benchmarks/gpu_wheels.sh            # here: .whl/ of about 45 MB
+#   bash benchmarks/gpu_wheels.sh            # here: .whl/ of about 44 MB
 #   bash benchmarks/gpu_check.sh             # there, with .whl/ copied along
 #
 # - bitsandbytes: the QLoRA cases (4-bit); its wheel carries CUDA 11.8–13.2 builds.
 # - liger-kernel: --kernels liger (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy), pure Python
 #   over Triton, which CUDA builds of torch bring.
-# - peft: the LoRA layers both sides train with, at the version the tests pin down.
+# - peft: the LoRA layers both sides train with, at the version the tests pin down, and
+#   accelerate, which peft imports and the Trainer needs (GPU images usually have it, but not
+#   always a version peft accepts).
 # torch and transformers are the box's own: a CUDA build of torch does not travel as a wheel of a
 # few MB, and transformers must match it less closely than peft must match transformers.
 set -euo pipefail
@@ -31,6 +33,7 @@ wanted=(
     "bitsandbytes==$(installed bitsandbytes 0.50.2)"
     "liger-kernel==$(installed liger-kernel 0.8.5)"
     "peft==$(installed peft 0.21.2)"
+    "accelerate==$(installed accelerate 1.16.0)"
 )
 mkdir -p .whl
 rm -f .whl/*.whl

@@ -151,7 +151,7 @@ def pick_device(requested: str | None = None) -> torch.device:
 
 def use_tensor_cores() -> None:
     """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): what is left
-    in fp32 under bf16 (the optimizer's master weights, a 4-bit base's upcast norms) runs on the
+    in fp32 under bf16 (the adapter's and the optimizer's fp32 weights) runs on the
     tensor cores at a 10-bit mantissa instead of on the fp32 units. Nothing changes on the CPU."""
     if torch.cuda.is_available():
         _tf32_on()
@@ -343,8 +343,12 @@ def use_kernels(model, spec: BaseSpec, device: torch.device) -> str:
         return f"kernels: --kernels {spec.kernels} runs on CUDA only; PyTorch's own on {device}"
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
     except ImportError as exc:
         return f"kernels: liger-kernel is not importable ({exc}); pip install -e '.[gpu]'. PyTorch's own"
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # liger would return without a word
+        return f"kernels: liger has no kernels for model type {model_type!r}. PyTorch's own"
     _apply_liger_kernel_to_instance(model=model)
     model.ltm_kernels = "liger"  # the memory plan reads it (memory_fit.plan_settings): liger keeps less
     return "kernels: liger (fused RMSNorm, RoPE, SwiGLU, linear cross-entropy)"
