@@ -441,21 +441,38 @@ def _first_line(exc: BaseException) -> str:
 # The product's own path on this box: a tiny Llama saved as a user's folder (bf16 safetensors and a
 # word-level tokenizer), trained and scored by the worker the service starts.
 WORKER_SHAPE = {"hidden": 128, "layers": 2, "heads": 4, "kv": 2, "ffn": 352, "vocab": 8192, "context": 512}
+# beside hf_load's two choice scenes, one that decodes (greedy, with the key/value cache)
+BRIEF_BATTERY = """\
+battery: brief
+description: One law stated briefly, so the trial decodes as well as scores choices.
+metric: compression
+scenes:
+  - id: k1-glim-line
+    kind: generate
+    lang: en
+    prompt: "In brief, the glim line:"
+    max_new_tokens: 12
+    checks:
+      - contains: zent
+      - max_words: 12
+"""
 
 
 def worker_trial(folder: Path, work: Path, quant: str | None, device: str, timeout: float = 90) -> str:
     """One adapter job through `python -m backend.compute.worker` (LocalExecutor, as the service
     starts it) on the base saved in `folder`: `load_hf_base` onto `device` (with `quant` "4bit",
     bitsandbytes' nf4 through `from_pretrained`), the memory plan's fit, 4 steps with a
-    checkpoint at step 2, the battery scored, probes. What the cases do not cover: they build
+    checkpoint at step 2, two choice scenes scored and one decoded, probes. What the cases do not cover: they build
     their bases in memory. "ok: …" with what result.json says, or "failed: …" with the log's end."""
     from backend.jobs.executor import LocalExecutor
     from benchmarks.hf_load import TINY_BATTERY, _one_page
 
     tag = quant or "bf16"
-    corpus, scenes = work / f"page-{tag}.txt", work / f"scenes-{tag}.yaml"
+    corpus, scenes = work / f"page-{tag}.txt", work / f"scenes-{tag}"
     corpus.write_text(_one_page(), encoding="utf-8")
-    scenes.write_text(TINY_BATTERY, encoding="utf-8")
+    scenes.mkdir(exist_ok=True)
+    (scenes / "choice.yaml").write_text(TINY_BATTERY, encoding="utf-8")
+    (scenes / "brief.yaml").write_text(BRIEF_BATTERY, encoding="utf-8")  # decoding with the cache
     run_dir = work / f"run-{tag}"
     train = {"block_size": 64, "micro_batch": 2, "grad_accum": 1, "lr": 2e-4, "warmup_frac": 0.0,
              "min_train_tokens": 0, "epochs": 1, "max_steps": 4, "checkpoint_every": 2, "log_every": 1}

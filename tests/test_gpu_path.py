@@ -229,3 +229,14 @@ def test_the_memory_plan_fits_the_micro_batch_to_the_card(tiny_hf_model):
     # on the CPU, auto keeps the run's settings without a plan
     kept, ckpt = fit_to_card(model, cfg, quant=None, lora=lora, device=device, dtype_bytes=4, log=lambda _: None)
     assert (kept.micro_batch, kept.grad_accum, ckpt) == (2, 8, False)
+
+
+def test_a_4bit_base_counts_the_weights_of_its_dense_twin(tiny_hf_model):
+    """result.json's `params` for a QLoRA run: bitsandbytes holds two 4-bit values in a byte, so
+    the packed tensor's numel is half the weight's; the count is the model's, not the bytes'."""
+    from backend.compute.models import count_params
+
+    dense, _, _ = load_base(BaseSpec(base=str(tiny_hf_model), device="cpu"))
+    packed, _, _ = load_base(BaseSpec(base=str(tiny_hf_model), quant="4bit", device="cpu"))
+    assert sum(p.numel() for p in packed.parameters()) < count_params(dense)  # what numel alone says
+    assert count_params(packed) == count_params(dense)

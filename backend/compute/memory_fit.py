@@ -87,8 +87,9 @@ def eval_bytes_per_token(config, dtype_bytes: int, width: int) -> int:
     """Bytes one padded token of a no-grad forward pass holds at its fullest, on the safe side:
     nothing is kept for a backward pass, so it is one layer's working set (the residual stream,
     q/k/v and the attention output, SwiGLU's three intermediates), the key/value cache that
-    decoding keeps for every layer, the token's row of the 4D attention mask, and its logits in
-    the model's dtype and in fp32 (the scorer's log-softmax)."""
+    decoding keeps for every layer, the token's row of the 4D attention mask (and of the scores
+    in fp32 and the model's dtype where attention is eager), and its logits in the model's dtype,
+    their fp32 copy and the scorer's fp32 log-softmax."""
     d = int(config.hidden_size)
     f = int(getattr(config, "intermediate_size", 4 * d) or 4 * d)
     heads = int(config.num_attention_heads)
@@ -99,7 +100,9 @@ def eval_bytes_per_token(config, dtype_bytes: int, width: int) -> int:
     working = (2 * d + (heads + 2 * kv) * head_dim + d + 3 * f) * dtype_bytes
     cache = 2 * layers * kv * head_dim * dtype_bytes
     mask = width * dtype_bytes
-    logits = vocab * (dtype_bytes + 4)
+    if getattr(config, "_attn_implementation", None) == "eager":
+        mask += heads * width * (4 + dtype_bytes)
+    logits = vocab * (dtype_bytes + 8)
     return working + cache + mask + logits
 
 

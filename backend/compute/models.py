@@ -210,7 +210,9 @@ def attention_for(spec: "BaseSpec", device: torch.device) -> str:
             raise ModelError("--attn flash_attention_2 needs a CUDA card and the flash-attn package "
                              "(pip install -e '.[gpu]'); use --attn sdpa")
         return spec.attn
-    if _flash_attn_usable(device) and train_dtype(device, spec.precision) != torch.float32:
+    # not for micro: its weights stay fp32, and scoring runs outside autocast, where flash-attn
+    # refuses fp32 (training alone, under autocast, would run)
+    if _flash_attn_usable(device) and not spec.is_micro and train_dtype(device, spec.precision) != torch.float32:
         return "flash_attention_2"
     return "sdpa"
 
@@ -387,7 +389,14 @@ def context_length(model) -> int:
 
 
 def count_params(model, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+    """Weights as the model has them: a 4-bit weight by its own shape (bitsandbytes packs two
+    values in each byte of the tensor it holds, whose numel is half the count)."""
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad or not trainable_only:
+            state = getattr(p, "quant_state", None)
+            total += state.shape.numel() if getattr(state, "shape", None) is not None else p.numel()
+    return total
 
 
 def attach_lora(base, lora, seed: int, fast_dropout: bool = True):

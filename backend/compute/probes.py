@@ -81,9 +81,11 @@ def matrix_stats(singular: torch.Tensor, shape: Sequence[int]) -> dict:
 def lora_singular_values(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """Singular values of scaling · B·A (B: out×r, A: r×in) without forming the out×in matrix:
     with B = Q_b R_b and Aᵀ = Q_a R_a, B·A = Q_b (R_b R_aᵀ) Q_aᵀ, so σ(B·A) = σ(R_b R_aᵀ), r×r."""
-    _, r_b = torch.linalg.qr(b.detach().float())
-    _, r_a = torch.linalg.qr(a.detach().float().T)
-    return torch.linalg.svdvals(r_b @ r_a.T) * abs(float(scaling))
+    # in fp64: r×r costs nothing, and on a card TF32 would round the product to 10 bits, far
+    # above the cut-off that separates a rank's singular values from zero
+    _, r_b = torch.linalg.qr(b.detach().double())
+    _, r_a = torch.linalg.qr(a.detach().double().T)
+    return (torch.linalg.svdvals(r_b @ r_a.T) * abs(float(scaling))).float()
 
 
 def _module_entry(name: str, singular: torch.Tensor, shape: Sequence[int], base_norm: float | None, top: int) -> dict:
