@@ -150,3 +150,40 @@ def test_a_small_model_is_evaluated_on_one_cpu_thread_and_the_setting_comes_back
     finally:
         handle.remove()
         torch.set_num_threads(before)
+
+
+def test_a_batch_out_of_memory_is_split_and_gives_the_same_numbers(monkeypatch):
+    """On a card a scoring or decoding batch that runs out of memory is split in two and run
+    again, down to one row: the numbers are those of the whole batch, and a single row that does
+    not fit still fails. LTM_FAULT_EVAL_OOM_ABOVE stands in for the card's limit. Each call's
+    batches here are one of 222 (texts), 198 (choices) and 99 (decoding) padded tokens, over the
+    limits set, with rows under them: the calls return only because the batches were split."""
+    from backend.compute.evaluate import FAULT_OOM_ENV
+
+    model = build_micro("tiny", 2, CPU).eval()
+    tok = ByteTokenizer()
+    texts = ["hello world", "All glims are blorps. " * 5, "The lamp is red.", "x y z"]
+    prompts = [("All glims are", 6), ("The lamp is red. Red things", 6), ("x", 4)]
+    requests = [LoglikRequest(c, " zents.") for c in (
+        "All glims are blorps. All blorps are zents. So all glims are",
+        "The lamp is red. Red things glow at night. So the lamp",
+        "Far to the north of Ardo, a young glim rowed a boat to")]
+
+    def run(limits: tuple[str, str, str] | None):
+        out = []
+        for limit, call in zip(limits or ("", "", ""), (
+                lambda: text_losses(model, tok, texts, device=CPU, max_tokens=10_000),
+                lambda: loglikelihoods(model, tok, requests, device=CPU, max_tokens=10_000),
+                lambda: [g.ids for g in generate_batch(model, tok, prompts, device=CPU, max_tokens=10_000)])):
+            monkeypatch.setenv(FAULT_OOM_ENV, limit)
+            out.append(call())
+        return out
+
+    whole = run(None)
+    halved = run(("150", "150", "60"))
+    assert halved[2] == whole[2]
+    for a, b in zip(halved[0] + halved[1], whole[0] + whole[1]):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+    monkeypatch.setenv(FAULT_OOM_ENV, "5")  # not even one row fits
+    with pytest.raises(torch.OutOfMemoryError):
+        text_losses(model, tok, texts, device=CPU, max_tokens=10_000)

@@ -10,6 +10,12 @@
 - `perplexity` scenes: mean per-token loss of the text, all texts batched.
 - general text (`data/general/`): loss of the model and of its base, for `forgetting`.
 
+On a card the batches are sized from the memory this process may still fill
+(`memory_fit.eval_batch_tokens`); a batch that runs out of memory anyway is split in two and run
+again (`_split_on_oom`), down to one row, so a job that has trained for an hour does not fail in
+its scoring. `LTM_FAULT_EVAL_OOM_ABOVE=N` makes any batch of more than N padded tokens raise
+out-of-memory, to test that path on a CPU.
+
 Scores with their bootstrap intervals come from `backend.scoring.measures.score_run`. While it
 runs, an `EvalProgress` counts the scenes done (a completion when it is decoded, any other scene
 when it is scored) and sends `eval_progress` events {done, total, eta_s} at most once a second.
@@ -18,8 +24,10 @@ when it is scored) and sends `eval_progress` events {done, total, eta_s} at most
 from __future__ import annotations
 
 import bisect
+import gc
 import inspect
 import math
+import os
 import time
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
@@ -150,6 +158,34 @@ BATCH_TOKENS = 16384
 # On a GPU, `evaluate_all` sets the batch from the memory plan for the whole evaluation
 # (backend.compute.memory_fit.eval_batch_tokens); a function called without max_tokens uses it.
 _BATCH_TOKENS: ContextVar[int] = ContextVar("batch_tokens", default=BATCH_TOKENS)
+FAULT_OOM_ENV = "LTM_FAULT_EVAL_OOM_ABOVE"  # see the module docstring
+
+
+def _split_on_oom(batches: Sequence[list[int]], run: Callable[[list[int]], None], device) -> None:
+    """`run` each batch of indices in order; one that runs out of memory is split in two and
+    its halves run in its place (one row that does not fit is the error it was). Each batch's
+    results are its own, so a batch run again in halves gives the same numbers."""
+    stack = [list(idx) for idx in reversed(batches)]
+    while stack:
+        idx = stack.pop()
+        try:
+            run(idx)
+            continue
+        except torch.OutOfMemoryError:
+            if len(idx) == 1:
+                raise
+        # out here, where no traceback holds the failed pass's tensors
+        gc.collect()
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        half = len(idx) // 2
+        stack += [idx[half:], idx[:half]]
+
+
+def _fault_oom(tokens: int) -> None:
+    raw = os.environ.get(FAULT_OOM_ENV, "").strip()
+    if raw and tokens > int(raw):
+        raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={raw}: a batch of {tokens} padded tokens")
 
 
 def clip_pair(ctx: Sequence[int], cont: Sequence[int], max_len: int, max_cont: int | None = None) -> tuple[list[int], list[int]]:
@@ -351,8 +387,13 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
     misses = torch.zeros(n_out, dtype=torch.float64, device=device)
     count = torch.zeros(n_out, dtype=torch.float64, device=device)
     max_rows = None if max_requests is None else max(1, max_requests)  # the old batch size, as rows
-    for ids, mask, pos, flat, tgt, req in _batched_rows(model, rows, device=device, pad_id=pad_id,
-                                                        max_tokens=max_tokens, max_rows=max_rows):
+    kernel, dtype = _attention(model), _compute_dtype(model)
+    if kernel != "other":
+        rows = _pack(rows)
+
+    def run(idx: list[int]) -> None:
+        ids, mask, pos, flat, tgt, req = _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
+        _fault_oom(ids.numel())
         handle = _head_gather(model, flat)
         try:
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
@@ -364,6 +405,9 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
         ll.index_add_(0, req, logp.double())
         misses.index_add_(0, req, (logits.argmax(dim=-1) != tgt).double())
         count.index_add_(0, req, torch.ones_like(logp, dtype=torch.float64))
+
+    batches = _batches([len(r.ids) for r in rows], max_tokens or _BATCH_TOKENS.get(), max_rows)
+    _split_on_oom(batches, run, device)
     return ll.tolist(), [m == 0 for m in misses.tolist()], [int(c) for c in count.tolist()]
 
 
@@ -490,10 +534,13 @@ def generate_batch(
     keep_one = "logits_to_keep" in _forward_params(model)
     model.eval()
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
+    def run(idx: list[int]) -> None:  # each prompt's tokens are its own: a batch run again gives the same
+        _fault_oom(len(idx) * max(sizes[i] for i in idx))
+        _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one,
+                progress=progress)
+
     with one_thread(model, device):
-        for idx in _batches(sizes, max_tokens or _BATCH_TOKENS.get(), None):
-            _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one,
-                    progress=progress)
+        _split_on_oom(_batches(sizes, max_tokens or _BATCH_TOKENS.get(), None), run, device)
     return out
 
 
