@@ -465,24 +465,17 @@ def worker_trial(folder: Path, work: Path, quant: str | None, device: str, timeo
     checkpoint at step 2, two choice scenes scored and one decoded, probes. What the cases do not cover: they build
     their bases in memory. "ok: …" with what result.json says, or "failed: …" with the log's end."""
     from backend.jobs.executor import LocalExecutor
-    from benchmarks.hf_load import TINY_BATTERY, _one_page
+    from benchmarks.hf_load import TINY_BATTERY, one_job_session
 
     tag = quant or "bf16"
-    corpus, scenes = work / f"page-{tag}.txt", work / f"scenes-{tag}"
-    corpus.write_text(_one_page(), encoding="utf-8")
+    scenes = work / f"scenes-{tag}"
     scenes.mkdir(exist_ok=True)
     (scenes / "choice.yaml").write_text(TINY_BATTERY, encoding="utf-8")
     (scenes / "brief.yaml").write_text(BRIEF_BATTERY, encoding="utf-8")  # decoding with the cache
-    run_dir = work / f"run-{tag}"
     train = {"block_size": 64, "micro_batch": 2, "grad_accum": 1, "lr": 2e-4, "warmup_frac": 0.0,
              "min_train_tokens": 0, "epochs": 1, "max_steps": 4, "checkpoint_every": 2, "log_every": 1}
-    session = work / f"session-{tag}.json"
-    session.write_text(json.dumps({
-        "base": {"base": str(folder), "quant": quant, "trust_remote_code": False, "device": device},
-        "scenes": str(scenes),
-        "jobs": [{"run_id": f"trial-{tag}", "kind": "adapter", "corpus_path": str(corpus), "run_dir": str(run_dir),
-                  "seed": 0, "train": train, "lora": {}, "probes": True}],
-    }))
+    session, run_dir = one_job_session(folder, work, tag, train=train, scenes=scenes, quant=quant, device=device,
+                                       probes=True)
     result = run_dir / "result.json"
     t0 = time.monotonic()
     worker = LocalExecutor().start(session, None)

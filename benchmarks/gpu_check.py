@@ -275,19 +275,18 @@ def main() -> int:
         with open(lines_path, "a", encoding="utf-8") as fh:
             fh.write(text + "\n")
 
-    try:
-        print("preflight: versions, liger's kernels and nf4 on tiny models", file=sys.stderr, flush=True)
+    def phase(name: str, what: str, limit: float) -> dict[str, Any]:
+        print(f"{name}: {what}", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
-        found = result["preflight"] = _child(["--preflight"], min(PREFLIGHT_S, BUDGET_S))
-        found["seconds"] = round(time.perf_counter() - t0, 1)
-        record("preflight", found)
-        left_out = _left_out(found)
+        line = _child([f"--{name}"], min(limit, BUDGET_S - (t0 - started)))
+        line["seconds"] = round(time.perf_counter() - t0, 1)
+        record(name, line)
+        return line
+
+    try:
+        left_out = _left_out(phase("preflight", "versions, liger's kernels and nf4 on tiny models", PREFLIGHT_S))
         if not chosen:  # a run of chosen cases is a second call: the first one checked the product
-            print("product: the worker's own job on a saved tiny Llama, bf16 and 4-bit", file=sys.stderr, flush=True)
-            t0 = time.perf_counter()
-            product = _child(["--product"], min(PRODUCT_S, BUDGET_S - (time.perf_counter() - started)))
-            product["seconds"] = round(time.perf_counter() - t0, 1)
-            record("product", product)
+            phase("product", "the worker's own job on a saved tiny Llama, bf16 and 4-bit", PRODUCT_S)
         with tempfile.TemporaryDirectory(prefix="ltm-gpu-check-") as tmp:
             for case in cases:
                 if gpu_cases.parts(case)[1] and "nf4" in left_out:

@@ -83,6 +83,23 @@ def _one_page(words: int = 500) -> str:
     return " ".join(text.split()[:words])
 
 
+def one_job_session(folder: Path, work: Path, tag: str, *, train: dict[str, Any], scenes: Path, quant: str | None = None,
+                    device: str = "cpu", probes: bool = False) -> tuple[Path, Path]:
+    """(session file, run folder) of one adapter job on the base in `folder`, as the service
+    writes them for its worker: a one-page corpus, a fresh LoRA adapter with `LoraSettings()`."""
+    corpus = work / f"page-{tag}.txt"
+    corpus.write_text(_one_page(), encoding="utf-8")
+    run_dir = work / f"run-{tag}"
+    session = work / f"session-{tag}.json"
+    session.write_text(json.dumps({
+        "base": {"base": str(folder), "quant": quant, "trust_remote_code": False, "device": device},
+        "scenes": str(scenes),
+        "jobs": [{"run_id": tag, "kind": "adapter", "corpus_path": str(corpus), "run_dir": str(run_dir),
+                  "seed": 0, "train": train, "lora": {}, "probes": probes}],
+    }))
+    return session, run_dir
+
+
 def first_step_ours(folder: Path, work: Path, block: int, micro_batch: int, timeout: float = 900) -> dict[str, Any]:
     """Seconds from starting the project's worker on `folder` (one job: a one-page corpus, a
     fresh LoRA adapter, `max_steps` 1) to its first `progress` event, which the worker writes
@@ -90,20 +107,11 @@ def first_step_ours(folder: Path, work: Path, block: int, micro_batch: int, time
     key's). Phases from the events' timestamps and the worker's own `load_seconds` line."""
     from backend.jobs.executor import LocalExecutor
 
-    corpus = work / "page.txt"
-    corpus.write_text(_one_page(), encoding="utf-8")
     scenes = work / "scenes.yaml"
     scenes.write_text(TINY_BATTERY, encoding="utf-8")
-    run_dir = work / f"run-{time.time_ns()}"
     train = {"block_size": block, "micro_batch": micro_batch, "grad_accum": 1, "lr": 2e-4, "warmup_frac": 0.0,
              "min_train_tokens": 0, "epochs": 1, "max_steps": 1, "checkpoint_every": 0, "log_every": 1}
-    session = work / f"session-{time.time_ns()}.json"
-    session.write_text(json.dumps({
-        "base": {"base": str(folder), "quant": None, "trust_remote_code": False, "device": "cpu"},
-        "scenes": str(scenes),
-        "jobs": [{"run_id": "first-step", "kind": "adapter", "corpus_path": str(corpus), "run_dir": str(run_dir),
-                  "seed": 0, "train": train, "lora": {}, "probes": False}],
-    }))
+    session, run_dir = one_job_session(folder, work, f"first-step-{time.time_ns()}", train=train, scenes=scenes)
     events = run_dir / "events.jsonl"
     t0 = time.time()
     worker = LocalExecutor().start(session, None)

@@ -362,17 +362,20 @@ def pair_batches(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
     max_len = context_length(model)
     kernel = _attention(model)
     rows = _pair_rows([clip_pair(c, x, max_len, max_cont) for c, x in pairs], max_len, kernel != "other")
-    yield from _batched_rows(model, rows, device=device, pad_id=pad_id, max_tokens=max_tokens, max_rows=max_rows)
+    batches, build = _row_plan(model, rows, device=device, pad_id=pad_id, max_tokens=max_tokens, max_rows=max_rows)
+    for idx in batches:
+        yield build(idx)
 
 
-def _batched_rows(model, rows: Sequence[_Row], *, device, pad_id: int, max_tokens: int | None, max_rows: int | None):
-    max_tokens = max_tokens or _BATCH_TOKENS.get()
-    kernel = _attention(model)
-    dtype = _compute_dtype(model)
+def _row_plan(model, rows: Sequence[_Row], *, device, pad_id: int, max_tokens: int | None,
+              max_rows: int | None) -> tuple[list[list[int]], Callable[[list[int]], tuple]]:
+    """(batches of row indices cut by tokens, the function that makes one batch's tensors):
+    rows packed end to end first where the attention kernel takes a mask (`_pack`)."""
+    kernel, dtype = _attention(model), _compute_dtype(model)
     if kernel != "other":
         rows = _pack(rows)
-    for idx in _batches([len(r.ids) for r in rows], max_tokens, max_rows):
-        yield _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
+    batches = _batches([len(r.ids) for r in rows], max_tokens or _BATCH_TOKENS.get(), max_rows)
+    return batches, lambda idx: _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
 
 
 def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int, max_tokens: int | None,
@@ -387,12 +390,10 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
     misses = torch.zeros(n_out, dtype=torch.float64, device=device)
     count = torch.zeros(n_out, dtype=torch.float64, device=device)
     max_rows = None if max_requests is None else max(1, max_requests)  # the old batch size, as rows
-    kernel, dtype = _attention(model), _compute_dtype(model)
-    if kernel != "other":
-        rows = _pack(rows)
+    batches, build = _row_plan(model, rows, device=device, pad_id=pad_id, max_tokens=max_tokens, max_rows=max_rows)
 
     def run(idx: list[int]) -> None:
-        ids, mask, pos, flat, tgt, req = _row_batch(rows, idx, device=device, pad_id=pad_id, kernel=kernel, dtype=dtype)
+        ids, mask, pos, flat, tgt, req = build(idx)
         _fault_oom(ids.numel())
         handle = _head_gather(model, flat)
         try:
@@ -406,7 +407,6 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
         misses.index_add_(0, req, (logits.argmax(dim=-1) != tgt).double())
         count.index_add_(0, req, torch.ones_like(logp, dtype=torch.float64))
 
-    batches = _batches([len(r.ids) for r in rows], max_tokens or _BATCH_TOKENS.get(), max_rows)
     _split_on_oom(batches, run, device)
     return ll.tolist(), [m == 0 for m in misses.tolist()], [int(c) for c in count.tolist()]
 
