@@ -185,6 +185,12 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_hf_model):
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7)
+    # switched off, the frozen base is as it was before: its embeddings' output needs no
+    # gradient (a warm worker's next job keeps nothing for layer 0) and no hook is left behind
+    set_grad_checkpointing(model, True)
+    set_grad_checkpointing(model, False)
+    assert not base.get_input_embeddings()(ids).requires_grad
+    assert not getattr(base, "_require_grads_hooks", None)
 
 
 def test_the_memory_plan_fits_the_micro_batch_to_the_card(tiny_hf_model):

@@ -317,6 +317,43 @@ def test_out_of_memory_halves_the_micro_batch_and_keeps_the_effective_batch(tmp_
         assert torch.allclose(a, b, atol=1e-6), name
 
 
+def test_a_run_halved_by_out_of_memory_resumes_on_its_own_batches(tmp_path, monkeypatch):
+    """A run asked for 8 × 1, halved to 2 × 4 by out of memory and stopped after a step that
+    crossed into its second epoch, is resumed where 8 × 1 fits again (as a retry's memory plan
+    may find): it goes on with 2 × 4 from where it stood and ends with the weights of a run
+    planned at 2 × 4 from the start; no block is trained twice, none skipped."""
+    from backend.compute.train import FAULT_OOM_ENV, StopRequested
+
+    path, _ = _tokens(tmp_path, "All glims are blorps. All blorps are zents. " * 8)
+    assert PackedBlocks(load_tokens(path), 32, 0).blocks_per_epoch == 11  # epochs end mid-batch
+    (tmp_path / "a").mkdir(); (tmp_path / "b").mkdir()
+    asked = _tiny_cfg(micro_batch=8, grad_accum=1, max_steps=5, epochs=4, checkpoint_every=0)
+    planned = _tiny_cfg(micro_batch=2, grad_accum=4, max_steps=5, epochs=4, checkpoint_every=0)
+    straight = build_micro("tiny", 0, CPU)
+    want = train_model(straight, path, tmp_path / "a", planned, device=CPU,
+                       emit=lambda *a, **k: None, log=lambda s: None)
+
+    monkeypatch.setenv(FAULT_OOM_ENV, "2")
+    calls = {"n": 0}
+
+    def stop_after_two():
+        calls["n"] += 1
+        return calls["n"] == 2
+
+    with pytest.raises(StopRequested):
+        train_model(build_micro("tiny", 0, CPU), path, tmp_path / "b", asked, device=CPU,
+                    emit=lambda *a, **k: None, log=lambda s: None, should_stop=stop_after_two)
+    monkeypatch.delenv(FAULT_OOM_ENV)
+    resumed, lines = build_micro("tiny", 0, CPU), []
+    got = train_model(resumed, path, tmp_path / "b", asked, device=CPU, emit=lambda *a, **k: None,
+                      log=lines.append)
+    assert (got.resumed_from, got.steps, got.micro_batch, got.grad_accum) == (2, 5, 2, 4)
+    assert any("micro-batch 2 × accumulation 4, as the run had" in line for line in lines)
+    assert got.final_loss == pytest.approx(want.final_loss, rel=1e-5)
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.allclose(a, b, atol=1e-6), name
+
+
 def test_out_of_memory_at_micro_batch_one_fails_with_one_line(tmp_path, monkeypatch):
     from backend.compute.train import FAULT_OOM_ENV, OutOfMemory
 

@@ -15,8 +15,10 @@ a GPU the forward pass runs under bf16 autocast (`precision`, `models.autocast`)
 {name: "eval_loss", step, value}: the mean loss on a fixed, evenly spaced sample of the corpus's
 blocks, the same at every evaluation, in eval mode (no dropout, no random numbers drawn, so a
 resumed run still trains exactly as an uninterrupted one); every `checkpoint_every` steps,
-and on SIGTERM, it saves `checkpoints/step-000123/` with the trainable weights, the optimizer
-and its config, so a retry resumes where it stopped without training any step twice.
+and on SIGTERM, it saves `checkpoints/step-000123/` with the trainable weights, the optimizer,
+its config and where it stands in its stream of batches (`StreamAt`), so a retry resumes where it
+stopped, on the batches it would have taken next, without training any block twice, even where
+its micro-batch was halved or the memory plan fits another one now.
 
 Out of memory in a step: the step's gradients are dropped, the micro-batch is halved and the
 accumulation doubled (the effective batch, and so the data each step sees, stays the same), a
@@ -34,7 +36,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -129,10 +131,26 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+@dataclass(frozen=True)
+class StreamAt:
+    """Where a run stands in its stream of batches (`packing.batches`): the next batch's index
+    and the micro-batch and accumulation that index counts in. A checkpoint keeps it, because
+    the micro-batch a run trains with is not always the one its config asks for: out of memory
+    halves it, and the memory plan fits it to the memory free when the run starts, which on a
+    retry may differ. Resumed with the same three, a run takes exactly the batches it would have
+    taken uninterrupted."""
+
+    index: int
+    micro_batch: int
+    grad_accum: int
+
+
 def save_checkpoint(
-    model, optimizer, scheduler, step: int, cfg: TrainConfig, ckpt_dir: Path, elapsed: float = 0.0
+    model, optimizer, scheduler, step: int, cfg: TrainConfig, ckpt_dir: Path, elapsed: float = 0.0,
+    stream: StreamAt | None = None,
 ) -> Path:
-    """checkpoints/step-000123/: trainable weights, optimizer state and the resolved config."""
+    """checkpoints/step-000123/: trainable weights, optimizer state, where the run stands in its
+    stream of batches, and the resolved config."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -149,6 +167,7 @@ def save_checkpoint(
             # the training device's generator too (dropout draws on the GPU), so a run resumed on
             # CUDA continues the same random sequence; None on the CPU
             "cuda_rng": _cuda_rng(model),
+            "stream": None if stream is None else asdict(stream),
         },
         tmp / "optimizer.pt",
     )
@@ -166,26 +185,28 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resume_newest(model, optimizer, scheduler, ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path | None, int, float]:
+def resume_newest(model, optimizer, scheduler, ckpt_dir: Path,
+                  log: Callable[[str], None]) -> tuple[Path | None, int, float, StreamAt | None]:
     """Restore the newest checkpoint that loads; one that does not (a torn write, a bad disk
     block) is set aside as `broken-step-…` and the one before it is tried. Returns (the
-    checkpoint, its step, the seconds before it), or (None, 0, 0.0) to start from the beginning."""
+    checkpoint, its step, the seconds before it, where it stood in its stream: None from a
+    checkpoint written before that was kept), or (None, 0, 0.0, None) to start from the beginning."""
     while (path := newest_checkpoint(ckpt_dir)) is not None:
         try:
-            step, before = load_checkpoint(model, optimizer, scheduler, path)
-            return path, step, before
+            return path, *load_checkpoint(model, optimizer, scheduler, path)
         except Exception as exc:  # noqa: BLE001 - safetensors, pickle and shape errors alike
             reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             aside = path.with_name(f"broken-{path.name}")
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
             log(f"checkpoint {path.name} does not load ({reason}); set aside as {aside.name}, trying the one before")
-    return None, 0, 0.0
+    return None, 0, 0.0, None
 
 
-def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float]:
-    """Restore a checkpoint; returns (step, training seconds spent before it). Both files are
-    read before anything is changed, so an unreadable checkpoint leaves the model as it was."""
+def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float, StreamAt | None]:
+    """Restore a checkpoint; returns (step, training seconds spent before it, where it stood in
+    its stream). Both files are read before anything is changed, so an unreadable checkpoint
+    leaves the model as it was."""
     weights = load_file(str(path / "trainable.safetensors"))
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     params = _trainable(model)
@@ -201,7 +222,8 @@ def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float
     device = _device_of(model)
     if state.get("cuda_rng") is not None and device.type == "cuda":  # a checkpoint from a GPU, resumed on one
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    return int(state["step"]), float(state.get("elapsed", 0.0))
+    stream = StreamAt(**state["stream"]) if state.get("stream") else None
+    return int(state["step"]), float(state.get("elapsed", 0.0)), stream
 
 
 def _device_of(model) -> torch.device:
@@ -255,6 +277,8 @@ def train_model(
 ) -> TrainOutcome:
     # --- setup -------------------------------------------------------------------------------
     torch.manual_seed(cfg.seed)
+    if device.type == "cuda":  # the progress events' gpu_mem_bytes: this run's peak, not an earlier job's
+        torch.cuda.reset_peak_memory_stats(device)
     context = int(getattr(model.config, "max_position_embeddings", cfg.block_size) or cfg.block_size)
     blocks = PackedBlocks(load_tokens(tokens_path), min(cfg.block_size, context), cfg.seed)
     block_size = blocks.block_size
@@ -272,16 +296,21 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
     eval_sample = blocks.batch(_eval_starts(blocks, cfg.eval_blocks)) if cfg.eval_every else None
     ckpt_dir = run_dir / "checkpoints"
-    resume, start, before = resume_newest(model, optimizer, scheduler, ckpt_dir, log)
+    resume, start, before, stood = resume_newest(model, optimizer, scheduler, ckpt_dir, log)
+    micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
+    index = start * grad_accum  # the stream's batch index where the current step begins
     if resume is not None:
         log(f"resumed from {resume.name} (step {start} of {total})")
         emit("log", message=f"resumed from {resume.name}", step=start)
+    if stood is not None:  # the batches the run would have taken next, whatever fits now
+        index, micro_batch, grad_accum = stood.index, stood.micro_batch, stood.grad_accum
+        if (micro_batch, grad_accum) != (cfg.micro_batch, cfg.grad_accum):
+            log(f"micro-batch {micro_batch} × accumulation {grad_accum}, as the run had at {resume.name} "
+                f"({cfg.micro_batch} × {cfg.grad_accum} planned now), so it takes the same batches")
     model.train()
 
     # --- train -------------------------------------------------------------------------------
-    micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
     oom_limit, halvings = _fault_oom_limit(), 0
-    index = start * grad_accum  # the stream's batch index where the current step begins
     stream = batches(blocks, micro_batch, start_batch=index)
     tokens_seen = start * cfg.micro_batch * cfg.grad_accum * block_size
     t0 = time.perf_counter()
@@ -371,10 +400,12 @@ def train_model(
             log(f"step {step:>6}/{total} | eval loss {value:.4f} on {len(eval_sample)} fixed blocks")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             elapsed = before + time.perf_counter() - t0
-            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed,
+                            StreamAt(index, micro_batch, grad_accum))
         if should_stop():
             elapsed = before + time.perf_counter() - t0
-            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed,
+                            StreamAt(index, micro_batch, grad_accum))
             emit("log", message=f"stop requested: checkpoint saved at step {step}", step=step)
             raise StopRequested(step)
 
@@ -428,6 +459,12 @@ def set_grad_checkpointing(model, on: bool) -> None:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     elif inner.is_gradient_checkpointing:
         inner.gradient_checkpointing_disable()
+    if not on and hasattr(inner, "disable_input_require_grads"):
+        # Enabling also hooks the embeddings so their output requires a gradient; transformers
+        # takes the hook off again only for adapters it attached itself, not PEFT's. Left on, a
+        # warm worker's later jobs would keep layer 0's activations and compute its input
+        # gradient for nothing, and gain one hook a job.
+        inner.disable_input_require_grads()
 
 
 def _eval_starts(blocks: PackedBlocks, n: int):
@@ -464,8 +501,10 @@ def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit:
         if oom_limit is not None and len(batch) > oom_limit:
             del out  # the injected fault comes after the forward pass, as a real one would
             raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {len(batch)} sequences")
-        (out.loss / grad_accum).backward()
-        step_loss += out.loss.detach()
+        loss = out.loss
+        del out  # its logits (tokens × vocabulary) would otherwise live on through the next forward pass
+        (loss / grad_accum).backward()
+        step_loss += loss.detach()
         step_tokens += batch.size
     return step_tokens, step_loss / grad_accum
 
