@@ -62,11 +62,12 @@ def test_eager_attention_keeps_the_scores_that_flash_does_not():
 def test_liger_never_holds_the_logits_and_keeps_less_a_layer():
     """With liger's fused cross-entropy the step no longer grows with tokens × vocabulary: four
     times the vocabulary adds the larger embeddings and output layer, and of the working set at
-    most one chunk of logits, where PyTorch's loss adds the logits and their fp32 working set.
+    most one chunk of logits, where PyTorch's loss adds its fp32 working set (log_softmax's
+    output and two gradients of the logits' size).
     Its RMSNorm and SwiGLU keep less a layer. The parts still add up to the peak."""
     wide = {**LLAMA3_8B, "vocab_size": 4 * LLAMA3_8B["vocab_size"]}
     T, extra_vocab = 4 * 2048, 3 * LLAMA3_8B["vocab_size"]
-    for kernels, most, least in ((None, None, T * extra_vocab * (2 + 12)), ("liger", 0.01 * T * extra_vocab * 2, 0)):
+    for kernels, most, least in ((None, None, T * extra_vocab * 12), ("liger", 0.01 * T * extra_vocab * 2, 0)):
         a, b = (memory_plan.plan(c, micro_batch=4, block_size=2048, kernels=kernels) for c in (LLAMA3_8B, wide))
         working = (b.activations + b.logits) - (a.activations + a.logits)
         assert working >= least and (most is None or working <= most), (kernels, working)
@@ -102,11 +103,11 @@ def test_choose_prefers_no_checkpointing_then_checkpoints_then_gives_the_smalles
     assert memory_plan.choose(LLAMA3_8B, card, micro_batch=4, cap=16, block_size=2048) == (False, 4)
     # asked for 2 on that card: it grows to the 4 that fits
     assert memory_plan.choose(LLAMA3_8B, card, micro_batch=2, cap=16, block_size=2048) == (False, 4)
-    # on 96 GiB, 8B at block 2048 unchecked fits only below the requested 4, but its 2 × 2048
+    # on 96 GiB, 8B at block 2048 unchecked fits only below a requested 8, but its 4 × 2048
     # tokens a pass already fill the card's matmuls: no recomputation of the forward pass
     big = 96 * memory_plan.GiB
-    assert peak(4, False) > 0.9 * big >= peak(2, False)
-    assert memory_plan.choose(LLAMA3_8B, big, micro_batch=4, cap=16, block_size=2048) == (False, 2)
+    assert peak(8, False) > 0.9 * big >= peak(4, False)
+    assert memory_plan.choose(LLAMA3_8B, big, micro_batch=8, cap=16, block_size=2048) == (False, 4)
     # where unchecked passes would be short (1 × 2048 tokens), checkpointed: the micro-batch
     # grows to the largest that fits that way, up to the cap
     tight = int(peak(1, False) / 0.9) + 1

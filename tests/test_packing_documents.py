@@ -178,3 +178,25 @@ def test_a_corpus_sets_training_loss_has_no_cross_document_targets(tmp_path):
                 log=lambda s: None)
     (metric,) = [e for e in events if e["type"] == "metric"]
     assert metric["value"] == pytest.approx(expected, abs=2e-5)  # lr 0: the same weights
+
+
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_every_layer_reads_one_mask_in_the_attention_dtype(tmp_path, precision):
+    """The block-diagonal mask is made once a batch, in the dtype the queries have (bf16 under
+    autocast), and every layer gets that same tensor: nothing for SDPA or autocast to convert,
+    and so no per-layer copy for a card's backward pass to keep."""
+    from backend.compute.models import autocast
+
+    path, block = _packed_set(tmp_path)
+    model = _tiny_llama("sdpa").train()
+    seen = []
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_pre_hook(
+            lambda module, args, kwargs: seen.append(kwargs["attention_mask"]), with_kwargs=True)
+    with autocast(CPU, precision):
+        model(**packed_inputs(model, block, document_marks(path), CPU)).loss.backward()
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert len(seen) == len(model.model.layers)
+    assert {m.dtype for m in seen} == {want} and len({m.data_ptr() for m in seen}) == 1
+    one_document = block[:, SPANS[1][0] : SPANS[1][1]]  # a block inside one document: no mask at all
+    assert "attention_mask" not in packed_inputs(model, one_document, document_marks(path), CPU)

@@ -352,9 +352,9 @@ def plan(
         layers_kept = saved(first=True) + (L - 1) * per_layer
         recomputed = 0
     rope = 2 * b * seq * s.head_dim * B  # cos and sin, shared by the layers
-    mask = b * seq * seq if (attention == "sdpa" and packed_documents) else 0  # boolean, block-diagonal
-    if attention == "eager":
-        mask = b * seq * seq * B  # an additive mask in the training dtype
+    # one additive block-diagonal mask in the training dtype, made once a batch and read by every
+    # layer (train.packed_inputs); eager attention always has one
+    mask = b * seq * seq * B if attention == "eager" or (attention == "sdpa" and packed_documents) else 0
     final_norm = T * d * 4 + T * 4 + (0 if lora else T * d * B)
     if liger:  # its input as it came and the rsqrt; the backward recomputes the rest
         final_norm = T * d * B + T * 4
@@ -363,10 +363,11 @@ def plan(
     weight_casts = adapters // 4 * B if B < 4 else 0
     kept = layers_kept + rope + mask + final_norm + weight_casts
 
-    # The loss stage: the logits (held by the model's output until the step ends), and the
-    # cross-entropy's fp32 working set: log_softmax's output (kept for its backward), the
-    # gradient nll_loss hands back and log_softmax's gradient of the logits, 4 bytes each.
-    logits_held = T * V * B
+    # The loss stage: the cross-entropy's fp32 working set in its backward pass: log_softmax's
+    # output (kept for its backward), the gradient nll_loss hands back and log_softmax's gradient
+    # of the logits, 4 bytes each. The logits themselves are gone by then (the training loop
+    # drops the model's output before the backward pass), and the forward pass's own peak (the
+    # logits, their fp32 copy and log_softmax's output) is smaller.
     loss_work = 3 * T * V * 4
     if liger:
         # liger's fused linear cross-entropy never holds the logits: in the forward pass it takes
@@ -375,8 +376,8 @@ def plan(
         # the gradient of its input (T×d, kept for the backward), beside its input (the final
         # norm's output) and an fp32 loss a token
         chunk = min(T, 1 << max(0, math.ceil(math.log2(max(1, math.ceil(T / math.ceil(V / d)))))))
-        logits_held, loss_work = 0, chunk * V * B + 2 * T * d * B + T * 4
-    loss_stage = kept + logits_held + loss_work
+        loss_work = chunk * V * B + 2 * T * d * B + T * 4
+    loss_stage = kept + loss_work
     # The last layer's backward: its saved tensors (recomputed first with checkpointing), the
     # gradient of the residual stream (fp32 where the norms run) and SwiGLU's gradients: two
     # T×ffn at a time (down_proj's input gradient from the base and from the adapter, or the
@@ -390,10 +391,10 @@ def plan(
     mixed = T * s.ffn * (4 - B) if cast else 0
     # the residual stream's gradient: fp32 inside PyTorch's RMSNorm, the training dtype in liger's
     layer_work = 2 * T * d * (B if liger else 4) + 2 * T * s.ffn * B + mixed + dequant
-    layer_stage = kept + recomputed + logits_held + layer_work + (grads // L if lora else grads)
+    layer_stage = kept + recomputed + layer_work + (grads // L if lora else grads)
     activations_peak = max(loss_stage, layer_stage)
     stage = "loss" if loss_stage >= layer_stage else "layer"
-    logits = logits_held + (loss_work if stage == "loss" else 0)
+    logits = loss_work if stage == "loss" else 0
     activations = activations_peak - logits - ((grads // L if lora else grads) if stage == "layer" else 0)
 
     # Gradients are set to None after each step (zero_grad(set_to_none=True)), so at the loss
