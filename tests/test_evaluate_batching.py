@@ -187,3 +187,26 @@ def test_a_batch_out_of_memory_is_split_and_gives_the_same_numbers(monkeypatch):
     monkeypatch.setenv(FAULT_OOM_ENV, "5")  # not even one row fits
     with pytest.raises(torch.OutOfMemoryError):
         text_losses(model, tok, texts, device=CPU, max_tokens=10_000)
+
+
+def test_a_bf16_output_layer_scores_in_fp32(tiny_hf_model):
+    """On a bf16 base (a card's), a continuation's log-probability is that of the output layer
+    computed in fp32 on the bf16 hidden states, not of logits rounded to bf16, which step by
+    1/8 between 16 and 32."""
+    from backend.compute.models import BaseSpec, load_base
+
+    model, tok, _ = load_base(BaseSpec(base=str(tiny_hf_model), device="cpu", precision="bf16"))
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    with torch.no_grad():
+        model.lm_head.weight.mul_(400)  # logits of tens, as a trained model's
+    pairs = [(tok.encode("All glims are"), tok.encode(" zents blorps")), (tok.encode("The lamp"), tok.encode(" glows"))]
+    got = score_pairs(model, pairs, device=CPU, pad_id=tok.pad_id)
+    for (ctx, cont), (ll, _) in zip(pairs, got):
+        with torch.no_grad():
+            h = model.model(input_ids=torch.tensor([ctx + cont[:-1]])).last_hidden_state[0, len(ctx) - 1 :]
+            exact = torch.log_softmax(h.double() @ model.lm_head.weight.double().T, -1)
+            rounded = torch.log_softmax(model.lm_head(h).double(), -1)  # bf16 logits, then upcast
+        target = torch.tensor(cont)[:, None]
+        want = exact.gather(1, target).sum().item()
+        assert ll == pytest.approx(want, abs=1e-4)
+        assert abs(rounded.gather(1, target).sum().item() - want) > 1e-2  # what the rounding costs here

@@ -298,9 +298,12 @@ def _batches(lengths: Sequence[int], max_tokens: int, max_rows: int | None) -> l
     return out
 
 
-def _head_gather(model, flat: torch.Tensor):
+def _head_gather(model, flat: torch.Tensor) -> list | None:
     """Have the output layer project only the hidden states at `flat` (indices into the batch
-    flattened to rows × width): logits for the scored positions, not for every token."""
+    flattened to rows × width): logits for the scored positions, not for every token. Where the
+    layer's weights are in half precision (a bf16 base on a card), those logits are computed
+    again in fp32 (`_fp32_logits`). Returns the hooks' handles (None: the model has no output
+    layer to hook)."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         return None
@@ -309,7 +312,29 @@ def _head_gather(model, flat: torch.Tensor):
         h = args[0]
         return (h.reshape(-1, h.shape[-1]).index_select(0, flat).unsqueeze(0), *args[1:])
 
-    return head.register_forward_pre_hook(pre_hook)
+    def in_fp32(module, args, output):
+        return _fp32_logits(args[0], module) if output.dtype != torch.float32 else None
+
+    return [head.register_forward_pre_hook(pre_hook), head.register_forward_hook(in_fp32)]
+
+
+# Rows of the output layer's weight cast to fp32 at a time (a 128k × 4096 head would be 2 GB in
+# fp32 at once; 16k rows are 268 MB).
+HEAD_CHUNK = 16384
+
+
+def _fp32_logits(h: torch.Tensor, head) -> torch.Tensor:
+    """The output layer on `h` in fp32: the scores' log-probabilities from logits rounded to
+    bf16 would be off by up to 0.06 nats a token (bf16 keeps 8 bits: logits between 16 and 32
+    step by 0.125), noise that piles up over a continuation's tokens and can flip a close
+    choice. The bf16 inputs and weights are exact in fp32; only the products and sums gain."""
+    weight, bias = head.weight, getattr(head, "bias", None)
+    h = h.float()
+    out = torch.empty(*h.shape[:-1], weight.shape[0], dtype=torch.float32, device=h.device)
+    with torch.autocast(h.device.type, enabled=False):
+        for i in range(0, weight.shape[0], HEAD_CHUNK):
+            out[..., i : i + HEAD_CHUNK] = F.linear(h, weight[i : i + HEAD_CHUNK].float())
+    return out if bias is None else out.add_(bias.float())
 
 
 def _row_batch(rows: Sequence[_Row], idx: Sequence[int], *, device, pad_id: int, kernel: str, dtype):
@@ -395,13 +420,13 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
     def run(idx: list[int]) -> None:
         ids, mask, pos, flat, tgt, req = build(idx)
         _fault_oom(ids.numel())
-        handle = _head_gather(model, flat)
+        hooks = _head_gather(model, flat)
         try:
             logits = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False).logits
         finally:
-            if handle is not None:
-                handle.remove()
-        logits = logits[0] if handle is not None else logits.reshape(-1, logits.shape[-1]).index_select(0, flat)
+            for hook in hooks or ():
+                hook.remove()
+        logits = logits[0] if hooks is not None else logits.reshape(-1, logits.shape[-1]).index_select(0, flat)
         logp = F.log_softmax(logits.float(), dim=-1).gather(1, tgt[:, None]).squeeze(1)
         ll.index_add_(0, req, logp.double())
         misses.index_add_(0, req, (logits.argmax(dim=-1) != tgt).double())
