@@ -189,6 +189,62 @@ def test_a_batch_out_of_memory_is_split_and_gives_the_same_numbers(monkeypatch):
         text_losses(model, tok, texts, device=CPU, max_tokens=10_000)
 
 
+def test_a_batch_size_that_ran_out_of_memory_is_not_tried_again(monkeypatch):
+    """Where the batch size was too optimistic for the card, the first batch runs out of memory
+    and is split; the later batches of as many tokens are split before they run, so the whole
+    evaluation pays for one failed pass, not one a batch, and gives the same numbers."""
+    from backend.compute import evaluate
+
+    model = build_micro("tiny", 2, CPU).eval()
+    tok = ByteTokenizer()
+    texts = [f"Text number {i} is here. " * 2 for i in range(12)]  # 12 rows of 49 tokens
+    want = text_losses(model, tok, texts, device=CPU, max_tokens=210)  # 3 batches of 4 rows
+    raised = []
+    real = evaluate._fault_oom
+
+    def counted(tokens: int) -> None:
+        try:
+            real(tokens)
+        except torch.OutOfMemoryError:
+            raised.append(tokens)
+            raise
+
+    monkeypatch.setattr(evaluate, "_fault_oom", counted)
+    monkeypatch.setenv(evaluate.FAULT_OOM_ENV, "150")  # 4 rows do not fit, 2 do
+    got = text_losses(model, tok, texts, device=CPU, max_tokens=210)
+    assert raised == [4 * 49]  # the first batch only; before, each of the three failed once
+    for a, b in zip(got, want):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6)
+
+
+def test_a_decoding_batch_that_runs_out_halfway_is_counted_once():
+    """A decoding batch that runs out of memory after some steps takes back the tokens it had
+    reported, so its halves' report is the only one: the progress ends at every completion's
+    budget and every scene once, and the completions are those of a run that never failed."""
+    from backend.compute.evaluate import EvalProgress
+
+    model = build_micro("tiny", 2, CPU).eval()
+    tok = ByteTokenizer()
+    prompts = [("All glims are", 6), ("The lamp is red.", 6), ("x", 6)]
+    want = [g.ids for g in generate_batch(model, tok, prompts, device=CPU)]
+    forwards = []
+
+    def out_of_memory_at_the_third_step(module, args, kwargs):
+        forwards.append(kwargs["input_ids"].shape[0])
+        if len(forwards) == 3:
+            raise torch.OutOfMemoryError("the card's limit, halfway through decoding")
+
+    handle = model.register_forward_pre_hook(out_of_memory_at_the_third_step, with_kwargs=True)
+    progress = EvalProgress([], None)
+    try:
+        got = [g.ids for g in generate_batch(model, tok, prompts, device=CPU, progress=progress)]
+    finally:
+        handle.remove()
+    assert forwards[:3] == [3, 3, 3] and len(forwards) > 3  # the batch failed, then its halves ran
+    assert got == want
+    assert progress.done == len(prompts) and progress._decode[1] == sum(n for _, n in prompts)
+
+
 def test_a_bf16_output_layer_scores_in_fp32(tiny_hf_model):
     """On a bf16 base (a card's), a continuation's log-probability is that of the output layer
     computed in fp32 on the bf16 hidden states, not of logits rounded to bf16, which step by

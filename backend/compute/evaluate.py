@@ -13,8 +13,10 @@
 On a card the batches are sized from the memory this process may still fill
 (`memory_fit.eval_batch_tokens`); a batch that runs out of memory anyway is split in two and run
 again (`_split_on_oom`), down to one row, so a job that has trained for an hour does not fail in
-its scoring. `LTM_FAULT_EVAL_OOM_ABOVE=N` makes any batch of more than N padded tokens raise
-out-of-memory, to test that path on a CPU.
+its scoring; later batches as large as one that ran out are split before they run. Logits of a
+half-precision output layer are computed in fp32 for the positions scored (`_fp32_logits`).
+`LTM_FAULT_EVAL_OOM_ABOVE=N` makes any batch of more than N padded tokens raise out-of-memory,
+to test that path on a CPU.
 
 Scores with their bootstrap intervals come from `backend.scoring.measures.score_run`. While it
 runs, an `EvalProgress` counts the scenes done (a completion when it is decoded, any other scene
@@ -109,6 +111,12 @@ class EvalProgress:
         self.done += finished
         self._maybe_send()
 
+    def withdraw(self, tokens: int, finished: int) -> None:
+        """Take back what `decoded` was told of a batch that ran out of memory and is decoded
+        again in halves; the time it took stays charged, as time the decoding spent."""
+        self._decode[1] -= tokens
+        self.done -= finished
+
     def scored(self, scenes: int, extra_units: int = 0) -> None:
         """`scenes` more scenes scored (and `extra_units` of scoring that is no scene)."""
         self._charge(self._score, scenes + extra_units)
@@ -161,23 +169,29 @@ _BATCH_TOKENS: ContextVar[int] = ContextVar("batch_tokens", default=BATCH_TOKENS
 FAULT_OOM_ENV = "LTM_FAULT_EVAL_OOM_ABOVE"  # see the module docstring
 
 
-def _split_on_oom(batches: Sequence[list[int]], run: Callable[[list[int]], None], device) -> None:
+def _split_on_oom(batches: Sequence[list[int]], run: Callable[[list[int]], None], device,
+                  tokens: Callable[[list[int]], int]) -> None:
     """`run` each batch of indices in order; one that runs out of memory is split in two and
     its halves run in its place (one row that does not fit is the error it was). Each batch's
-    results are its own, so a batch run again in halves gives the same numbers."""
+    results are its own, so a batch run again in halves gives the same numbers. What did not
+    fit is remembered: a later batch of as many padded tokens (`tokens`) as one that ran out is
+    split before it runs, so an optimistic batch size costs one failed pass, not one a batch."""
     stack = [list(idx) for idx in reversed(batches)]
+    too_many: int | None = None  # the fewest padded tokens a batch ran out of memory with
     while stack:
         idx = stack.pop()
-        try:
-            run(idx)
-            continue
-        except torch.OutOfMemoryError:
-            if len(idx) == 1:
-                raise
-        # out here, where no traceback holds the failed pass's tensors
-        gc.collect()
-        if torch.device(device).type == "cuda":
-            torch.cuda.empty_cache()
+        if too_many is None or len(idx) == 1 or tokens(idx) < too_many:
+            try:
+                run(idx)
+                continue
+            except torch.OutOfMemoryError:
+                if len(idx) == 1:
+                    raise
+            too_many = tokens(idx) if too_many is None else min(too_many, tokens(idx))
+            # out here, where no traceback holds the failed pass's tensors
+            gc.collect()
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
         half = len(idx) // 2
         stack += [idx[half:], idx[:half]]
 
@@ -432,7 +446,7 @@ def _score_rows(model, rows: Sequence[_Row], n_out: int, *, device, pad_id: int,
         misses.index_add_(0, req, (logits.argmax(dim=-1) != tgt).double())
         count.index_add_(0, req, torch.ones_like(logp, dtype=torch.float64))
 
-    _split_on_oom(batches, run, device)
+    _split_on_oom(batches, run, device, tokens=lambda idx: len(idx) * max(len(rows[i].ids) for i in idx))
     return ll.tolist(), [m == 0 for m in misses.tolist()], [int(c) for c in count.tolist()]
 
 
@@ -559,18 +573,45 @@ def generate_batch(
     keep_one = "logits_to_keep" in _forward_params(model)
     model.eval()
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
+
+    def tokens(idx: list[int]) -> int:
+        return len(idx) * max(sizes[i] for i in idx)
+
     def run(idx: list[int]) -> None:  # each prompt's tokens are its own: a batch run again gives the same
-        _fault_oom(len(idx) * max(sizes[i] for i in idx))
-        _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one,
-                progress=progress)
+        _fault_oom(tokens(idx))
+        tally = _Tally(progress)
+        try:
+            _decode(model, tok, idx, encoded, prompts, out, device=device, name=name, keep_one=keep_one,
+                    progress=tally)
+        except torch.OutOfMemoryError:
+            tally.take_back()  # its halves decode those tokens again, and report them
+            raise
 
     with one_thread(model, device):
-        _split_on_oom(_batches(sizes, max_tokens or _BATCH_TOKENS.get(), None), run, device)
+        _split_on_oom(_batches(sizes, max_tokens or _BATCH_TOKENS.get(), None), run, device, tokens)
     return out
 
 
+class _Tally:
+    """What one decoding batch has told `progress` (None: nobody listens), so that a batch that
+    runs out of memory halfway can take it back before its halves decode the same tokens again."""
+
+    def __init__(self, progress: EvalProgress | None) -> None:
+        self.progress, self.tokens, self.finished = progress, 0, 0
+
+    def decoded(self, tokens: int, finished: int = 0) -> None:
+        self.tokens += tokens
+        self.finished += finished
+        if self.progress is not None:
+            self.progress.decoded(tokens, finished)
+
+    def take_back(self) -> None:
+        if self.progress is not None:
+            self.progress.withdraw(self.tokens, self.finished)
+
+
 def _decode(model, tok: Tokenizer, idx: list[int], encoded, prompts, out: list, *, device, name: str, keep_one: bool,
-            progress: EvalProgress | None = None) -> None:
+            progress: "EvalProgress | _Tally | None" = None) -> None:
     """Greedy decoding of one batch of prompts (`generate_batch`), results into `out`."""
     b = len(idx)
     width = max(len(encoded[i]) for i in idx)
