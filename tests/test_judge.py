@@ -38,6 +38,25 @@ def judge_model(tmp_path_factory) -> Path:
     return folder
 
 
+def test_a_judge_saved_as_pickles_is_refused_in_one_line(judge_model: Path, tmp_path: Path):
+    """The judge loads as the bases do: safetensors only (a pickle can run code as it loads)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = tmp_path / "pickled-judge"
+    shutil.copytree(judge_model, folder)
+    state = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    for weights in folder.glob("*.safetensors"):
+        weights.unlink()
+    torch.save(state, folder / "pytorch_model.bin")  # as older checkpoints hold their weights
+    with pytest.raises(JudgeError) as err:
+        LocalJudge(str(folder), device="cpu")
+    line = str(err.value)
+    assert "\n" not in line and "pickles (.bin)" in line and "save_pretrained" in line
+
+
 ITEMS = [
     ("names the colour", "The lamp is", "red"),
     ("names the colour", "The lamp is", "glows"),

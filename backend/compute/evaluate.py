@@ -570,7 +570,7 @@ def generate_batch(
         encoded.append(ids[-max(1, window - max_new) :])
     out: list[Generation] = [Generation("", ())] * len(prompts)
     name = _cache_argument(model)
-    keep_one = "logits_to_keep" in _forward_params(model)
+    keep_one = "logits_to_keep" in forward_params(model)
     model.eval()
     sizes = [len(e) + prompts[i][1] for i, e in enumerate(encoded)]
 
@@ -672,14 +672,14 @@ def generate_text(model, tok: Tokenizer, prompt: str, max_new_tokens: int, *, de
     return generate_batch(model, tok, [(prompt, max_new_tokens)], device=device)[0].text
 
 
-def _forward_params(model) -> dict:
+def forward_params(model) -> dict:
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     return dict(inspect.signature(inner.forward).parameters)
 
 
 def _cache_argument(model) -> str:
     """`cache` in transformers 5.x, `past_key_values` before it."""
-    return "cache" if "cache" in _forward_params(model) else "past_key_values"
+    return "cache" if "cache" in forward_params(model) else "past_key_values"
 
 
 def _text_rows(tok: Tokenizer, texts: Sequence[str], window: int) -> list[_Row]:

@@ -84,17 +84,22 @@ class LocalJudge:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from backend.compute.models import HFTokenizer
+        from backend.compute.models import HFTokenizer, pickled_weights, train_dtype
 
         self.name = f"local:{path}"
         self.batch_size = batch_size
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        where = {"": self.device.index or 0} if self.device.type == "cuda" else {"": str(self.device)}
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            self.model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).to(self.device)
+            # as the bases load: safetensors only, in the device's dtype (bf16 on a card, where a
+            # 13B judge in fp32 would be 52 GB), read straight onto the device
+            self.model = AutoModelForCausalLM.from_pretrained(
+                path, local_files_only=True, use_safetensors=True, dtype=train_dtype(self.device), device_map=where)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise JudgeError(f"cannot load the judge model {path}: {first[:160]} (give a local model folder)") from None
+            raise JudgeError(pickled_weights(path, first)
+                             or f"cannot load the judge model {path}: {first[:160]} (give a local model folder)") from None
         self.model.eval()
         self.tok = HFTokenizer(tok)
 

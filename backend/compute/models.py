@@ -262,18 +262,24 @@ def load_tokenizer(spec: BaseSpec) -> Tokenizer:
     return HFTokenizer(tok)
 
 
+def pickled_weights(where: str, error: str) -> str | None:
+    """The one line for a model folder that holds its weights only as pickles (.bin), given the
+    error a safetensors-only load gave; None for any other error."""
+    folder = Path(where).expanduser()
+    if "safetensors" in error and folder.is_dir() and any(folder.glob("*.bin")):
+        return (f"{where} holds its weights as pickles (.bin), which can run code as they load; ltm-tui "
+                "reads safetensors only: save the model again with save_pretrained (it writes .safetensors)")
+    return None
+
+
 def _hf_error(spec: BaseSpec, exc: Exception) -> ModelError:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if "trust_remote_code" in str(exc):
         return ModelError(
             f"{spec.base} needs its own code to load; rerun with --trust-remote-code if you trust it"
         )
-    folder = Path(spec.base).expanduser()
-    if "safetensors" in text and folder.is_dir() and any(folder.glob("*.bin")):
-        return ModelError(
-            f"{spec.base} holds its weights as pickles (.bin), which can run code as they load; ltm-tui "
-            "reads safetensors only: save the model again with save_pretrained (it writes .safetensors)"
-        )
+    if (line := pickled_weights(spec.base, text)) is not None:
+        return ModelError(line)
     if isinstance(exc, OSError) or "offline" in text.lower() or "connect" in text.lower():
         return ModelError(
             f"{spec.base} is not available offline ({text[:160]}); download it first "

@@ -388,7 +388,7 @@ def _lens_logliks(model, tok: Tokenizer, requests: list[tuple[list[int], list[in
     logit lens at every depth 0..L (0: the embeddings; L: the model's own output). Batched as
     evaluation batches choices (`backend.compute.evaluate.pair_batches`): a scene's context once with
     all its choices in one row, rows packed end to end and cut by tokens."""
-    from backend.compute.evaluate import pair_batches
+    from backend.compute.evaluate import forward_params, pair_batches
 
     embed, layers, norm, head = _parts(model)
     hidden: list[torch.Tensor | None] = [None] * (len(layers) + 1)
@@ -403,8 +403,10 @@ def _lens_logliks(model, tok: Tokenizer, requests: list[tuple[list[int], list[in
     handles = [embed.register_forward_hook(keep(0))]
     handles += [layer.register_forward_hook(keep(i + 1)) for i, layer in enumerate(layers)]
     try:
+        # the hooks read the hidden states: the model's own logits need only its last position
+        extra = {"logits_to_keep": 1} if "logits_to_keep" in forward_params(model) else {}
         for ids, mask, pos, flat, target, req in pair_batches(model, requests, device=device, pad_id=tok.pad_id):
-            model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
+            model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False, **extra)
             for depth, h in enumerate(hidden):
                 picked = h.reshape(-1, h.shape[-1]).index_select(0, flat)
                 logprobs = F.log_softmax(head(norm(picked).to(head.weight.dtype)).float(), dim=-1)
