@@ -200,3 +200,21 @@ def test_every_layer_reads_one_mask_in_the_attention_dtype(tmp_path, precision):
     assert {m.dtype for m in seen} == {want} and len({m.data_ptr() for m in seen}) == 1
     one_document = block[:, SPANS[1][0] : SPANS[1][1]]  # a block inside one document: no mask at all
     assert "attention_mask" not in packed_inputs(model, one_document, document_marks(path), CPU)
+
+
+def test_flash_attention_gets_the_document_bounds_transformers_would_find(tmp_path):
+    """For flash_attention_2 the blocks go in as one row with the documents' bounds worked out on
+    the host: the same bounds transformers derives from the positions on the device, given as
+    the varlen arguments it then uses as they are, and the longest as a plain int."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from backend.compute.train import document_lengths
+
+    path, block = _packed_set(tmp_path)
+    rows = np.concatenate([block[:, :40], block[:, 10:50]])  # two blocks, the second from mid-document
+    inputs = model_inputs(rows, **document_marks(path), flat=True)
+    got = document_lengths(inputs["position_ids"], CPU)
+    (cu_q, cu_k), (longest_q, _) = prepare_fa_kwargs_from_position_ids(torch.from_numpy(inputs["position_ids"]))
+    assert got["cu_seq_lens_q"].tolist() == cu_q.tolist() and got["cu_seq_lens_k"] is got["cu_seq_lens_q"]
+    assert got["cu_seq_lens_q"].dtype == torch.int32 and got["cu_seq_lens_q"][-1] == rows.size
+    assert got["max_length_q"] == got["max_length_k"] == int(longest_q) and isinstance(got["max_length_q"], int)

@@ -515,7 +515,8 @@ def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -
     document attends to or predicts another. No cache: with one (a micro network's config asks
     for it), transformers skips the packed-sequence mask and attention runs across documents.
     flash_attention_2 finds the documents from the positions only at batch 1: its blocks go in
-    end to end as one row, which costs nothing there (no mask is materialised).
+    end to end as one row, which costs nothing there (no mask is materialised), with the
+    documents' bounds worked out here (`document_lengths`).
 
     For SDPA and eager attention a batch with a document boundary inside a block gets its
     block-diagonal causal mask here (`document_mask`), once, in the dtype attention runs in. Left
@@ -526,9 +527,23 @@ def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -
     flat = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
     arrays = model_inputs(batch, **marks, flat=flat)
     inputs: dict[str, Any] = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
-    if not flat and (arrays["position_ids"][:, 1:] == 0).any():  # decided on the host: no sync
+    if flat:
+        inputs |= document_lengths(arrays["position_ids"], device)
+    elif (arrays["position_ids"][:, 1:] == 0).any():  # decided on the host: no sync
         inputs["attention_mask"] = document_mask(inputs["position_ids"], _attention_dtype(model, device))
     return inputs | {"use_cache": False}
+
+
+def document_lengths(position_ids: np.ndarray, device: torch.device) -> dict[str, Any]:
+    """flash_attention_2's variable-length arguments for blocks laid end to end as one row: where
+    each document starts (and the row's end) and the longest one, from the positions on the host.
+    Without them transformers works them out from the positions on the device in every layer,
+    with two or three reads back to the host each time: as many stalls of the card a step."""
+    flat = position_ids.reshape(-1)
+    bounds = np.append(np.flatnonzero(flat == 0), flat.size).astype(np.int32)
+    cu = torch.from_numpy(bounds).to(device, non_blocking=True)
+    longest = int(np.diff(bounds).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def document_mask(position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
