@@ -15,10 +15,14 @@ a GPU the forward pass runs under bf16 autocast (`precision`, `models.autocast`)
 {name: "eval_loss", step, value}: the mean loss on a fixed, evenly spaced sample of the corpus's
 blocks, the same at every evaluation, in eval mode (no dropout, no random numbers drawn, so a
 resumed run still trains exactly as an uninterrupted one); every `checkpoint_every` steps,
-and on SIGTERM, it saves `checkpoints/step-000123/` with the trainable weights, the optimizer,
-its config and where it stands in its stream of batches (`StreamAt`), so a retry resumes where it
-stopped, on the batches it would have taken next, without training any block twice, even where
-its micro-batch was halved or the memory plan fits another one now.
+and on SIGTERM, it saves `checkpoints/step-000123/` with the trainable weights, the optimizer
+and its config, so a retry resumes where it stopped without training any step twice.
+
+A step trains on the next effective batch of blocks (`packing.step_blocks`: the epochs'
+shuffled orders end to end), split into micro-batches of whatever size fits, and its loss is the
+mean over all of its targets: what a step learns does not depend on the split, so a card's
+memory plan, an out-of-memory halving or a resumed run with another micro-batch changes nothing
+but the memory it takes.
 
 Out of memory in a step: the step's gradients are dropped, the micro-batch is halved and the
 accumulation doubled (the effective batch, and so the data each step sees, stays the same), a
@@ -36,7 +40,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -47,7 +51,7 @@ from safetensors.torch import load_file, save_file
 from backend.compute.models import autocast
 from backend.core.config import TrainConfig
 from backend.core.errors import LtmError
-from backend.ingest.packing import PackedBlocks, batches, document_marks, load_tokens, model_inputs
+from backend.ingest.packing import PackedBlocks, document_marks, load_tokens, model_inputs, step_blocks
 
 FAULT_OOM_ENV = "LTM_FAULT_OOM_ABOVE"  # see the module docstring
 # A progress event goes out every `log_every` steps and also after any step that ends this many
@@ -131,26 +135,10 @@ def _trainable(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-@dataclass(frozen=True)
-class StreamAt:
-    """Where a run stands in its stream of batches (`packing.batches`): the next batch's index
-    and the micro-batch and accumulation that index counts in. A checkpoint keeps it, because
-    the micro-batch a run trains with is not always the one its config asks for: out of memory
-    halves it, and the memory plan fits it to the memory free when the run starts, which on a
-    retry may differ. Resumed with the same three, a run takes exactly the batches it would have
-    taken uninterrupted."""
-
-    index: int
-    micro_batch: int
-    grad_accum: int
-
-
 def save_checkpoint(
-    model, optimizer, scheduler, step: int, cfg: TrainConfig, ckpt_dir: Path, elapsed: float = 0.0,
-    stream: StreamAt | None = None,
+    model, optimizer, scheduler, step: int, cfg: TrainConfig, ckpt_dir: Path, elapsed: float = 0.0
 ) -> Path:
-    """checkpoints/step-000123/: trainable weights, optimizer state, where the run stands in its
-    stream of batches, and the resolved config."""
+    """checkpoints/step-000123/: trainable weights, optimizer state and the resolved config."""
     final = ckpt_dir / f"step-{step:06d}"
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -167,7 +155,6 @@ def save_checkpoint(
             # the training device's generator too (dropout draws on the GPU), so a run resumed on
             # CUDA continues the same random sequence; None on the CPU
             "cuda_rng": _cuda_rng(model),
-            "stream": None if stream is None else asdict(stream),
         },
         tmp / "optimizer.pt",
     )
@@ -185,12 +172,10 @@ def newest_checkpoint(ckpt_dir: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resume_newest(model, optimizer, scheduler, ckpt_dir: Path,
-                  log: Callable[[str], None]) -> tuple[Path | None, int, float, StreamAt | None]:
+def resume_newest(model, optimizer, scheduler, ckpt_dir: Path, log: Callable[[str], None]) -> tuple[Path | None, int, float]:
     """Restore the newest checkpoint that loads; one that does not (a torn write, a bad disk
     block) is set aside as `broken-step-…` and the one before it is tried. Returns (the
-    checkpoint, its step, the seconds before it, where it stood in its stream: None from a
-    checkpoint written before that was kept), or (None, 0, 0.0, None) to start from the beginning."""
+    checkpoint, its step, the seconds before it), or (None, 0, 0.0) to start from the beginning."""
     while (path := newest_checkpoint(ckpt_dir)) is not None:
         try:
             return path, *load_checkpoint(model, optimizer, scheduler, path)
@@ -200,13 +185,12 @@ def resume_newest(model, optimizer, scheduler, ckpt_dir: Path,
             shutil.rmtree(aside, ignore_errors=True)
             path.rename(aside)
             log(f"checkpoint {path.name} does not load ({reason}); set aside as {aside.name}, trying the one before")
-    return None, 0, 0.0, None
+    return None, 0, 0.0
 
 
-def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float, StreamAt | None]:
-    """Restore a checkpoint; returns (step, training seconds spent before it, where it stood in
-    its stream). Both files are read before anything is changed, so an unreadable checkpoint
-    leaves the model as it was."""
+def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float]:
+    """Restore a checkpoint; returns (step, training seconds spent before it). Both files are
+    read before anything is changed, so an unreadable checkpoint leaves the model as it was."""
     weights = load_file(str(path / "trainable.safetensors"))
     state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     params = _trainable(model)
@@ -222,8 +206,7 @@ def load_checkpoint(model, optimizer, scheduler, path: Path) -> tuple[int, float
     device = _device_of(model)
     if state.get("cuda_rng") is not None and device.type == "cuda":  # a checkpoint from a GPU, resumed on one
         torch.cuda.set_rng_state(state["cuda_rng"], device)
-    stream = StreamAt(**state["stream"]) if state.get("stream") else None
-    return int(state["step"]), float(state.get("elapsed", 0.0)), stream
+    return int(state["step"]), float(state.get("elapsed", 0.0))
 
 
 def _device_of(model) -> torch.device:
@@ -246,15 +229,6 @@ def _free_after_oom(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def _regrid(index: int, blocks: PackedBlocks, old_mb: int, new_mb: int) -> int:
-    """The global batch index under micro-batch `new_mb` that starts where `index` did under
-    `old_mb` (batches never cross an epoch, so the epoch and the block within it are kept)."""
-    per_old = max(1, -(-blocks.blocks_per_epoch // old_mb))
-    per_new = max(1, -(-blocks.blocks_per_epoch // new_mb))
-    epoch, within = divmod(index, per_old)
-    return epoch * per_new + within * (old_mb // new_mb)
 
 
 def _device_memory(device: torch.device) -> int | None:
@@ -296,23 +270,18 @@ def train_model(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, cfg))
     eval_sample = blocks.batch(_eval_starts(blocks, cfg.eval_blocks)) if cfg.eval_every else None
     ckpt_dir = run_dir / "checkpoints"
-    resume, start, before, stood = resume_newest(model, optimizer, scheduler, ckpt_dir, log)
-    micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
-    index = start * grad_accum  # the stream's batch index where the current step begins
+    resume, start, before = resume_newest(model, optimizer, scheduler, ckpt_dir, log)
     if resume is not None:
         log(f"resumed from {resume.name} (step {start} of {total})")
         emit("log", message=f"resumed from {resume.name}", step=start)
-    if stood is not None:  # the batches the run would have taken next, whatever fits now
-        index, micro_batch, grad_accum = stood.index, stood.micro_batch, stood.grad_accum
-        if (micro_batch, grad_accum) != (cfg.micro_batch, cfg.grad_accum):
-            log(f"micro-batch {micro_batch} × accumulation {grad_accum}, as the run had at {resume.name} "
-                f"({cfg.micro_batch} × {cfg.grad_accum} planned now), so it takes the same batches")
     model.train()
 
     # --- train -------------------------------------------------------------------------------
+    micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
     oom_limit, halvings = _fault_oom_limit(), 0
-    stream = batches(blocks, micro_batch, start_batch=index)
-    tokens_seen = start * cfg.micro_batch * cfg.grad_accum * block_size
+    per_step = micro_batch * grad_accum  # blocks a step: the same however they are split
+    stream = step_blocks(blocks, per_step, start_step=start)
+    tokens_seen = start * per_step * block_size
     t0 = time.perf_counter()
     window_t, window_tokens, window_loss, window_n = t0, 0, 0.0, 0
     pace = None  # smoothed seconds a step (smooth_pace), for the ETA
@@ -321,10 +290,12 @@ def train_model(
     tail_loss, tail_n = 0.0, 0
     loss_value = final_loss = float("nan")
     step = start
+    starts = next(stream)
     while step < total:
         out_of_memory = False
         try:
-            step_tokens, step_loss = _accumulate(model, stream, grad_accum, device, oom_limit, marks, precision)
+            step_tokens, step_loss = _accumulate(model, blocks, starts, micro_batch, device, oom_limit, marks,
+                                                 precision)
         except torch.OutOfMemoryError:
             out_of_memory = True
         if out_of_memory:  # handled out here: inside `except` the traceback still holds the pass's tensors
@@ -335,10 +306,8 @@ def train_model(
                     f"a step does not fit even at micro-batch 1 (block {block_size} tokens) on "
                     f"{device}: use --quant 4bit (QLoRA), a smaller --block-size or a smaller base"
                 ) from None
-            # Redo this step from its first micro-batch with half as many sequences in each.
-            index = _regrid(index, blocks, micro_batch, micro_batch // 2)
+            # Redo this step, its blocks split into micro-batches half as large.
             micro_batch, grad_accum, halvings = micro_batch // 2, grad_accum * 2, halvings + 1
-            stream = batches(blocks, micro_batch, start_batch=index)
             message = (
                 f"out of memory at step {step + 1}: micro-batch now {micro_batch} × "
                 f"accumulation {grad_accum} (effective batch kept)"
@@ -352,7 +321,7 @@ def train_model(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        index += grad_accum
+        starts = next(stream)
         tokens_seen += step_tokens
         window_tokens += step_tokens
         window_n += 1
@@ -400,12 +369,10 @@ def train_model(
             log(f"step {step:>6}/{total} | eval loss {value:.4f} on {len(eval_sample)} fixed blocks")
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
             elapsed = before + time.perf_counter() - t0
-            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed,
-                            StreamAt(index, micro_batch, grad_accum))
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
         if should_stop():
             elapsed = before + time.perf_counter() - t0
-            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed,
-                            StreamAt(index, micro_batch, grad_accum))
+            save_checkpoint(model, optimizer, scheduler, step, cfg, ckpt_dir, elapsed)
             emit("log", message=f"stop requested: checkpoint saved at step {step}", step=step)
             raise StopRequested(step)
 
@@ -487,26 +454,33 @@ def _eval_loss(model, sample, micro_batch: int, device: torch.device, marks: dic
     return total / len(sample)
 
 
-def _accumulate(model, stream, grad_accum: int, device: torch.device, oom_limit: int | None, marks: dict,
-                precision: str):
-    """Forward and backward over `grad_accum` micro-batches; returns (tokens, the step's mean
-    loss). The loss stays a tensor on the device: no host sync inside a step. The forward pass
-    (the loss included) runs under autocast, the backward pass outside it, as autocast wants."""
-    step_tokens = 0
+def _accumulate(model, blocks: PackedBlocks, starts: np.ndarray, micro_batch: int, device: torch.device,
+                oom_limit: int | None, marks: dict, precision: str):
+    """Forward and backward over one step's blocks (`starts`), `micro_batch` blocks a pass;
+    returns (tokens, the step's loss). Each pass's loss (the mean over its targets) counts by its
+    share of the step's targets, so the step's loss and gradient are the mean over all of its
+    targets however its blocks are split, as the HF Trainer counts them (`num_items_in_batch`).
+    The loss stays a tensor on the device: no host sync inside a step. The forward pass (the loss
+    included) runs under autocast, the backward pass outside it, as autocast wants."""
+    chunks = [blocks.batch(starts[i : i + micro_batch]) for i in range(0, len(starts), micro_batch)]
+    # a target is a label that is not -100; the model's shift drops only first labels, which are
+    # -100 (a block starts a document, packing.model_inputs)
+    targets = [int((model_inputs(batch, **marks)["labels"] != -100).sum()) for batch in chunks]
+    total = max(1, sum(targets))
     step_loss = torch.zeros((), device=device)
-    for _ in range(grad_accum):
-        _, batch = next(stream)
+    for batch, n in zip(chunks, targets):
+        if n == 0:  # nothing to predict (a block of document starts): its mean would be 0 / 0
+            continue
         with autocast(device, precision):
             out = model(**packed_inputs(model, batch, marks, device))
         if oom_limit is not None and len(batch) > oom_limit:
             del out  # the injected fault comes after the forward pass, as a real one would
             raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {len(batch)} sequences")
-        loss = out.loss
+        loss = out.loss * (n / total)
         del out  # its logits (tokens × vocabulary) would otherwise live on through the next forward pass
-        (loss / grad_accum).backward()
+        loss.backward()
         step_loss += loss.detach()
-        step_tokens += batch.size
-    return step_tokens, step_loss / grad_accum
+    return int(sum(batch.size for batch in chunks)), step_loss
 
 
 def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -> dict[str, Any]:

@@ -165,22 +165,26 @@ class PackedBlocks:
         )
 
 
-def batches(
-    blocks: PackedBlocks, micro_batch: int, start_batch: int = 0
-) -> Iterator[tuple[int, np.ndarray]]:
-    """Endless (global batch index, batch) over epochs; resumes exactly at `start_batch`.
+def step_blocks(blocks: PackedBlocks, per_step: int, start_step: int = 0) -> Iterator[np.ndarray]:
+    """Endless start indices of the `per_step` blocks each optimizer step trains on, from step
+    `start_step`: the epochs' shuffled orders laid end to end and cut every `per_step` blocks.
 
-    Within an epoch the last batch may hold fewer blocks (never padding); a corpus with fewer
-    blocks than a batch gives batches of all its blocks.
+    What a step holds depends on the effective batch alone, never on the micro-batches it is
+    split into (a card's memory plan, or out of memory, may split it differently, and a resumed
+    run may split it otherwise than before). A step may run from the end of one epoch into the
+    next; a corpus of fewer blocks than a step sees each of them more than once in it.
     """
-    per_epoch = max(1, -(-blocks.blocks_per_epoch // micro_batch))
-    index = start_batch
+    at = start_step * per_step  # blocks of the stream before the step
+    epoch = 0
+    while at >= (n := blocks.blocks_per_epoch_at(blocks.offset(epoch))):
+        at, epoch = at - n, epoch + 1
+    order = blocks.epoch_blocks(epoch)[at:]
     while True:
-        epoch, within = divmod(index, per_epoch)
-        starts = blocks.epoch_blocks(epoch)[within * micro_batch : (within + 1) * micro_batch]
-        if len(starts):
-            yield index, blocks.batch(starts)
-        index += 1
+        while len(order) < per_step:
+            epoch += 1
+            order = np.concatenate([order, blocks.epoch_blocks(epoch)])
+        yield order[:per_step]
+        order = order[per_step:]
 
 
 def model_inputs(
