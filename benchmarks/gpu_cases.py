@@ -360,7 +360,7 @@ def run_peer(spec: dict[str, Any]) -> dict[str, Any]:
     blocks = PackedBlocks(load_tokens(tokens), run.block, spec.get("seed", 0))
     starts: list[int] = []
     epoch = 0
-    while len(starts) < steps * micro_batch * grad_accum:  # the order `packing.batches` gives ours
+    while len(starts) < steps * micro_batch * grad_accum:  # the order `packing.step_blocks` gives ours
         starts += [int(x) for x in blocks.epoch_blocks(epoch)]
         epoch += 1
     marks = document_marks(tokens)

@@ -142,7 +142,7 @@ def log_windows(curve: list[dict]) -> tuple[list[float], float]:
 
 
 class _Blocks(torch.utils.data.Dataset):
-    """The same blocks in the same order as `backend.ingest.packing.batches` feeds our loop."""
+    """The same blocks in the same order as `backend.ingest.packing.step_blocks` feeds our loop."""
 
     def __init__(self, tokens: Path, cfg: TrainConfig, n_blocks: int) -> None:
         blocks = PackedBlocks(load_tokens(tokens), cfg.block_size, cfg.seed)
