@@ -266,3 +266,28 @@ def test_a_bf16_output_layer_scores_in_fp32(tiny_hf_model):
         want = exact.gather(1, target).sum().item()
         assert ll == pytest.approx(want, abs=1e-4)
         assert abs(rounded.gather(1, target).sum().item() - want) > 1e-2  # what the rounding costs here
+
+
+def test_an_adapter_on_the_output_layer_is_scored_with_it(tiny_hf_model):
+    """With LoRA on the output layer too (target_modules may name lm_head), the scores are the
+    adapted model's: the fp32 recomputation is for a plain output layer only."""
+    from backend.compute.models import BaseSpec, attach_lora, load_base
+    from backend.core.config import LoraSettings
+
+    base, tok, _ = load_base(BaseSpec(base=str(tiny_hf_model), device="cpu", precision="bf16"))
+    model = attach_lora(base, LoraSettings(r=4, alpha=8, target_modules=["q_proj", "lm_head"]), seed=0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lm_head" in name and "lora_B" in name:
+                p.normal_(0, 1.0)  # an adapter that moved the head
+    ctx, cont = tok.encode("All glims are"), tok.encode(" zents blorps")
+    (got, _), = score_pairs(model, [(ctx, cont)], device=CPU, pad_id=tok.pad_id)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0].double(), -1)
+        with model.disable_adapter():
+            base_logp = torch.log_softmax(model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0].double(), -1)
+    target = torch.tensor(cont)[:, None]
+    want = logp[len(ctx) - 1 :].gather(1, target).sum().item()
+    without = base_logp[len(ctx) - 1 :].gather(1, target).sum().item()
+    assert abs(want - without) > 0.1  # the adapter changed the score
+    assert got == pytest.approx(want, abs=0.05)  # the model's own bf16 logits: within their rounding

@@ -218,3 +218,26 @@ def test_flash_attention_gets_the_document_bounds_transformers_would_find(tmp_pa
     assert got["cu_seq_lens_q"].tolist() == cu_q.tolist() and got["cu_seq_lens_k"] is got["cu_seq_lens_q"]
     assert got["cu_seq_lens_q"].dtype == torch.int32 and got["cu_seq_lens_q"][-1] == rows.size
     assert got["max_length_q"] == got["max_length_k"] == int(longest_q) and isinstance(got["max_length_q"], int)
+
+
+def test_a_sliding_window_model_keeps_its_window_in_a_packed_block(tmp_path):
+    """Mistral-style layers that attend through a window shorter than the block get their masks
+    from transformers (windowed and kept to each document), not the one full mask made for
+    other models: each document's logits are still those it has alone."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    path, block = _packed_set(tmp_path)
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=TOK.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, sliding_window=8,
+        bos_token_id=TOK.bos_id, eos_token_id=TOK.eos_id, pad_token_id=TOK.pad_id,
+        attn_implementation="sdpa")).eval()
+    inputs = packed_inputs(model, block, document_marks(path), CPU)
+    assert "attention_mask" not in inputs
+    with torch.no_grad():
+        packed = model(**inputs).logits[0]
+        alone = [model(input_ids=torch.from_numpy(block[:, s:e])).logits[0] for s, e in SPANS]
+    for (start, end), solo in zip(SPANS, alone):
+        assert torch.allclose(packed[start:end], solo, rtol=1e-5, atol=1e-5)
+    assert "attention_mask" in packed_inputs(_tiny_llama("sdpa"), block, document_marks(path), CPU)

@@ -360,6 +360,19 @@ def test_a_run_halved_by_out_of_memory_resumes_at_any_micro_batch(tmp_path, monk
         assert torch.allclose(a, b, atol=1e-5), name
 
 
+def test_an_odd_micro_batch_halved_reports_the_passes_a_step_takes(tmp_path, monkeypatch):
+    """3 × 2 halved to micro-batch 1 takes six passes a step, and says so (not 1 × 4)."""
+    from backend.compute.train import FAULT_OOM_ENV
+
+    path, _ = _tokens(tmp_path, "All glims are blorps. All blorps are zents. " * 20)
+    monkeypatch.setenv(FAULT_OOM_ENV, "1")
+    events = []
+    got = train_model(build_micro("tiny", 0, CPU), path, tmp_path, _tiny_cfg(micro_batch=3, grad_accum=2, max_steps=2),
+                      device=CPU, emit=lambda t, **p: events.append({"type": t, **p}), log=lambda s: None)
+    assert (got.micro_batch, got.grad_accum, got.oom_halvings) == (1, 6, 1)
+    assert [(e["micro_batch"], e["grad_accum"]) for e in events if e["type"] == "log"] == [(1, 6)]
+
+
 def test_out_of_memory_at_micro_batch_one_fails_with_one_line(tmp_path, monkeypatch):
     from backend.compute.train import FAULT_OOM_ENV, OutOfMemory
 

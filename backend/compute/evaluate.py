@@ -329,7 +329,10 @@ def _head_gather(model, flat: torch.Tensor) -> list | None:
     def in_fp32(module, args, output):
         return _fp32_logits(args[0], module) if output.dtype != torch.float32 else None
 
-    return [head.register_forward_pre_hook(pre_hook), head.register_forward_hook(in_fp32)]
+    hooks = [head.register_forward_pre_hook(pre_hook)]
+    if type(head) is torch.nn.Linear:  # a plain layer: an adapter's (LoRA on the head) has more than its weight
+        hooks.append(head.register_forward_hook(in_fp32))
+    return hooks
 
 
 # Rows of the output layer's weight cast to fp32 at a time (a 128k × 4096 head would be 2 GB in

@@ -92,10 +92,13 @@ class LocalJudge:
         where = {"": self.device.index or 0} if self.device.type == "cuda" else {"": str(self.device)}
         try:
             tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            # as the bases load: safetensors only, in the device's dtype (bf16 on a card, where a
-            # 13B judge in fp32 would be 52 GB), read straight onto the device
+            # as the bases load: safetensors only, read straight onto the device, in bf16 on a
+            # card that has it (a 13B judge in fp32 would be 52 GB); fp32 elsewhere, as fp16 can
+            # overflow in a model trained in bf16
+            dtype = train_dtype(self.device)
             self.model = AutoModelForCausalLM.from_pretrained(
-                path, local_files_only=True, use_safetensors=True, dtype=train_dtype(self.device), device_map=where)
+                path, local_files_only=True, use_safetensors=True, device_map=where,
+                dtype=torch.float32 if dtype == torch.float16 else dtype)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise JudgeError(pickled_weights(path, first)

@@ -307,7 +307,8 @@ def train_model(
                     f"{device}: use --quant 4bit (QLoRA), a smaller --block-size or a smaller base"
                 ) from None
             # Redo this step, its blocks split into micro-batches half as large.
-            micro_batch, grad_accum, halvings = micro_batch // 2, grad_accum * 2, halvings + 1
+            micro_batch, halvings = micro_batch // 2, halvings + 1
+            grad_accum = -(-per_step // micro_batch)
             message = (
                 f"out of memory at step {step + 1}: micro-batch now {micro_batch} × "
                 f"accumulation {grad_accum} (effective batch kept)"
@@ -503,9 +504,23 @@ def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -
     inputs: dict[str, Any] = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
     if flat:
         inputs |= document_lengths(arrays["position_ids"], device)
-    elif (arrays["position_ids"][:, 1:] == 0).any():  # decided on the host: no sync
+    elif (arrays["position_ids"][:, 1:] == 0).any() and not _windowed(model, batch.shape[1]):  # on the host: no sync
         inputs["attention_mask"] = document_mask(inputs["position_ids"], _attention_dtype(model, device))
     return inputs | {"use_cache": False}
+
+
+def _windowed(model, length: int) -> bool:
+    """Whether some layers attend through a sliding window shorter than `length` (Mistral v0.1,
+    Gemma 2 and 3, Qwen2 where it asks for one): those get their masks from transformers, which
+    makes the windowed one for them; a mask given here would go to every layer as it is."""
+    config = model.config
+    window = getattr(config, "sliding_window", None)
+    if not window or window >= length:
+        return False
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return "sliding_attention" in layer_types
+    return bool(getattr(config, "use_sliding_window", True))
 
 
 def document_lengths(position_ids: np.ndarray, device: torch.device) -> dict[str, Any]:

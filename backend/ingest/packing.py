@@ -174,10 +174,8 @@ def step_blocks(blocks: PackedBlocks, per_step: int, start_step: int = 0) -> Ite
     run may split it otherwise than before). A step may run from the end of one epoch into the
     next; a corpus of fewer blocks than a step sees each of them more than once in it.
     """
-    at = start_step * per_step  # blocks of the stream before the step
-    epoch = 0
-    while at >= (n := blocks.blocks_per_epoch_at(blocks.offset(epoch))):
-        at, epoch = at - n, epoch + 1
+    # every epoch holds blocks_per_epoch blocks: its offset is less than a block
+    epoch, at = divmod(start_step * per_step, blocks.blocks_per_epoch)
     order = blocks.epoch_blocks(epoch)[at:]
     while True:
         while len(order) < per_step:
