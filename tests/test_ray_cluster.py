@@ -282,6 +282,30 @@ def _node_readings_come_through_the_socket_and_show_one_line_a_node(ws: Workspac
         assert line.startswith(node["node"][:20]) and "RAM" in line and "no GPU" in line, line
 
 
+def test_an_actor_asks_for_a_share_of_one_card_at_most(tmp_path):
+    """A micro model asks for a quarter of a card, a small base for the quarters its weights
+    need, and a 13B base in bf16 (26 GB of safetensors, more than a 24 GiB card's worth) for one
+    whole card: its worker trains on one device, and three cards would never be free on a node
+    of one or two."""
+    from backend.jobs.ray_executor import base_memory_bytes, gpu_share
+
+    card = 24 * 2**30
+    assert gpu_share(base_memory_bytes({"base": "micro"}), card, 1) == 0.25
+    small = tmp_path / "small"
+    small.mkdir()
+    with open(small / "model.safetensors", "wb") as fh:
+        fh.truncate(3 * 2**30)  # a sparse file: its size is what is read
+    assert gpu_share(base_memory_bytes({"base": str(small)}), card, 1) == 0.5  # 2 × 3 + 2 GiB of 24
+    assert gpu_share(base_memory_bytes({"base": str(small), "quant": "4bit"}), card, 1) == 0.25
+    big = tmp_path / "llama-2-13b"
+    big.mkdir()
+    for i in range(3):
+        with open(big / f"model-0000{i + 1}-of-00003.safetensors", "wb") as fh:
+            fh.truncate(26 * 10**9 // 3)
+    assert gpu_share(base_memory_bytes({"base": str(big)}), card, 1) == 1.0  # asked for 3 cards before
+    assert gpu_share(None, card, 2) == 0.5  # weights not on this host: a slot's share
+
+
 def test_a_node_with_gpus_shows_each_card_and_the_run_on_it(fake_nvml, monkeypatch):
     """The reading a node sends where NVML answers (the mocked pynvml: two cards, a worker of
     pid 4242 on the first), through JSON, as the panel shows it. Not through Ray: the mock

@@ -585,17 +585,15 @@ class RayExecutor:
 
     def resources(self, session: dict) -> dict[str, float]:
         """One CPU; on a cluster with GPUs, the share of a card its base needs (a quarter for a
-        micro model, so four share a card; the whole card, or several, for a 7B–13B base)."""
+        micro model, so four share a card), never more than one card: a worker trains on the
+        one device it is given, so more would leave cards idle, and an actor asking for more
+        cards than any node has would wait for ever. A base too large for its card is the
+        memory plan's to fit (checkpointing, the micro-batch) or to refuse with its fix."""
         ray = import_ray()
         if not ray.cluster_resources().get("GPU"):
             return {"num_cpus": 1, "num_gpus": 0}
-        need = base_memory_bytes(session.get("base") or {})
-        if need is None:
-            return {"num_cpus": 1, "num_gpus": 1.0 / self.slots_per_gpu}
-        share = need / self.gpu_memory
-        if share > 1:
-            return {"num_cpus": 1, "num_gpus": float(-(-share // 1))}  # whole cards
-        return {"num_cpus": 1, "num_gpus": max(0.25, -(-share * 4 // 1) / 4)}  # quarters
+        return {"num_cpus": 1, "num_gpus": gpu_share(base_memory_bytes(session.get("base") or {}), self.gpu_memory,
+                                                     self.slots_per_gpu)}
 
     def start(self, session_path: Path, slot: str | None):
         session = json.loads(Path(session_path).read_text(encoding="utf-8"))
@@ -693,6 +691,15 @@ def _resume_files(run_dir: Path) -> dict[str, bytes]:
             if path.is_file():
                 out[f"checkpoints/{steps[-1].name}/{path.relative_to(steps[-1]).as_posix()}"] = path.read_bytes()
     return out
+
+
+def gpu_share(need: float | None, card_bytes: float, slots_per_gpu: int) -> float:
+    """The share of a card an actor asks Ray for: what its base needs (`base_memory_bytes`) of
+    the card, rounded up to quarters, at most the whole card; a card's slot share where the
+    need is not known here."""
+    if need is None:
+        return 1.0 / max(1, slots_per_gpu)
+    return min(1.0, max(0.25, -(-need / card_bytes * 4 // 1) / 4))
 
 
 def base_memory_bytes(base: dict) -> float | None:
