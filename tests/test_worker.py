@@ -176,3 +176,35 @@ def test_a_worker_runs_the_gpu_paths_settings_on_the_cpu(tmp_path, corpora, tiny
     assert "torch.compile: 2 decoder layers" in log
     assert "--kernels liger runs on CUDA only" in log
     store.close()
+
+
+def test_workers_adopted_on_one_card_hold_a_slot_each(tmp_path, corpora, tiny_battery):
+    """A restarted service with two slots on each of two cards finds two live workers that ran
+    on card 0: each holds a slot of its own, both of card 0, and the free slots left are card
+    1's, so no third worker is started on card 0. (Live processes stand in for the workers.)"""
+    import subprocess
+    import sys
+
+    from backend.jobs.executor import process_start_ticks
+
+    ws = Workspace(tmp_path / "ws")
+    store = Store(ws.root / "ltm.duckdb") if ws.ensure() else None
+    settings = JobSettings(base={"base": "micro", "preset": "tiny"}, scenes=str(tiny_battery), train=TRAIN)
+    manager = JobManager(ws, store, slots=["0", "0", "1", "1"])
+    run_ids = manager.submit([corpora["logic"], corpora["story"]], settings).run_ids
+    sleepers = []
+    try:
+        for run_id in run_ids[:2]:
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+            sleepers.append(proc)
+            session = tmp_path / f"session-{run_id}.json"
+            session.write_text(json.dumps({"slot": "0", "jobs": []}))
+            store.update_run(run_id, worker_pid=proc.pid, worker_start=process_start_ticks(proc.pid),
+                             session_path=str(session))
+        manager.reattach(lambda event: None)
+        assert sorted(w.slot for w in manager.live.values()) == [0, 1]
+        assert [manager.slots[i] for i in manager.free_slots()] == ["1", "1"]
+    finally:
+        for proc in sleepers:
+            proc.kill()
+            proc.wait()

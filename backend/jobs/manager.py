@@ -221,6 +221,15 @@ class JobManager:
         used = {w.slot for w in self.live.values()} | self.tasks.used_slots()
         return [i for i in range(len(self.slots)) if i not in used]
 
+    def _slot_for(self, slot: str | None) -> int:
+        """The slot index for an adopted worker that ran on `slot` (its GPU, or None): a free
+        index of that GPU, so that two workers adopted on one card (--slots-per-gpu 2, or Ray's
+        actors, whose slots are all None) hold two indices and no third is started beside them;
+        one already held only where the service now has fewer slots than the workers it finds."""
+        same = [i for i, s in enumerate(self.slots) if s == slot]
+        free = set(self.free_slots())
+        return next((i for i in same if i in free), same[0] if same else 0)
+
     def tick(self, on_event: EventHook) -> None:
         """One pass of the scheduler: read every live worker's events, settle the ones that
         exited, and start workers for queued runs while slots are free."""
@@ -444,9 +453,8 @@ class JobManager:
             if handle is not None:
                 if worker is None:
                     session_path = Path(run["session_path"])
-                    slot = _session_slot(session_path)
-                    index = self.slots.index(slot) if slot in self.slots else 0
-                    worker = LiveWorker(handle, session_path, [], index, adopted=True)
+                    worker = LiveWorker(handle, session_path, [], self._slot_for(_session_slot(session_path)),
+                                        adopted=True)
                     self.live[pid] = worker
                     on_event({"type": "worker", "pid": pid, "runs": [], "adopted": True})
                 worker.run_ids.append(run_id)
