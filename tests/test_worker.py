@@ -208,3 +208,35 @@ def test_workers_adopted_on_one_card_hold_a_slot_each(tmp_path, corpora, tiny_ba
         for proc in sleepers:
             proc.kill()
             proc.wait()
+
+
+def test_a_run_asked_onto_one_card_waits_for_that_cards_slot(tmp_path, corpora, tiny_battery, monkeypatch):
+    """`--device cuda:1` on a box of two cards: the session goes to card 1's slot even with card
+    0's free, and its worker, which sees that card alone, trains on it as cuda:0. A card the box
+    does not have is refused at submit, in one line."""
+    import torch
+
+    from backend.compute.models import pick_device
+    from backend.core.devices import SLOT_ENV
+    from backend.core.errors import JobError
+
+    ws = Workspace(tmp_path / "ws")
+    store = Store(ws.root / "ltm.duckdb") if ws.ensure() else None
+    manager = JobManager(ws, store, slots=["0", "1"])
+    pinned = JobSettings(base={"base": "micro", "preset": "tiny", "device": "cuda:1"}, scenes=str(tiny_battery),
+                         train=TRAIN)
+    manager.submit([corpora["logic"]], pinned)
+    [group] = manager.sessions()
+    assert manager._slot_for_group(group, [0, 1]) == 1 and manager._slot_for_group(group, [0]) is None
+    anywhere = JobSettings(base={"base": "micro", "preset": "tiny"}, scenes=str(tiny_battery), train=TRAIN)
+    manager.submit([corpora["story"]], anywhere)
+    unpinned = next(g for g in manager.sessions() if not g[0]["settings"]["base"].get("device"))
+    assert manager._slot_for_group(unpinned, [0, 1]) == 0
+    with pytest.raises(JobError) as err:
+        manager.submit([corpora["story"]], JobSettings(base={"base": "micro", "device": "cuda:2"},
+                                                       scenes=str(tiny_battery), train=TRAIN))
+    assert "this service has 2 card(s), cuda:0 to cuda:1" in str(err.value)
+    monkeypatch.delenv(SLOT_ENV, raising=False)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)  # no slot: as asked
+    monkeypatch.setenv(SLOT_ENV, "1")
+    assert pick_device("cuda:1") == torch.device("cuda", 0)  # in card 1's slot: its only card

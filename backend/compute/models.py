@@ -16,6 +16,7 @@ from typing import Protocol, Sequence
 import torch
 
 from backend.core.config import ATTENTION, KERNELS, PRECISIONS
+from backend.core.devices import SLOT_ENV
 from backend.core.errors import ModelError
 
 MICRO = "micro"
@@ -144,8 +145,14 @@ class BaseSpec:
 
 
 def pick_device(requested: str | None = None) -> torch.device:
+    """The device asked for, or cuda where there is one. In a worker the service started in a
+    slot (`LTM_WORKER_SLOT`), or in a Ray actor, the process sees its one card only, as cuda:0:
+    the service already put a run asked for cuda:N on card N, and Ray chose the actor's."""
     if requested:
-        return torch.device(requested)
+        device = torch.device(requested)
+        if device.type == "cuda" and device.index and os.environ.get(SLOT_ENV):
+            return torch.device("cuda", 0)
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 HISTORY = 60  # samples kept per device: one minute at the panel's one-second poll
+# Set in a worker's environment when the service started it in a slot (the slot's GPU id), or
+# to "ray" in a Ray actor: the process sees its one card alone, as cuda:0.
+SLOT_ENV = "LTM_WORKER_SLOT"
 
 
 @dataclass

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Mapping, Protocol
 
+from backend.core.devices import SLOT_ENV
 from backend.core.workspace import PROJECT_ROOT
 
 
@@ -85,6 +86,7 @@ def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:
         env[_alloc_conf_name()] = "expandable_segments:True"
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
+        env[SLOT_ENV] = slot  # the worker sees its slot's card alone (models.pick_device)
     return env
 
 

@@ -110,6 +110,7 @@ class JobManager:
         """Queue the inspected corpora (`inspect_files`, which reads every file and so runs
         outside the service's lock): all of the submission's rows are stored, or none."""
         infos, errors = inspected
+        self._check_card(settings.base.get("device"))
         # one read of the battery files per submission, not one per corpus and seed
         keys = {seed: settings.baseline_key(seed) for seed in seeds}
         run_ids = []
@@ -221,6 +222,26 @@ class JobManager:
         used = {w.slot for w in self.live.values()} | self.tasks.used_slots()
         return [i for i in range(len(self.slots)) if i not in used]
 
+    def cards(self) -> list[str]:
+        """The GPUs the slots name, each once, in order: `--device cuda:N` means the N-th."""
+        return list(dict.fromkeys(s for s in self.slots if s is not None))
+
+    def _slot_for_group(self, group: list[dict], free: list[int]) -> int | None:
+        """A free slot for a session: the first, or for runs asked onto one card (`--device
+        cuda:N`) the first of that card's. A worker sees its slot's card alone, as cuda:0
+        (`models.pick_device`)."""
+        card = pinned_card(group[0]["settings"]["base"].get("device"))
+        cards = self.cards()
+        if card is None or not cards:
+            return free[0] if free else None
+        return next((i for i in free if self.slots[i] == cards[min(card, len(cards) - 1)]), None)
+
+    def _check_card(self, device: str | None) -> None:
+        card, cards = pinned_card(device), self.cards()
+        if card is not None and cards and card >= len(cards):
+            raise JobError(f"--device {device}: this service has {len(cards)} card(s), cuda:0 to "
+                           f"cuda:{len(cards) - 1}; pick one of those or leave --device out")
+
     def _slot_for(self, slot: str | None) -> int:
         """The slot index for an adopted worker that ran on `slot` (its GPU, or None): a free
         index of that GPU, so that two workers adopted on one card (--slots-per-gpu 2, or Ray's
@@ -257,8 +278,9 @@ class JobManager:
             # a free slot runs the group in parallel; with none, a worker already holding the
             # same base takes it next (a 13B base loads slower than it trains on one page),
             # unless a task waits for a slot: then the worker ends with its session
-            if free:
-                self.start_session(group, free.pop(0), on_event)
+            if (index := self._slot_for_group(group, free)) is not None:
+                free.remove(index)
+                self.start_session(group, index, on_event)
             elif not tasks_wait and (warm := self._warm_worker_for(group)) is not None:
                 self._hand_over(warm, group, on_event)
             elif (idle := self._lingering_worker()) is not None:
@@ -653,6 +675,12 @@ def _session_key(settings: dict) -> str:
     in those, and a warm worker takes them one after another)."""
     s = settings
     return json.dumps([s["base"], s["scenes"]], sort_keys=True)
+
+
+def pinned_card(device: str | None) -> int | None:
+    """N for a device asked for as cuda:N, else None."""
+    found = re.fullmatch(r"cuda:(\d+)", (device or "").strip())
+    return int(found.group(1)) if found else None
 
 
 def _session_slot(path: Path) -> str | None:

@@ -42,6 +42,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from backend.core.devices import SLOT_ENV
 from backend.core.errors import LtmError
 from backend.jobs.executor import LocalExecutor, worker_env
 
@@ -110,6 +111,7 @@ class SessionActor:
         self.session_path = sessions / f"{stem}.json"
         self.session_path.write_text(json.dumps(session, indent=1))
         env = worker_env(os.environ, None)  # Ray chose the node's GPUs: CUDA_VISIBLE_DEVICES is set
+        env[SLOT_ENV] = "ray"  # so a run asked for cuda:N trains on the card Ray gave it
         with open(self.session_path.with_suffix(".log"), "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "backend.compute.worker", str(self.session_path)],
