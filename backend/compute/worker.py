@@ -16,6 +16,7 @@ even a job's error can be written ends the worker with code 4.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import signal
@@ -193,6 +194,8 @@ class Worker:
         finally:
             if trained.adapter is not None:
                 trained.adapter.unload()  # the base goes back untouched for the next job
+            trained = None
+            _give_back_cached_memory()
             events.close()
             log.close()
 
@@ -321,6 +324,17 @@ class Worker:
     def _save(self, model, run_dir: Path) -> None:
         target = run_dir / ("model" if self.spec.is_micro else "adapter")
         model.save_pretrained(str(target), safe_serialization=True)
+
+
+def _give_back_cached_memory() -> None:
+    """After a job, CUDA's cached blocks go back to the card: a warm worker waiting for its next
+    job holds its base and no more, so a worker beside it on the card (--slots-per-gpu) and the
+    free memory the queue's fit check reads see the rest."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def _stopped():
