@@ -154,6 +154,10 @@ def test_workers_get_cudas_expandable_segments_unless_the_user_chose(tmp_path, c
     mine = worker_env({**clean, "PYTORCH_CUDA_ALLOC_CONF": "max_split_size_mb:512"}, None)
     assert mine["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512" and "PYTORCH_ALLOC_CONF" not in mine
     assert worker_env(clean, "1")["CUDA_VISIBLE_DEVICES"] == "1"
+    # slots are NVML's card numbers, which count by PCI bus: CUDA is told to count the same way
+    if "CUDA_DEVICE_ORDER" not in os.environ:
+        assert environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
+    assert worker_env({**clean, "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, "1")["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
 
 
 @pytest.mark.slow

@@ -84,6 +84,9 @@ def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not any(env.get(name) for name in ALLOC_CONF_NAMES):
         env[_alloc_conf_name()] = "expandable_segments:True"
+    # CUDA numbers cards fastest first unless told otherwise, NVML (which names the slots and
+    # the panel's cards) by PCI bus: the same order, so slot 1 is the card the panel calls GPU1
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     if slot is not None:
         env["CUDA_VISIBLE_DEVICES"] = slot
         env[SLOT_ENV] = slot  # the worker sees its slot's card alone (models.pick_device)
