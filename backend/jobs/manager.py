@@ -232,9 +232,9 @@ class JobManager:
         (`models.pick_device`)."""
         card = pinned_card(group[0]["settings"]["base"].get("device"))
         cards = self.cards()
-        if card is None or not cards:
+        if card is None or card >= len(cards):  # not pinned, or queued under a service with more cards
             return free[0] if free else None
-        return next((i for i in free if self.slots[i] == cards[min(card, len(cards) - 1)]), None)
+        return next((i for i in free if self.slots[i] == cards[card]), None)
 
     def _check_card(self, device: str | None) -> None:
         card, cards = pinned_card(device), self.cards()
