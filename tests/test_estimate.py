@@ -176,6 +176,33 @@ def test_memory_warning_names_the_fix():
     assert where == "RAM" and free > 0
 
 
+def test_a_peak_above_the_free_memory_fits_where_the_smallest_step_does(tmp_path):
+    """A calibration on a card fills it, so its peak says what the step took, not what the job
+    needs: with less free now, a base whose smallest step (micro-batch 1, checkpointed) fits is
+    not flagged; one whose smallest step does not fit is, with the 4-bit fix; a base whose
+    config is not here is judged by the peak alone."""
+    from backend.studies import memory_plan
+
+    folder = tmp_path / "Llama-3-8B"
+    folder.mkdir()
+    config = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+              "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False,
+              "max_position_embeddings": 8192}
+    (folder / "config.json").write_text(json.dumps(config))
+    base = {"base": str(folder), "quant": None}
+    least = forecast.least_peak_bytes(base, {})
+    assert least == memory_plan.plan(config, micro_batch=1, block_size=512, grad_checkpointing=True,
+                                     device="cuda", packed_documents=True).peak
+    assert least < memory_plan.plan(config, micro_batch=16, block_size=512, device="cuda").peak
+    calibrated = 80e9  # the step the calibration fitted to a 96 GB card
+    assert forecast.memory_fix(calibrated, least + 1e9, base, {}, "GPU") is None
+    line = forecast.memory_fix(calibrated, least - 1e9, base, {}, "GPU")
+    assert "exceeds" in line and "--quant 4bit" in line
+    assert forecast.memory_fix(calibrated, least + 1e9, base, {"grad_checkpointing": "off"}, "GPU")  # as asked
+    assert forecast.memory_fix(calibrated, least + 1e9, {"base": "org/not-here"}, {}, "GPU")
+    assert forecast.least_peak_bytes({"base": "micro"}, {}) is None
+
+
 @pytest.mark.slow
 def test_estimate_command_answers_in_json_then_from_the_cache(tmp_path, tiny_battery):
     ws = tmp_path / "ws"

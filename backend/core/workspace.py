@@ -109,3 +109,15 @@ def cancel_marker(run_dir: Path, attempt: int) -> Path:
     """The file that tells a worker to stop one attempt of one run (`ltm-tui cancel`), and only
     that one: its other jobs, and a later attempt of the same run, go on."""
     return Path(run_dir) / f"cancel.{int(attempt)}"
+
+
+def model_folder(name: str) -> Path | None:
+    """The folder a base's files are in on this host: `name` itself, or for a hub id its newest
+    snapshot in the Hugging Face cache; None where neither is here."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return folder
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
+    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
+    snapshots = sorted((hub / f"models--{name.replace('/', '--')}" / "snapshots").glob("*"))
+    return snapshots[-1] if snapshots else None

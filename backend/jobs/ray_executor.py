@@ -708,16 +708,14 @@ def base_memory_bytes(base: dict) -> float | None:
     """What training an adapter on this base holds on a card, roughly: the weights (a quarter in
     4-bit) and as much again for activations, adapter and optimizer. None when the weights are
     not on this host to measure (the whole card is asked for then)."""
+    from backend.core.workspace import model_folder
+
     name = base.get("base")
     if not name or name == "micro":
         return 0.5 * 2**30
-    folder = Path(name).expanduser()
-    if not folder.is_dir():
-        hub = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache/huggingface")) / "hub")
-        snaps = sorted((hub / f"models--{name.replace('/', '--')}" / "snapshots").glob("*"))
-        if not snaps:
-            return None
-        folder = snaps[-1]
+    folder = model_folder(name)
+    if folder is None:
+        return None
     weights = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
     if not weights:
         return None

@@ -433,10 +433,17 @@ def memory_fix(
     peak_bytes: int | None, free_bytes: int | None, base_spec: Mapping[str, Any], train: Mapping[str, Any] | None,
     where: str = "memory",
 ) -> str | None:
-    """One line when the predicted peak does not fit in what is free, naming the fix; else None."""
+    """One line when the predicted peak does not fit in what is free, naming the fix; else None.
+    On a card, where the worker fits the step to the memory it finds (`--grad-checkpointing
+    auto`), a job fits if its smallest step does (`least_peak_bytes`): the predicted peak is
+    what the calibration's step took when it filled the card, not what the job needs."""
     if not peak_bytes or free_bytes is None or peak_bytes <= free_bytes:
         return None
     cfg = resolved_train(base_spec, train)
+    if where == "GPU" and cfg.grad_checkpointing == "auto":
+        least = least_peak_bytes(base_spec, train)
+        if least is not None and least <= free_bytes:
+            return None
     fixes = []
     if not _is_micro(base_spec) and (base_spec.get("quant") or None) is None:
         fixes.append("--quant 4bit (QLoRA: the base in 4 bits)")
@@ -453,6 +460,29 @@ def memory_fix(
         f"predicted peak {format_bytes(peak_bytes)} exceeds the {format_bytes(free_bytes)} of {where} "
         f"free: use {' or '.join(fixes) or 'a smaller base'}"
     )
+
+
+def least_peak_bytes(base_spec: Mapping[str, Any], train: Mapping[str, Any] | None) -> int | None:
+    """The memory plan's peak for the smallest step the worker can fit a Hugging Face base to on
+    a card (micro-batch 1, checkpointed, the LoRA defaults), from the base's config.json; None
+    for micro or where the config is not on this host."""
+    from backend.core.errors import LtmError
+    from backend.core.workspace import model_folder
+    from backend.studies import memory_plan
+
+    if _is_micro(base_spec):
+        return None
+    folder = model_folder(str(base_spec.get("base")))
+    try:
+        config = memory_plan.read_config(folder) if folder is not None else None
+    except LtmError:
+        return None
+    if config is None:
+        return None
+    cfg = resolved_train(base_spec, train)
+    block = min(cfg.block_size, int(config.get("max_position_embeddings") or cfg.block_size))
+    return memory_plan.plan(config, quant=base_spec.get("quant") or None, micro_batch=1, block_size=block,
+                            grad_checkpointing=True, device="cuda", packed_documents=True).peak
 
 
 def format_bytes(n: float | None) -> str:
