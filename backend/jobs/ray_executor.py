@@ -44,6 +44,7 @@ from pathlib import Path
 
 from backend.core.devices import SLOT_ENV
 from backend.core.errors import LtmError
+from backend.core.workspace import model_folder
 from backend.jobs.executor import LocalExecutor, worker_env
 
 RAY_MISSING = 'the Ray executor needs ray: pip install -e ".[ray]"'
@@ -708,8 +709,6 @@ def base_memory_bytes(base: dict) -> float | None:
     """What training an adapter on this base holds on a card, roughly: the weights (a quarter in
     4-bit) and as much again for activations, adapter and optimizer. None when the weights are
     not on this host to measure (the whole card is asked for then)."""
-    from backend.core.workspace import model_folder
-
     name = base.get("base")
     if not name or name == "micro":
         return 0.5 * 2**30
