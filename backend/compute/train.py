@@ -464,16 +464,17 @@ def _accumulate(model, blocks: PackedBlocks, starts: np.ndarray, micro_batch: in
     The loss stays a tensor on the device: no host sync inside a step. The forward pass (the loss
     included) runs under autocast, the backward pass outside it, as autocast wants."""
     chunks = [blocks.batch(starts[i : i + micro_batch]) for i in range(0, len(starts), micro_batch)]
+    arrays = [packed_arrays(model, batch, marks) for batch in chunks]
     # a target is a label that is not -100; the model's shift drops only first labels, which are
     # -100 (a block starts a document, packing.model_inputs)
-    targets = [int((model_inputs(batch, **marks)["labels"] != -100).sum()) for batch in chunks]
+    targets = [int((a["labels"] != -100).sum()) for a in arrays]
     total = max(1, sum(targets))
     step_loss = torch.zeros((), device=device)
-    for batch, n in zip(chunks, targets):
+    for batch, a, n in zip(chunks, arrays, targets):
         if n == 0:  # nothing to predict (a block of document starts): its mean would be 0 / 0
             continue
         with autocast(device, precision):
-            out = model(**packed_inputs(model, batch, marks, device))
+            out = model(**packed_inputs(model, batch, marks, device, arrays=a))
         if oom_limit is not None and len(batch) > oom_limit:
             del out  # the injected fault comes after the forward pass, as a real one would
             raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {len(batch)} sequences")
@@ -484,7 +485,15 @@ def _accumulate(model, blocks: PackedBlocks, starts: np.ndarray, micro_batch: in
     return int(sum(batch.size for batch in chunks)), step_loss
 
 
-def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -> dict[str, Any]:
+def packed_arrays(model, batch: np.ndarray, marks: dict) -> dict[str, np.ndarray]:
+    """`packing.model_inputs` of a batch in the layout the model's attention takes: one row of
+    blocks end to end for flash_attention_2 (see `packed_inputs`)."""
+    flat = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
+    return model_inputs(batch, **marks, flat=flat)
+
+
+def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device,
+                  arrays: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """A batch of packed blocks as the model's keyword arguments, on its device: positions that
     restart at each document and labels masked across documents (packing.model_inputs), so no
     document attends to or predicts another. No cache: with one (a micro network's config asks
@@ -500,7 +509,7 @@ def packed_inputs(model, batch: np.ndarray, marks: dict, device: torch.device) -
     pass: 40 layers × 8 × 4096² × 2 bytes, 10.7 GB, for a 13B step of 8 × 4096 tokens. Blocks
     that each hold one document need no mask at all (plain causal attention, the fastest kernel)."""
     flat = getattr(model.config, "_attn_implementation", None) == "flash_attention_2"
-    arrays = model_inputs(batch, **marks, flat=flat)
+    arrays = packed_arrays(model, batch, marks) if arrays is None else arrays  # or made once by the caller
     inputs: dict[str, Any] = {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in arrays.items()}
     if flat:
         inputs |= document_lengths(arrays["position_ids"], device)
