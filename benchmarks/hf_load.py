@@ -226,10 +226,25 @@ def first_step_peer(folder: Path, work: Path, block: int, micro_batch: int, dtyp
     }
 
 
+def set_cache(folder: Path, cache: str) -> None:
+    """Put the folder's files in the page cache ("warm": read once, as right after another
+    load) or out of it ("cold": `POSIX_FADV_DONTNEED`, which drops a file's clean pages for
+    any user that can read it, as a base meets its first load of the day, or any load after
+    other work filled the memory; a 13B base is 26 GB)."""
+    for path in sorted(folder.iterdir()):
+        with open(path, "rb", buffering=0) as fh:
+            if cache == "cold":
+                os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            else:
+                while fh.read(16 << 20):
+                    pass
+
+
 def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: int = 64,
-               micro_batch: int = 1) -> dict[str, Any]:
+               micro_batch: int = 1, cache: str = "cold") -> dict[str, Any]:
     """Peer seconds ÷ our seconds from the folder to the first optimizer step, the two sides
-    alternating `repeats` times, each in a fresh process; the median of the pairs' ratios."""
+    alternating `repeats` times, each in a fresh process that meets the folder's files
+    `cache` (see `set_cache`); the median of the pairs' ratios."""
     import torch
 
     from backend.compute.models import train_dtype
@@ -240,7 +255,9 @@ def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: 
     ours, peer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
+            set_cache(folder, cache)
             ours.append(first_step_ours(folder, Path(tmp), block, micro_batch))
+            set_cache(folder, cache)
             peer.append(first_step_peer(folder, Path(tmp), block, micro_batch, dtype, lora))
     ratios = [p["seconds"] / o["seconds"] for o, p in zip(ours, peer)]
 
@@ -255,5 +272,5 @@ def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: 
         "peer": {k: median(peer, k) for k in keys},
         "settings": {"shape": shape, "params": params(shape), "checkpoint": "bf16 safetensors, one file",
                      "dtype": dtype, "device": "cpu", "block": block, "micro_batch": micro_batch, "lora": lora,
-                     "repeats": repeats, "each_side": "own process, alternating"},
+                     "repeats": repeats, "each_side": "own process, alternating", "page_cache": cache},
     }

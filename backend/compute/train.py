@@ -412,6 +412,12 @@ def ready_to_train(model, spec, cfg: TrainConfig, lora, device: torch.device,
     return cfg, checkpointing
 
 
+def _checkpointing(model) -> bool:
+    """Whether checkpointing is on, by transformers 5.25's name where it has it (the older one warns)."""
+    on = getattr(model, "is_activation_checkpointing", None)
+    return bool(model.is_gradient_checkpointing if on is None else on)
+
+
 def set_grad_checkpointing(model, on: bool) -> None:
     """Recompute each decoder layer's activations in the backward pass (or stop doing so). The
     non-reentrant form: it needs no input that requires a gradient (a frozen base has none) and
@@ -421,7 +427,7 @@ def set_grad_checkpointing(model, on: bool) -> None:
     if hasattr(inner, "activation_checkpointing_enable"):  # transformers 5.x's name
         if on:
             inner.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-        elif inner.is_gradient_checkpointing:
+        elif _checkpointing(inner):
             inner.activation_checkpointing_disable()
     elif on:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

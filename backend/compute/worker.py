@@ -364,10 +364,12 @@ def main(argv: list[str] | None = None) -> int:
     from backend.core.workspace import keep_private
 
     keep_private()
+    task = _read_task(Path(argv[0]))
+    if task is None:
+        _before_torch(Path(argv[0]))
     from backend.compute.models import use_tensor_cores
 
     use_tensor_cores()  # before a calibration too: it measures what the runs will do
-    task = _read_task(Path(argv[0]))
     if task is not None:  # a calibration or a judge (backend.jobs.tasks), not a session of runs
         from backend.compute.task_worker import run_task
 
@@ -406,6 +408,21 @@ def _read_task(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None  # main() says what is wrong with the file
     return found if isinstance(found, dict) and "task" in found else None
+
+
+def _before_torch(session_path: Path) -> None:
+    """What a session's worker starts before it imports torch (backend.compute.startup): the
+    disk reads the base's weights while the imports run, and a base that is not 4-bit leaves
+    bitsandbytes out. A session that cannot be read is main()'s to report."""
+    from backend.compute.startup import leave_out_bitsandbytes, read_ahead
+
+    try:
+        base = json.loads(session_path.read_text(encoding="utf-8"))["base"]
+        name, quant = str(base["base"]), base.get("quant")
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    leave_out_bitsandbytes(quant)
+    read_ahead(name)
 
 
 def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:

@@ -1,0 +1,76 @@
+"""A worker's first second: what it starts before it imports torch.
+
+A cold worker spends 5–7 s importing torch, transformers and PEFT before it can load a base
+(two cores here; the imports are Python, one core's work whatever the machine). Two things
+shorten the way to the first step, and `benchmarks/run.py`'s `hf_load_ratio` measures them:
+
+- `read_ahead`: the disk reads the base's weights while the imports run, so the load finds them
+  in the page cache. On a card the weights of a 13B base are 26 GB; read at 2–3 GB/s they take
+  as long as the imports, or longer from network storage.
+- `leave_out_bitsandbytes`: PEFT imports bitsandbytes whenever it is installed, and with it
+  torch's compiler (1.4 s here). A session whose base is not 4-bit never needs it.
+
+Nothing here imports torch or transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+MICRO = "micro"  # backend.compute.models.MICRO, which would import torch
+CHUNK = 16 << 20  # bytes a read asks for
+
+
+def weight_files(base: str) -> list[Path]:
+    """The safetensors files of a base on this host (its folder, or its snapshot in the Hugging
+    Face cache); none for micro or a base that is not here."""
+    from backend.core.workspace import model_folder
+
+    if base == MICRO:
+        return []
+    folder = model_folder(base)
+    return sorted(folder.glob("*.safetensors")) if folder is not None else []
+
+
+def read_ahead(base: str, share: float = 0.5) -> threading.Thread | None:
+    """Start reading the base's weight files in a background thread; None where there is
+    nothing to read, or where the files exceed `share` of the memory available now (the page
+    cache would drop the first files before the load reached them, and the disk would read
+    them twice). A read releases the interpreter lock, so the imports go on meanwhile; an
+    error ends the thread quietly (the load itself says what is wrong with a file)."""
+    import psutil
+
+    files = weight_files(base)
+    try:
+        size = sum(f.stat().st_size for f in files)
+    except OSError:
+        return None
+    if not files or size > share * psutil.virtual_memory().available:
+        return None
+    thread = threading.Thread(target=_read_all, args=(files,), name="ltm-read-ahead", daemon=True)
+    thread.start()
+    return thread
+
+
+def _read_all(files: list[Path]) -> None:
+    view = memoryview(bytearray(CHUNK))
+    for path in files:
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                while fh.readinto(view):
+                    pass
+        except OSError:
+            return
+
+
+def leave_out_bitsandbytes(quant: str | None) -> bool:
+    """For a session without a 4-bit base: make bitsandbytes look absent to this process (an
+    entry of None in `sys.modules`, which `importlib.util.find_spec` reads as not installed, as
+    PEFT and transformers ask). True where it did; False for a 4-bit base, or where the library
+    is imported already."""
+    if quant == "4bit" or "bitsandbytes" in sys.modules:
+        return False
+    sys.modules["bitsandbytes"] = None
+    return True

@@ -1,0 +1,111 @@
+"""A worker's first second (backend.compute.startup): the base's weights are read while the
+imports run, and a session without a 4-bit base does without bitsandbytes."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from backend.compute.startup import read_ahead, weight_files
+from backend.core.workspace import PROJECT_ROOT
+
+
+def _cached(path: Path) -> bool:
+    """Whether every page of the file is in the page cache: a read that may not wait for the
+    disk (RWF_NOWAIT) returns the whole file."""
+    size = path.stat().st_size
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        buf, at = bytearray(1 << 20), 0
+        while at < size:
+            try:
+                got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
+            except BlockingIOError:
+                return False
+            if got == 0:
+                return False
+            at += got
+        return True
+    finally:
+        os.close(fd)
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv with RWF_NOWAIT (Linux)")
+def test_a_bases_weights_are_in_the_page_cache_after_reading_ahead(tmp_path):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    shards = [folder / f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
+    for shard in shards:
+        shard.write_bytes(os.urandom(6 << 20))
+        os.fsync(os.open(shard, os.O_RDONLY))  # dirty pages cannot be dropped
+        _evict(shard)
+    try:
+        if any(_cached(s) for s in shards):
+            pytest.skip("this file system keeps its files in memory (tmpfs): nothing to read ahead")
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            pytest.skip("this file system has no RWF_NOWAIT reads")
+        raise
+    assert weight_files(str(folder)) == shards
+
+    thread = read_ahead(str(folder))
+    assert thread is not None
+    thread.join(timeout=60)
+    assert all(_cached(s) for s in shards)
+
+
+def test_nothing_is_read_for_micro_a_missing_base_or_weights_larger_than_memory_allows(tmp_path):
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    assert read_ahead("micro") is None
+    assert read_ahead(str(tmp_path / "no-such-folder")) is None
+    assert read_ahead(str(folder), share=1e-15) is None  # the page cache would drop what it read first
+    assert read_ahead(str(folder)) is not None
+
+
+LORA_STEP = """
+import importlib.util, json, sys
+from backend.compute.startup import leave_out_bitsandbytes
+left_out = leave_out_bitsandbytes(sys.argv[2] or None)
+import torch
+from backend.compute.models import BaseSpec, attach_lora, load_base
+from backend.core.config import LoraSettings
+model, tok, device = load_base(BaseSpec(base=sys.argv[1], device="cpu"))
+model = attach_lora(model, LoraSettings(r=4), seed=0)
+x = torch.tensor([tok.encode("All zents are blorps")])
+model(input_ids=x, labels=x).loss.backward()
+grads = [p.grad for p in model.parameters() if p.requires_grad]
+print(json.dumps({"left_out": left_out, "found": importlib.util.find_spec("bitsandbytes") is not None,
+                  "imported": sys.modules.get("bitsandbytes") is not None,
+                  "trained": len(grads) > 0 and all(g is not None for g in grads)}))
+"""
+
+
+@pytest.mark.parametrize("quant", [None, "4bit"], ids=["lora", "qlora"])
+def test_a_session_without_a_4bit_base_trains_its_adapter_without_bitsandbytes(tiny_hf_model, quant):
+    pytest.importorskip("bitsandbytes")
+    done = subprocess.run([sys.executable, "-c", LORA_STEP, str(tiny_hf_model), quant or ""], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["trained"]
+    if quant is None:  # PEFT attached and trained the adapter with the library out of sight
+        assert out == {"left_out": True, "found": False, "imported": False, "trained": True}
+    else:  # a 4-bit session keeps it
+        assert out["left_out"] is False and out["found"]
