@@ -365,8 +365,7 @@ def main(argv: list[str] | None = None) -> int:
 
     keep_private()
     task = _read_task(Path(argv[0]))
-    if task is None:
-        _before_torch(Path(argv[0]))
+    _before_torch(task, Path(argv[0]))
     from backend.compute.models import use_tensor_cores
 
     use_tensor_cores()  # before a calibration too: it measures what the runs will do
@@ -410,16 +409,20 @@ def _read_task(path: Path) -> dict | None:
     return found if isinstance(found, dict) and "task" in found else None
 
 
-def _before_torch(session_path: Path) -> None:
-    """What a session's worker starts before it imports torch (backend.compute.startup): the
-    disk reads the base's weights while the imports run, and a base that is not 4-bit leaves
-    bitsandbytes out. A session that cannot be read is main()'s to report."""
+def _before_torch(task: dict | None, session_path: Path) -> None:
+    """What a worker starts before it imports torch (backend.compute.startup): the disk reads
+    the base's weights (a session's or a calibration's base, a judge's model) while the imports
+    run, and a process that loads no 4-bit base leaves bitsandbytes out. A file that cannot be
+    read is main()'s to report."""
     from backend.compute.startup import leave_out_bitsandbytes, read_ahead
 
     try:
-        base = json.loads(session_path.read_text(encoding="utf-8"))["base"]
-        name, quant = str(base["base"]), base.get("quant")
-    except (OSError, ValueError, KeyError, TypeError):
+        if task is not None and task.get("task") == "judge":
+            name, quant = str(task["model"]), None
+        else:
+            base = (task or json.loads(session_path.read_text(encoding="utf-8")))["base"]
+            name, quant = str(base["base"]), base.get("quant")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
     leave_out_bitsandbytes(quant)
     read_ahead(name)
