@@ -99,30 +99,59 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _gpu_name(index: int = 0) -> str | None:
-    """The NVML name of the first visible GPU, or None (no NVML, no GPU, hidden by the env)."""
+def _cards(pynvml) -> list:
+    """NVML handles of the cards CUDA shows this process, in CUDA's order (PCI bus order, which
+    workers get: `executor.worker_env`): the entries of CUDA_VISIBLE_DEVICES (indices or UUIDs,
+    up to the first empty or -1, as CUDA reads it), or every card where it is unset."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and visible.strip() in ("", "-1"):
-        return None
+    if visible is None:
+        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+    cards = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not entry or entry == "-1":
+            break
+        cards.append(pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
+                     else pynvml.nvmlDeviceGetHandleByUUID(entry))
+    return cards
+
+
+def _card_asked(base_spec: Mapping[str, Any]) -> int | None:
+    """The card a job asks for with `--device cuda:N` (N counts the cards CUDA shows), 0 in a
+    worker the service started in a slot (it sees its one card alone, whatever N was), or None:
+    any card."""
+    from backend.core.devices import SLOT_ENV
+
+    wanted = (base_spec.get("device") or "").lower()
+    if os.environ.get(SLOT_ENV):
+        return 0
+    index = wanted.partition(":")[2]
+    return int(index) if wanted.startswith("cuda:") and index.isdigit() else None
+
+
+def _with_cards(read, fallback):
+    """read(pynvml, cards) with NVML open, or `fallback` where NVML fails in any way (no
+    package, no driver, no card, a card hidden by the environment)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            if pynvml.nvmlDeviceGetCount() <= index:
-                return None
-            first = (visible or str(index)).split(",")[0].strip()
-            handle = (
-                pynvml.nvmlDeviceGetHandleByIndex(int(first))
-                if first.isdigit()
-                else pynvml.nvmlDeviceGetHandleByUUID(first)
-            )
-            name = pynvml.nvmlDeviceGetName(handle)
-            return name.decode() if isinstance(name, bytes) else str(name)
+            return read(pynvml, _cards(pynvml))
         finally:
             pynvml.nvmlShutdown()
-    except Exception:  # any NVML failure means "no GPU we can name"
-        return None
+    except Exception:
+        return fallback
+
+
+def _gpu_name(base_spec: Mapping[str, Any]) -> str | None:
+    """The NVML name of the card a job would train on (the one it asks for, else the first
+    CUDA shows), or None (no NVML, no card, hidden by the environment)."""
+
+    def read(pynvml, cards):
+        name = pynvml.nvmlDeviceGetName(cards[_card_asked(base_spec) or 0])
+        return name.decode() if isinstance(name, bytes) else str(name)
+
+    return _with_cards(read, None)
 
 
 def device_tag(base_spec: Mapping[str, Any]) -> str:
@@ -130,7 +159,7 @@ def device_tag(base_spec: Mapping[str, Any]) -> str:
     or the CPU model and the cores this process may use."""
     wanted = (base_spec.get("device") or "").lower()
     if not wanted.startswith("cpu"):
-        gpu = _gpu_name()
+        gpu = _gpu_name(base_spec)
         if gpu:
             return f"cuda:{gpu}"
     return f"cpu:{_cpu_name()} ×{_cpu_count()}"
@@ -380,31 +409,26 @@ def predict(workspace, base_spec: dict, train: dict, tokens: int) -> dict | None
 def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | None, str]:
     """(free bytes, where) on the device a job would use: NVML on a GPU, else available RAM.
 
-    On a GPU, memory held by the workspace's own workers (`own_workers`) counts as free: the
-    queue runs one job a slot, so a warm worker gives its memory up to the next job rather than
-    sharing the card with it. Only processes NVML lists on that device count."""
-    if not device_tag(base_spec).startswith("cpu"):
-        try:
-            import pynvml
+    On a GPU, the card the job asks for (`--device cuda:N`), or for a job that may go to any
+    card, the card with the most memory free: the queue gives a job a free slot, and a box's
+    cards are alike. Memory held by the workspace's own workers (`own_workers`) counts as free:
+    the queue runs one job a slot, so a warm worker gives its memory up to the next job rather
+    than sharing the card with it. Only processes NVML lists on that card count. A job that asks
+    for a card NVML cannot read gets (None, "GPU"): unknown, not the host's RAM."""
+    asks_cuda = (base_spec.get("device") or "").lower().startswith("cuda")
+    if asks_cuda or not device_tag(base_spec).startswith("cpu"):
+        mine = set(own_workers(workspace)) if workspace is not None else set()
 
-            pynvml.nvmlInit()
-            try:
-                first = (os.environ.get("CUDA_VISIBLE_DEVICES") or "0").split(",")[0].strip()
-                handle = (
-                    pynvml.nvmlDeviceGetHandleByIndex(int(first))
-                    if first.isdigit()
-                    else pynvml.nvmlDeviceGetHandleByUUID(first)
-                )
-                free = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
-                mine = set(own_workers(workspace)) if workspace is not None else set()
-                if mine:
-                    held = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
-                    free += sum(int(p.usedGpuMemory or 0) for p in held if p.pid in mine)
-                return free, "GPU"
-            finally:
-                pynvml.nvmlShutdown()
-        except Exception:
-            return None, "GPU"
+        def read(pynvml, cards):
+            asked = _card_asked(base_spec)
+            free = []
+            for card in cards if asked is None else [cards[asked]]:
+                held = pynvml.nvmlDeviceGetComputeRunningProcesses(card) if mine else []
+                free.append(int(pynvml.nvmlDeviceGetMemoryInfo(card).free)
+                            + sum(int(p.usedGpuMemory or 0) for p in held if p.pid in mine))
+            return max(free), "GPU"
+
+        return _with_cards(read, (None, "GPU"))
     try:
         import psutil
 
