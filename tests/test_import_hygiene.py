@@ -5,7 +5,8 @@ what an import really pulls in: the UI and the service side never load torch."""
 
 from __future__ import annotations
 
-import ast
+import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,15 +41,36 @@ def _source_modules() -> dict[str, Path]:
 MODULES = _source_modules()
 
 
+# The files are parsed in a fresh interpreter. CPython 3.11 keeps the AST builder's recursion
+# count in state the whole interpreter shares, so a parse on another thread of this process (one
+# an earlier test left running) while ours builds its tree failed it once with "AST constructor
+# recursion depth mismatch".
+_PARSE = """
+import ast, json, sys
+out = {}
+for path in sys.argv[1:]:
+    found = []
+    for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append((node.module, [a.name for a in node.names], node.lineno))
+        elif isinstance(node, ast.Import):
+            found.extend((a.name, [], node.lineno) for a in node.names)
+    out[path] = found
+print(json.dumps(out))
+"""
+
+
+@functools.cache
+def _parsed(paths: tuple[str, ...]) -> dict[str, list]:
+    out = subprocess.run([sys.executable, "-c", _PARSE, *paths], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def _imports(path: Path) -> list[tuple[str, list[str], int]]:
     """(module, names, line) of every import in a file, at any depth (lazy ones too)."""
-    out = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            out.append((node.module, [a.name for a in node.names], node.lineno))
-        elif isinstance(node, ast.Import):
-            out.extend((a.name, [], node.lineno) for a in node.names)
-    return out
+    project = tuple(str(p) for p in MODULES.values())
+    found = _parsed(project) if str(path) in project else _parsed((str(path),))
+    return [(module, names, line) for module, names, line in found[str(path)]]
 
 
 def _targets(module: str, names: list[str]) -> set[str]:
