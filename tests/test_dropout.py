@@ -66,6 +66,21 @@ def _tiny_llama():
                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
 
 
+def test_attach_lora_leaves_the_jobs_log_free_of_transformers_deprecation_noise():
+    """PEFT reads transformers' deprecated `is_gradient_checkpointing`: a FutureWarning a job
+    would print on every adapter, naming nothing the user can change. Other warnings still pass."""
+    import warnings
+
+    from backend.compute.models import attach_lora
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        attach_lora(_tiny_llama(), LoraSettings(r=4, alpha=8), seed=0)
+        warnings.warn("a warning of our own", UserWarning)
+    said = [str(w.message) for w in caught]
+    assert not [m for m in said if "is_gradient_checkpointing" in m] and "a warning of our own" in said
+
+
 def test_attach_lora_swaps_every_adapter_dropout_and_nothing_else():
     from backend.compute.models import attach_lora
 

@@ -9,6 +9,7 @@ nf4 base. This module imports torch: only the worker and the benchmarks import i
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -431,7 +432,11 @@ def attach_lora(base, lora, seed: int, fast_dropout: bool = True):
         lora_dropout=lora.dropout,
         target_modules=lora.target_modules,
     )
-    model = get_peft_model(base, config)
+    with warnings.catch_warnings():
+        # PEFT reads transformers' deprecated `is_gradient_checkpointing` alias (a FutureWarning
+        # in every job's log that the user cannot act on)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        model = get_peft_model(base, config)
     if fast_dropout:
         use_fast_dropout(model)
     return model
