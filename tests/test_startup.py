@@ -69,6 +69,26 @@ def test_a_bases_weights_are_in_the_page_cache_after_reading_ahead(tmp_path):
     assert all(_cached(s) for s in shards)
 
 
+def test_only_the_files_a_load_reads_are_read_ahead(tmp_path):
+    """The shards the index names (not a consolidated copy of the same weights beside them),
+    else model.safetensors, else whatever safetensors the folder holds."""
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    for name in ("consolidated.safetensors", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (folder / name).write_bytes(b"\0" * 64)
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        "embed.weight": "model-00001-of-00002.safetensors", "norm.weight": "model-00002-of-00002.safetensors",
+        "head.weight": "model-00002-of-00002.safetensors"}}))
+    assert [p.name for p in weight_files(str(folder))] == ["model-00001-of-00002.safetensors",
+                                                           "model-00002-of-00002.safetensors"]
+    (folder / "model.safetensors.index.json").unlink()
+    (folder / "model.safetensors").write_bytes(b"\0" * 64)
+    assert [p.name for p in weight_files(str(folder))] == ["model.safetensors"]
+    (folder / "model.safetensors").unlink()
+    assert len(weight_files(str(folder))) == 3
+
+
 def test_nothing_is_read_for_micro_a_missing_base_or_weights_larger_than_memory_allows(tmp_path):
     folder = tmp_path / "base"
     folder.mkdir()

@@ -24,14 +24,28 @@ CHUNK = 16 << 20  # bytes a read asks for
 
 
 def weight_files(base: str) -> list[Path]:
-    """The safetensors files of a base on this host (its folder, or its snapshot in the Hugging
-    Face cache); none for micro or a base that is not here."""
+    """The safetensors files a load of the base reads (its folder, or its snapshot in the
+    Hugging Face cache): the shards its index names, else `model.safetensors`, else every
+    `.safetensors` file; none for micro or a base that is not here. Some repositories ship the
+    same weights twice (Mistral's `consolidated.safetensors` beside the shards), and reading
+    both would double the disk's work."""
+    import json
+
     from backend.core.workspace import model_folder
 
     if base == MICRO:
         return []
     folder = model_folder(base)
-    return sorted(folder.glob("*.safetensors")) if folder is not None else []
+    if folder is None:
+        return []
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        return sorted(folder / name for name in shards if (folder / name).is_file())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass  # no index, or one the load will complain of itself
+    single = folder / "model.safetensors"
+    return [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
 
 
 def read_ahead(base: str, share: float = 0.5) -> threading.Thread | None:
