@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.compute.startup import read_ahead, weight_files
+from backend.compute.startup import needs_bitsandbytes, read_ahead, weight_files
 from backend.core.workspace import PROJECT_ROOT
 
 
@@ -101,8 +101,8 @@ def test_nothing_is_read_for_micro_a_missing_base_or_weights_larger_than_memory_
 
 LORA_STEP = """
 import importlib.util, json, sys
-from backend.compute.startup import leave_out_bitsandbytes
-left_out = leave_out_bitsandbytes(sys.argv[2] or None)
+from backend.compute.startup import leave_out_bitsandbytes, needs_bitsandbytes
+left_out = leave_out_bitsandbytes(needs_bitsandbytes(sys.argv[1], sys.argv[2] or None))
 import torch
 from backend.compute.models import BaseSpec, attach_lora, load_base
 from backend.core.config import LoraSettings
@@ -117,15 +117,51 @@ print(json.dumps({"left_out": left_out, "found": importlib.util.find_spec("bitsa
 """
 
 
-@pytest.mark.parametrize("quant", [None, "4bit"], ids=["lora", "qlora"])
-def test_a_session_without_a_4bit_base_trains_its_adapter_without_bitsandbytes(tiny_hf_model, quant):
+@pytest.fixture(scope="module")
+def saved_4bit(tiny_hf_model, tmp_path_factory) -> Path:
+    """The tiny model saved as a 4-bit checkpoint (its config.json carries the quantization)."""
     pytest.importorskip("bitsandbytes")
-    done = subprocess.run([sys.executable, "-c", LORA_STEP, str(tiny_hf_model), quant or ""], cwd=PROJECT_ROOT,
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    folder = tmp_path_factory.mktemp("tiny-llama-4bit")
+    model = AutoModelForCausalLM.from_pretrained(tiny_hf_model, device_map={"": "cpu"},
+                                                 quantization_config=BitsAndBytesConfig(load_in_4bit=True))
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_hf_model).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("case", ["lora", "qlora", "saved-4bit"])
+def test_a_session_without_a_4bit_base_trains_its_adapter_without_bitsandbytes(tiny_hf_model, request, case):
+    """A LoRA job trains with bitsandbytes out of sight; a 4-bit job keeps it, and so does a job
+    on weights saved in 4 bits that does not ask for --quant 4bit (transformers needs the
+    library to load them)."""
+    pytest.importorskip("bitsandbytes")
+    base = request.getfixturevalue("saved_4bit") if case == "saved-4bit" else tiny_hf_model
+    quant = "4bit" if case == "qlora" else ""
+    done = subprocess.run([sys.executable, "-c", LORA_STEP, str(base), quant], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["trained"]
-    if quant is None:  # PEFT attached and trained the adapter with the library out of sight
+    if case == "lora":  # PEFT attached and trained the adapter with the library out of sight
         assert out == {"left_out": True, "found": False, "imported": False, "trained": True}
-    else:  # a 4-bit session keeps it
-        assert out["left_out"] is False and out["found"]
+    else:
+        assert out["left_out"] is False and out["found"] and out["trained"]
+
+
+def test_a_base_saved_quantized_or_run_on_its_own_code_keeps_bitsandbytes(tmp_path):
+    """transformers checks that bitsandbytes is installed before it loads weights saved in 4 or 8
+    bits, and imports whatever a model's own code imports: such a base keeps the library even
+    where the job does not ask for --quant 4bit."""
+    plain, saved_4bit = tmp_path / "plain", tmp_path / "saved-4bit"
+    for folder, config in ((plain, {"model_type": "llama"}),
+                           (saved_4bit, {"model_type": "llama", "quantization_config": {"quant_method": "bitsandbytes",
+                                                                                      "load_in_4bit": True}})):
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(config))
+    assert needs_bitsandbytes(str(plain), None) is False
+    assert needs_bitsandbytes("micro", None) is False
+    assert needs_bitsandbytes(str(plain), "4bit") is True
+    assert needs_bitsandbytes(str(plain), None, trust_remote_code=True) is True
+    assert needs_bitsandbytes(str(saved_4bit), None) is True
+    assert needs_bitsandbytes("someone/not-downloaded-here", None) is True  # its config is not here to read

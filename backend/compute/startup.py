@@ -8,7 +8,8 @@ shorten the way to the first step, and `benchmarks/run.py`'s `hf_load_ratio` mea
   in the page cache. On a card the weights of a 13B base are 26 GB; read at 2–3 GB/s they take
   as long as the imports, or longer from network storage.
 - `leave_out_bitsandbytes`: PEFT imports bitsandbytes whenever it is installed, and with it
-  torch's compiler (1.4 s here). A session whose base is not 4-bit never needs it.
+  torch's compiler (1.4 s here). A base that is neither loaded in 4-bit nor saved quantized
+  nor run on its own code never needs it (`needs_bitsandbytes`).
 
 Nothing here imports torch or transformers.
 """
@@ -79,12 +80,33 @@ def _read_all(files: list[Path]) -> None:
             return
 
 
-def leave_out_bitsandbytes(quant: str | None) -> bool:
-    """For a session without a 4-bit base: make bitsandbytes look absent to this process (an
-    entry of None in `sys.modules`, which `importlib.util.find_spec` reads as not installed, as
-    PEFT and transformers ask). True where it did; False for a 4-bit base, or where the library
-    is imported already."""
-    if quant == "4bit" or "bitsandbytes" in sys.modules:
+def needs_bitsandbytes(base: str, quant: str | None, trust_remote_code: bool = False) -> bool:
+    """Whether loading the base may need bitsandbytes: a 4-bit load, weights saved quantized (a
+    `quantization_config` in its config.json: transformers checks the library is installed
+    before it loads them), or a model's own code (transformers imports whatever its files
+    import). A base whose config.json is not here counts as needing it."""
+    import json
+
+    from backend.core.workspace import model_folder
+
+    if quant == "4bit" or trust_remote_code:
+        return True
+    if base == MICRO:
+        return False
+    folder = model_folder(base)
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8")) if folder else None
+    except (OSError, ValueError):
+        return True
+    return not isinstance(config, dict) or "quantization_config" in config
+
+
+def leave_out_bitsandbytes(needed: bool) -> bool:
+    """For a process whose base does not need it (`needs_bitsandbytes`): make bitsandbytes look
+    absent (an entry of None in `sys.modules`, which `importlib.util.find_spec` reads as not
+    installed, as PEFT and transformers ask). True where it did; False where the base needs it
+    or the library is imported already."""
+    if needed or "bitsandbytes" in sys.modules:
         return False
     sys.modules["bitsandbytes"] = None
     return True

@@ -414,17 +414,17 @@ def _before_torch(task: dict | None, session_path: Path) -> None:
     the base's weights (a session's or a calibration's base, a judge's model) while the imports
     run, and a process that loads no 4-bit base leaves bitsandbytes out. A file that cannot be
     read is main()'s to report."""
-    from backend.compute.startup import leave_out_bitsandbytes, read_ahead
+    from backend.compute.startup import leave_out_bitsandbytes, needs_bitsandbytes, read_ahead
 
     try:
         if task is not None and task.get("task") == "judge":
-            name, quant = str(task["model"]), None
+            name, quant, remote = str(task["model"]), None, False
         else:
             base = (task or json.loads(session_path.read_text(encoding="utf-8")))["base"]
-            name, quant = str(base["base"]), base.get("quant")
+            name, quant, remote = str(base["base"]), base.get("quant"), bool(base.get("trust_remote_code"))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return
-    leave_out_bitsandbytes(quant)
+    leave_out_bitsandbytes(needs_bitsandbytes(name, quant, remote))
     read_ahead(name)
 
 
