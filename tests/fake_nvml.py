@@ -33,6 +33,19 @@ class FakeNvml(types.ModuleType):
     def nvmlDeviceGetHandleByIndex(self, i):
         return i
 
+    @staticmethod
+    def uuid(h) -> str:
+        return ("GPU-5f3a9c1e-0d4b-4e7a-9b2c-61a8f0d3e2b4", "GPU-a7c04e92-3b1f-4d68-8e5a-0f9b2c7d1e63")[h]
+
+    def nvmlDeviceGetUUID(self, h):
+        return self.uuid(h)
+
+    def nvmlDeviceGetHandleByUUID(self, uuid):
+        for h in range(self.nvmlDeviceGetCount()):
+            if self.uuid(h) == (uuid.decode() if isinstance(uuid, bytes) else uuid):
+                return h
+        raise self.NVMLError("Not Found")
+
     def nvmlDeviceGetName(self, h):
         return "NVIDIA RTX PRO 6000 Blackwell" if h == 0 else b"NVIDIA H200"
 

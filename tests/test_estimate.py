@@ -176,10 +176,11 @@ def test_memory_warning_names_the_fix():
     assert where == "RAM" and free > 0
 
 
-def test_the_fit_check_reads_the_card_a_job_asks_for_or_the_freest(fake_nvml, monkeypatch):
+def test_the_fit_check_reads_the_card_a_job_asks_for_or_each_card(fake_nvml, monkeypatch):
     """On a box of two cards (the mock: 56 GiB free on card 0, 131 GiB on card 1), `cuda:N` is
-    read on the N-th card CUDA shows, and a job that may go to any card on the one with the most
-    memory free; a worker in a slot sees its one card as cuda:0 whatever it asked for."""
+    read on the N-th card CUDA shows, and a job that may go to any card (the queue starts it in
+    the first free slot) on the one with the least memory free; a worker in a slot sees its one
+    card as cuda:0 whatever it asked for."""
     from backend.core.devices import SLOT_ENV
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -187,16 +188,24 @@ def test_the_fit_check_reads_the_card_a_job_asks_for_or_the_freest(fake_nvml, mo
     gib = 2**30
     assert forecast.free_memory({"base": "micro", "device": "cuda:0"}) == (56 * gib, "GPU")
     assert forecast.free_memory({"base": "micro", "device": "cuda:1"}) == (131 * gib, "GPU")
-    assert forecast.free_memory({"base": "micro"}) == (131 * gib, "GPU")
+    assert forecast.free_memory({"base": "micro"}) == (56 * gib, "GPU")
     assert forecast.device_tag({"base": "micro", "device": "cuda:1"}) == "cuda:NVIDIA H200"
     assert forecast.device_tag({"base": "micro", "device": "cuda:0"}) == "cuda:NVIDIA RTX PRO 6000 Blackwell"
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the second card alone, as cuda:0
+    assert forecast.free_memory({"base": "micro"}) == (131 * gib, "GPU")
     assert forecast.free_memory({"base": "micro", "device": "cuda:0"}) == (131 * gib, "GPU")
     assert forecast.free_memory({"base": "micro", "device": "cuda:1"}) == (None, "GPU")  # no such card here
     assert forecast.device_tag({"base": "micro", "device": "cuda:0"}) == "cuda:NVIDIA H200"
 
+    # CUDA stops at the first entry that names no card, and takes a unique prefix of a UUID
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{fake_nvml.uuid(1)[:12]},0,7,1")
+    assert forecast.free_memory({"base": "micro", "device": "cuda:1"}) == (56 * gib, "GPU")
+    assert forecast.free_memory({"base": "micro", "device": "cuda:2"}) == (None, "GPU")
+    assert forecast.device_tag({"base": "micro"}) == "cuda:NVIDIA H200"
+
     monkeypatch.setenv(SLOT_ENV, "1")  # a worker the service put on card 1 for a run asking cuda:1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
     assert forecast.device_tag({"base": "micro", "device": "cuda:1"}) == "cuda:NVIDIA H200"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # no card shown: the CPU
     assert forecast.device_tag({"base": "micro", "device": "cuda:1"}).startswith("cpu:")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 
 import pytest
 
 from backend.core.events import read_events
 from backend.core.workspace import Workspace
-from backend.jobs.manager import JobManager
+from backend.jobs.manager import JobManager, detect_slots
 from backend.jobs.settings import JobSettings
 from backend.jobs.store import Store
 from tests.conftest import WAIT, exit_code, wait_for
@@ -158,6 +159,24 @@ def test_workers_get_cudas_expandable_segments_unless_the_user_chose(tmp_path, c
     if "CUDA_DEVICE_ORDER" not in os.environ:
         assert environ.get("CUDA_DEVICE_ORDER") == "PCI_BUS_ID"
     assert worker_env({**clean, "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, "1")["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
+
+
+def test_slots_are_the_cards_cuda_shows(fake_nvml, monkeypatch):
+    """A slot for each card CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to the first
+    entry that names no card (the mock has two), a UUID by a unique prefix; without NVML, the
+    entries up to the first empty one."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert detect_slots(2) == ["0", "0", "1", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0,2,3")
+    assert detect_slots() == ["1", "0"]
+    prefix = fake_nvml.uuid(1)[:12]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{prefix},GPU-unknown,0")
+    assert detect_slots() == [prefix]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert detect_slots() == [None]
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: the entries as given
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,,1")
+    assert detect_slots() == ["0"]
 
 
 @pytest.mark.slow

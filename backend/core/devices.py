@@ -9,6 +9,7 @@ says so. No textual here, no torch: `ltm_tui/widgets.py` renders these readings.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -18,6 +19,53 @@ HISTORY = 60  # samples kept per device: one minute at the panel's one-second po
 # Set in a worker's environment when the service started it in a slot (the slot's GPU id), or
 # to "ray" in a Ray actor: the process sees its one card alone, as cuda:0.
 SLOT_ENV = "LTM_WORKER_SLOT"
+
+
+def cuda_entries(visible: str) -> list[str]:
+    """The entries of a CUDA_VISIBLE_DEVICES value as CUDA reads them, where no card can be
+    asked: up to the first empty one or -1 (CUDA stops at the first entry that names no card)."""
+    entries = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not entry or entry == "-1":
+            break
+        entries.append(entry)
+    return entries
+
+
+def visible_cards(pynvml) -> list[tuple[str, Any]]:
+    """(entry, NVML handle) of each card CUDA shows this process, in CUDA's order: the entries of
+    CUDA_VISIBLE_DEVICES (an index, a GPU or MIG UUID, or a prefix of one that matches one card)
+    up to the first that names no card here, as CUDA stops there; every card where it is unset.
+    NVML must be initialised; its errors pass to the caller."""
+    count = pynvml.nvmlDeviceGetCount()
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return [(str(i), pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
+    uuids: list[tuple[str, Any]] | None = None
+    cards = []
+    for entry in cuda_entries(visible):
+        if entry.isdigit():
+            if int(entry) >= count:
+                break
+            cards.append((entry, pynvml.nvmlDeviceGetHandleByIndex(int(entry))))
+            continue
+        try:
+            cards.append((entry, pynvml.nvmlDeviceGetHandleByUUID(entry)))
+            continue
+        except Exception:  # not a whole UUID NVML knows: CUDA also takes a unique prefix
+            pass
+        if uuids is None:
+            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+            uuids = [(_text(pynvml.nvmlDeviceGetUUID(h)), h) for h in handles]
+        found = [h for uuid, h in uuids if uuid.startswith(entry)]
+        if len(found) != 1:
+            break
+        cards.append((entry, found[0]))
+    return cards
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+from backend.core.devices import cuda_entries, visible_cards
 from backend.core.errors import CorpusError, JobError, LtmError
 from backend.core.events import log_tail, of_attempt, read_events
 from backend.core.states import EXIT_DISK_FULL, JobState
@@ -691,21 +692,21 @@ def _session_slot(path: Path) -> str | None:
 
 
 def detect_slots(per_gpu: int = 1) -> list[str | None]:
-    """One worker slot per GPU (CUDA_VISIBLE_DEVICES index), `per_gpu` each; one CPU slot where
-    NVML sees no GPU. Read with NVML, not torch, so the service stays light."""
+    """One worker slot per GPU CUDA shows (`devices.visible_cards`: the CUDA_VISIBLE_DEVICES
+    entries that name a card, or every card), `per_gpu` each; one CPU slot where there is none.
+    Without NVML the entries are taken as given, up to the first empty one or -1. Read with
+    NVML, not torch, so the service stays light."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v.strip() for v in visible.split(",") if v.strip()]
-    else:
-        ids = []
-        try:
-            import pynvml
+    try:
+        import pynvml
 
-            pynvml.nvmlInit()
-            ids = [str(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        pynvml.nvmlInit()
+        try:
+            ids = [entry for entry, _ in visible_cards(pynvml)]
+        finally:
             pynvml.nvmlShutdown()
-        except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: the CPU slot
-            ids = []
+    except Exception:  # noqa: BLE001 - no NVML, no driver, no GPU: the entries as given, or the CPU slot
+        ids = cuda_entries(visible) if visible is not None else []
     if not ids:
         return [None]
     return [i for i in ids for _ in range(max(1, per_gpu))]

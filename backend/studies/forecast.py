@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from backend.core.config import TrainConfig
+from backend.core.devices import SLOT_ENV, visible_cards
 from backend.ingest.corpora import WORDS_PER_PAGE
 
 CALIBRATION_VERSION = 1
@@ -99,28 +100,10 @@ def _cpu_count() -> int:
         return os.cpu_count() or 1
 
 
-def _cards(pynvml) -> list:
-    """NVML handles of the cards CUDA shows this process, in CUDA's order (PCI bus order, which
-    workers get: `executor.worker_env`): the entries of CUDA_VISIBLE_DEVICES (indices or UUIDs,
-    up to the first empty or -1, as CUDA reads it), or every card where it is unset."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is None:
-        return [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-    cards = []
-    for entry in (e.strip() for e in visible.split(",")):
-        if not entry or entry == "-1":
-            break
-        cards.append(pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit()
-                     else pynvml.nvmlDeviceGetHandleByUUID(entry))
-    return cards
-
-
 def _card_asked(base_spec: Mapping[str, Any]) -> int | None:
     """The card a job asks for with `--device cuda:N` (N counts the cards CUDA shows), 0 in a
     worker the service started in a slot (it sees its one card alone, whatever N was), or None:
     any card."""
-    from backend.core.devices import SLOT_ENV
-
     wanted = (base_spec.get("device") or "").lower()
     if os.environ.get(SLOT_ENV):
         return 0
@@ -136,7 +119,7 @@ def _with_cards(read, fallback):
 
         pynvml.nvmlInit()
         try:
-            return read(pynvml, _cards(pynvml))
+            return read(pynvml, [handle for _, handle in visible_cards(pynvml)])
         finally:
             pynvml.nvmlShutdown()
     except Exception:
@@ -410,8 +393,8 @@ def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | Non
     """(free bytes, where) on the device a job would use: NVML on a GPU, else available RAM.
 
     On a GPU, the card the job asks for (`--device cuda:N`), or for a job that may go to any
-    card, the card with the most memory free: the queue gives a job a free slot, and a box's
-    cards are alike. Memory held by the workspace's own workers (`own_workers`) counts as free:
+    card, the one with the least memory free: the queue starts such a job in the first free
+    slot, whichever card that is, so it must fit on each. Memory held by the workspace's own workers (`own_workers`) counts as free:
     the queue runs one job a slot, so a warm worker gives its memory up to the next job rather
     than sharing the card with it. Only processes NVML lists on that card count. A job that asks
     for a card NVML cannot read gets (None, "GPU"): unknown, not the host's RAM."""
@@ -426,7 +409,7 @@ def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | Non
                 held = pynvml.nvmlDeviceGetComputeRunningProcesses(card) if mine else []
                 free.append(int(pynvml.nvmlDeviceGetMemoryInfo(card).free)
                             + sum(int(p.usedGpuMemory or 0) for p in held if p.pid in mine))
-            return max(free), "GPU"
+            return min(free), "GPU"
 
         return _with_cards(read, (None, "GPU"))
     try:
