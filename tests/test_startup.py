@@ -165,3 +165,20 @@ def test_a_base_saved_quantized_or_run_on_its_own_code_keeps_bitsandbytes(tmp_pa
     assert needs_bitsandbytes(str(plain), None, trust_remote_code=True) is True
     assert needs_bitsandbytes(str(saved_4bit), None) is True
     assert needs_bitsandbytes("someone/not-downloaded-here", None) is True  # its config is not here to read
+
+
+def test_a_hub_id_is_read_from_the_snapshot_its_load_reads(tmp_path, monkeypatch):
+    """The Hugging Face cache may hold several revisions of a repository: a load reads the one
+    refs/main names (not the last by name), and without refs the newest."""
+    repo = tmp_path / "hub" / "models--org--base"
+    for revision in ("1a2b", "f9e8"):
+        (repo / "snapshots" / revision).mkdir(parents=True)
+        (repo / "snapshots" / revision / "model.safetensors").write_bytes(b"\0" * 64)
+    os.utime(repo / "snapshots" / "1a2b", (1, 1))  # the older one
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("1a2b\n")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert weight_files("org/base") == [repo / "snapshots" / "1a2b" / "model.safetensors"]
+    (repo / "refs" / "main").unlink()
+    assert weight_files("org/base") == [repo / "snapshots" / "f9e8" / "model.safetensors"]
+    assert weight_files("org/other") == []

@@ -112,12 +112,19 @@ def cancel_marker(run_dir: Path, attempt: int) -> Path:
 
 
 def model_folder(name: str) -> Path | None:
-    """The folder a base's files are in on this host: `name` itself, or for a hub id its newest
-    snapshot in the Hugging Face cache; None where neither is here."""
+    """The folder a base's files are in on this host: `name` itself, or for a hub id the snapshot
+    in the Hugging Face cache that a load of it reads (the revision `refs/main` names, else the
+    newest); None where neither is here."""
     folder = Path(name).expanduser()
     if folder.is_dir():
         return folder
     home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface"))
-    hub = Path(os.environ.get("HF_HUB_CACHE") or home / "hub")
-    snapshots = sorted((hub / f"models--{name.replace('/', '--')}" / "snapshots").glob("*"))
-    return snapshots[-1] if snapshots else None
+    repo = Path(os.environ.get("HF_HUB_CACHE") or home / "hub") / f"models--{name.replace('/', '--')}"
+    try:
+        revision = (repo / "refs" / "main").read_text(encoding="utf-8").strip()
+    except OSError:
+        revision = ""
+    if revision and (repo / "snapshots" / revision).is_dir():
+        return repo / "snapshots" / revision
+    snapshots = [p for p in (repo / "snapshots").glob("*") if p.is_dir()]
+    return max(snapshots, key=lambda p: p.stat().st_mtime) if snapshots else None
