@@ -182,3 +182,23 @@ def test_a_hub_id_is_read_from_the_snapshot_its_load_reads(tmp_path, monkeypatch
     (repo / "refs" / "main").unlink()
     assert weight_files("org/base") == [repo / "snapshots" / "f9e8" / "model.safetensors"]
     assert weight_files("org/other") == []
+
+
+def test_a_containers_memory_limit_bounds_what_is_read_ahead(tmp_path):
+    """In a cgroup with a limit (a container), the memory left is the limit less its working set
+    (what it holds, less the inactive page cache it would drop first), when that is below the
+    host's available memory; no limit, or no cgroup files, leaves the host's figure."""
+    import psutil
+
+    from backend.compute.startup import memory_available
+
+    host = psutil.virtual_memory().available
+    gib = 2**30
+    (tmp_path / "memory.max").write_text(f"{8 * gib}\n")
+    (tmp_path / "memory.current").write_text(f"{5 * gib}\n")
+    (tmp_path / "memory.stat").write_text(f"anon {2 * gib}\ninactive_file {1 * gib}\nactive_file {2 * gib}\n")
+    if host > 6 * gib:  # the limit is the smaller
+        assert memory_available(tmp_path) == 4 * gib
+    (tmp_path / "memory.max").write_text("max\n")
+    assert abs(memory_available(tmp_path) - host) < gib  # the host's figure, read a moment apart
+    assert abs(memory_available(tmp_path / "none") - host) < gib

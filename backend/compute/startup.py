@@ -55,18 +55,35 @@ def read_ahead(base: str, share: float = 0.5) -> threading.Thread | None:
     cache would drop the first files before the load reached them, and the disk would read
     them twice). A read releases the interpreter lock, so the imports go on meanwhile; an
     error ends the thread quietly (the load itself says what is wrong with a file)."""
-    import psutil
-
     files = weight_files(base)
     try:
         size = sum(f.stat().st_size for f in files)
     except OSError:
         return None
-    if not files or size > share * psutil.virtual_memory().available:
+    if not files or size > share * memory_available():
         return None
     thread = threading.Thread(target=_read_all, args=(files,), name="ltm-read-ahead", daemon=True)
     thread.start()
     return thread
+
+
+def memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes this process may still fill: the host's available memory, or less where the
+    process's cgroup (v2, as containers set it) has a limit. The page cache counts against a
+    container's limit, which the host's figure does not show."""
+    import psutil
+
+    free = int(psutil.virtual_memory().available)
+    try:
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            # in use: what the cgroup holds less the cache it would drop first (its working set)
+            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines() if " " in line)
+            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass  # no cgroup v2 here, or none we may read
+    return max(free, 0)
 
 
 def _read_all(files: list[Path]) -> None:
