@@ -67,7 +67,10 @@ def test_liger_never_holds_the_logits_and_keeps_less_a_layer():
     Its RMSNorm and SwiGLU keep less a layer. The parts still add up to the peak."""
     wide = {**LLAMA3_8B, "vocab_size": 4 * LLAMA3_8B["vocab_size"]}
     T, extra_vocab = 4 * 2048, 3 * LLAMA3_8B["vocab_size"]
-    for kernels, most, least in ((None, None, T * extra_vocab * 12), ("liger", 0.01 * T * extra_vocab * 2, 0)):
+    # PyTorch's loss holds at the least one fp32 copy of the logits (the plan's own count of
+    # its tensors is measured by benchmarks/memory_plan_check.py, not restated here); liger's
+    # at most a chunk of them
+    for kernels, most, least in ((None, None, T * extra_vocab * 4), ("liger", 0.01 * T * extra_vocab * 2, 0)):
         a, b = (memory_plan.plan(c, micro_batch=4, block_size=2048, kernels=kernels) for c in (LLAMA3_8B, wide))
         working = (b.activations + b.logits) - (a.activations + a.logits)
         assert working >= least and (most is None or working <= most), (kernels, working)
