@@ -514,6 +514,35 @@ def product_check(small: bool) -> dict[str, Any]:
     return out
 
 
+# hf_load_ratio on this device: Llama-3.2-1B's shape (2.5 GB in bf16), or WORKER_SHAPE on the CPU
+LOAD_REPEATS = 2
+
+
+def load_check(small: bool, repeats: int = LOAD_REPEATS, caches: tuple[str, ...] = ("cold", "warm")) -> dict[str, Any]:
+    """`hf_load_ratio` where the saving is claimed (benchmarks/hf_load.py): from a saved bf16
+    folder to the first optimizer step, our worker (weights read straight onto the device, while
+    its imports run) against transformers + PEFT (from_pretrained into host memory, then
+    `.to(device)`), alternating, each a fresh process; with the folder out of the page cache,
+    then in it."""
+    from backend.compute.models import pick_device
+    from benchmarks.hf_load import LLAMA_1B, load_ratio, save_llama_folder
+
+    device = str(pick_device("cpu" if small else None))
+    shape = WORKER_SHAPE if small else LLAMA_1B
+    out: dict[str, Any] = {"device": device}
+    with tempfile.TemporaryDirectory(prefix="ltm-load-") as tmp:
+        t0 = time.perf_counter()
+        folder = save_llama_folder(Path(tmp) / "base", shape)
+        out["save_seconds"] = round(time.perf_counter() - t0, 1)
+        for cache in caches:
+            found = load_ratio(folder, shape, repeats=repeats, cache=cache, device=device)
+            key = "hf_load_ratio" if cache == "cold" else "hf_load_ratio_warm_cache"
+            out[key] = found["ratio"]
+            out[cache] = {k: found[k] for k in ("ratios", "ours", "peer")}
+        out["settings"] = {k: v for k, v in found["settings"].items() if k != "page_cache"}
+    return out
+
+
 def preflight(small: bool) -> dict[str, Any]:
     """Before the cases spend minutes each: the versions this box runs, and two short trainings
     (`train_model`, 2 steps of 2 × 64 tokens) on a shrunk Llama of each kind the cases use

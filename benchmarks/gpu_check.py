@@ -26,6 +26,12 @@ Llama saved as a user's folder, one adapter job each on its bf16 and its 4-bit l
 worker the service starts (the loader onto the device, the memory plan's fit, a checkpoint,
 scoring, probes).
 
+After the cases, where the budget leaves `LOAD_S`, the load phase (`--load`, gpu_cases.load_check):
+`hf_load_ratio` on the card, from a saved Llama-3.2-1B-shaped bf16 folder to the first optimizer
+step, our worker (weights read straight onto the card while its imports run) against
+from_pretrained + `.to("cuda")` + PEFT, with the folder out of the page cache and then in it;
+`LTM_GPU_CHECK_CASES=load` runs it alone.
+
 Per case: steady tokens/s of both sides (the median step after the warm-up steps), the ratio,
 MFU against the card's datasheet dense bf16 peak (backend/studies/gpu_projection.py's table,
 matched to the device's name) and against the bf16 matmul ceiling measured on the card, peak
@@ -67,7 +73,8 @@ GUESS_MFU = {"lora": 0.35, "qlora": 0.2}
 MARGIN = 1.15  # on an estimate, before a case is skipped for it
 PREFLIGHT_S = 180.0  # imports, two tiny trainings, liger's Triton kernels compiled once
 PRODUCT_S = 200.0  # a tiny folder saved, two worker processes each training and scoring (90 s at most each)
-PHASES = ("preflight", "product")  # the lines before the cases
+LOAD_S = 150.0  # a 1B folder saved, eight processes from a cold start to their first step
+PHASES = ("preflight", "product", "load")  # the lines that are not cases
 
 
 class Interrupted(Exception):
@@ -251,10 +258,12 @@ def main() -> int:
     signal.signal(signal.SIGTERM, _on_term)
     chosen = [c.strip() for c in os.environ.get("LTM_GPU_CHECK_CASES", "").split(",") if c.strip()]
     cases = chosen or list(gpu_cases.CASES)
+    load = "load" in cases or not chosen  # the load phase: after the cases, where the budget leaves time
+    cases = [c for c in cases if c != "load"]
     unknown = [c for c in cases if c not in gpu_cases.CASES]
     if unknown:
         print(f"gpu_check: unknown case {', '.join(unknown)} in LTM_GPU_CHECK_CASES; the cases are "
-              f"{', '.join(gpu_cases.CASES)}", file=sys.stderr)
+              f"{', '.join(gpu_cases.CASES)}, and load", file=sys.stderr)
         return 2
     out_dir = Path(os.environ.get("LTM_GPU_CHECK_OUT") or REPO / "ltm-workspace" / "gpu_check")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -328,6 +337,13 @@ def main() -> int:
                 if stopped is not None:
                     raise stopped
                 _learn(seen, case, ours, line)
+        left = BUDGET_S - (time.perf_counter() - started)
+        if load and left >= LOAD_S:
+            phase("load", "hf_load_ratio: a saved 1B folder to the first step, ours against from_pretrained + .to()",
+                  LOAD_S)
+        elif load:
+            record("load", {"skipped": f"would not finish: about {LOAD_S:.0f} s needed, {left:.0f} s left; "
+                                       "LTM_GPU_CHECK_CASES=load runs it alone"})
     except (Interrupted, KeyboardInterrupt) as exc:  # the child is stopped already (side)
         result["interrupted"] = str(exc) or "^C"
     measured = [v["matmul_ceiling_tflops"] for v in result.values() if isinstance(v, dict) and "matmul_ceiling_tflops" in v]
@@ -357,6 +373,9 @@ def child(argv: list[str]) -> int:
     if argv == ["--product"]:
         print(json.dumps(gpu_cases.product_check(SMALL)), flush=True)
         return 0
+    if argv == ["--load"]:
+        print(json.dumps(gpu_cases.load_check(SMALL)), flush=True)
+        return 0
     args = dict(zip(argv[::2], argv[1::2]))
     spec = {**json.loads(args.get("--spec", "{}")), "case": args["--case"], "side": args["--side"]}
     spec.setdefault("small", SMALL)
@@ -365,4 +384,4 @@ def child(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(child(sys.argv[1:]) if {"--case", "--preflight", "--product"} & set(sys.argv) else main())
+    sys.exit(child(sys.argv[1:]) if {"--case", "--preflight", "--product", "--load"} & set(sys.argv) else main())

@@ -3,7 +3,8 @@
 # shapes (random weights from their configs), LoRA and QLoRA, our training path against
 # transformers.Trainer + PEFT, each side in its own process: steady tokens/s (median step after
 # warm-up), MFU against the datasheet peak and the measured matmul ceiling, peak memory against
-# the memory plan, issue 15's goals as flags (see benchmarks/gpu_check.py). One JSON line a case
+# the memory plan, issue 15's goals as flags, then (where the budget leaves time) hf_load_ratio on
+# the card (see benchmarks/gpu_check.py). One JSON line a case
 # as it ends (also appended to $LTM_GPU_CHECK_OUT/gpu_check.jsonl), the whole object last.
 #
 #   bash benchmarks/gpu_check.sh                          # on the GPU

@@ -100,7 +100,8 @@ def one_job_session(folder: Path, work: Path, tag: str, *, train: dict[str, Any]
     return session, run_dir
 
 
-def first_step_ours(folder: Path, work: Path, block: int, micro_batch: int, timeout: float = 900) -> dict[str, Any]:
+def first_step_ours(folder: Path, work: Path, block: int, micro_batch: int, timeout: float = 900,
+                    device: str = "cpu") -> dict[str, Any]:
     """Seconds from starting the project's worker on `folder` (one job: a one-page corpus, a
     fresh LoRA adapter, `max_steps` 1) to its first `progress` event, which the worker writes
     after the first optimizer step; then the worker is killed (its evaluation is not this
@@ -111,7 +112,8 @@ def first_step_ours(folder: Path, work: Path, block: int, micro_batch: int, time
     scenes.write_text(TINY_BATTERY, encoding="utf-8")
     train = {"block_size": block, "micro_batch": micro_batch, "grad_accum": 1, "lr": 2e-4, "warmup_frac": 0.0,
              "min_train_tokens": 0, "epochs": 1, "max_steps": 1, "checkpoint_every": 0, "log_every": 1}
-    session, run_dir = one_job_session(folder, work, f"first-step-{time.time_ns()}", train=train, scenes=scenes)
+    session, run_dir = one_job_session(folder, work, f"first-step-{time.time_ns()}", train=train, scenes=scenes,
+                                       device=device)
     events = run_dir / "events.jsonl"
     t0 = time.time()
     worker = LocalExecutor().start(session, None)
@@ -184,6 +186,8 @@ model.config.use_cache = False
 lora = spec["lora"]
 model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=lora["r"], lora_alpha=lora["alpha"],
                                          lora_dropout=lora["dropout"], target_modules=lora["target_modules"]))
+if device.type == "cuda":
+    torch.cuda.synchronize()
 marks["loaded"] = time.time()
 torch.manual_seed(0)
 params = [p for p in model.parameters() if p.requires_grad]
@@ -196,13 +200,15 @@ loss.backward()
 torch.nn.utils.clip_grad_norm_(params, 1.0)
 optimizer.step()
 optimizer.zero_grad(set_to_none=True)
+if device.type == "cuda":  # as our worker, which reads the loss back before its progress event
+    torch.cuda.synchronize()
 marks["step"] = time.time()
 print(json.dumps({**marks, "loss": float(loss)}), flush=True)
 """
 
 
 def first_step_peer(folder: Path, work: Path, block: int, micro_batch: int, dtype: str, lora: dict,
-                    timeout: float = 900) -> dict[str, Any]:
+                    timeout: float = 900, device: str = "cpu") -> dict[str, Any]:
     """Seconds from starting the peer's process to its first optimizer step done, in the
     environment our worker gets (`backend.jobs.executor.worker_env`)."""
     from backend.jobs.executor import worker_env
@@ -210,7 +216,7 @@ def first_step_peer(folder: Path, work: Path, block: int, micro_batch: int, dtyp
     corpus = work / "page.txt"
     corpus.write_text(_one_page(), encoding="utf-8")
     spec = {"folder": str(folder), "corpus": str(corpus), "block": block, "micro_batch": micro_batch,
-            "device": "cpu", "dtype": dtype, "lora": lora}
+            "device": device, "dtype": dtype, "lora": lora}
     t0 = time.time()
     done = subprocess.run([sys.executable, "-c", PEER, json.dumps(spec)], cwd=PROJECT_ROOT, capture_output=True,
                           text=True, env=worker_env(os.environ, None), timeout=timeout)
@@ -241,24 +247,26 @@ def set_cache(folder: Path, cache: str) -> None:
 
 
 def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: int = 64,
-               micro_batch: int = 1, cache: str = "cold") -> dict[str, Any]:
+               micro_batch: int = 1, cache: str = "cold", device: str = "cpu") -> dict[str, Any]:
     """Peer seconds ÷ our seconds from the folder to the first optimizer step, the two sides
     alternating `repeats` times, each in a fresh process that meets the folder's files
-    `cache` (see `set_cache`); the median of the pairs' ratios."""
+    `cache` (see `set_cache`); the median of the pairs' ratios. On "cuda" (gpu_check.sh) ours
+    loads straight onto the card and the peer through host memory and `.to("cuda")`, each in
+    the dtype our worker trains in there."""
     import torch
 
     from backend.compute.models import train_dtype
     from backend.core.config import LoraSettings
 
     lora = LoraSettings().to_dict()
-    dtype = str(train_dtype(torch.device("cpu"))).replace("torch.", "")
+    dtype = str(train_dtype(torch.device(device))).replace("torch.", "")
     ours, peer = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
             set_cache(folder, cache)
-            ours.append(first_step_ours(folder, Path(tmp), block, micro_batch))
+            ours.append(first_step_ours(folder, Path(tmp), block, micro_batch, device=device))
             set_cache(folder, cache)
-            peer.append(first_step_peer(folder, Path(tmp), block, micro_batch, dtype, lora))
+            peer.append(first_step_peer(folder, Path(tmp), block, micro_batch, dtype, lora, device=device))
     ratios = [p["seconds"] / o["seconds"] for o, p in zip(ours, peer)]
 
     def median(side: list[dict], key: str) -> float:
@@ -271,6 +279,6 @@ def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: 
         "ours": {k: median(ours, k) for k in keys},
         "peer": {k: median(peer, k) for k in keys},
         "settings": {"shape": shape, "params": params(shape), "checkpoint": "bf16 safetensors, one file",
-                     "dtype": dtype, "device": "cpu", "block": block, "micro_batch": micro_batch, "lora": lora,
+                     "dtype": dtype, "device": device, "block": block, "micro_batch": micro_batch, "lora": lora,
                      "repeats": repeats, "each_side": "own process, alternating", "page_cache": cache},
     }

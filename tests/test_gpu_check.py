@@ -110,3 +110,17 @@ def test_the_product_line_runs_the_workers_own_job(tiny_hf_model, tmp_path):
     assert line.startswith("ok: on cpu, 4 steps"), line
     assert "probes stored" in line
     assert (tmp_path / "run-bf16" / "checkpoints" / "step-000002").is_dir()
+
+
+def test_the_load_line_times_both_sides_from_a_saved_folder_to_their_first_step():
+    """gpu_check's load phase (hf_load_ratio on the device): a folder saved as a user's, our
+    worker and transformers + PEFT each from a fresh process to a first optimizer step on it,
+    with the folder out of the page cache; on the CPU here, on the card there."""
+    line = json.loads(json.dumps(gpu_cases.load_check(small=True, repeats=1, caches=("cold",))))
+    assert line["device"] == "cpu" and line["settings"]["device"] == "cpu"
+    ours, peer = line["cold"]["ours"], line["cold"]["peer"]
+    for side in (ours, peer):  # each phase timed, in order, adding up to the whole
+        assert min(side["start_s"], side["load_lora_s"], side["step_s"]) > 0
+        assert side["seconds"] == pytest.approx(side["start_s"] + side["load_lora_s"] + side["step_s"], abs=0.05)
+    assert line["hf_load_ratio"] == pytest.approx(peer["seconds"] / ours["seconds"], rel=0.01)
+    assert "hf_load_ratio_warm_cache" not in line
