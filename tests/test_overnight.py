@@ -114,6 +114,29 @@ def _assert_private(root: Path) -> None:
         assert out.stdout.strip() == "denied", out.stderr
 
 
+# --- a lost device ---------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_job_that_loses_the_device_ends_its_worker_and_the_queue_goes_on(tmp_path, corpora, tiny_battery):
+    """After a sticky CUDA error (an illegal memory access: every later call in that process fails
+    the same way) a warm worker that took the next job would fail the whole night's queue. The
+    job fails with one line that says so, the worker exits, and a fresh worker trains the rest.
+    LTM_FAULT_DEVICE_LOST stands in for the card: a job on a corpus whose path holds the value
+    fails as such an error would, and the worker reads its device as lost."""
+    ws = Workspace(tmp_path / "ws")
+    done = cli("run", str(corpora["logic"]), str(corpora["story"]), "--scenes", str(tiny_battery),
+               "--workspace", str(ws.root), *QUICK, env={"LTM_FAULT_DEVICE_LOST": "logic"})
+    assert done.returncode == 1, done.stderr + done.stdout  # one of the runs failed
+    jobs = _jobs(ws)
+    assert jobs["logic.txt"]["status"] == "failed" and jobs["story.txt"]["status"] == "done"
+    logic = _run_detail(ws, jobs["logic.txt"]["run_id"])["run"]
+    story = _run_detail(ws, jobs["story.txt"]["run_id"])["run"]
+    assert "illegal memory access" in logic["error"] and "a fresh worker takes the jobs" in logic["error"]
+    assert story["worker_pid"] != logic["worker_pid"]  # not the worker whose device was lost
+    assert "Traceback" in (ws.run_dir(logic["run_id"]) / "train.log").read_text()  # the detail, for a bug report
+
+
 # --- cancel ----------------------------------------------------------------------------------------
 
 

@@ -157,6 +157,20 @@ def pick_device(requested: str | None = None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def device_lost(device: torch.device) -> bool:
+    """Whether the device can run nothing more in this process: after a sticky CUDA error (an
+    illegal memory access, a device-side assert, a lost or faulty card) every later CUDA call
+    fails the same way, and only a fresh process gets a new context. A tiny computation read
+    back tells; the CPU is never lost."""
+    if device.type != "cuda":
+        return False
+    try:
+        torch.ones(1, device=device).add_(1).item()
+        return False
+    except Exception:  # the sticky error again, or any other failure of the device
+        return True
+
+
 def use_tensor_cores() -> None:
     """TF32 for fp32 matrix products and convolutions on CUDA (Ampere and later): what is left
     in fp32 under bf16 (the adapter's and the optimizer's fp32 weights) runs on the

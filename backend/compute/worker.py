@@ -28,7 +28,14 @@ from pathlib import Path
 from typing import Any
 
 from backend.core.errors import describe
-from backend.core.states import EXIT_BAD_SESSION, EXIT_DISK_FULL, EXIT_OK, EXIT_SOME_FAILED, EXIT_STOPPED
+from backend.core.states import (
+    EXIT_BAD_SESSION,
+    EXIT_DEVICE_LOST,
+    EXIT_DISK_FULL,
+    EXIT_OK,
+    EXIT_SOME_FAILED,
+    EXIT_STOPPED,
+)
 
 
 class Stop:
@@ -100,6 +107,17 @@ class _Trained:
     grad_checkpointing: bool = False  # what the memory plan (or the user) chose for the steps
 
 
+# Fault injection for the tests: a job whose corpus path contains this variable's value fails as
+# after a sticky CUDA error, and the worker then reads its device as lost (`Worker.device_lost`).
+FAULT_DEVICE_ENV = "LTM_FAULT_DEVICE_LOST"
+LOST_DEVICE = ("; the device can run nothing more in this worker: it ends here, and a fresh worker "
+               "takes the jobs queued behind it")
+
+
+class InjectedDeviceFault(RuntimeError):
+    """What `FAULT_DEVICE_ENV` raises: the message a CUDA illegal memory access gives."""
+
+
 class Worker:
     def __init__(self, session: dict[str, Any]) -> None:
         from backend.compute.models import BaseSpec
@@ -111,6 +129,7 @@ class Worker:
         self._base = None  # (model, tokenizer, device) of an HF base, loaded once
         self.jobs_started = 0  # a job after the first finds the imports done and an HF base loaded
         self._base_memos: dict = {}  # per reference base (an HF base; micro: per seed): see evaluate_all
+        self.broken = False  # a job's clean-up failed: the base may still carry its adapter
 
     def base(self, seed: int, log=None):
         from backend.compute.models import load_base, use_kernels
@@ -125,6 +144,15 @@ class Worker:
         if log is not None:
             log(line)
         return loaded
+
+    def device_lost(self, exc: BaseException) -> bool:
+        """After a job failed with `exc`: whether this process can run no more jobs, because its
+        device is lost (`models.device_lost`) or the job's clean-up failed."""
+        from backend.compute.models import device_lost, pick_device
+
+        if self.broken or isinstance(exc, InjectedDeviceFault):
+            return True
+        return device_lost(pick_device(self.spec.device))
 
     def run_job(self, job: dict[str, Any]) -> None:
         """One job's recipe: load (or reuse) the base, train (an adapter run), evaluate, look
@@ -163,6 +191,9 @@ class Worker:
             log(f"base {self.spec.base} on {device} ({count_params(model):,} parameters) in {load_seconds:.1f}s")
             cfg = TrainConfig.from_dict({**job.get("train", {}), "seed": seed})
             trained.model = model
+            fault = os.environ.get(FAULT_DEVICE_ENV)
+            if fault and fault in str(job.get("corpus_path") or ""):
+                raise InjectedDeviceFault(f"CUDA error: an illegal memory access was encountered ({FAULT_DEVICE_ENV})")
             if job["kind"] == "adapter":
                 self._train(job, trained, tok, device, cfg, seed, events, log, cancelled)
             if Stop.requested or cancelled.now():
@@ -192,12 +223,21 @@ class Worker:
             events.emit("phase", phase="cancelled")
             log("cancelled by the user; `ltm-tui retry` resumes it from its newest checkpoint")
         finally:
-            if trained.adapter is not None:
-                trained.adapter.unload()  # the base goes back untouched for the next job
-            trained = None
-            _give_back_cached_memory()
-            events.close()
-            log.close()
+            failing = sys.exc_info()[0] is not None
+            try:
+                if trained.adapter is not None:
+                    trained.adapter.unload()  # the base goes back untouched for the next job
+                trained = None
+                _give_back_cached_memory()
+            except Exception:
+                if not failing:
+                    raise
+                # the job's own error is the one to report (on a lost device these fail too);
+                # the base may still carry the adapter, so this worker takes no further job
+                self.broken = True
+            finally:
+                events.close()
+                log.close()
 
     def _train(self, job, trained: "_Trained", tok, device, cfg, seed: int, events, log, cancelled) -> None:
         """Tokenize the corpus, wrap an HF base in a fresh LoRA adapter, train, save the weights."""
@@ -445,6 +485,9 @@ def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:
                 _report(job, exc.one_line())
             except Exception as exc:  # anything else: one line for the user, the traceback in train.log
                 failed = True
+                if worker.device_lost(exc):
+                    _report(job, describe(exc) + LOST_DEVICE, traceback.format_exc())
+                    return EXIT_DEVICE_LOST
                 _report(job, describe(exc), traceback.format_exc())
             if Stop.requested:
                 return EXIT_STOPPED

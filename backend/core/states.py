@@ -55,3 +55,4 @@ def can_transition(old: JobState, new: JobState) -> bool:
 # How a worker process ends (python -m backend.compute.worker), read by the job manager.
 EXIT_OK, EXIT_SOME_FAILED, EXIT_BAD_SESSION, EXIT_STOPPED = 0, 1, 2, 3
 EXIT_DISK_FULL = 4  # the disk filled up so far that not even the error could be written
+EXIT_DEVICE_LOST = 5  # the device can run nothing more in this process (a sticky CUDA error)

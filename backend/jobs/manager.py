@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 from backend.core.devices import cuda_entries, visible_cards
 from backend.core.errors import CorpusError, JobError, LtmError
 from backend.core.events import log_tail, of_attempt, read_events
-from backend.core.states import EXIT_DISK_FULL, JobState
+from backend.core.states import EXIT_DEVICE_LOST, EXIT_DISK_FULL, JobState
 from backend.core.workspace import Workspace, cancel_marker
 from backend.ingest.corpora import expand_paths, inspect_corpus
 from backend.jobs.executor import Executor, LocalExecutor, WorkerHandle
@@ -547,6 +547,8 @@ class JobManager:
                 self.retry(run_id, on_event)  # another node resumes it from its newest checkpoint
 
     def _exit_reason(self, code: int | None) -> str:
+        if code == EXIT_DEVICE_LOST:
+            return "the worker's device failed (a CUDA error that ends its process); retry runs it in a fresh worker"
         if code == EXIT_DISK_FULL:
             return (f"the disk under {self.workspace.root} filled up: free space and retry "
                     "(it resumes from its newest checkpoint)")
