@@ -73,7 +73,7 @@ GUESS_MFU = {"lora": 0.35, "qlora": 0.2}
 MARGIN = 1.15  # on an estimate, before a case is skipped for it
 PREFLIGHT_S = 180.0  # imports, two tiny trainings, liger's Triton kernels compiled once
 PRODUCT_S = 200.0  # a tiny folder saved, two worker processes each training and scoring (90 s at most each)
-LOAD_S = 150.0  # a 1B folder saved, eight processes from a cold start to their first step
+LOAD_S = 200.0  # a 1B folder saved, eight processes from a cold start to their first step (about 100 s)
 PHASES = ("preflight", "product", "load")  # the lines that are not cases
 
 

@@ -240,6 +240,7 @@ def set_cache(folder: Path, cache: str) -> None:
     for path in sorted(folder.iterdir()):
         with open(path, "rb", buffering=0) as fh:
             if cache == "cold":
+                os.fsync(fh.fileno())  # pages not yet written back (a folder just saved) cannot be dropped
                 os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
             else:
                 while fh.read(16 << 20):

@@ -198,11 +198,15 @@ def test_the_fit_check_reads_the_card_a_job_asks_for_or_each_card(fake_nvml, mon
     assert forecast.free_memory({"base": "micro", "device": "cuda:1"}) == (None, "GPU")  # no such card here
     assert forecast.device_tag({"base": "micro", "device": "cuda:0"}) == "cuda:NVIDIA H200"
 
-    # CUDA stops at the first entry that names no card, and takes a unique prefix of a UUID
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{fake_nvml.uuid(1)[:12]},0,7,1")
+    # as CUDA reads it: a number from its entry's leading digits, up to the first entry that
+    # names no card; a unique prefix of a UUID, up to the first entry of another kind
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1a,0,7")
     assert forecast.free_memory({"base": "micro", "device": "cuda:1"}) == (56 * gib, "GPU")
     assert forecast.free_memory({"base": "micro", "device": "cuda:2"}) == (None, "GPU")
     assert forecast.device_tag({"base": "micro"}) == "cuda:NVIDIA H200"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{fake_nvml.uuid(1)[:12]},0")
+    assert forecast.free_memory({"base": "micro", "device": "cuda:0"}) == (131 * gib, "GPU")
+    assert forecast.free_memory({"base": "micro", "device": "cuda:1"}) == (None, "GPU")
 
     monkeypatch.setenv(SLOT_ENV, "1")  # a worker the service put on card 1 for a run asking cuda:1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")

@@ -184,21 +184,45 @@ def test_a_hub_id_is_read_from_the_snapshot_its_load_reads(tmp_path, monkeypatch
     assert weight_files("org/other") == []
 
 
-def test_a_containers_memory_limit_bounds_what_is_read_ahead(tmp_path):
-    """In a cgroup with a limit (a container), the memory left is the limit less its working set
-    (what it holds, less the inactive page cache it would drop first), when that is below the
-    host's available memory; no limit, or no cgroup files, leaves the host's figure."""
+def test_a_cgroups_memory_limit_bounds_what_is_read_ahead(tmp_path):
+    """Under a memory limit on the process's cgroup or one above it (cgroup v2: memory.max or
+    memory.high; v1: memory.limit_in_bytes), the memory left is the least of each limit less
+    what that cgroup holds without its inactive page cache, when that is below the host's
+    available memory; no limit, or no cgroup files, leaves the host's figure."""
     import psutil
 
     from backend.compute.startup import memory_available
 
     host = psutil.virtual_memory().available
     gib = 2**30
-    (tmp_path / "memory.max").write_text(f"{8 * gib}\n")
-    (tmp_path / "memory.current").write_text(f"{5 * gib}\n")
-    (tmp_path / "memory.stat").write_text(f"anon {2 * gib}\ninactive_file {1 * gib}\nactive_file {2 * gib}\n")
-    if host > 6 * gib:  # the limit is the smaller
-        assert memory_available(tmp_path) == 4 * gib
-    (tmp_path / "memory.max").write_text("max\n")
-    assert abs(memory_available(tmp_path) - host) < gib  # the host's figure, read a moment apart
-    assert abs(memory_available(tmp_path / "none") - host) < gib
+
+    def cgroup(folder: Path, current: int, inactive: int, **files: int) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "memory.current").write_text(f"{current}\n")
+        (folder / "memory.stat").write_text(f"anon {current - inactive}\ninactive_file {inactive}\n")
+        for name, value in files.items():
+            (folder / name.replace("_", ".")).write_text(f"{value}\n")
+
+    v2, proc = tmp_path / "v2", tmp_path / "cgroup"
+    proc.write_text("0::/user.slice/ltm.service\n")
+    cgroup(v2, 9 * gib, 0)  # the root: no limit files
+    cgroup(v2 / "user.slice", 5 * gib, 1 * gib, memory_max=8 * gib)  # 8 - (5 - 1) = 4 left
+    cgroup(v2 / "user.slice" / "ltm.service", 2 * gib, 0, memory_max=3 * gib, memory_high=6 * gib)  # 1 left
+    if host > 6 * gib:  # the limits are the smaller
+        assert memory_available(proc, v2) == 1 * gib
+        (v2 / "user.slice" / "ltm.service" / "memory.max").write_text("max\n")
+        assert memory_available(proc, v2) == 4 * gib  # memory.high (6 - 2) and the parent (8 - 4) both leave 4
+        v1 = tmp_path / "v1"
+        proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n")
+        folder = v1 / "memory" / "docker" / "abc"
+        folder.mkdir(parents=True)
+        (folder / "memory.limit_in_bytes").write_text(f"{6 * gib}\n")
+        (folder / "memory.usage_in_bytes").write_text(f"{5 * gib}\n")
+        (folder / "memory.stat").write_text(f"cache {3 * gib}\ntotal_inactive_file {2 * gib}\n")
+        (v1 / "memory" / "memory.limit_in_bytes").write_text(f"{(1 << 63) - 4096}\n")  # no limit, as v1 writes it
+        assert memory_available(proc, v1) == 3 * gib
+    for limit in ("user.slice/memory.max", "user.slice/ltm.service/memory.max", "user.slice/ltm.service/memory.high"):
+        (v2 / limit).write_text("max\n")
+    proc.write_text("0::/user.slice/ltm.service\n")
+    assert abs(memory_available(proc, v2) - host) < gib  # no limit left: the host's figure
+    assert abs(memory_available(tmp_path / "none", v2) - host) < gib

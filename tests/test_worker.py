@@ -163,17 +163,20 @@ def test_workers_get_cudas_expandable_segments_unless_the_user_chose(tmp_path, c
 
 def test_slots_are_the_cards_cuda_shows(fake_nvml, monkeypatch):
     """A slot for each card CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to the first
-    entry that names no card (the mock has two), a UUID by a unique prefix; without NVML, the
-    entries up to the first empty one."""
+    entry that names no card (the mock has two), a UUID by a unique prefix, no card at all where
+    one is named twice; without NVML, the entries up to the first empty one."""
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert detect_slots(2) == ["0", "0", "1", "1"]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0,2,3")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0a,2,3")
     assert detect_slots() == ["1", "0"]
     prefix = fake_nvml.uuid(1)[:12]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{prefix},GPU-unknown,0")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{prefix},GPU-unknown,{fake_nvml.uuid(0)}")
     assert detect_slots() == [prefix]
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert detect_slots() == [None]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", f"{fake_nvml.uuid(0)},{prefix}")
+    assert detect_slots() == [fake_nvml.uuid(0), prefix]
+    for none in ("-1", "0,1,0", f"{prefix},{fake_nvml.uuid(1)}"):  # a card named twice: CUDA shows none
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", none)
+        assert detect_slots() == [None], none
     monkeypatch.setitem(sys.modules, "pynvml", None)  # no NVML: the entries as given
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,,1")
     assert detect_slots() == ["0"]

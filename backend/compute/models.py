@@ -167,6 +167,8 @@ def device_lost(device: torch.device) -> bool:
     try:
         torch.ones(1, device=device).add_(1).item()
         return False
+    except torch.OutOfMemoryError:  # the card is full (a job's tensors not freed yet), not lost
+        return False
     except Exception:  # the sticky error again, or any other failure of the device
         return True
 

@@ -67,23 +67,46 @@ def read_ahead(base: str, share: float = 0.5) -> threading.Thread | None:
     return thread
 
 
-def memory_available(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """Bytes this process may still fill: the host's available memory, or less where the
-    process's cgroup (v2, as containers set it) has a limit. The page cache counts against a
-    container's limit, which the host's figure does not show."""
+def memory_available(proc: Path = Path("/proc/self/cgroup"), root: Path = Path("/sys/fs/cgroup")) -> int:
+    """Bytes this process may still fill: the host's available memory, or less where a cgroup it
+    is in has a memory limit (a container, a systemd unit with MemoryMax, a Slurm job): the page
+    cache counts against the limit, which the host's figure does not show."""
     import psutil
 
     free = int(psutil.virtual_memory().available)
     try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            # in use: what the cgroup holds less the cache it would drop first (its working set)
-            stat = dict(line.split() for line in (cgroup / "memory.stat").read_text().splitlines() if " " in line)
-            used = int((cgroup / "memory.current").read_text()) - int(stat.get("inactive_file", 0))
-            free = min(free, int(limit) - used)
+        left = _cgroup_left(proc.read_text(encoding="utf-8"), root)
     except (OSError, ValueError):
-        pass  # no cgroup v2 here, or none we may read
-    return max(free, 0)
+        left = None  # no cgroups here, or none we may read
+    return max(min(free, left) if left is not None else free, 0)
+
+
+def _cgroup_left(table: str, root: Path) -> int | None:
+    """The least room under any memory limit of the process's cgroup and the cgroups above it:
+    a limit (cgroup v2: memory.max or memory.high; v1: memory.limit_in_bytes) less what that
+    cgroup holds, not counting the inactive page cache it would drop first; None where no limit
+    is set. `table` is /proc/self/cgroup."""
+    for line in table.splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:  # v2, one tree
+            base, names, held, cache = root, ("memory.max", "memory.high"), "memory.current", "inactive_file"
+        elif "memory" in controllers.split(","):  # v1, the memory controller's tree
+            base, names, held, cache = root / "memory", ("memory.limit_in_bytes",), "memory.usage_in_bytes", \
+                "total_inactive_file"
+        else:
+            continue
+        left, folder = None, base / path.strip("/")
+        while True:
+            limits = [int(text) for name in names if (f := folder / name).is_file()
+                      and (text := f.read_text().strip()).isdigit() and int(text) < 1 << 60]  # v1 writes "no limit" as ~2^63
+            if limits:
+                stat = dict(row.split() for row in (folder / "memory.stat").read_text().splitlines() if " " in row)
+                used = int((folder / held).read_text()) - int(stat.get(cache, 0))
+                left = min(left, min(limits) - used) if left is not None else min(limits) - used
+            if folder == base:
+                return left
+            folder = folder.parent
+    return None
 
 
 def _read_all(files: list[Path]) -> None:

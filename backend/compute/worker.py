@@ -110,8 +110,8 @@ class _Trained:
 # Fault injection for the tests: a job whose corpus path contains this variable's value fails as
 # after a sticky CUDA error, and the worker then reads its device as lost (`Worker.device_lost`).
 FAULT_DEVICE_ENV = "LTM_FAULT_DEVICE_LOST"
-LOST_DEVICE = ("; the device can run nothing more in this worker: it ends here, and a fresh worker "
-               "takes the jobs queued behind it")
+LOST_DEVICE = ("; this worker cannot go on (its device failed, or this job's clean-up did): it ends here, "
+               "and a fresh worker takes the jobs queued behind it")
 
 
 class InjectedDeviceFault(RuntimeError):
@@ -152,7 +152,11 @@ class Worker:
 
         if self.broken or isinstance(exc, InjectedDeviceFault):
             return True
-        return device_lost(pick_device(self.spec.device))
+        try:
+            device = pick_device(self.spec.device)
+        except Exception:  # a device this process cannot even name: the job's error says why
+            return False
+        return device_lost(device)
 
     def run_job(self, job: dict[str, Any]) -> None:
         """One job's recipe: load (or reuse) the base, train (an adapter run), evaluate, look
@@ -480,15 +484,14 @@ def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:
                 worker.run_job(job)
             except StopRequested:
                 return EXIT_STOPPED
-            except LtmError as exc:
+            except Exception as exc:  # one line for the user; for an unexpected error, the traceback in train.log
                 failed = True
-                _report(job, exc.one_line())
-            except Exception as exc:  # anything else: one line for the user, the traceback in train.log
-                failed = True
+                line, trace = (exc.one_line(), None) if isinstance(exc, LtmError) else (describe(exc), traceback.format_exc())
+                # a loading error on a lost card is a ModelError too: every error asks
                 if worker.device_lost(exc):
-                    _report(job, describe(exc) + LOST_DEVICE, traceback.format_exc())
+                    _report(job, line + LOST_DEVICE, trace)
                     return EXIT_DEVICE_LOST
-                _report(job, describe(exc), traceback.format_exc())
+                _report(job, line, trace)
             if Stop.requested:
                 return EXIT_STOPPED
         jobs = claim_more(session_path, float(session.get("linger") or 0))

@@ -10,6 +10,7 @@ says so. No textual here, no torch: `ltm_tui/widgets.py` renders these readings.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -22,45 +23,65 @@ SLOT_ENV = "LTM_WORKER_SLOT"
 
 
 def cuda_entries(visible: str) -> list[str]:
-    """The entries of a CUDA_VISIBLE_DEVICES value as CUDA reads them, where no card can be
-    asked: up to the first empty one or -1 (CUDA stops at the first entry that names no card)."""
-    entries = []
-    for entry in (e.strip() for e in visible.split(",")):
-        if not entry or entry == "-1":
+    """The entries of a CUDA_VISIBLE_DEVICES value as CUDA parses it, before any card is asked:
+    where the first is a UUID (GPU-… or MIG-…), the entries up to the first of another kind;
+    else card numbers, each read from its entry's leading digits as strtoul reads them (`1a` is
+    1), up to the first entry without (empty, -1, a name). A repeated entry shows no card at all."""
+    entries: list[str] = []
+    if visible.startswith(("GPU-", "MIG-")):
+        for entry in visible.split(","):
+            if entry in entries:
+                return []
+            if not entry.startswith(visible[:4]):
+                break
+            entries.append(entry)
+        return entries
+    for entry in visible.split(","):
+        digits = re.match(r"\+?\d+", entry.strip())
+        if digits is None:
             break
-        entries.append(entry)
+        number = str(int(digits.group()))
+        if number in entries:
+            return []
+        entries.append(number)
     return entries
 
 
 def visible_cards(pynvml) -> list[tuple[str, Any]]:
     """(entry, NVML handle) of each card CUDA shows this process, in CUDA's order: the entries of
-    CUDA_VISIBLE_DEVICES (an index, a GPU or MIG UUID, or a prefix of one that matches one card)
-    up to the first that names no card here, as CUDA stops there; every card where it is unset.
-    NVML must be initialised; its errors pass to the caller."""
+    CUDA_VISIBLE_DEVICES (`cuda_entries`) up to the first that names no card here (a number past
+    the last card, a UUID or a prefix of one that matches no card or several), as CUDA stops
+    there; every card where it is unset. NVML must be initialised; its errors pass to the caller."""
     count = pynvml.nvmlDeviceGetCount()
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return [(str(i), pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
-    uuids: list[tuple[str, Any]] | None = None
-    cards = []
-    for entry in cuda_entries(visible):
-        if entry.isdigit():
+    entries = cuda_entries(visible)
+    if not entries or not entries[0].startswith(("GPU-", "MIG-")):
+        cards = []
+        for entry in entries:
             if int(entry) >= count:
                 break
             cards.append((entry, pynvml.nvmlDeviceGetHandleByIndex(int(entry))))
-            continue
-        try:
-            cards.append((entry, pynvml.nvmlDeviceGetHandleByUUID(entry)))
-            continue
-        except Exception:  # not a whole UUID NVML knows: CUDA also takes a unique prefix
-            pass
-        if uuids is None:
-            handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-            uuids = [(_text(pynvml.nvmlDeviceGetUUID(h)), h) for h in handles]
-        found = [h for uuid, h in uuids if uuid.startswith(entry)]
-        if len(found) != 1:
-            break
-        cards.append((entry, found[0]))
+        return cards
+    whole = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
+    uuids = [(_text(pynvml.nvmlDeviceGetUUID(h)), i) for i, h in enumerate(whole)]
+    cards, seen = [], set()
+    for entry in entries:
+        if entry.startswith("MIG-"):  # a MIG instance is named by its whole UUID
+            try:
+                handle, key = pynvml.nvmlDeviceGetHandleByUUID(entry), entry
+            except Exception:
+                break
+        else:
+            found = [i for uuid, i in uuids if uuid.startswith(entry)]
+            if len(found) != 1:
+                break
+            handle, key = whole[found[0]], found[0]
+        if key in seen:  # two prefixes of one card
+            return []
+        seen.add(key)
+        cards.append((entry, handle))
     return cards
 
 
