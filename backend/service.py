@@ -530,7 +530,7 @@ def main(argv: list[str] | None = None) -> int:
                         "else the workspace's last choice, else local)")
     parser.add_argument("--address", help="the Ray cluster: auto or HOST:PORT (default RAY_ADDRESS, else auto)")
     parser.add_argument("--max-retries", type=int, default=1,
-                        help="times a run whose node was lost is queued again by itself (default 1)")
+                        help="times a run whose node was lost, or whose worker hung, is queued again by itself (default 1)")
     args = parser.parse_args(argv)
     keep_private()
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

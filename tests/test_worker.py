@@ -161,6 +161,66 @@ def test_workers_get_cudas_expandable_segments_unless_the_user_chose(tmp_path, c
     assert worker_env({**clean, "CUDA_DEVICE_ORDER": "FASTEST_FIRST"}, "1")["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"
 
 
+def test_a_worker_silent_past_the_stall_limit_is_stopped_and_its_run_queued_again(tmp_path, corpora, tiny_battery):
+    """A hung worker (a card or file system that stopped answering) would hold its slot and the
+    queue behind it until morning. One that holds a run and has written no event for the stall
+    limit is stopped; its run ends `interrupted` with the reason and is queued again once by
+    itself, to resume from its newest checkpoint. A worker that spoke lately, or one lingering
+    with every run ended, is left alone. (A live process stands in for the hung worker.)"""
+    import subprocess
+    import time
+
+    from backend.core.states import JobState
+    from backend.jobs.executor import LocalProcess, process_start_ticks
+    from backend.jobs.manager import LiveWorker
+
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    manager.stall_seconds = 600
+    run_id = manager.submit([corpora["logic"]], settings).run_ids[0]
+    for state in (JobState.STARTING, JobState.TRAINING):
+        store.transition(run_id, state)
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        worker = LiveWorker(LocalProcess(hung.pid, process_start_ticks(hung.pid), hung),
+                            tmp_path / "session.json", [run_id], 0)
+        said: list[dict] = []
+        worker.last_sign = time.monotonic() - 300  # silent, but within the limit
+        manager._enforce_stall(worker, said.append)
+        assert worker.stop_requested is None
+        worker.last_sign = time.monotonic() - 900
+        manager._enforce_stall(worker, said.append)
+        assert worker.stop_requested is not None and "no sign of life from its worker for 15 min" in worker.stalled
+        assert said and said[0]["run_id"] == run_id  # the run's log says why
+        assert exit_code(hung, "the hung worker, stopped") == -signal.SIGTERM
+        manager._settle(worker, said.append)
+        run = store.get_run(run_id)
+        assert run["status"] == "queued" and run["attempt"] == 1  # queued again by itself
+        first = store.attempts(run_id)[0]
+        assert first["status"] == "interrupted" and "no sign of life" in first["error"]
+        # once: a second hang of the same run leaves it interrupted, for the user to look at
+        store.transition(run_id, JobState.STARTING)
+        again = LiveWorker(LocalProcess(hung.pid, process_start_ticks(hung.pid), hung), tmp_path / "session.json",
+                           [run_id], 0, stalled="no sign of life")
+        manager._settle(again, said.append)
+        assert store.get_run(run_id)["status"] == "interrupted"
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+        hung.wait()
+    # a lingering worker whose runs have all ended (this one's is interrupted) says nothing, and is not stopped for it
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        lingering = LiveWorker(LocalProcess(idle.pid, process_start_ticks(idle.pid), idle),
+                               tmp_path / "session.json", [run_id], 0)
+        lingering.last_sign = time.monotonic() - 900
+        manager._enforce_stall(lingering, said.append)
+        assert lingering.stop_requested is None
+    finally:
+        idle.kill()
+        idle.wait()
+    store.close()
+
+
 def test_slots_are_the_cards_cuda_shows(fake_nvml, monkeypatch):
     """A slot for each card CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to the first
     entry that names no card (the mock has two), a UUID by a unique prefix, no card at all where

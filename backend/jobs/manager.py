@@ -33,6 +33,12 @@ STOP_GRACE_SECONDS = 30.0
 # A cancelled run's worker stops it at the next training step, or after the evaluation in progress;
 # a worker that has not let go of it by then is stopped whole (its other runs go back to the queue).
 CANCEL_GRACE_SECONDS = 300.0
+# A worker holding a run writes an event at least every step, every second of its evaluation and
+# at each phase; one silent this long is hung (a card or driver that stopped answering, a file
+# system that stopped reading) and is stopped, and its run queued again once by itself. Loading
+# a 13B base from a slow disk is the longest silence a healthy worker keeps: minutes. 0: never.
+STALL_SECONDS = 30 * 60.0
+STALL_ENV = "LTM_STALL_SECONDS"
 
 
 @dataclass
@@ -85,6 +91,7 @@ class JobManager:
         self.auto_retries: dict[str, int] = {}
         self.nodes: dict[str, str] = {}  # run -> the cluster node its worker ran on (Ray)
         self.tasks = Tasks(self.workspace, self.executor)  # calibrations and judges, in the same slots
+        self.stall_seconds = float(os.environ.get(STALL_ENV) or STALL_SECONDS)
 
     # -- queueing ---------------------------------------------------------------------------
 
@@ -259,6 +266,7 @@ class JobManager:
             self._pump(worker, on_event)
             worker.enforce_cancel()
             worker.enforce_stop()
+            self._enforce_stall(worker, on_event)
             code = worker.exit_code()
             if code is not None:
                 self._pump(worker, on_event)
@@ -503,6 +511,7 @@ class JobManager:
             events, end = read_events(path, worker.offsets.get(run_id, 0))
             if events:
                 worker.seen_events = True
+                worker.last_sign = time.monotonic()
             for event in events:
                 if event.get("phase") == "cancelled" and run_id in worker.stopping:
                     del worker.stopping[run_id]  # it let go of the cancelled run
@@ -513,6 +522,24 @@ class JobManager:
                 self._apply(run_id, event, on_event)
             worker.offsets[run_id] = end
 
+    def _enforce_stall(self, worker: LiveWorker, on_event: EventHook) -> None:
+        """Stop a worker that holds a run and has written no event for `stall_seconds`: hung, it
+        would hold its slot, and the queue behind it, until morning. Its run ends `interrupted`
+        with the reason and is queued again once by itself (`_settle`), resuming from its newest
+        checkpoint; a worker that does not stop is killed after the stop's grace period."""
+        if not self.stall_seconds or worker.stop_requested is not None:
+            return
+        silent = time.monotonic() - worker.last_sign
+        if silent < self.stall_seconds:
+            return
+        if all(JobState(self.store.get_run(r)["status"]).is_terminal() for r in worker.run_ids):
+            return  # a worker lingering for more work has nothing to say
+        worker.stalled = (f"no sign of life from its worker for {silent / 60:.0f} min (a card, driver or file "
+                          "system that stopped answering?): it was stopped")
+        for run_id in worker.run_ids:
+            on_event({"type": "log", "run_id": run_id, "message": worker.stalled})
+        worker.request_stop()
+
     def _settle(self, worker: LiveWorker, on_event: EventHook, reason: str | None = None) -> None:
         """After a worker exits, every run it held is settled: one it had started ends
         `interrupted` with the tail of its log (retry resumes it); one it never reached goes back
@@ -522,6 +549,7 @@ class JobManager:
         for more in worker.session_path.parent.glob(f"{worker.session_path.stem}.more-*.json"):
             more.rename(more.with_suffix(".orphan"))  # handed over too late: back to the queue
         lost = getattr(worker.process, "lost", None)  # its node or actor died (a cluster executor)
+        lost = lost or worker.stalled  # or it hung: either way its runs are queued again by themselves
         reason = reason or lost
         # a worker stopped on purpose, or one that got as far as an event, is no run's fault
         charged = bool(worker.stop_requested or reason or worker.seen_events)
@@ -624,6 +652,8 @@ class LiveWorker:
     key: str | None = None  # base and settings it serves, for handing it more jobs
     adopted: bool = False  # started by an earlier service
     stopping: dict[str, float] = field(default_factory=dict)  # cancelled run -> when it was asked
+    last_sign: float = field(default_factory=time.monotonic)  # when it last wrote an event (or started)
+    stalled: str | None = None  # why the service stopped it as hung
 
     @property
     def pid(self) -> int:

@@ -65,7 +65,7 @@ def add_parsers(sub) -> None:
                           "keeps the choice (default: LTM_EXECUTOR, else the last choice, else local)")
     srv.add_argument("--address", metavar="auto|HOST:PORT", help="the Ray cluster (default: RAY_ADDRESS, else auto)")
     srv.add_argument("--max-retries", type=int, default=1,
-                     help="times a run whose cluster node was lost is queued again by itself (default 1)")
+                     help="times a run whose cluster node was lost, or whose worker hung, is queued again by itself (default 1)")
     srv.set_defaults(handler=cmd_serve)
 
     prb = sub.add_parser("probes", help="what training changed inside a run's network")
