@@ -532,7 +532,8 @@ class JobManager:
         silent = time.monotonic() - worker.last_sign
         if silent < self.stall_seconds:
             return
-        if all(JobState(self.store.get_run(r)["status"]).is_terminal() for r in worker.run_ids):
+        runs = [self.store.get_run(r) for r in worker.run_ids]
+        if all(run is None or JobState(run["status"]).is_terminal() for run in runs):
             return  # a worker lingering for more work has nothing to say
         worker.stalled = (f"no sign of life from its worker for {silent / 60:.0f} min (a card, driver or file "
                           "system that stopped answering?): it was stopped")
