@@ -177,6 +177,7 @@ class Worker:
         events = EventLog(run_dir / "events.jsonl", job["run_id"], attempt)
         log = RunLog(run_dir / "train.log")
         trained = _Trained()
+        failing = False  # an exception leaves this job: a failed clean-up must not hide it
         try:
             if (run_dir / "result.json").exists():
                 # an earlier attempt finished but its result never reached the store (the run
@@ -222,12 +223,15 @@ class Worker:
             log(f"done: overall {result['overall']} | {json.dumps(result['scores'])}")
         except StopRequested:
             if Stop.requested:
+                failing = True
                 raise  # the whole worker stops
             # only this run was cancelled: say so (the service lets go of it), then the next job
             events.emit("phase", phase="cancelled")
             log("cancelled by the user; `ltm-tui retry` resumes it from its newest checkpoint")
+        except BaseException:
+            failing = True
+            raise
         finally:
-            failing = sys.exc_info()[0] is not None
             try:
                 if trained.adapter is not None:
                     trained.adapter.unload()  # the base goes back untouched for the next job
