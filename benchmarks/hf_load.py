@@ -232,11 +232,13 @@ def first_step_peer(folder: Path, work: Path, block: int, micro_batch: int, dtyp
     }
 
 
-def set_cache(folder: Path, cache: str) -> None:
+def set_cache(folder: Path, cache: str) -> float | None:
     """Put the folder's files in the page cache ("warm": read once, as right after another
     load) or out of it ("cold": `POSIX_FADV_DONTNEED`, which drops a file's clean pages for
     any user that can read it, as a base meets its first load of the day, or any load after
-    other work filled the memory; a 13B base is 26 GB)."""
+    other work filled the memory; a 13B base is 26 GB). Returns the share of the folder's bytes
+    still in the cache after a "cold" one (`cached_share`): some file systems keep their pages
+    (tmpfs, some overlays), and a "cold" measurement there is a warm one."""
     for path in sorted(folder.iterdir()):
         with open(path, "rb", buffering=0) as fh:
             if cache == "cold":
@@ -245,6 +247,34 @@ def set_cache(folder: Path, cache: str) -> None:
             else:
                 while fh.read(16 << 20):
                     pass
+    return cached_share(folder) if cache == "cold" else None
+
+
+def cached_share(folder: Path, probes: int = 64) -> float | None:
+    """The share of `probes` evenly spaced 4 KiB pages of the folder's files that a read which may
+    not wait for the disk (RWF_NOWAIT) finds in the page cache; None where the system cannot tell."""
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.stat().st_size]
+    total = sum(p.stat().st_size for p in files)
+    if not files or not hasattr(os, "RWF_NOWAIT"):
+        return None
+    found = seen = 0
+    buf = bytearray(4096)
+    for path in files:
+        size = path.stat().st_size
+        count = max(1, round(probes * size / total))
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for k in range(count):
+                seen += 1
+                try:
+                    found += os.preadv(fd, [buf], (size * k // count) & ~4095, os.RWF_NOWAIT) > 0
+                except BlockingIOError:
+                    pass
+        except OSError:  # no RWF_NOWAIT on this file system
+            return None
+        finally:
+            os.close(fd)
+    return round(found / seen, 3)
 
 
 def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: int = 64,
@@ -261,12 +291,12 @@ def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: 
 
     lora = LoraSettings().to_dict()
     dtype = str(train_dtype(torch.device(device))).replace("torch.", "")
-    ours, peer = [], []
+    ours, peer, left = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(repeats):
-            set_cache(folder, cache)
+            left.append(set_cache(folder, cache))
             ours.append(first_step_ours(folder, Path(tmp), block, micro_batch, device=device))
-            set_cache(folder, cache)
+            left.append(set_cache(folder, cache))
             peer.append(first_step_peer(folder, Path(tmp), block, micro_batch, dtype, lora, device=device))
     ratios = [p["seconds"] / o["seconds"] for o, p in zip(ours, peer)]
 
@@ -281,5 +311,7 @@ def load_ratio(folder: Path, shape: dict[str, int], *, repeats: int = 2, block: 
         "peer": {k: median(peer, k) for k in keys},
         "settings": {"shape": shape, "params": params(shape), "checkpoint": "bf16 safetensors, one file",
                      "dtype": dtype, "device": device, "block": block, "micro_batch": micro_batch, "lora": lora,
-                     "repeats": repeats, "each_side": "own process, alternating", "page_cache": cache},
+                     "repeats": repeats, "each_side": "own process, alternating", "page_cache": cache,
+                     # after each drop, the largest share of the folder the cache still held
+                     **({"cached_after_drop": max(left) if None not in left else None} if cache == "cold" else {})},
     }

@@ -124,3 +124,23 @@ def test_the_load_line_times_both_sides_from_a_saved_folder_to_their_first_step(
         assert side["seconds"] == pytest.approx(side["start_s"] + side["load_lora_s"] + side["step_s"], abs=0.05)
     assert line["hf_load_ratio"] == pytest.approx(peer["seconds"] / ours["seconds"], rel=0.01)
     assert "hf_load_ratio_warm_cache" not in line
+    assert "cached_after_drop" in line["cold"]  # how cold "cold" was, measured (below)
+
+
+def test_a_cold_page_cache_is_measured_not_assumed(tmp_path):
+    """hf_load's "cold" side drops the folder from the page cache and then reads back how much of
+    it is still there: none on a disk, all of it on a file system that keeps its pages in memory."""
+    from benchmarks.hf_load import cached_share, set_cache
+
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"):
+        (tmp_path / name).write_bytes(os.urandom(3 << 20))
+    set_cache(tmp_path, "warm")
+    if cached_share(tmp_path) is None:
+        pytest.skip("this system cannot tell what is in the page cache (no RWF_NOWAIT reads)")
+    assert cached_share(tmp_path) == 1.0
+    left = set_cache(tmp_path, "cold")
+    kind = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, text=True).stdout.strip()
+    if kind == "tmpfs":
+        assert left == 1.0
+    else:  # a page still being read ahead when the drop came may stay
+        assert left is not None and left <= 0.1, (kind, left)
