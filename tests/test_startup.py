@@ -3,7 +3,6 @@ imports run, and a session without a 4-bit base does without bitsandbytes."""
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import subprocess
@@ -14,59 +13,27 @@ import pytest
 
 from backend.compute.startup import needs_bitsandbytes, read_ahead, weight_files
 from backend.core.workspace import PROJECT_ROOT
+from benchmarks.hf_load import cached_share, set_cache
 
 
-def _cached(path: Path) -> bool:
-    """Whether every page of the file is in the page cache: a read that may not wait for the
-    disk (RWF_NOWAIT) returns the whole file."""
-    size = path.stat().st_size
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        buf, at = bytearray(1 << 20), 0
-        while at < size:
-            try:
-                got = os.preadv(fd, [buf], at, os.RWF_NOWAIT)
-            except BlockingIOError:
-                return False
-            if got == 0:
-                return False
-            at += got
-        return True
-    finally:
-        os.close(fd)
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-@pytest.mark.skipif(not hasattr(os, "RWF_NOWAIT"), reason="needs preadv with RWF_NOWAIT (Linux)")
 def test_a_bases_weights_are_in_the_page_cache_after_reading_ahead(tmp_path):
-    folder = tmp_path / "base"
+    """The page cache is read with hf_load's probes (reads that may not wait for the disk)."""
+    folder = tmp_path / "base"  # the weights alone: every byte probed below is one the thread should read
     folder.mkdir()
-    (folder / "config.json").write_text("{}")
     shards = [folder / f"model-0000{i}-of-00002.safetensors" for i in (1, 2)]
     for shard in shards:
         shard.write_bytes(os.urandom(6 << 20))
-        os.fsync(os.open(shard, os.O_RDONLY))  # dirty pages cannot be dropped
-        _evict(shard)
-    try:
-        if any(_cached(s) for s in shards):
-            pytest.skip("this file system keeps its files in memory (tmpfs): nothing to read ahead")
-    except OSError as exc:
-        if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            pytest.skip("this file system has no RWF_NOWAIT reads")
-        raise
+    left = set_cache(folder, "cold")  # written back, then dropped
+    if left is None:
+        pytest.skip("this system cannot tell what is in the page cache (no RWF_NOWAIT reads)")
+    if left > 0.1:
+        pytest.skip("this file system keeps its files in memory (tmpfs): nothing to read ahead")
     assert weight_files(str(folder)) == shards
 
     thread = read_ahead(str(folder))
     assert thread is not None
     thread.join(timeout=60)
-    assert all(_cached(s) for s in shards)
+    assert cached_share(folder) == 1.0
 
 
 def test_only_the_files_a_load_reads_are_read_ahead(tmp_path):

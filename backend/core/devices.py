@@ -65,7 +65,7 @@ def visible_cards(pynvml) -> list[tuple[str, Any]]:
             cards.append((entry, pynvml.nvmlDeviceGetHandleByIndex(int(entry))))
         return cards
     whole = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(count)]
-    uuids = [(_text(pynvml.nvmlDeviceGetUUID(h)), i) for i, h in enumerate(whole)]
+    uuids = [(nvml_text(pynvml.nvmlDeviceGetUUID(h)), i) for i, h in enumerate(whole)]
     cards, seen = [], set()
     for entry in entries:
         if entry.startswith("MIG-"):  # a MIG instance is named by its whole UUID
@@ -85,8 +85,9 @@ def visible_cards(pynvml) -> list[tuple[str, Any]]:
     return cards
 
 
-def _text(value: str | bytes) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+def nvml_text(value: str | bytes) -> str:
+    """A name or UUID as NVML gives it: bytes from older nvidia-ml-py releases, str from newer."""
+    return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -180,8 +181,8 @@ class DeviceMonitor:
                 out.append(DeviceReading(index=i, kind="gpu", name=f"GPU {i} (n/a)"))
                 continue
             name = _reading(lambda: nv.nvmlDeviceGetName(handle))
-            if isinstance(name, bytes):
-                name = name.decode(errors="replace")
+            if name is not None:
+                name = nvml_text(name)
             mem = _reading(lambda: nv.nvmlDeviceGetMemoryInfo(handle))
             util = _reading(lambda: nv.nvmlDeviceGetUtilizationRates(handle))
             temp = _reading(lambda: nv.nvmlDeviceGetTemperature(handle, nv.NVML_TEMPERATURE_GPU))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from backend.core.config import TrainConfig
-from backend.core.devices import SLOT_ENV, visible_cards
+from backend.core.devices import SLOT_ENV, nvml_text, visible_cards
 from backend.ingest.corpora import WORDS_PER_PAGE
 
 CALIBRATION_VERSION = 1
@@ -131,8 +131,7 @@ def _gpu_name(base_spec: Mapping[str, Any]) -> str | None:
     CUDA shows), or None (no NVML, no card, hidden by the environment)."""
 
     def read(pynvml, cards):
-        name = pynvml.nvmlDeviceGetName(cards[_card_asked(base_spec) or 0])
-        return name.decode() if isinstance(name, bytes) else str(name)
+        return nvml_text(pynvml.nvmlDeviceGetName(cards[_card_asked(base_spec) or 0]))
 
     return _with_cards(read, None)
 
