@@ -201,6 +201,8 @@ class Service:
     def broadcast(self, event: dict) -> None:
         if event.get("type") == "progress":
             self.progress[event["run_id"]] = event
+        elif event.get("type") == "worker" and (line := event.get("stuck") or event.get("freed")):
+            self.log(line)  # a worker the kernel holds (a GPU driver fault) belongs in service.log
         for q in list(self.subscribers):
             q.put(event)
 
@@ -213,6 +215,7 @@ class Service:
         if op == "ping":
             return {"pid": os.getpid(), "workspace": str(self.workspace.root), "protocol": PROTOCOL_VERSION,
                     "trouble": self.trouble, "searches": self.searches.running(),
+                    "stuck": self.manager.stuck_lines(),
                     "executor": self.executor_name, "address": self.address,
                     "nodes": self.executor.nodes() if self.executor is not None else None}
         if op == "submit":

@@ -227,6 +227,8 @@ class LtmApp(App):
                 self.refresh_jobs()
         elif kind == "worker":
             self.refresh_jobs()
+            if event.get("stuck"):  # the kernel holds it (a GPU driver fault): its card waits
+                self.notify(f"worker {event['pid']}: {event['stuck']}", severity="error", timeout=60)
         elif kind == "task":
             self._task_event(event)
         elif kind == "service" and event.get("status") == "trouble":

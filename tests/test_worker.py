@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -219,6 +220,120 @@ def test_a_worker_silent_past_the_stall_limit_is_stopped_and_its_run_queued_agai
         idle.kill()
         idle.wait()
     store.close()
+
+
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+@pytest.fixture
+def frozen(tmp_path):
+    """Start a process and freeze it in a cgroup-v1 freezer: the kernel then holds it, as a GPU
+    driver that faulted holds a worker (state D), and SIGKILL does not end it until it is thawed."""
+    import subprocess
+    import time
+
+    if not os.access(FREEZER, os.W_OK):
+        pytest.skip("needs a writable cgroup-v1 freezer (root) to make a process outlive SIGKILL")
+    group = FREEZER / f"ltm-test-{os.getpid()}-{tmp_path.name}"
+    group.mkdir()
+    procs = []
+
+    def start():
+        proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        procs.append(proc)
+        (group / "cgroup.procs").write_text(str(proc.pid))
+        (group / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", what="the freezer")
+        return proc
+
+    def thaw():
+        (group / "freezer.state").write_text("THAWED")
+
+    yield start, thaw
+    thaw()
+    for proc in procs:
+        proc.kill()
+        proc.wait()
+    wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), what="the freezer group emptied")
+    time.sleep(0.1)
+    group.rmdir()
+
+
+def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(tmp_path, corpora, tiny_battery,
+                                                                                frozen, monkeypatch):
+    """A worker the kernel holds (a GPU driver fault leaves it in state D) outlives SIGKILL. The
+    service used to wait for it for good, and the whole queue with it. Now the kill waits a
+    bounded time; the worker's run is settled with the reason (the process, its state, where to
+    look) and queued again once; no later service adopts that process for it; its card takes no
+    new worker until it is gone, while the queue goes on on the other card; `status` lists it;
+    when the kernel lets go, the card takes work again. A task the kernel holds ends the same way."""
+    import time
+
+    from backend.core.states import JobState
+    from backend.jobs import executor
+    from backend.jobs.executor import LocalProcess, process_start_ticks
+    from backend.jobs.manager import LiveWorker
+    from backend.jobs.tasks import FAILED, RUNNING
+
+    start, thaw = frozen
+    monkeypatch.setattr(executor, "KILL_WAIT_SECONDS", 0.5)
+    ws = Workspace(tmp_path / "ws")
+    store = Store(ws.root / "ltm.duckdb") if ws.ensure() else None
+    settings = JobSettings(base={"base": "micro", "preset": "tiny", "device": "cpu"}, scenes=str(tiny_battery),
+                           train={**TRAIN, "max_steps": 5})
+    manager = JobManager(ws, store, slots=["0", "1"])
+    sub = manager.submit([corpora["logic"]], settings)
+    for baseline in sub.baseline_ids:
+        manager.cancel(baseline)
+    run_id = sub.run_ids[0]
+    for state in (JobState.STARTING, JobState.TRAINING):
+        store.transition(run_id, state)
+    proc = start()
+    store.update_run(run_id, worker_pid=proc.pid, worker_start=process_start_ticks(proc.pid))
+    worker = LiveWorker(LocalProcess(proc.pid, process_start_ticks(proc.pid), proc), tmp_path / "session.json",
+                        [run_id], 0, stalled="no sign of life from its worker for 30 min")
+    worker.stop_requested = time.monotonic() - 3600  # asked to stop long ago: the grace is over
+    manager.live[proc.pid] = worker
+    said: list[dict] = []
+    try:
+        manager.tick(said.append)
+        assert proc.poll() is None  # SIGKILL sent, and the process is still there
+        first = store.attempts(run_id)[0]
+        assert first["status"] == "interrupted"
+        assert f"process {proc.pid} did not exit after SIGKILL" in first["error"]
+        assert "state D" in first["error"] and "no sign of life" in first["error"]
+        run = store.get_run(run_id)
+        assert run["attempt"] == 1 and run["worker_pid"] != proc.pid  # queued again, and not tied to it
+        stuck = [e for e in said if e.get("type") == "worker" and e.get("stuck")]
+        assert stuck and "card 0 takes no new worker" in stuck[0]["stuck"]
+        # the same tick started the run again, on card 1: card 0 is held by the stuck process
+        assert [manager.slots[w.slot] for w in manager.live.values()] == ["1"]
+        assert [manager.slots[i] for i in manager.free_slots()] == []
+        assert manager.stuck_lines() and f"worker {proc.pid} (card 0)" in manager.stuck_lines()[0]
+        manager.cancel(run_id)
+        manager.shutdown_workers(said.append, reason="test over")
+        thaw()  # the kernel lets go: the SIGKILL takes effect
+        wait_for(lambda: proc.poll() is not None, what="the thawed process to die")
+        manager.tick(said.append)
+        assert not manager.stuck and manager.free_slots() == [0, 1]
+        assert any(e.get("freed") for e in said)
+        # a task (a calibration, a judge) the kernel holds: failed with the reason, its card held
+        task = manager.submit_task("calibrate", {}, "calibrate micro:tiny")
+        held = start()
+        task.process = LocalProcess(held.pid, process_start_ticks(held.pid), held)
+        task.slot, task.card, task.status = 1, "1", RUNNING
+        manager.tasks.cancel(task.task_id, said.append)
+        task.stop_asked = time.monotonic() - 3600
+        manager.tasks.tick(lambda t, r: r, said.append)
+        assert task.status == FAILED and f"process {held.pid} did not exit after SIGKILL" in task.error
+        assert manager.tasks.used_slots() == {1} and "task calibrate" in manager.stuck_lines()[0]
+        thaw()
+        wait_for(lambda: held.poll() is not None, what="the thawed task to die")
+        manager.tasks.tick(lambda t, r: r, said.append)
+        assert manager.tasks.used_slots() == set()
+    finally:
+        manager.shutdown_workers(said.append, reason="test over")
+        store.close()
 
 
 def test_slots_are_the_cards_cuda_shows(fake_nvml, monkeypatch):

@@ -28,7 +28,10 @@ class WorkerHandle(Protocol):
 
     def terminate(self) -> None: ...
 
-    def kill(self) -> None: ...
+    def kill(self) -> None:
+        """Kill it and wait a bounded time (`KILL_WAIT_SECONDS`) for it to go: a process the
+        kernel holds (a GPU driver fault) outlives SIGKILL, and `exit_code()` then stays None."""
+        ...
 
 
 class Executor(Protocol):
@@ -65,11 +68,38 @@ class LocalProcess:
         """SIGTERM to the worker's process group: it saves a checkpoint and exits."""
         signal_group(self.pid, signal.SIGTERM)
 
-    def kill(self) -> None:
+    def kill(self, wait: float | None = None) -> None:
         if self.exit_code() is None:
             signal_group(self.pid, signal.SIGKILL)
-            if self.proc is not None:
-                self.proc.wait()
+            try:
+                self.wait(KILL_WAIT_SECONDS if wait is None else wait)
+            except subprocess.TimeoutExpired:
+                pass  # stuck in the kernel: the caller sees `exit_code()` still None
+
+
+# SIGKILL ends a process as soon as the kernel lets go of it: at once, or after its memory is
+# freed (seconds, for a worker holding a 13B base). One the kernel does not let go of (an
+# uninterruptible wait in a GPU driver that faulted, a hung network file system) may never end.
+KILL_WAIT_SECONDS = 10.0
+
+
+def stuck_line(pid: int) -> str:
+    """Why a process outlived SIGKILL, in words, from /proc: its state, and the kernel function
+    it waits in (`wchan`), which names a GPU driver (nv_..., os_..., uvm_...) when one holds it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        state = stat[stat.rfind(")") + 2 :].split()[0]
+    except (OSError, IndexError):
+        return f"process {pid} did not exit after SIGKILL"
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text().strip()
+    except OSError:
+        wchan = ""
+    where = f", waiting in {wchan}" if wchan and wchan != "0" else ""
+    kind = {"D": "uninterruptible sleep", "T": "stopped", "t": "traced"}.get(state, "")
+    return (f"process {pid} did not exit after SIGKILL: the kernel holds it (state {state}"
+            f"{' ' + kind if kind else ''}{where}), most often a GPU driver fault: see `nvidia-smi` "
+            "and `dmesg`")
 
 
 def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:

@@ -23,7 +23,7 @@ from backend.core.events import log_tail, of_attempt, read_events
 from backend.core.states import EXIT_DEVICE_LOST, EXIT_DISK_FULL, JobState
 from backend.core.workspace import Workspace, cancel_marker
 from backend.ingest.corpora import expand_paths, inspect_corpus
-from backend.jobs.executor import Executor, LocalExecutor, WorkerHandle
+from backend.jobs.executor import Executor, LocalExecutor, WorkerHandle, stuck_line
 from backend.jobs.settings import JobSettings
 from backend.jobs.store import Store
 from backend.jobs.tasks import Task, Tasks
@@ -85,6 +85,9 @@ class JobManager:
         # how long a worker that finished its jobs waits for more on the same base (warm worker)
         self.linger = linger
         self.live: dict[int, LiveWorker] = {}  # by pid
+        # workers that outlived SIGKILL (the kernel holds them: a GPU driver fault), by pid: their
+        # runs are settled, and a card's slot takes no new worker until its process is gone
+        self.stuck: dict[int, LiveWorker] = {}
         # a run whose worker was lost with its node (a cluster executor's handle says `lost`) is
         # queued again this many times by itself, resuming from its newest checkpoint
         self.max_retries = max_retries
@@ -228,6 +231,9 @@ class JobManager:
 
     def free_slots(self) -> list[int]:
         used = {w.slot for w in self.live.values()} | self.tasks.used_slots()
+        # a stuck worker still holds its card's memory and maybe the card itself; on the CPU slot
+        # it holds some RAM, and the queue goes on beside it rather than stop for the night
+        used |= {w.slot for w in self.stuck.values() if self.slots[w.slot] is not None}
         return [i for i in range(len(self.slots)) if i not in used]
 
     def cards(self) -> list[str]:
@@ -272,6 +278,13 @@ class JobManager:
                 self._pump(worker, on_event)
                 self._settle(worker, on_event)
                 del self.live[worker.pid]
+            elif worker.killed:
+                self._quarantine(worker, on_event)
+        for worker in list(self.stuck.values()):
+            if worker.exit_code() is not None:
+                del self.stuck[worker.pid]
+                on_event({"type": "worker", "pid": worker.pid, "runs": [],
+                          "freed": f"stuck worker {worker.pid} is gone at last: its slot takes work again"})
         self.tasks.tick(self._task_result, on_event)
         free = self.free_slots()
         waiting = self.tasks.waiting()
@@ -409,8 +422,37 @@ class JobManager:
             time.sleep(0.1)
         for worker in workers:
             worker.kill()
+            if worker.exit_code() is None:
+                self._quarantine(worker, on_event, reason)
+                continue
             self._settle(worker, on_event, reason=reason)
             del self.live[worker.pid]
+
+    def _quarantine(self, worker: LiveWorker, on_event: EventHook, why: str | None = None) -> None:
+        """A worker that outlived SIGKILL: its runs are settled now (a hung one's are queued again
+        once, as `_settle` does for a stall), no later service adopts it for them, and its slot
+        waits in `stuck` until the process is gone (a reboot, or the driver letting go)."""
+        line = stuck_line(worker.pid)
+        reason = "; ".join(filter(None, [why or worker.stalled or "it was stopped", line]))
+        self._pump(worker, on_event)
+        self._settle(worker, on_event, reason=reason)
+        for run_id in worker.run_ids:
+            self.store.update_run(run_id, worker_pid=None, worker_start=None)
+        del self.live[worker.pid]
+        self.stuck[worker.pid] = worker
+        slot = self.slots[worker.slot] if worker.slot < len(self.slots) else None
+        held = f"card {slot} takes no new worker until it is gone" if slot is not None else "the queue goes on"
+        on_event({"type": "worker", "pid": worker.pid, "runs": list(worker.run_ids), "stuck": f"{line}; {held}"})
+
+    def stuck_lines(self) -> list[str]:
+        """One line per worker that outlived SIGKILL and is still there (for `status`)."""
+        def card(slot: int | None) -> str:
+            name = self.slots[slot] if slot is not None and slot < len(self.slots) else None
+            return f"card {name}" if name is not None else "the CPU slot"
+
+        lines = [f"worker {w.pid} ({card(w.slot)}): {stuck_line(w.pid)}" for w in list(self.stuck.values())]
+        return lines + [f"task {t.task_id} ({card(t.slot)}): {stuck_line(t.process.pid)}"
+                        for t in list(self.tasks.stuck)]
 
     def _write_session(self, runs: list[dict], slot: str | None = None) -> Path:
         s = runs[0]["settings"]
@@ -655,6 +697,7 @@ class LiveWorker:
     stopping: dict[str, float] = field(default_factory=dict)  # cancelled run -> when it was asked
     last_sign: float = field(default_factory=time.monotonic)  # when it last wrote an event (or started)
     stalled: str | None = None  # why the service stopped it as hung
+    killed: bool = False  # SIGKILL sent: if it is still there, the kernel holds it
 
     @property
     def pid(self) -> int:
@@ -679,10 +722,12 @@ class LiveWorker:
             self.request_stop()
 
     def enforce_stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
-        if self.stop_requested is not None and time.monotonic() - self.stop_requested > grace:
+        if self.stop_requested is not None and not self.killed and time.monotonic() - self.stop_requested > grace:
             self.kill()
 
     def kill(self) -> None:
+        """SIGKILL, and a bounded wait for it to go (`executor.KILL_WAIT_SECONDS`)."""
+        self.killed = True
         self.process.kill()
 
 

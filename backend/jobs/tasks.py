@@ -25,7 +25,7 @@ from typing import Any, Callable
 from backend.core.errors import JobError
 from backend.core.events import log_tail, read_events
 from backend.core.workspace import Workspace
-from backend.jobs.executor import Executor, WorkerHandle
+from backend.jobs.executor import Executor, WorkerHandle, stuck_line
 
 KINDS = ("calibrate", "judge")
 WAITING, RUNNING, DONE, FAILED, CANCELLED = "waiting", "running", "done", "failed", "cancelled"
@@ -42,12 +42,14 @@ class Task:
     folder: Path
     status: str = WAITING
     slot: int | None = None
+    card: str | None = None  # the slot's GPU, None for the CPU slot
     process: WorkerHandle | None = None
     offset: int = 0
     created: float = field(default_factory=time.time)
     error: str | None = None
     result: Any = None
     stop_asked: float | None = None
+    killed: bool = False  # SIGKILL sent: if it is still there, the kernel holds it
 
     def row(self) -> dict:
         return {"task_id": self.task_id, "kind": self.kind, "what": self.what, "status": self.status,
@@ -62,6 +64,7 @@ class Tasks:
         self.workspace = workspace
         self.executor = executor
         self.tasks: dict[str, Task] = {}
+        self.stuck: list[Task] = []  # ended tasks whose process outlived SIGKILL (the manager's `stuck`)
 
     @property
     def folder(self) -> Path:
@@ -94,11 +97,12 @@ class Tasks:
         return [t for t in self.tasks.values() if t.status == RUNNING]
 
     def used_slots(self) -> set[int]:
-        return {t.slot for t in self.running() if t.slot is not None}
+        held = [t for t in self.stuck if t.card is not None]  # a card a stuck process holds
+        return {t.slot for t in [*self.running(), *held] if t.slot is not None}
 
     def start(self, task: Task, slot_index: int, slot: str | None, on_event: Callable[[dict], None]) -> None:
         task.process = self.executor.start(task.folder / "task.json", slot)
-        task.slot, task.status = slot_index, RUNNING
+        task.slot, task.card, task.status = slot_index, slot, RUNNING
         on_event({"type": "task", "task_id": task.task_id, "status": RUNNING, "pid": task.process.pid})
 
     def cancel(self, task_id: str, on_event: Callable[[dict], None]) -> Task:
@@ -113,12 +117,17 @@ class Tasks:
     def tick(self, apply: Callable[[Task, Any], Any], on_event: Callable[[dict], None]) -> None:
         """Read the running tasks' events; settle the ones whose worker exited. `apply` turns a
         finished task's result.json into what its client gets (the judge's rows are stored)."""
+        self.stuck = [t for t in self.stuck if t.process.exit_code() is None]
         for task in self.running():
             self._pump(task, on_event)
-            if task.stop_asked is not None and time.monotonic() - task.stop_asked > STOP_GRACE_SECONDS:
+            if task.stop_asked is not None and not task.killed and time.monotonic() - task.stop_asked > STOP_GRACE_SECONDS:
+                task.killed = True
                 task.process.kill()
             code = task.process.exit_code()
             if code is None:
+                if task.killed:
+                    self.stuck.append(task)
+                    self._end(task, FAILED, on_event, error=stuck_line(task.process.pid))
                 continue
             self._pump(task, on_event)
             if task.stop_asked is not None:

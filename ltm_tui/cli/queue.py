@@ -170,6 +170,8 @@ def cmd_status(args) -> int:
     pong = ask(args, "ping", lambda st: {})
     if pong.get("trouble"):  # the queue stands still until it is mended (a full disk, say)
         print(f"ltm-tui: service: {pong['trouble']}", file=sys.stderr)
+    for line in pong.get("stuck") or []:  # a process the kernel holds: the card waits for a reboot
+        print(f"ltm-tui: stuck {line}", file=sys.stderr)
     if args.format == "json":
         print(json.dumps(jobs, ensure_ascii=False, indent=1))
         return EXIT_OK
