@@ -240,6 +240,8 @@ class Service:
         if op == "workers":  # the live workers (a fit check counts the memory they hold as the queue's)
             return [{"pid": w.pid, "slot": w.slot, "runs": list(w.run_ids), "node": getattr(w.process, "node", None)}
                     for w in list(self.manager.live.values())]
+        if op == "cards":  # the GPUs the slots name, in order: what `--device cuda:N` counts
+            return self.manager.cards()
         if op == "results":
             return self.store.results(
                 sort=args.get("sort", "overall"), descending=args.get("descending", True)

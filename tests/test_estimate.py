@@ -369,3 +369,32 @@ def test_the_fit_check_counts_the_workspaces_own_workers_as_free(tmp_path, tiny_
             client.call("cancel", run_id=run_id)
     finally:
         stop_service(ws.root)
+
+
+def test_cuda_n_is_the_n_th_card_of_the_service_that_runs_the_job(tmp_path, fake_nvml, monkeypatch):
+    """`--device cuda:0` names the first card of the job service (its workers get its cards),
+    not of the shell that asks. A service started where CUDA_VISIBLE_DEVICES=1 runs cuda:0 on
+    the H200; a shell that sees both cards, or none, checks the H200 for it too: its free memory,
+    and the card name a calibration is filed under. Without a service, the shell's own view."""
+    from backend.core.workspace import Workspace
+    from backend.jobs.client import connect
+    from tests.conftest import stop_service
+
+    ws = Workspace(tmp_path / "ws")
+    gib = 2**30
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # the service starts with this (no NVML in it)
+    try:
+        with connect(ws) as client:
+            assert client.call("cards") == ["1"]
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+        job = {"base": "micro", "device": "cuda:0"}
+        assert forecast.free_memory(job) == (56 * gib, "GPU")  # this shell's cuda:0
+        assert forecast.free_memory(job, ws) == (131 * gib, "GPU")  # the service's cuda:0
+        assert forecast.device_tag(job) == "cuda:NVIDIA RTX PRO 6000 Blackwell"
+        assert forecast.device_tag(job, ws) == "cuda:NVIDIA H200"
+        assert forecast.free_memory({"base": "micro", "device": "cuda:1"}, ws) == (None, "GPU")  # it has one
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # a shell that sees no card
+        assert forecast.free_memory({"base": "micro"})[1] == "RAM"  # alone, it would check the host's RAM
+        assert forecast.free_memory({"base": "micro"}, ws) == (131 * gib, "GPU")
+    finally:
+        stop_service(ws.root)

@@ -47,13 +47,14 @@ def cuda_entries(visible: str) -> list[str]:
     return entries
 
 
-def visible_cards(pynvml) -> list[tuple[str, Any]]:
+def visible_cards(pynvml, entries: list[str] | None = None) -> list[tuple[str, Any]]:
     """(entry, NVML handle) of each card CUDA shows this process, in CUDA's order: the entries of
     CUDA_VISIBLE_DEVICES (`cuda_entries`) up to the first that names no card here (a number past
     the last card, a UUID or a prefix of one that matches no card or several), as CUDA stops
-    there; every card where it is unset. NVML must be initialised; its errors pass to the caller."""
+    there; every card where it is unset. `entries` read another process's view instead (the job
+    service's cards, which its workers get). NVML must be initialised; its errors pass to the caller."""
     count = pynvml.nvmlDeviceGetCount()
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    visible = ",".join(entries) if entries is not None else os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is None:
         return [(str(i), pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(count)]
     entries = cuda_entries(visible)

@@ -111,37 +111,43 @@ def _card_asked(base_spec: Mapping[str, Any]) -> int | None:
     return int(index) if wanted.startswith("cuda:") and index.isdigit() else None
 
 
-def _with_cards(read, fallback):
+def _with_cards(read, fallback, entries: list[str] | None = None):
     """read(pynvml, cards) with NVML open, or `fallback` where NVML fails in any way (no
-    package, no driver, no card, a card hidden by the environment)."""
+    package, no driver, no card, a card hidden by the environment). The cards are the ones this
+    process sees, or those `entries` name (`service_cards`)."""
     try:
         import pynvml
 
         pynvml.nvmlInit()
         try:
-            return read(pynvml, [handle for _, handle in visible_cards(pynvml)])
+            return read(pynvml, [handle for _, handle in visible_cards(pynvml, entries)])
         finally:
             pynvml.nvmlShutdown()
     except Exception:
         return fallback
 
 
-def _gpu_name(base_spec: Mapping[str, Any]) -> str | None:
+def _gpu_name(base_spec: Mapping[str, Any], entries: list[str] | None = None) -> str | None:
     """The NVML name of the card a job would train on (the one it asks for, else the first
     CUDA shows), or None (no NVML, no card, hidden by the environment)."""
 
     def read(pynvml, cards):
         return nvml_text(pynvml.nvmlDeviceGetName(cards[_card_asked(base_spec) or 0]))
 
-    return _with_cards(read, None)
+    return _with_cards(read, None, entries)
 
 
-def device_tag(base_spec: Mapping[str, Any]) -> str:
+def device_tag(base_spec: Mapping[str, Any], workspace=None) -> str:
     """The device a job with this spec would train on, named without torch: the NVML GPU name,
-    or the CPU model and the cores this process may use."""
+    or the CPU model and the cores this process may use. With a workspace, `--device cuda:N`
+    counts the cards of its job service (`service_cards`), which runs the job."""
+    return _device_tag(base_spec, service_cards(workspace) if workspace is not None else None)
+
+
+def _device_tag(base_spec: Mapping[str, Any], entries: list[str] | None) -> str:
     wanted = (base_spec.get("device") or "").lower()
     if not wanted.startswith("cpu"):
-        gpu = _gpu_name(base_spec)
+        gpu = _gpu_name(base_spec, entries)
         if gpu:
             return f"cuda:{gpu}"
     return f"cpu:{_cpu_name()} ×{_cpu_count()}"
@@ -152,7 +158,7 @@ def _key_hash(*parts: str) -> str:
 
 
 def calibration_path(workspace, base_spec: Mapping[str, Any], train: Mapping[str, Any] | None) -> Path:
-    key = _key_hash(device_tag(base_spec), settings_key(base_spec, train))
+    key = _key_hash(device_tag(base_spec, workspace), settings_key(base_spec, train))
     return forecast_dir(workspace) / f"calib-{key}.json"
 
 
@@ -393,13 +399,15 @@ def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | Non
 
     On a GPU, the card the job asks for (`--device cuda:N`), or for a job that may go to any
     card, the one with the least memory free: the queue starts such a job in the first free
-    slot, whichever card that is, so it must fit on each. Memory held by the workspace's own workers (`own_workers`) counts as free:
-    the queue runs one job a slot, so a warm worker gives its memory up to the next job rather
-    than sharing the card with it. Only processes NVML lists on that card count. A job that asks
-    for a card NVML cannot read gets (None, "GPU"): unknown, not the host's RAM."""
+    slot, whichever card that is, so it must fit on each. With a workspace whose job service
+    runs, the cards are the service's (`service_view`), and memory held by its workers counts
+    as free: the queue runs one job a slot, so a warm worker gives its memory up to the next job
+    rather than sharing the card with it. Only processes NVML lists on that card count. A job
+    that asks for a card NVML cannot read gets (None, "GPU"): unknown, not the host's RAM."""
     asks_cuda = (base_spec.get("device") or "").lower().startswith("cuda")
-    if asks_cuda or not device_tag(base_spec).startswith("cpu"):
-        mine = set(own_workers(workspace)) if workspace is not None else set()
+    pids, entries = service_view(workspace) if workspace is not None else ([], None)
+    if asks_cuda or not _device_tag(base_spec, entries).startswith("cpu"):
+        mine = set(pids)
 
         def read(pynvml, cards):
             asked = _card_asked(base_spec)
@@ -410,7 +418,7 @@ def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | Non
                             + sum(int(p.usedGpuMemory or 0) for p in held if p.pid in mine))
             return min(free), "GPU"
 
-        return _with_cards(read, (None, "GPU"))
+        return _with_cards(read, (None, "GPU"), entries)
     try:
         import psutil
 
@@ -419,20 +427,37 @@ def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | Non
         return None, "RAM"
 
 
-def own_workers(workspace) -> list[int]:
-    """The pids of this workspace's running workers, from its job service if one runs (none is
-    started for this): what `free_memory` may count as free."""
+def service_view(workspace) -> tuple[list[int], list[str] | None]:
+    """(the pids of this workspace's running workers, the cards its job service schedules on)
+    from the service if one runs (none is started for this); ([], None) where none answers.
+
+    The pids are what `free_memory` may count as free. The cards are the service's own
+    CUDA_VISIBLE_DEVICES entries, the ones `--device cuda:N` counts and its workers get: a
+    shell that sees other cards (another CUDA_VISIBLE_DEVICES) would otherwise check the wrong
+    card. None also in a worker (it sees its slot's card alone), from a service with no card
+    (the CPU, Ray's nodes) and from one too old to say."""
     from backend.core.errors import LtmError
+    from backend.core.workspace import Workspace
     from backend.jobs.client import try_connect
 
     try:
-        client = try_connect(workspace)
+        client = try_connect(workspace if isinstance(workspace, Workspace) else Workspace(_root(workspace)))
         if client is None:
-            return []
+            return [], None
         with client:
-            return [int(w["pid"]) for w in client.call("workers")]
+            pids = [int(w["pid"]) for w in client.call("workers")]
+            try:
+                cards = client.call("cards")
+            except LtmError:  # a service from before the `cards` request
+                cards = None
     except (LtmError, OSError, KeyError, TypeError, ValueError):
-        return []
+        return [], None
+    usable = isinstance(cards, list) and cards and all(isinstance(c, str) for c in cards)
+    return pids, cards if usable and not os.environ.get(SLOT_ENV) else None
+
+
+def service_cards(workspace) -> list[str] | None:
+    return service_view(workspace)[1]
 
 
 def memory_fix(
