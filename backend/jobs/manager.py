@@ -293,7 +293,7 @@ class JobManager:
                 break
             index = free.pop(0)
             self.tasks.start(task, index, self.slots[index], on_event)
-        tasks_wait = bool(self.tasks.waiting())
+        tasks_wait = self.tasks.held_back()
         if tasks_wait and (idle := self._lingering_worker()) is not None:
             idle.request_stop()
         for group in self.sessions():

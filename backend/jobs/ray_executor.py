@@ -45,7 +45,7 @@ from pathlib import Path
 from backend.core.devices import SLOT_ENV
 from backend.core.errors import LtmError
 from backend.core.workspace import model_folder
-from backend.jobs.executor import LocalExecutor, worker_env
+from backend.jobs.executor import LocalExecutor, LocalProcess, worker_env
 
 RAY_MISSING = 'the Ray executor needs ray: pip install -e ".[ray]"'
 # The start marker of a Ray worker in the `runs.worker_start` column: no /proc start time is
@@ -263,6 +263,36 @@ def read_node_devices() -> dict:
         _node_monitor = DeviceMonitor()
     snap = _node_monitor.read()
     return {"source": snap.source, "note": snap.note, "devices": [asdict(d) for d in snap.devices]}
+
+
+class TaskActor:
+    """A task (a calibration, a judge) on the service's own host. Ray reserves what it needs
+    there: a share of one of the host's cards, as a session's actor gets, so that it never lands
+    on a card a training actor holds; no CPU, since the task's process shares the host's CPUs
+    with the service as a local task does. The actor starts the task's ordinary worker process
+    on the workspace's own files (the same host: nothing to copy), seeing the card Ray gave it."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, task_path: str) -> dict:
+        import ray
+
+        from backend.jobs.executor import process_start_ticks
+
+        env = worker_env(os.environ, None)  # Ray chose the card: CUDA_VISIBLE_DEVICES is set
+        env[SLOT_ENV] = "ray"  # so a task asked for cuda:N runs on the card Ray gave it
+        with open(Path(task_path).with_suffix(".log"), "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "backend.compute.worker", task_path],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env=env, preexec_fn=_own_session_tied_to_parent,
+            )
+        return {"pid": self.proc.pid, "start_ticks": process_start_ticks(self.proc.pid),
+                "gpus": [str(g) for g in ray.get_gpu_ids()]}
+
+    def code(self) -> int | None:
+        return None if self.proc is None else self.proc.poll()
 
 
 def _own_session_tied_to_parent() -> None:
@@ -501,6 +531,77 @@ class RayWorker:
             pass
 
 
+class RayTask:
+    """The service's handle on a task's actor (`TaskActor`): `exit_code`, `terminate` and `kill`
+    of the task's process, a local one once the actor has started it. Until then (Ray holds the
+    actor back while no card share is free on this host) `pid` is an id of ours and the task is
+    still running as far as the manager is concerned; stopping it then just ends the actor."""
+
+    def __init__(self, actor, started, pid: int) -> None:
+        self.actor = actor
+        self._started = started
+        self.pid = pid
+        self.start_ticks: int | None = None
+        self.gpus: list[str] = []  # the cards Ray gave it, once started
+        self.process: LocalProcess | None = None
+        self._code: int | None = None
+
+    def _take_start(self) -> None:
+        if self.process is not None or self._code is not None:
+            return
+        ray = import_ray()
+        ready, _ = ray.wait([self._started], timeout=0)
+        if not ready:
+            return
+        try:
+            info = ray.get(self._started)
+        except ray.exceptions.RayError:  # the actor could not start the process: a failed task
+            self._end(-1)
+            return
+        self.process = LocalProcess(info["pid"], info["start_ticks"])
+        self.pid, self.start_ticks, self.gpus = info["pid"], info["start_ticks"], info["gpus"]
+
+    @property
+    def started(self) -> bool:
+        """False while Ray holds the actor back (no card share free on this host yet)."""
+        self._take_start()
+        return self.process is not None or self._code is not None
+
+    def exit_code(self) -> int | None:
+        self._take_start()
+        if self._code is not None or self.process is None or self.process.exit_code() is None:
+            return self._code
+        ray = import_ray()
+        try:  # the process is gone: its exit code is the actor's to read (it is the parent)
+            code = ray.get(self.actor.code.remote(), timeout=SYNC_TIMEOUT)
+        except Exception:  # noqa: BLE001 - the actor went with it
+            code = -1
+        self._end(-1 if code is None else code)
+        return self._code
+
+    def terminate(self) -> None:
+        self._take_start()
+        if self.process is not None:
+            self.process.terminate()
+        elif self._code is None:
+            self._end(-1)  # never started: ending the actor gives its place in Ray's queue up
+
+    def kill(self, wait: float | None = None) -> None:
+        self._take_start()
+        if self.process is not None:
+            self.process.kill(wait)
+        elif self._code is None:
+            self._end(-1)
+
+    def _end(self, code: int) -> None:
+        """The task is over: its code kept, its actor ended (its card share back to Ray)."""
+        self._code = code
+        try:
+            import_ray().kill(self.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+
+
 class RayExecutor:
     """Worker sessions as Ray actors, placed by the resources each asks for."""
 
@@ -515,7 +616,7 @@ class RayExecutor:
         self.gpu_memory = (gpu_memory_gib or float(os.environ.get("LTM_RAY_GPU_MEMORY_GIB", 24))) * 2**30
         self.held: dict[int, set[str]] = {}  # worker id -> runs it was given (cancel markers go to it)
         self._nodes: tuple[float, list[dict]] = (-1e9, [])
-        self.local = LocalExecutor()  # tasks (calibrations, judges) and workers from before a switch
+        self.local = LocalExecutor()  # workers from before a switch to Ray
         self._readings: dict[str, dict] = {}  # node id -> its last device reading
         self._reading: dict = {}  # a reading task in flight -> its node
         self._read_at = -1e9
@@ -531,6 +632,7 @@ class RayExecutor:
                     "start one with `ray start --head` (docs/cluster.md)"
                 ) from None
         self._actor_class = ray.remote(SessionActor)
+        self._task_class = ray.remote(TaskActor)
         self._read_task = ray.remote(num_cpus=0, max_retries=0)(read_node_devices)  # holds no CPU
 
     def slots(self) -> list[str | None]:
@@ -601,7 +703,7 @@ class RayExecutor:
     def start(self, session_path: Path, slot: str | None):
         session = json.loads(Path(session_path).read_text(encoding="utf-8"))
         if "task" in session:
-            return self.local.start(session_path, slot)  # a calibration or a judge: on this host
+            return self._start_task(Path(session_path), session)
         pid = secrets.randbelow(2**31 - 2**20) + 2**20  # an id no list of local pids shows
         name = ACTOR_NAME.format(pid=pid)
         actor = self._actor_class.options(
@@ -613,6 +715,35 @@ class RayExecutor:
         handle._started = actor.start.remote(session, payload)
         self.held[pid] = {j["run_id"] for j in session["jobs"]}
         return handle
+
+    def _start_task(self, path: Path, task: dict) -> RayTask:
+        """A calibration or a judge on this host (its files are the workspace's), in an actor
+        pinned here that holds the card share the task's model needs where this host has cards
+        (`task_resources`)."""
+        ray = import_ray()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        actor = self._task_class.options(
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), max_restarts=0,
+            **self.task_resources(task, here),
+        ).remote()
+        pid = secrets.randbelow(2**31 - 2**20) + 2**20  # an id no list of local pids shows
+        return RayTask(actor, actor.start.remote(str(path)), pid)
+
+    def task_resources(self, task: dict, node_id: str) -> dict[str, float]:
+        """No CPU (the task's process shares this host's CPUs with the service, as a local task
+        does), and where this host has cards and the task may use one, the share its model
+        needs, as a session's actor asks (`gpu_share`)."""
+        cards = next((n["gpus"] for n in self.nodes() if n["node_id"] == node_id), 0)
+        if task.get("task") == "judge":
+            device, spec = task.get("device"), {"base": task.get("model")}
+        else:
+            spec = task.get("base") or {}
+            device = spec.get("device")
+        if not cards or str(device or "").lower().startswith("cpu"):
+            return {"num_cpus": 0, "num_gpus": 0}
+        return {"num_cpus": 0, "num_gpus": gpu_share(base_memory_bytes(spec), self.gpu_memory, self.slots_per_gpu)}
 
     def adopt(self, pid: int, start_ticks: int | None):
         if start_ticks != RAY_TICKS:

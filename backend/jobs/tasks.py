@@ -96,6 +96,11 @@ class Tasks:
     def running(self) -> list[Task]:
         return [t for t in self.tasks.values() if t.status == RUNNING]
 
+    def held_back(self) -> bool:
+        """Whether a task waits: for a slot, or in its executor's queue for a card (a Ray task
+        whose actor is not placed yet). Warm workers end with their session meanwhile."""
+        return bool(self.waiting()) or any(not getattr(t.process, "started", True) for t in self.running())
+
     def used_slots(self) -> set[int]:
         held = [t for t in self.stuck if t.card is not None]  # a card a stuck process holds
         return {t.slot for t in [*self.running(), *held] if t.slot is not None}
