@@ -48,6 +48,11 @@ TROUBLE_PAUSE_SECONDS = 2.0  # after a failed tick (a full disk), before the nex
 MAX_REQUEST_BYTES = 8 << 20
 # A run id names a folder under runs/: letters, digits, '.', '_', '-', never a path.
 _RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# How far a subscriber may fall behind (events queued for it) before it is dropped, and how long
+# one write to it may block: a night of progress events is millions, a stopped reader's must not
+# pile up in the service
+SUBSCRIBER_BACKLOG = 10_000
+STREAM_SEND_TIMEOUT = 120.0
 WARM_LINGER_SECONDS = 20.0  # a worker with nothing left waits this long for more on its base
 
 
@@ -204,7 +209,20 @@ class Service:
         elif event.get("type") == "worker" and (line := event.get("stuck") or event.get("freed")):
             self.log(line)  # a worker the kernel holds (a GPU driver fault) belongs in service.log
         for q in list(self.subscribers):
-            q.put(event)
+            try:
+                q.put_nowait(event)
+            except queue.Full:  # a client that stopped reading (a suspended terminal, a pager)
+                self._drop(q)
+
+    def _drop(self, q: queue.Queue) -> None:
+        """A subscriber SUBSCRIBER_BACKLOG events behind is dropped, not followed into the night's
+        memory: its stream ends, and the dashboard reconnects and reads everything afresh."""
+        try:
+            self.subscribers.remove(q)
+        except ValueError:
+            return
+        q.dropped = True  # type: ignore[attr-defined]
+        self.log(f"a subscriber fell {SUBSCRIBER_BACKLOG} events behind (it stopped reading): dropped")
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -504,7 +522,10 @@ def _handler_for(service: Service):
                 return True
 
         def _stream(self, rid) -> None:
-            q: queue.Queue = queue.Queue()
+            q: queue.Queue = queue.Queue(maxsize=SUBSCRIBER_BACKLOG)
+            # a client that stops reading blocks a write once its socket's buffer is full: that
+            # long, and its stream ends (its backlog is bounded too: `Service._drop`)
+            self.request.settimeout(STREAM_SEND_TIMEOUT)
             service.subscribers.append(q)
             try:
                 if not self._send({"id": rid, "ok": True, "result": "subscribed"}):
@@ -513,14 +534,17 @@ def _handler_for(service: Service):
                     try:
                         event = q.get(timeout=1.0)
                     except queue.Empty:
-                        if self._peer_gone():
-                            return  # a client that left must not keep the service busy
+                        if getattr(q, "dropped", False) or self._peer_gone():
+                            return  # a client that left or fell behind must not keep the service busy
                         continue
                     if not self._send({"event": event}):
                         return
                 self._send({"event": {"type": "service", "status": "stopped"}})
             finally:
-                service.subscribers.remove(q)
+                try:
+                    service.subscribers.remove(q)
+                except ValueError:  # dropped by `Service._drop`
+                    pass
 
     return Handler
 

@@ -271,6 +271,49 @@ def _reply_to(sock, reader, line: bytes) -> dict:
     return json.loads(reader.readline())
 
 
+def test_a_subscriber_that_stops_reading_is_dropped_and_a_reader_gets_every_event(tmp_path):
+    """A client that subscribes and then stops reading (a suspended terminal, `follow | less`)
+    would have the night's events pile up in the service: millions of progress lines. Its
+    backlog is bounded: past `SUBSCRIBER_BACKLOG` events it is dropped (the dashboard reconnects
+    and reads everything afresh), while a client that reads gets every event, in order. (The
+    service in this process with its real socket; the events broadcast as the tick does.)"""
+    import threading
+
+    from backend import service as service_module
+    from backend.jobs.client import try_connect
+    from backend.jobs.protocol import request_line
+
+    ws = Workspace(tmp_path / "ws")
+    svc = service_module.Service(ws)
+    svc._bind()
+    threading.Thread(target=svc.server.serve_forever, daemon=True).start()
+    stalled = socket.socket(socket.AF_UNIX)
+    try:
+        stalled.connect(str(ws.socket_path))
+        stalled.sendall(request_line(1, "subscribe", {}))  # and never reads again
+        reader = try_connect(ws)
+        stream = reader.subscribe()
+        wait_for(lambda: len(svc.subscribers) == 2, what="both subscriptions")
+        got: list[int] = []
+
+        def listen() -> None:
+            for event in stream:
+                if "i" in event:
+                    got.append(event["i"])
+
+        threading.Thread(target=listen, daemon=True).start()
+        total, chunk = 3 * service_module.SUBSCRIBER_BACKLOG, 2000
+        for start in range(0, total, chunk):  # as fast as the reader reads: only the stalled one falls behind
+            for i in range(start, start + chunk):
+                svc.broadcast({"type": "log", "run_id": "night-s0-000000", "message": "x" * 200, "i": i})
+            wait_for(lambda: len(got) >= start + chunk, what=f"the reader to read {start + chunk} events")
+        assert got == list(range(total))
+        assert len(svc.subscribers) == 1  # the stalled client's subscription is gone, its backlog with it
+    finally:
+        stalled.close()
+        svc.shutdown()
+
+
 def test_a_100_mb_request_line_is_refused_without_growing_the_service(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with connect(ws) as c:

@@ -222,6 +222,52 @@ def test_a_worker_silent_past_the_stall_limit_is_stopped_and_its_run_queued_agai
     store.close()
 
 
+def test_a_run_its_worker_ended_is_let_go_of_so_a_retry_takes_any_free_slot(tmp_path, corpora, tiny_battery):
+    """A warm worker fails one run and goes on with its others. The failed run is let go of: a
+    retry queues it for any free slot (before, it waited for that worker to exit, all night on
+    a steady queue), and the worker's list of runs, which every tick walks, keeps only its live
+    ones. A cancel that lands as the worker finishes a run (its result already written) lets go
+    of that run too, and the worker is not stopped five minutes later for a run it no longer
+    holds. (A live process stands in for the worker; the events are the worker's own format.)"""
+    import subprocess
+
+    from backend.core.events import EventLog
+    from backend.core.states import JobState
+    from backend.jobs.executor import LocalProcess, process_start_ticks
+    from backend.jobs.manager import LiveWorker
+
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    manager.slots = ["0", "1"]
+    sub = manager.submit([corpora["logic"], corpora["story"]], settings)
+    for baseline in sub.baseline_ids:
+        manager.cancel(baseline)
+    failed, cancelled = sub.run_ids
+    for run_id in sub.run_ids:
+        for state in (JobState.STARTING, JobState.TRAINING):
+            store.transition(run_id, state)
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    try:
+        worker = LiveWorker(LocalProcess(proc.pid, process_start_ticks(proc.pid), proc), tmp_path / "session.json",
+                            list(sub.run_ids), 0, offsets=dict.fromkeys(sub.run_ids, 0))
+        manager.live[proc.pid] = worker
+        manager.cancel(cancelled)  # the worker has already finished it: its result is written
+        for run_id, kind in ((failed, "error"), (cancelled, "result")):
+            events = EventLog(Path(store.get_run(run_id)["run_dir"]) / "events.jsonl", run_id)
+            events.emit(kind, **({"message": "out of memory at micro-batch 1"} if kind == "error" else {}))
+            events.close()
+        manager._pump(worker, lambda event: None)
+        assert store.get_run(failed)["status"] == "failed" and store.get_run(cancelled)["status"] == "cancelled"
+        assert worker.run_ids == [] and not worker.stopping
+        manager.retry(failed)
+        assert [r["run_id"] for group in manager.sessions() for r in group] == [failed]  # the tick starts it
+        worker.enforce_cancel(grace=0)
+        assert worker.stop_requested is None and proc.poll() is None  # nothing of its own was cancelled
+    finally:
+        proc.kill()
+        proc.wait()
+        store.close()
+
+
 FREEZER = Path("/sys/fs/cgroup/freezer")
 
 
@@ -281,7 +327,7 @@ def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(t
     store = Store(ws.root / "ltm.duckdb") if ws.ensure() else None
     settings = JobSettings(base={"base": "micro", "preset": "tiny", "device": "cpu"}, scenes=str(tiny_battery),
                            train={**TRAIN, "max_steps": 5})
-    manager = JobManager(ws, store, slots=["0", "1"])
+    manager = JobManager(ws, store, slots=["0", "0", "1", "1"])  # two slots a card (--slots-per-gpu 2)
     sub = manager.submit([corpora["logic"]], settings)
     for baseline in sub.baseline_ids:
         manager.cancel(baseline)
@@ -306,31 +352,31 @@ def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(t
         assert run["attempt"] == 1 and run["worker_pid"] != proc.pid  # queued again, and not tied to it
         stuck = [e for e in said if e.get("type") == "worker" and e.get("stuck")]
         assert stuck and "card 0 takes no new worker" in stuck[0]["stuck"]
-        # the same tick started the run again, on card 1: card 0 is held by the stuck process
+        # the same tick started the run again, on card 1: both of card 0's slots wait for the stuck process
         assert [manager.slots[w.slot] for w in manager.live.values()] == ["1"]
-        assert [manager.slots[i] for i in manager.free_slots()] == []
+        assert [manager.slots[i] for i in manager.free_slots()] == ["1"]
         assert manager.stuck_lines() and f"worker {proc.pid} (card 0)" in manager.stuck_lines()[0]
         manager.cancel(run_id)
         manager.shutdown_workers(said.append, reason="test over")
         thaw()  # the kernel lets go: the SIGKILL takes effect
         wait_for(lambda: proc.poll() is not None, what="the thawed process to die")
         manager.tick(said.append)
-        assert not manager.stuck and manager.free_slots() == [0, 1]
+        assert not manager.stuck and manager.free_slots() == [0, 1, 2, 3]
         assert any(e.get("freed") for e in said)
         # a task (a calibration, a judge) the kernel holds: failed with the reason, its card held
         task = manager.submit_task("calibrate", {}, "calibrate micro:tiny")
         held = start()
         task.process = LocalProcess(held.pid, process_start_ticks(held.pid), held)
-        task.slot, task.card, task.status = 1, "1", RUNNING
+        task.slot, task.card, task.status = 2, "1", RUNNING
         manager.tasks.cancel(task.task_id, said.append)
         task.stop_asked = time.monotonic() - 3600
         manager.tasks.tick(lambda t, r: r, said.append)
         assert task.status == FAILED and f"process {held.pid} did not exit after SIGKILL" in task.error
-        assert manager.tasks.used_slots() == {1} and "task calibrate" in manager.stuck_lines()[0]
+        assert manager.free_slots() == [0, 1] and "task calibrate" in manager.stuck_lines()[0]
         thaw()
         wait_for(lambda: held.poll() is not None, what="the thawed task to die")
         manager.tasks.tick(lambda t, r: r, said.append)
-        assert manager.tasks.used_slots() == set()
+        assert manager.free_slots() == [0, 1, 2, 3]
     finally:
         manager.shutdown_workers(said.append, reason="test over")
         store.close()

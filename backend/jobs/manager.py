@@ -29,6 +29,7 @@ from backend.jobs.store import Store
 from backend.jobs.tasks import Task, Tasks
 
 EventHook = Callable[[dict], None]
+ENDS = ("result", "error")  # the events after which a worker is done with a run
 STOP_GRACE_SECONDS = 30.0
 # A cancelled run's worker stops it at the next training step, or after the evaluation in progress;
 # a worker that has not let go of it by then is stopped whole (its other runs go back to the queue).
@@ -231,9 +232,12 @@ class JobManager:
 
     def free_slots(self) -> list[int]:
         used = {w.slot for w in self.live.values()} | self.tasks.used_slots()
-        # a stuck worker still holds its card's memory and maybe the card itself; on the CPU slot
-        # it holds some RAM, and the queue goes on beside it rather than stop for the night
-        used |= {w.slot for w in self.stuck.values() if self.slots[w.slot] is not None}
+        # a stuck worker still holds its card's memory and maybe the card itself: every slot of
+        # that card waits; on the CPU slot it holds some RAM, and the queue goes on beside it
+        # rather than stop for the night
+        held = {self.slots[w.slot] for w in self.stuck.values() if w.slot < len(self.slots)}
+        held |= {t.card for t in self.tasks.stuck}
+        used |= {i for i, card in enumerate(self.slots) if card is not None and card in held}
         return [i for i in range(len(self.slots)) if i not in used]
 
     def cards(self) -> list[str]:
@@ -425,6 +429,7 @@ class JobManager:
             if worker.exit_code() is None:
                 self._quarantine(worker, on_event, reason)
                 continue
+            self._pump(worker, on_event)  # what it wrote in the grace period (a result) counts
             self._settle(worker, on_event, reason=reason)
             del self.live[worker.pid]
 
@@ -555,14 +560,26 @@ class JobManager:
                 worker.seen_events = True
                 worker.last_sign = time.monotonic()
             for event in events:
-                if event.get("phase") == "cancelled" and run_id in worker.stopping:
-                    del worker.stopping[run_id]  # it let go of the cancelled run
-                    worker.run_ids.remove(run_id)
+                if run_id in worker.stopping and (event.get("phase") == "cancelled" or event.get("type") in ENDS):
+                    # it let go of the cancelled run, or finished it before it saw the cancel
+                    del worker.stopping[run_id]
+                    self._let_go(worker, run_id)
                     break
                 # raises if the store cannot be written (a full disk): the offset stays, and the
                 # events are read again next time (applying one twice changes nothing)
                 self._apply(run_id, event, on_event)
-            worker.offsets[run_id] = end
+            else:
+                worker.offsets[run_id] = end
+                ended = any(e.get("type") in ENDS for e in events)
+                if ended and JobState(self.store.get_run(run_id)["status"]).is_terminal():
+                    # no longer the worker's: a retry queues it for any slot, and a warm worker's
+                    # list (which every tick walks) stays as long as its live runs
+                    self._let_go(worker, run_id)
+
+    @staticmethod
+    def _let_go(worker: LiveWorker, run_id: str) -> None:
+        worker.run_ids.remove(run_id)
+        worker.offsets.pop(run_id, None)
 
     def _enforce_stall(self, worker: LiveWorker, on_event: EventHook) -> None:
         """Stop a worker that holds a run and has written no event for `stall_seconds`: hung, it

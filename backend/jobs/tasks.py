@@ -102,8 +102,8 @@ class Tasks:
         return bool(self.waiting()) or any(not getattr(t.process, "started", True) for t in self.running())
 
     def used_slots(self) -> set[int]:
-        held = [t for t in self.stuck if t.card is not None]  # a card a stuck process holds
-        return {t.slot for t in [*self.running(), *held] if t.slot is not None}
+        """The slots of running tasks (a stuck task's card is the manager's `free_slots` to hold)."""
+        return {t.slot for t in self.running() if t.slot is not None}
 
     def start(self, task: Task, slot_index: int, slot: str | None, on_event: Callable[[dict], None]) -> None:
         task.process = self.executor.start(task.folder / "task.json", slot)

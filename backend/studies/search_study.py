@@ -246,10 +246,13 @@ class StudyRunner:
                 self.finish(trial, "PRUNED" if why else "FAIL", error=why or f"job {run_id} was cancelled")
                 return
             if status == "interrupted" and trial.user_attrs.get("retries", 0) < MAX_RETRIES:
-                trial.set_user_attr("retries", trial.user_attrs.get("retries", 0) + 1)
-                self.say(f"trial {trial.number}: job {run_id} was interrupted; queued again (it resumes)")
-                with self.service.lock:
-                    self.service.manager.retry(run_id, self.service.broadcast)
+                with self.service.lock:  # the manager may have queued it again meanwhile (a hung worker's run)
+                    again = self.service.store.get_run(run_id)["status"] == "interrupted"
+                    if again:
+                        self.service.manager.retry(run_id, self.service.broadcast)
+                if again:
+                    trial.set_user_attr("retries", trial.user_attrs.get("retries", 0) + 1)
+                    self.say(f"trial {trial.number}: job {run_id} was interrupted; queued again (it resumes)")
             elif status in ("failed", "interrupted", "missing"):
                 reason = run.get("error") if run else f"job {run_id} is not in this workspace"
                 self.finish(trial, "FAIL", error=f"job {status}: {reason}")
