@@ -16,15 +16,19 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-# the allocator setting the service gives its workers (backend/jobs/executor.py), for both sides
-export PYTORCH_ALLOC_CONF="${PYTORCH_ALLOC_CONF:-${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}}"
-unset PYTORCH_CUDA_ALLOC_CONF
 # python3 first: GPU images often have no plain `python`
 PYTHON="${PYTHON:-$(command -v python3 || command -v python || true)}"
 if [ -z "$PYTHON" ]; then
     echo "gpu_check: no python3 or python on PATH; set PYTHON=/path/to/the/python/with/torch" >&2
     exit 1
 fi
+# the allocator setting the service gives its workers (backend/jobs/executor.py), for both sides,
+# under the name the installed torch reads (PYTORCH_CUDA_ALLOC_CONF before torch 2.9)
+alloc="${PYTORCH_ALLOC_CONF:-${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True}}"
+unset PYTORCH_ALLOC_CONF PYTORCH_CUDA_ALLOC_CONF
+alloc_name="$("$PYTHON" -c 'from backend.jobs.executor import alloc_conf_name; print(alloc_conf_name())' \
+    2>/dev/null || echo PYTORCH_ALLOC_CONF)"
+export "$alloc_name=$alloc"
 if compgen -G ".whl/*.whl" > /dev/null; then
     site="${TMPDIR:-/tmp}/ltm-gpu-site"
     if "$PYTHON" -m pip --version > /dev/null 2>&1; then

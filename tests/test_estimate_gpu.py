@@ -103,6 +103,30 @@ def test_a_calibration_on_the_card_replaces_the_assumption(tmp_path):
     assert row["total_s"] == pytest.approx(3.0 + row["trained_tokens"] / 5000.0, abs=0.1)
 
 
+def test_a_checkpointed_calibration_is_not_charged_its_recomputation_twice(tmp_path):
+    """A calibration whose steps checkpointed ran slower for the recomputed forward pass. The
+    projection counts that pass in a checkpointed job's FLOPs, so the rate it divides by counts
+    it too: a job like the calibration's is projected at the calibration's own speed, not at
+    its speed once more slowed by the recomputation."""
+    ws = tmp_path / "ws"
+    card = gpu_projection.find_gpu("H100")
+    (ws / "forecast").mkdir(parents=True)
+    parts = {"trainable_matmul_params": 40_000_000, "frozen_matmul_params": 7_000_000_000,
+             "attention_flops": 12 * 32 * 4096 * 4096}
+    model_flops = 6 * parts["trainable_matmul_params"] + 4 * parts["frozen_matmul_params"] + parts["attention_flops"]
+    tokens_per_s = 0.3 * card.bf16_flops / model_flops  # what the calibration measured
+    calib = {"device_tag": "cuda:NVIDIA H100 80GB HBM3", "base": {"base": "x", "quant": None}, **parts,
+             "flops_per_token": model_flops, "achieved_flops_per_s": model_flops * tokens_per_s,
+             "grad_checkpointing_used": True}
+    (ws / "forecast" / "calib-a.json").write_text(json.dumps(calib))
+    mfu, _ = gpu_projection.mfu_for(ws, card, None)
+    recompute = 2 * (parts["trainable_matmul_params"] + parts["frozen_matmul_params"]) + parts["attention_flops"] // 3
+    job_flops = model_flops + recompute  # a checkpointed job's FLOPs a token (`flops_per_token`)
+    assert job_flops / (card.bf16_flops * mfu) == pytest.approx(1 / tokens_per_s, rel=1e-9)
+    (ws / "forecast" / "calib-a.json").write_text(json.dumps({**calib, "grad_checkpointing_used": False}))
+    assert gpu_projection.mfu_for(ws, card, None)[0] == pytest.approx(0.3)
+
+
 @pytest.mark.parametrize("name, card", [
     ("RTX PRO 6000", "RTX PRO 6000 Blackwell"),
     ("NVIDIA RTX PRO 6000 Blackwell Workstation Edition", "RTX PRO 6000 Blackwell"),  # NVML's names

@@ -8,6 +8,8 @@ differs on a card is only which kernels do the arithmetic.
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -107,6 +109,36 @@ def test_attention_choice():
         load_base(BaseSpec(precision="fp8"))
 
 
+@pytest.mark.parametrize("wheel", ["broken", "working"])
+def test_a_flash_attn_that_does_not_load_leaves_sdpa_and_names_why(tmp_path, monkeypatch, wheel):
+    """A flash-attn wheel built for another torch or CUDA is found but does not load ("undefined
+    symbol"). `auto` then takes SDPA on a card, where it would otherwise pick flash-attn and fail
+    every job at its first forward pass; asking for it names why it cannot run. A flash-attn
+    that loads is taken. (A real package on the path stands in for the wheel.)"""
+    from backend.compute import models
+
+    package = tmp_path / "site" / "flash_attn"
+    package.mkdir(parents=True)
+    body = ("raise ImportError('flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda9SetDeviceEi')"
+            if wheel == "broken" else "def flash_attn_varlen_func(*args, **kwargs):\n    raise NotImplementedError\n")
+    (package / "__init__.py").write_text(body + "\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    models._flash_attn_error.cache_clear()
+    card = torch.device("cuda")  # a device name: nothing here runs on it
+    try:
+        hf = BaseSpec(base="some/model", precision="bf16")
+        if wheel == "working":
+            assert attention_for(hf, card) == "flash_attention_2"
+            return
+        assert attention_for(hf, card) == "sdpa"
+        with pytest.raises(ModelError, match="does not load: flash_attn_2_cuda.so: undefined symbol"):
+            attention_for(BaseSpec(base="some/model", attn="flash_attention_2"), card)
+    finally:
+        models._flash_attn_error.cache_clear()
+        sys.modules.pop("flash_attn", None)
+
+
 def test_liger_kernels_off_the_gpu_leave_the_model_as_it_was(tiny_hf_model):
     spec = BaseSpec(base=str(tiny_hf_model), device="cpu", kernels="liger")
     base, tok, device = load_base(spec)
@@ -156,6 +188,49 @@ def test_regional_compile_gives_the_same_losses(monkeypatch, tmp_path):
             run.append(float(loss))
         losses.append(run)
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_compiled_layers_compile_a_shape_change_once_and_nothing_after_training(monkeypatch):
+    """A compiled job whose batches change size (a last, shorter batch; on a card, flash-attn's
+    document boundaries, every step) compiles one dynamic graph for them rather than one per
+    shape until torch's recompile limit, after which it would run eager for good. Evaluation
+    after training (each battery's lengths) compiles nothing, and a warm worker's next job
+    compiles afresh, its own adapter included."""
+    from torch._dynamo.utils import counters
+
+    from backend.compute.models import build_micro
+    from backend.compute.train import done_training
+
+    monkeypatch.setenv("LTM_COMPILE_BACKEND", "aot_eager")
+    spec = BaseSpec(device="cpu", compile=True, preset="tiny")
+    model = build_micro("tiny", seed=0, device=CPU)
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    def steps(lengths):
+        for n in lengths:
+            ids = torch.randint(0, 256, (2, n), generator=torch.Generator().manual_seed(n))
+            model(input_ids=ids, labels=ids).loss.backward()
+
+    try:
+        layers = compile_layers(model)
+        before = graphs()
+        steps([16, 24, 32, 40])
+        assert graphs() - before == 2 * layers  # a static graph, then one dynamic one, per layer
+        done_training(model, spec)
+        before = graphs()
+        with torch.no_grad():
+            for n in range(5, 30, 2):
+                model(input_ids=torch.randint(0, 256, (1, n)))
+        assert graphs() == before
+        compile_layers(model)  # the next job
+        before = graphs()
+        steps([16])
+        assert graphs() - before == layers
+    finally:
+        torch.compiler.set_stance("default")
+        torch.compiler.reset()
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_hf_model):

@@ -314,6 +314,23 @@ def test_a_subscriber_that_stops_reading_is_dropped_and_a_reader_gets_every_even
         svc.shutdown()
 
 
+def test_a_task_ends_with_its_service(tmp_path, tiny_battery):
+    """A calibration's client waits on the service, and tasks are not in the database: a task
+    that outlived its killed service would report to no one and hold its card beside the next
+    service's workers. It ends with the service (a run's worker goes on: see the reattach test)."""
+    ws = Workspace(tmp_path / "ws")
+    with connect(ws) as client:
+        task = client.call("task", kind="calibrate", base={"base": "micro", "preset": "tiny", "device": "cpu"},
+                           train={"block_size": 32, "micro_batch": 2, "min_train_tokens": 0}, steps=100_000,
+                           scenes=str(tiny_battery))
+        service_pid = client.call("ping")["pid"]
+        running = wait_for(lambda: next((t for t in client.call("tasks") if t["task_id"] == task["task_id"]
+                                         and t["pid"]), None), what="the calibration's process")
+    assert process_alive(running["pid"], None)
+    os.kill(service_pid, signal.SIGKILL)
+    wait_for(lambda: not process_alive(running["pid"], None), what="the task to end with its service")
+
+
 def test_a_100_mb_request_line_is_refused_without_growing_the_service(tmp_path):
     ws = Workspace(tmp_path / "ws")
     with connect(ws) as c:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from backend.core.events import read_events
+from backend.core.events import EventLog, read_events
 from backend.core.workspace import Workspace
 from backend.jobs.manager import JobManager, detect_slots
 from backend.jobs.settings import JobSettings
@@ -268,6 +268,30 @@ def test_a_run_its_worker_ended_is_let_go_of_so_a_retry_takes_any_free_slot(tmp_
         store.close()
 
 
+def test_a_loading_base_shows_signs_of_life_while_it_moves_bytes_and_none_when_it_hangs(tmp_path):
+    """A base that takes longer to load than the stall limit (a first download of a 13B) must not
+    get its worker stopped as hung: while the load moves bytes, the worker writes a `log` event
+    each interval. A load that hangs moves none and writes nothing, so the limit still catches it."""
+    import time
+
+    from backend.compute.worker import LoadWatch
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(os.urandom(4 << 20))
+    events_path = tmp_path / "events.jsonl"
+    events = EventLog(events_path, "big-s0-000000")
+    with LoadWatch(events, "org/big-13b", every=0.2):
+        until = time.monotonic() + 1.5
+        while time.monotonic() < until:  # reading the weights, as a load does
+            weights.read_bytes()
+    said = [e["message"] for e in read_events(events_path)[0] if e["type"] == "log"]
+    assert len(said) >= 3 and all(m.startswith("loading org/big-13b: ") for m in said)
+    with LoadWatch(events, "org/big-13b", every=0.2):
+        time.sleep(1.5)  # a load stuck on a file system that stopped answering
+    assert len([e for e in read_events(events_path)[0] if e["type"] == "log"]) == len(said)
+    events.close()
+
+
 FREEZER = Path("/sys/fs/cgroup/freezer")
 
 
@@ -379,6 +403,40 @@ def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(t
         assert manager.free_slots() == [0, 1, 2, 3]
     finally:
         manager.shutdown_workers(said.append, reason="test over")
+        store.close()
+
+
+def test_a_task_silent_past_the_stall_limit_fails_with_the_reason(tmp_path, tiny_battery):
+    """A calibration or a judge hung on a card that stopped answering would hold its slot, and
+    its client, until morning: silent past the stall limit, it is stopped and fails with the
+    reason. One that spoke lately is left alone. (A live process stands in for the task's.)"""
+    import subprocess
+    import time
+
+    from backend.jobs.executor import LocalProcess, process_start_ticks
+    from backend.jobs.tasks import FAILED, RUNNING
+
+    manager, store, _ = _manager(tmp_path, tiny_battery)
+    manager.tasks.stall_seconds = 600
+    task = manager.submit_task("calibrate", {}, "calibrate micro:tiny")
+    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+    said: list[dict] = []
+    try:
+        task.process = LocalProcess(hung.pid, process_start_ticks(hung.pid), hung)
+        task.slot, task.status = 0, RUNNING
+        task.last_sign = time.monotonic() - 300
+        manager.tasks.tick(lambda t, r: r, said.append)
+        assert task.status == RUNNING and hung.poll() is None
+        task.last_sign = time.monotonic() - 900
+        manager.tasks.tick(lambda t, r: r, said.append)
+        assert exit_code(hung, "the hung task, stopped") == -signal.SIGTERM
+        manager.tasks.tick(lambda t, r: r, said.append)
+        assert task.status == FAILED and "no sign of life from its worker for 15 min" in task.error
+        assert any("no sign of life" in (e.get("message") or "") for e in said)  # its client is told at once
+    finally:
+        if hung.poll() is None:
+            hung.kill()
+        hung.wait()
         store.close()
 
 

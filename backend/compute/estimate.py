@@ -182,7 +182,7 @@ def calibrate(
 ) -> dict[str, Any]:
     """Measure, cache and return the calibration for this device, base and settings."""
     from backend.compute.models import BaseSpec, attach_lora, count_params, load_base, train_dtype, use_kernels
-    from backend.compute.train import ready_to_train, set_grad_checkpointing
+    from backend.compute.train import done_training, ready_to_train
     from backend.core.config import LoraSettings
     from backend.scoring.scenes import load_batteries
 
@@ -218,7 +218,7 @@ def calibrate(
         timing = _time_steps(model, ids, fitted, block, device, warm=warm, steps=steps, log=log,
                              precision=spec.precision)
     finally:
-        set_grad_checkpointing(model, False)
+        done_training(model, spec)
     eval_seconds = _time_batteries(model, tok, load_batteries(scenes or default_scenes_dir()), device, log)
     tokens_per_s = timing["tokens_per_s"]
 

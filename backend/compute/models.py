@@ -8,6 +8,7 @@ nf4 base. This module imports torch: only the worker and the benchmarks import i
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from dataclasses import asdict, dataclass
@@ -231,8 +232,10 @@ def attention_for(spec: "BaseSpec", device: torch.device) -> str:
     CUDA, half precision; packed documents go through its varlen path), else SDPA."""
     if spec.attn != "auto":
         if spec.attn == "flash_attention_2" and not _flash_attn_usable(device):
+            error = _flash_attn_error()
+            broken = f" (it is installed but does not load: {error})" if error not in (None, NO_FLASH_ATTN) else ""
             raise ModelError("--attn flash_attention_2 needs a CUDA card and the flash-attn package "
-                             "(pip install -e '.[gpu]'); use --attn sdpa")
+                             f"(pip install -e '.[gpu]'){broken}; use --attn sdpa")
         return spec.attn
     # not for micro: its weights stay fp32, and scoring runs outside autocast, where flash-attn
     # refuses fp32 (training alone, under autocast, would run)
@@ -242,9 +245,28 @@ def attention_for(spec: "BaseSpec", device: torch.device) -> str:
 
 
 def _flash_attn_usable(device: torch.device) -> bool:
+    return device.type == "cuda" and _flash_attn_error() is None
+
+
+NO_FLASH_ATTN = "not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def _flash_attn_error() -> str | None:
+    """Why flash-attn cannot run here (not installed, or a wheel built for another torch or CUDA,
+    which is found but fails to load with "undefined symbol"), or None. Imported, not just found:
+    transformers loads its kernels only at the first forward pass, and every job would fail
+    there instead of running on SDPA."""
+    import importlib
     import importlib.util
 
-    return device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+    if importlib.util.find_spec("flash_attn") is None:
+        return NO_FLASH_ATTN
+    try:
+        importlib.import_module("flash_attn").flash_attn_varlen_func  # the kernel the packed path calls
+    except Exception as exc:  # noqa: BLE001 - an ImportError, an OSError from the .so: any is "no"
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return None
 
 
 def build_micro(preset: str, seed: int, device: torch.device, attn: str = "sdpa"):
@@ -389,14 +411,30 @@ def use_kernels(model, spec: BaseSpec, device: torch.device) -> str:
 def compile_layers(model, backend: str | None = None) -> int:
     """Regional compilation: each decoder layer compiled on its own. The layers share their
     code, so the compiler traces one and reuses it for the rest (seconds, not the minutes a
-    whole-model compile takes), and a LoRA adapter attached to the same layers later compiles
-    once too. Returns how many layers were compiled. `LTM_COMPILE_BACKEND` picks the backend
-    (the tests use aot_eager: the same graph capture, no C++ toolchain)."""
+    whole-model compile takes). Returns how many layers were compiled. `LTM_COMPILE_BACKEND`
+    picks the backend (the tests use aot_eager: the same graph capture, no C++ toolchain).
+
+    Shapes are automatic-dynamic: the first graph is specialised, and a size that changes (the
+    last, shorter batch; with flash-attn's varlen packing, the document boundaries and the
+    longest document, which change every step) makes one dynamic graph that serves the rest.
+    Static graphs would recompile each step until torch's recompile limit (8), and then run
+    eager for good, silently. A job's compiled state starts afresh (`torch.compiler.reset`): a
+    warm worker's next job attaches new adapter modules, whose guards would otherwise count
+    against that limit job after job."""
     backend = backend or os.environ.get("LTM_COMPILE_BACKEND") or "inductor"
     layers = _decoder_layers(model)
+    torch.compiler.reset()
+    torch.compiler.set_stance("default")  # `eager_after_training` set it aside after the last job
     for layer in layers:
-        layer.compile(backend=backend, dynamic=False)
+        layer.compile(backend=backend, dynamic=None)
     return len(layers)
+
+
+def eager_after_training() -> None:
+    """Compiled layers run eager from here on (evaluation, probes): their shapes (each battery's
+    lengths, a decoding cache that grows every token) would compile graph after graph for
+    forward passes that each run once. `compile_layers` turns the compiled path back on."""
+    torch.compiler.set_stance("force_eager")
 
 
 def _decoder_layers(model) -> list:

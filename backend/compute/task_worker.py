@@ -16,6 +16,7 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def run_task(task: dict[str, Any]) -> int:
+    from backend.compute.worker import LoadWatch
     from backend.core.errors import LtmError, describe
     from backend.core.events import EventLog, write_json_atomic
 
@@ -27,7 +28,10 @@ def run_task(task: dict[str, Any]) -> int:
         events.emit("log", message=line)
 
     try:
-        result = TASKS[task["task"]](task, log)
+        # a calibration's or a judge's model loads without a word: moving bytes, it shows signs
+        # of life (a download longer than the service's stall limit is not a hang)
+        with LoadWatch(events, f"the {task['task']} task's model"):
+            result = TASKS[task["task"]](task, log)
         write_json_atomic(folder / "result.json", result)
         events.emit("result")
         return EXIT_OK

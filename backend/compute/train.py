@@ -24,12 +24,13 @@ mean over all of its targets: what a step learns does not depend on the split, s
 memory plan, an out-of-memory halving or a resumed run with another micro-batch changes nothing
 but the memory it takes.
 
-Out of memory in a step: the step's gradients are dropped, the micro-batch is halved and the
-accumulation doubled (the effective batch, and so the data each step sees, stays the same), a
-`log` event says so, and the step is redone. Only at micro-batch 1 does the job fail, with one
-line. `LTM_FAULT_OOM_ABOVE=N` (environment) makes every forward pass of more than N sequences
-raise `torch.OutOfMemoryError` after it ran: the fault injection the tests and benchmarks use
-to exercise that path on a machine with memory to spare.
+Out of memory in a step: the step's gradients are dropped; with `--grad-checkpointing auto`
+and checkpointing off, it is switched on, else the micro-batch is halved and the accumulation
+doubled (the effective batch, and so the data each step sees, stays the same); a `log` event
+says so, and the step is redone. Only at micro-batch 1 does the job fail, with one line.
+`LTM_FAULT_OOM_ABOVE=N` (environment) makes every forward pass of more than N sequences raise
+`torch.OutOfMemoryError` after it ran, and `N/M` more than M with checkpointing on: the fault
+injection the tests and benchmarks use to exercise that path on a machine with memory to spare.
 """
 
 from __future__ import annotations
@@ -76,6 +77,7 @@ class TrainOutcome:
     micro_batch: int = 0  # what the last step ran with (smaller than asked after out-of-memory)
     grad_accum: int = 0
     oom_halvings: int = 0  # how often out-of-memory halved the micro-batch
+    oom_checkpointing: bool = False  # out-of-memory switched gradient checkpointing on
 
 
 class OutOfMemory(LtmError):
@@ -220,9 +222,13 @@ def _cuda_rng(model) -> torch.Tensor | None:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
 
 
-def _fault_oom_limit() -> int | None:
+def _fault_oom_limit() -> tuple[int, int] | None:
+    """(sequences a pass may hold without checkpointing, with it) from `LTM_FAULT_OOM_ABOVE`."""
     raw = os.environ.get(FAULT_OOM_ENV, "").strip()
-    return int(raw) if raw else None
+    if not raw:
+        return None
+    plain, _, checkpointed = raw.partition("/")
+    return int(plain), int(checkpointed or plain)
 
 
 def _free_after_oom(device: torch.device) -> None:
@@ -278,7 +284,7 @@ def train_model(
 
     # --- train -------------------------------------------------------------------------------
     micro_batch, grad_accum = cfg.micro_batch, cfg.grad_accum
-    oom_limit, halvings = _fault_oom_limit(), 0
+    oom_limit, halvings, oom_checkpointing = _fault_oom_limit(), 0, False
     per_step = micro_batch * grad_accum  # blocks a step: the same however they are split
     stream = step_blocks(blocks, per_step, start_step=start)
     tokens_seen = start * per_step * block_size
@@ -301,10 +307,22 @@ def train_model(
         if out_of_memory:  # handled out here: inside `except` the traceback still holds the pass's tensors
             optimizer.zero_grad(set_to_none=True)
             _free_after_oom(device)
+            if cfg.grad_checkpointing == "auto" and not _checkpointing(model):
+                # The plan left checkpointing off and the card disagrees (its own context, other
+                # processes, fragmentation): recomputing activations cuts them by about the
+                # number of layers, far more than halving the micro-batch does, at a third more
+                # compute. Redo this step with it.
+                set_grad_checkpointing(model, True)
+                oom_checkpointing = True
+                message = f"out of memory at step {step + 1}: gradient checkpointing now on"
+                log(message)
+                emit("log", message=message, step=step, grad_checkpointing=True)
+                continue
             if micro_batch == 1:
+                hint = "" if _checkpointing(model) else " (or --grad-checkpointing on)"
                 raise OutOfMemory(
                     f"a step does not fit even at micro-batch 1 (block {block_size} tokens) on "
-                    f"{device}: use --quant 4bit (QLoRA), a smaller --block-size or a smaller base"
+                    f"{device}: use --quant 4bit (QLoRA), a smaller --block-size or a smaller base{hint}"
                 ) from None
             # Redo this step, its blocks split into micro-batches half as large.
             micro_batch, halvings = micro_batch // 2, halvings + 1
@@ -388,6 +406,7 @@ def train_model(
         micro_batch=micro_batch,
         grad_accum=grad_accum,
         oom_halvings=halvings,
+        oom_checkpointing=oom_checkpointing,
     )
 
 
@@ -416,6 +435,16 @@ def _checkpointing(model) -> bool:
     """Whether checkpointing is on, by transformers 5.25's name where it has it (the older one warns)."""
     on = getattr(model, "is_activation_checkpointing", None)
     return bool(model.is_gradient_checkpointing if on is None else on)
+
+
+def done_training(model, spec) -> None:
+    """After the steps, in the worker and the calibration alike: the base goes on to evaluation,
+    and a warm base to the next job, as it came: no checkpointing, no compiled forward passes."""
+    from backend.compute.models import eager_after_training
+
+    set_grad_checkpointing(model, False)
+    if spec.compile:
+        eager_after_training()
 
 
 def set_grad_checkpointing(model, on: bool) -> None:
@@ -462,7 +491,7 @@ def _eval_loss(model, sample, micro_batch: int, device: torch.device, marks: dic
 
 
 def _accumulate(model, blocks: PackedBlocks, starts: np.ndarray, micro_batch: int, device: torch.device,
-                oom_limit: int | None, marks: dict, precision: str):
+                oom_limit: tuple[int, int] | None, marks: dict, precision: str):
     """Forward and backward over one step's blocks (`starts`), `micro_batch` blocks a pass;
     returns (tokens, the step's loss). Each pass's loss (the mean over its targets) counts by its
     share of the step's targets, so the step's loss and gradient are the mean over all of its
@@ -481,7 +510,7 @@ def _accumulate(model, blocks: PackedBlocks, starts: np.ndarray, micro_batch: in
             continue
         with autocast(device, precision):
             out = model(**packed_inputs(model, batch, marks, device, arrays=a))
-        if oom_limit is not None and len(batch) > oom_limit:
+        if oom_limit is not None and len(batch) > oom_limit[_checkpointing(model)]:
             del out  # the injected fault comes after the forward pass, as a real one would
             raise torch.OutOfMemoryError(f"{FAULT_OOM_ENV}={oom_limit}: {len(batch)} sequences")
         loss = out.loss * (n / total)

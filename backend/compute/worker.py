@@ -15,12 +15,14 @@ even a job's error can be written ends the worker with code 4.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
 import json
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -71,6 +73,49 @@ class CancelWatch:
             self._next = time.monotonic() + self.every
             self.now()
         return self._seen
+
+
+class LoadWatch:
+    """Signs of life while a base loads. A load writes no event (13B from a slow disk takes
+    minutes; a first download from the hub can take longer than the service's stall limit,
+    which would stop the worker as hung). While it runs, a thread writes a `log` event every
+    `every` seconds in which the process moved at least a megabyte (its /proc/self/io counters:
+    a download, the weights coming off disk; the watch's own reads and lines are bytes too, a
+    few hundred). A load that hangs (a file system that stopped answering) moves none and stays
+    silent, so the stall limit still catches it."""
+
+    MOVING = 2**20  # bytes an interval: less is the watch itself, not the load
+
+    def __init__(self, events, what: str, every: float = 60.0) -> None:
+        self.events, self.what, self.every = events, what, every
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="load-watch", daemon=True)
+
+    def __enter__(self) -> "LoadWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        first = last = io_bytes()
+        while not self._done.wait(self.every):
+            now = io_bytes()
+            if now is not None and last is not None and now - last >= self.MOVING:
+                self.events.emit("log", message=f"loading {self.what}: {(now - first) / 1e9:.1f} GB moved so far")
+            last = now
+
+
+def io_bytes() -> int | None:
+    """Bytes this process has read and written (read()/write() calls, and storage reads such as
+    a memory-mapped file's pages), or None where /proc does not say."""
+    try:
+        fields = dict(line.split(":", 1) for line in Path("/proc/self/io").read_text().splitlines())
+        return sum(int(fields[k]) for k in ("rchar", "wchar", "read_bytes"))
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 class RunLog:
@@ -131,13 +176,14 @@ class Worker:
         self._base_memos: dict = {}  # per reference base (an HF base; micro: per seed): see evaluate_all
         self.broken = False  # a job's clean-up failed: the base may still carry its adapter
 
-    def base(self, seed: int, log=None):
+    def base(self, seed: int, log=None, events=None):
         from backend.compute.models import load_base, use_kernels
 
         if self.spec.is_micro:
             loaded = load_base(self.spec, seed)  # a fresh network per job, from its seed
         elif self._base is None:
-            loaded = self._base = load_base(self.spec, seed)
+            with LoadWatch(events, self.spec.base) if events is not None else contextlib.nullcontext():
+                loaded = self._base = load_base(self.spec, seed)
         else:
             return self._base
         line = use_kernels(loaded[0], self.spec, loaded[2])
@@ -191,7 +237,7 @@ class Worker:
             warm = self.jobs_started > 0
             self.jobs_started += 1
             t_load = time.perf_counter()
-            model, tok, device = self.base(seed, log)
+            model, tok, device = self.base(seed, log, events)
             load_seconds = time.perf_counter() - t_load
             log(f"base {self.spec.base} on {device} ({count_params(model):,} parameters) in {load_seconds:.1f}s")
             cfg = TrainConfig.from_dict({**job.get("train", {}), "seed": seed})
@@ -250,7 +296,7 @@ class Worker:
     def _train(self, job, trained: "_Trained", tok, device, cfg, seed: int, events, log, cancelled) -> None:
         """Tokenize the corpus, wrap an HF base in a fresh LoRA adapter, train, save the weights."""
         from backend.compute.models import attach_lora, count_params
-        from backend.compute.train import ready_to_train, set_grad_checkpointing, train_model
+        from backend.compute.train import done_training, ready_to_train, train_model
         from backend.core.config import LoraSettings
 
         run_dir = Path(job["run_dir"])
@@ -269,7 +315,7 @@ class Worker:
                 should_stop=lambda: Stop.requested or cancelled(), precision=self.spec.precision,
             )
         finally:
-            set_grad_checkpointing(trained.model, False)  # a warm base goes to the next job as it came
+            done_training(trained.model, self.spec)  # a warm base goes to the next job as it came
         self._save(trained.model, run_dir)
 
     def _result(self, job, trained: "_Trained", cfg, device, scores, scene_results, probes, *,
@@ -296,7 +342,7 @@ class Worker:
             "micro_batch_used": outcome.micro_batch if outcome else None,
             "grad_accum_used": outcome.grad_accum if outcome else None,
             "oom_halvings": outcome.oom_halvings if outcome else 0,
-            "grad_checkpointing_used": trained.grad_checkpointing,
+            "grad_checkpointing_used": trained.grad_checkpointing or bool(outcome and outcome.oom_checkpointing),
             "device": str(device),
             "params": count_params(trained.model),
             "settings": {
@@ -496,6 +542,10 @@ def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:
                     _report(job, line + LOST_DEVICE, trace)
                     return EXIT_DEVICE_LOST
                 _report(job, line, trace)
+            if failed:
+                # out here the failed job's traceback, and with it the frames that held its
+                # optimizer state and activations, is gone: only now can their memory go back
+                _give_back_cached_memory()
             if Stop.requested:
                 return EXIT_STOPPED
         jobs = claim_more(session_path, float(session.get("linger") or 0))

@@ -35,7 +35,10 @@ class WorkerHandle(Protocol):
 
 
 class Executor(Protocol):
-    def start(self, session_path: Path, slot: str | None) -> WorkerHandle: ...
+    def start(self, session_path: Path, slot: str | None, *, tied: bool = False) -> WorkerHandle:
+        """A worker on the session (or task) file in the slot; `tied`: it ends with this process
+        (a task, whose client waits on the service), where a run's worker outlives it."""
+        ...
 
     def adopt(self, pid: int, start_ticks: int | None) -> WorkerHandle | None: ...
 
@@ -113,7 +116,7 @@ def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:
     env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     env.setdefault("TRANSFORMERS_VERBOSITY", "error")
     if not any(env.get(name) for name in ALLOC_CONF_NAMES):
-        env[_alloc_conf_name()] = "expandable_segments:True"
+        env[alloc_conf_name()] = "expandable_segments:True"
     # CUDA numbers cards fastest first unless told otherwise, NVML (which names the slots and
     # the panel's cards) by PCI bus: the same order, so slot 1 is the card the panel calls GPU1
     env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
@@ -127,7 +130,7 @@ def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:
 ALLOC_CONF_NAMES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
 
 
-def _alloc_conf_name() -> str:
+def alloc_conf_name() -> str:
     """The allocator variable the installed torch reads (its version from the package's metadata:
     the service never imports torch)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -143,7 +146,7 @@ class LocalExecutor:
     """Workers as local processes, each in its own session (setsid) with its own log, so a
     client's exit or a dropped terminal does not reach it and it outlives the service."""
 
-    def start(self, session_path: Path, slot: str | None) -> LocalProcess:
+    def start(self, session_path: Path, slot: str | None, *, tied: bool = False) -> LocalProcess:
         env = worker_env(os.environ, slot)
         with open(session_path.with_suffix(".log"), "ab") as log:
             proc = subprocess.Popen(
@@ -151,13 +154,28 @@ class LocalExecutor:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=not tied,
+                preexec_fn=own_session_tied_to_parent if tied else None,
                 env=env,
             )
         return LocalProcess(proc.pid, process_start_ticks(proc.pid), proc)
 
     def adopt(self, pid: int, start_ticks: int | None) -> LocalProcess | None:
         return LocalProcess(pid, start_ticks) if process_alive(pid, start_ticks) else None
+
+
+def own_session_tied_to_parent() -> None:
+    """In a child before it runs: its own session (signals go to its group), and SIGKILL when
+    its parent dies (Linux's PR_SET_PDEATHSIG): a task whose service died has no one to report
+    to, and would hold its card beside the next service's workers; a Ray actor's worker could
+    bring nothing back."""
+    os.setsid()
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def signal_group(pid: int, sig: int) -> None:

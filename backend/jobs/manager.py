@@ -96,6 +96,7 @@ class JobManager:
         self.nodes: dict[str, str] = {}  # run -> the cluster node its worker ran on (Ray)
         self.tasks = Tasks(self.workspace, self.executor)  # calibrations and judges, in the same slots
         self.stall_seconds = float(os.environ.get(STALL_ENV) or STALL_SECONDS)
+        self.tasks.stall_seconds = self.stall_seconds
 
     # -- queueing ---------------------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from backend.core.devices import SLOT_ENV
 from backend.core.errors import LtmError
 from backend.core.workspace import model_folder
-from backend.jobs.executor import LocalExecutor, LocalProcess, worker_env
+from backend.jobs.executor import LocalExecutor, LocalProcess, own_session_tied_to_parent, worker_env
 
 RAY_MISSING = 'the Ray executor needs ray: pip install -e ".[ray]"'
 # The start marker of a Ray worker in the `runs.worker_start` column: no /proc start time is
@@ -117,7 +117,7 @@ class SessionActor:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "backend.compute.worker", str(self.session_path)],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, cwd=str(self.root), preexec_fn=_own_session_tied_to_parent,
+                env=env, cwd=str(self.root), preexec_fn=own_session_tied_to_parent,
             )
         return self.where()
 
@@ -286,26 +286,13 @@ class TaskActor:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "backend.compute.worker", task_path],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, preexec_fn=_own_session_tied_to_parent,
+                env=env, preexec_fn=own_session_tied_to_parent,
             )
         return {"pid": self.proc.pid, "start_ticks": process_start_ticks(self.proc.pid),
                 "gpus": [str(g) for g in ray.get_gpu_ids()]}
 
     def code(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
-
-
-def _own_session_tied_to_parent() -> None:
-    """In the worker before it runs: its own session (signals go to its group), and SIGKILL
-    when the actor dies, since then nothing would bring its files back (Linux's
-    PR_SET_PDEATHSIG; elsewhere the actor's `close` ends it)."""
-    os.setsid()
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _read_from(path: Path, offset: int, whole: bool) -> bytes:
@@ -700,7 +687,7 @@ class RayExecutor:
         return {"num_cpus": 1, "num_gpus": gpu_share(base_memory_bytes(session.get("base") or {}), self.gpu_memory,
                                                      self.slots_per_gpu)}
 
-    def start(self, session_path: Path, slot: str | None):
+    def start(self, session_path: Path, slot: str | None, *, tied: bool = False):
         session = json.loads(Path(session_path).read_text(encoding="utf-8"))
         if "task" in session:
             return self._start_task(Path(session_path), session)

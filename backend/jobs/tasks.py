@@ -50,6 +50,8 @@ class Task:
     result: Any = None
     stop_asked: float | None = None
     killed: bool = False  # SIGKILL sent: if it is still there, the kernel holds it
+    last_sign: float | None = None  # when it last wrote an event (or started)
+    stalled: str | None = None  # why the service stopped it as hung
 
     def row(self) -> dict:
         return {"task_id": self.task_id, "kind": self.kind, "what": self.what, "status": self.status,
@@ -65,6 +67,7 @@ class Tasks:
         self.executor = executor
         self.tasks: dict[str, Task] = {}
         self.stuck: list[Task] = []  # ended tasks whose process outlived SIGKILL (the manager's `stuck`)
+        self.stall_seconds = 0.0  # the manager's stall limit: a task silent this long is stopped (0: never)
 
     @property
     def folder(self) -> Path:
@@ -106,8 +109,9 @@ class Tasks:
         return {t.slot for t in self.running() if t.slot is not None}
 
     def start(self, task: Task, slot_index: int, slot: str | None, on_event: Callable[[dict], None]) -> None:
-        task.process = self.executor.start(task.folder / "task.json", slot)
+        task.process = self.executor.start(task.folder / "task.json", slot, tied=True)  # it ends with the service
         task.slot, task.card, task.status = slot_index, slot, RUNNING
+        task.last_sign = time.monotonic()
         on_event({"type": "task", "task_id": task.task_id, "status": RUNNING, "pid": task.process.pid})
 
     def cancel(self, task_id: str, on_event: Callable[[dict], None]) -> Task:
@@ -125,6 +129,7 @@ class Tasks:
         self.stuck = [t for t in self.stuck if t.process.exit_code() is None]
         for task in self.running():
             self._pump(task, on_event)
+            self._enforce_stall(task, on_event)
             if task.stop_asked is not None and not task.killed and time.monotonic() - task.stop_asked > STOP_GRACE_SECONDS:
                 task.killed = True
                 task.process.kill()
@@ -135,6 +140,9 @@ class Tasks:
                     self._end(task, FAILED, on_event, error=stuck_line(task.process.pid))
                 continue
             self._pump(task, on_event)
+            if task.stalled is not None:
+                self._end(task, FAILED, on_event, error=task.stalled)
+                continue
             if task.stop_asked is not None:
                 self._end(task, CANCELLED, on_event, error="cancelled by the user")
                 continue
@@ -162,8 +170,28 @@ class Tasks:
             task.process.kill()
             task.status = CANCELLED
 
+    def _enforce_stall(self, task: Task, on_event: Callable[[dict], None]) -> None:
+        """A task (a calibration, a judge) that wrote no event for the stall limit is hung as a
+        run's worker would be (a card or file system that stopped answering): it is stopped,
+        and fails with the reason, rather than hold its slot, and its client, until morning.
+        One still waiting for Ray to place it (`started` False) is not silent, just queued."""
+        if not self.stall_seconds or task.stop_asked is not None or task.last_sign is None:
+            return
+        if not getattr(task.process, "started", True):
+            task.last_sign = time.monotonic()
+            return
+        silent = time.monotonic() - task.last_sign
+        if silent >= self.stall_seconds:
+            task.stalled = (f"no sign of life from its worker for {silent / 60:.0f} min (a card, driver or file "
+                            "system that stopped answering?): it was stopped")
+            on_event({"type": "task", "task_id": task.task_id, "status": RUNNING, "message": task.stalled})
+            task.stop_asked = time.monotonic()
+            task.process.terminate()
+
     def _pump(self, task: Task, on_event: Callable[[dict], None]) -> None:
         events, task.offset = read_events(task.folder / "events.jsonl", task.offset)
+        if events:
+            task.last_sign = time.monotonic()
         for e in events:
             if e.get("type") == "log":
                 on_event({"type": "task", "task_id": task.task_id, "status": RUNNING, "message": e.get("message")})

@@ -141,13 +141,26 @@ def calibrations_on(workspace, card: Card) -> list[dict]:
 def mfu_for(workspace, card: Card, quant: str | None) -> tuple[float, str]:
     """(MFU against the card's datasheet peak, where it comes from): the best a calibration on
     this card reached with the same kind of base (4-bit or not), else the assumption."""
-    measured = [float(c["achieved_flops_per_s"]) / card.bf16_flops for c in calibrations_on(workspace, card)
+    measured = [_hardware_flops_per_s(c) / card.bf16_flops for c in calibrations_on(workspace, card)
                 if c.get("achieved_flops_per_s") and bool((c.get("base") or {}).get("quant")) == bool(quant)]
     if measured:
         return max(measured), f"measured on this card ({len(measured)} calibration(s) in the workspace)"
     kind = "4bit" if quant else "lora"
     return ASSUMED_MFU[kind], (f"assumed {ASSUMED_MFU[kind]:.0%} (no calibration on this card in the workspace; "
                                "`ltm-tui estimate` run on the card measures it)")
+
+
+def _hardware_flops_per_s(calib: Mapping[str, Any]) -> float:
+    """What a calibration's card computed a second, the recomputed forward pass included where
+    its steps checkpointed: the rate `project` divides by, since its FLOPs a token count the
+    recomputation too (model FLOPs alone would charge a checkpointed calibration's slowdown twice)."""
+    achieved = float(calib["achieved_flops_per_s"])
+    model_flops = float(calib.get("flops_per_token") or 0)
+    if not calib.get("grad_checkpointing_used") or not model_flops:
+        return achieved
+    matmuls = float(calib.get("trainable_matmul_params") or 0) + float(calib.get("frozen_matmul_params") or 0)
+    recompute = 2 * matmuls + float(calib.get("attention_flops") or 0) // 3
+    return achieved * (model_flops + recompute) / model_flops
 
 
 def choose_step(config: Mapping[str, Any], card: Card, *, micro_batch: int, grad_accum: int,
