@@ -440,6 +440,34 @@ def test_a_task_silent_past_the_stall_limit_fails_with_the_reason(tmp_path, tiny
         store.close()
 
 
+def test_a_worker_that_ended_while_no_service_watched_is_settled_with_its_own_reason(tmp_path, corpora,
+                                                                                      tiny_battery):
+    """A worker that ends while no service watches it (the service was restarted, or died) is
+    not the next service's child, so it cannot read its exit code: the worker leaves it beside
+    its session, and its runs say why it ended rather than just that it died. (The real worker
+    on a session it cannot read; a full disk or a lost card is named the same way.)"""
+    import subprocess
+
+    from backend.core.states import EXIT_BAD_SESSION, JobState
+    from backend.jobs.executor import worker_env
+
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    run_id = manager.submit([corpora["logic"]], settings).run_ids[0]
+    for state in (JobState.STARTING, JobState.TRAINING):
+        store.transition(run_id, state)
+    session = manager._write_session([store.get_run(run_id)])
+    session.write_text("{}")  # no base, no jobs: the worker ends at once
+    proc = subprocess.Popen([sys.executable, "-m", "backend.compute.worker", str(session)],
+                            env=worker_env(os.environ, None), stderr=subprocess.DEVNULL)
+    assert proc.wait(timeout=WAIT) == EXIT_BAD_SESSION
+    store.update_run(run_id, worker_pid=proc.pid, worker_start=12345, session_path=str(session))
+    manager.reattach(lambda event: None)
+    run = store.get_run(run_id)
+    assert run["status"] == "interrupted"
+    assert run["error"].startswith(f"worker exited with code {EXIT_BAD_SESSION} while no service watched it")
+    store.close()
+
+
 def test_slots_are_the_cards_cuda_shows(fake_nvml, monkeypatch):
     """A slot for each card CUDA_VISIBLE_DEVICES names, read as CUDA reads it: up to the first
     entry that names no card (the mock has two), a UUID by a unique prefix, no card at all where

@@ -589,8 +589,22 @@ def _report_all(session: dict, message: str) -> None:
         _report(job, message)
 
 
+def record_exit(session_path: Path, code: int) -> None:
+    """The exit code beside the session (`<session>.exit`): a service that adopted this worker
+    (it is not its parent) or finds it gone after a restart reads why it ended there, so a full
+    disk or a lost device is named in the morning, not "exit code -1"."""
+    try:
+        tmp = session_path.with_suffix(".exit.tmp")
+        tmp.write_text(str(code))
+        tmp.replace(session_path.with_suffix(".exit"))
+    except OSError:
+        pass  # a full disk: the code is lost, the runs' own error lines are not
+
+
 if __name__ == "__main__":
     code = main()
+    if len(sys.argv) == 2:
+        record_exit(Path(sys.argv[1]), code)
     # Every run file is closed by now (run_job's `finally`). Skipping the interpreter's teardown
     # of torch and its threads saves a second or more at each worker's exit, which the slot's
     # next job would otherwise wait out.

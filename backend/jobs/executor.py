@@ -178,6 +178,14 @@ def own_session_tied_to_parent() -> None:
         pass
 
 
+def recorded_exit(session_path: Path | None, default: int) -> int:
+    """The exit code a worker left beside its session (`worker.record_exit`), else `default`."""
+    try:
+        return int(session_path.with_suffix(".exit").read_text().strip())
+    except (AttributeError, OSError, ValueError):
+        return default
+
+
 def signal_group(pid: int, sig: int) -> None:
     try:
         os.killpg(pid, sig)

@@ -23,7 +23,7 @@ from backend.core.events import log_tail, of_attempt, read_events
 from backend.core.states import EXIT_DEVICE_LOST, EXIT_DISK_FULL, JobState
 from backend.core.workspace import Workspace, cancel_marker
 from backend.ingest.corpora import expand_paths, inspect_corpus
-from backend.jobs.executor import Executor, LocalExecutor, WorkerHandle, stuck_line
+from backend.jobs.executor import Executor, LocalExecutor, WorkerHandle, recorded_exit, stuck_line
 from backend.jobs.settings import JobSettings
 from backend.jobs.store import Store
 from backend.jobs.tasks import Task, Tasks
@@ -543,7 +543,9 @@ class JobManager:
                 ghost = LiveWorker(gone, Path(run["session_path"] or "."), [run_id], 0)
                 ghost.offsets[run_id] = 0
                 self._pump(ghost, on_event)
-                self._settle(ghost, on_event, reason="worker died while no service watched it")
+                code = recorded_exit(ghost.session_path, None)
+                why = "worker died" if code is None else self._exit_reason(code)
+                self._settle(ghost, on_event, reason=f"{why} while no service watched it")
         sweep = getattr(self.executor, "sweep", None)
         return sweep(set(self.live)) if sweep is not None else []
 
@@ -726,7 +728,11 @@ class LiveWorker:
         return self.process.start_ticks
 
     def exit_code(self) -> int | None:
-        return self.process.exit_code()
+        code = self.process.exit_code()
+        if code == -1 and (self.adopted or isinstance(self.process, _GoneProcess)):
+            # not our child: its code is the one it left beside its session, if it could
+            return recorded_exit(self.session_path, code)
+        return code
 
     def request_stop(self) -> None:
         """Ask it to checkpoint and exit (SIGTERM for a local process)."""
