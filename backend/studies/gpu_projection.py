@@ -165,21 +165,18 @@ def _hardware_flops_per_s(calib: Mapping[str, Any]) -> float:
 
 def choose_step(config: Mapping[str, Any], card: Card, *, micro_batch: int, grad_accum: int,
                 grad_checkpointing: str = "auto", **settings: Any) -> tuple[bool, int, memory_plan.MemoryPlan]:
-    """(checkpointing, micro-batch, its plan) on the card, the effective batch kept: the
-    micro-batch grows up to micro_batch × grad_accum. "on"/"off" fix checkpointing; "auto" lets
-    the plan decide (memory_plan.choose)."""
-    cap = max(1, micro_batch * grad_accum)
-    budget = card.memory_bytes * TARGET_SHARE
+    """(checkpointing, micro-batch, its plan) on the card, as the worker's `fit_to_card` picks
+    them: "on"/"off" fix checkpointing and keep the asked micro-batch (the worker fits nothing
+    then; out of memory halves it at run time); "auto" lets the plan decide
+    (memory_plan.choose), and the micro-batch is the largest the plan allows that divides the
+    effective batch micro_batch × grad_accum, which stays the same."""
     if grad_checkpointing in ("on", "off"):
-        ckpt = grad_checkpointing == "on"
-        mb = 1
-        for size in (1 << i for i in range(1, cap.bit_length())):
-            if memory_plan.plan(config, micro_batch=size, grad_checkpointing=ckpt, **settings).peak > budget:
-                break
-            mb = size
+        ckpt, mb = grad_checkpointing == "on", max(1, micro_batch)
     else:
-        ckpt, mb = memory_plan.choose(config, card.memory_bytes, TARGET_SHARE, micro_batch=micro_batch, cap=cap,
-                                      **settings)
+        cap = max(1, micro_batch * grad_accum)
+        ckpt, fitted = memory_plan.choose(config, card.memory_bytes, TARGET_SHARE, micro_batch=micro_batch, cap=cap,
+                                          **settings)
+        mb = max(d for d in range(1, fitted + 1) if cap % d == 0)
     return ckpt, mb, memory_plan.plan(config, micro_batch=mb, grad_checkpointing=ckpt, **settings)
 
 
