@@ -274,7 +274,7 @@ def test_a_loading_base_shows_signs_of_life_while_it_moves_bytes_and_none_when_i
     each interval. A load that hangs moves none and writes nothing, so the limit still catches it."""
     import time
 
-    from backend.compute.worker import LoadWatch
+    from backend.core.events import LoadWatch
 
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(os.urandom(4 << 20))

@@ -16,9 +16,8 @@ EXIT_OK, EXIT_FAILED = 0, 1
 
 
 def run_task(task: dict[str, Any]) -> int:
-    from backend.compute.worker import LoadWatch
     from backend.core.errors import LtmError, describe
-    from backend.core.events import EventLog, write_json_atomic
+    from backend.core.events import EventLog, LoadWatch, write_json_atomic
 
     folder = Path(task["task_dir"])
     events = EventLog(folder / "events.jsonl", task["task_id"])

@@ -22,7 +22,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from backend.core.errors import describe
+from backend.core.events import LoadWatch
 from backend.core.states import (
     EXIT_BAD_SESSION,
     EXIT_DEVICE_LOST,
@@ -73,49 +73,6 @@ class CancelWatch:
             self._next = time.monotonic() + self.every
             self.now()
         return self._seen
-
-
-class LoadWatch:
-    """Signs of life while a base loads. A load writes no event (13B from a slow disk takes
-    minutes; a first download from the hub can take longer than the service's stall limit,
-    which would stop the worker as hung). While it runs, a thread writes a `log` event every
-    `every` seconds in which the process moved at least a megabyte (its /proc/self/io counters:
-    a download, the weights coming off disk; the watch's own reads and lines are bytes too, a
-    few hundred). A load that hangs (a file system that stopped answering) moves none and stays
-    silent, so the stall limit still catches it."""
-
-    MOVING = 2**20  # bytes an interval: less is the watch itself, not the load
-
-    def __init__(self, events, what: str, every: float = 60.0) -> None:
-        self.events, self.what, self.every = events, what, every
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="load-watch", daemon=True)
-
-    def __enter__(self) -> "LoadWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._done.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        first = last = io_bytes()
-        while not self._done.wait(self.every):
-            now = io_bytes()
-            if now is not None and last is not None and now - last >= self.MOVING:
-                self.events.emit("log", message=f"loading {self.what}: {(now - first) / 1e9:.1f} GB moved so far")
-            last = now
-
-
-def io_bytes() -> int | None:
-    """Bytes this process has read and written (read()/write() calls, and storage reads such as
-    a memory-mapped file's pages), or None where /proc does not say."""
-    try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/self/io").read_text().splitlines())
-        return sum(int(fields[k]) for k in ("rchar", "wchar", "read_bytes"))
-    except (OSError, KeyError, ValueError):
-        return None
 
 
 class RunLog:
