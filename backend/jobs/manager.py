@@ -36,8 +36,8 @@ STOP_GRACE_SECONDS = 30.0
 CANCEL_GRACE_SECONDS = 300.0
 # A worker holding a run writes an event at least every step, every second of its evaluation and
 # at each phase; one silent this long is hung (a card or driver that stopped answering, a file
-# system that stopped reading) and is stopped, and its run queued again once by itself. Loading
-# a 13B base from a slow disk is the longest silence a healthy worker keeps: minutes. 0: never.
+# system that stopped reading) and is stopped, and its run queued again once by itself. A base's
+# load speaks while it moves bytes (`events.LoadWatch`): a long download is not silent. 0: never.
 STALL_SECONDS = 30 * 60.0
 STALL_ENV = "LTM_STALL_SECONDS"
 
