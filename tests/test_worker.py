@@ -335,8 +335,9 @@ def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(t
     service used to wait for it for good, and the whole queue with it. Now the kill waits a
     bounded time; the worker's run is settled with the reason (the process, its state, where to
     look) and queued again once; no later service adopts that process for it; its card takes no
-    new worker until it is gone, while the queue goes on on the other card; `status` lists it;
-    when the kernel lets go, the card takes work again. A task the kernel holds ends the same way."""
+    new worker until it is gone, while the queue goes on on the other card, and a service
+    restarted meanwhile holds it too; `status` lists it; when the kernel lets go, the card takes
+    work again. A task the kernel holds ends the same way."""
     import time
 
     from backend.core.states import JobState
@@ -380,12 +381,19 @@ def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(t
         assert [manager.slots[w.slot] for w in manager.live.values()] == ["1"]
         assert [manager.slots[i] for i in manager.free_slots()] == ["1"]
         assert manager.stuck_lines() and f"worker {proc.pid} (card 0)" in manager.stuck_lines()[0]
+        # a service restarted meanwhile holds the card too: the process outlives any service
+        restarted = JobManager(ws, store, slots=["0", "0", "1", "1"])
+        assert [restarted.slots[i] for i in restarted.free_slots()] == ["1", "1"]
+        assert f"worker {proc.pid} (card 0)" in restarted.stuck_lines()[0]
         manager.cancel(run_id)
         manager.shutdown_workers(said.append, reason="test over")
         thaw()  # the kernel lets go: the SIGKILL takes effect
         wait_for(lambda: proc.poll() is not None, what="the thawed process to die")
         manager.tick(said.append)
         assert not manager.stuck and manager.free_slots() == [0, 1, 2, 3]
+        restarted.tick(said.append)
+        assert restarted.free_slots() == [0, 1, 2, 3]
+        assert JobManager(ws, store, slots=["0", "1"]).free_slots() == [0, 1]  # and no later one holds it
         assert any(e.get("freed") for e in said)
         # a task (a calibration, a judge) the kernel holds: failed with the reason, its card held
         task = manager.submit_task("calibrate", {}, "calibrate micro:tiny")

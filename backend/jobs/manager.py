@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable
 
 from backend.core.devices import cuda_entries, visible_cards
 from backend.core.errors import CorpusError, JobError, LtmError
-from backend.core.events import log_tail, of_attempt, read_events
+from backend.core.events import log_tail, of_attempt, read_events, write_json_atomic
 from backend.core.states import EXIT_DEVICE_LOST, EXIT_DISK_FULL, JobState
 from backend.core.workspace import Workspace, cancel_marker
 from backend.ingest.corpora import expand_paths, inspect_corpus
@@ -89,6 +89,7 @@ class JobManager:
         # workers that outlived SIGKILL (the kernel holds them: a GPU driver fault), by pid: their
         # runs are settled, and a card's slot takes no new worker until its process is gone
         self.stuck: dict[int, LiveWorker] = {}
+        self._load_stuck()
         # a run whose worker was lost with its node (a cluster executor's handle says `lost`) is
         # queued again this many times by itself, resuming from its newest checkpoint
         self.max_retries = max_retries
@@ -236,7 +237,7 @@ class JobManager:
         # a stuck worker still holds its card's memory and maybe the card itself: every slot of
         # that card waits; on the CPU slot it holds some RAM, and the queue goes on beside it
         # rather than stop for the night
-        held = {self.slots[w.slot] for w in self.stuck.values() if w.slot < len(self.slots)}
+        held = {self.slots[w.slot] for w in self.stuck.values() if w.slot < len(self.slots)}  # a card gone: none
         held |= {t.card for t in self.tasks.stuck}
         used |= {i for i, card in enumerate(self.slots) if card is not None and card in held}
         return [i for i in range(len(self.slots)) if i not in used]
@@ -288,6 +289,7 @@ class JobManager:
         for worker in list(self.stuck.values()):
             if worker.exit_code() is not None:
                 del self.stuck[worker.pid]
+                self._save_stuck()
                 on_event({"type": "worker", "pid": worker.pid, "runs": [],
                           "freed": f"stuck worker {worker.pid} is gone at last: its slot takes work again"})
         self.tasks.tick(self._task_result, on_event)
@@ -446,9 +448,39 @@ class JobManager:
             self.store.update_run(run_id, worker_pid=None, worker_start=None)
         del self.live[worker.pid]
         self.stuck[worker.pid] = worker
+        self._save_stuck()
         slot = self.slots[worker.slot] if worker.slot < len(self.slots) else None
         held = f"card {slot} takes no new worker until it is gone" if slot is not None else "the queue goes on"
         on_event({"type": "worker", "pid": worker.pid, "runs": list(worker.run_ids), "stuck": f"{line}; {held}"})
+
+    @property
+    def _stuck_path(self) -> Path:
+        return self.workspace.root / "stuck.json"
+
+    def _save_stuck(self) -> None:
+        """The stuck workers, for the next service: it holds their cards as this one does (the
+        process outlives any service; a reboot ends it)."""
+        entries = [{"pid": w.pid, "start_ticks": w.start_ticks,
+                    "card": self.slots[w.slot] if w.slot < len(self.slots) else None} for w in self.stuck.values()]
+        try:
+            write_json_atomic(self._stuck_path, entries)
+        except OSError:
+            pass  # a full disk: this service still holds the cards; a next one would not know
+
+    def _load_stuck(self) -> None:
+        """The stuck workers an earlier service left, those still there (pid and start time)."""
+        try:
+            entries = json.loads(self._stuck_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        for entry in entries if isinstance(entries, list) else []:
+            try:
+                handle = self.executor.adopt(int(entry["pid"]), entry.get("start_ticks"))
+            except (KeyError, TypeError, ValueError):
+                continue
+            if handle is not None:
+                slot = next((i for i, card in enumerate(self.slots) if card == entry.get("card")), len(self.slots))
+                self.stuck[handle.pid] = LiveWorker(handle, Path("."), [], slot, adopted=True)
 
     def stuck_lines(self) -> list[str]:
         """One line per worker that outlived SIGKILL and is still there (for `status`)."""
