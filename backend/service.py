@@ -218,10 +218,9 @@ class Service:
         """A subscriber SUBSCRIBER_BACKLOG events behind is dropped, not followed into the night's
         memory: its stream ends, and the dashboard reconnects and reads everything afresh."""
         try:
-            self.subscribers.remove(q)
+            self.subscribers.remove(q)  # its stream sees it gone (`_stream`)
         except ValueError:
             return
-        q.dropped = True  # type: ignore[attr-defined]
         self.log(f"a subscriber fell {SUBSCRIBER_BACKLOG} events behind (it stopped reading): dropped")
 
     # -- requests ----------------------------------------------------------------------------
@@ -534,7 +533,7 @@ def _handler_for(service: Service):
                     try:
                         event = q.get(timeout=1.0)
                     except queue.Empty:
-                        if getattr(q, "dropped", False) or self._peer_gone():
+                        if q not in service.subscribers or self._peer_gone():
                             return  # a client that left or fell behind must not keep the service busy
                         continue
                     if not self._send({"event": event}):

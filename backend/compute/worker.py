@@ -487,19 +487,20 @@ def _run_jobs(worker: Worker, session: dict, session_path: Path) -> int:
     jobs = list(session["jobs"])
     while jobs:
         for job in jobs:
+            job_failed = False
             try:
                 worker.run_job(job)
             except StopRequested:
                 return EXIT_STOPPED
             except Exception as exc:  # one line for the user; for an unexpected error, the traceback in train.log
-                failed = True
+                failed = job_failed = True
                 line, trace = (exc.one_line(), None) if isinstance(exc, LtmError) else (describe(exc), traceback.format_exc())
                 # a loading error on a lost card is a ModelError too: every error asks
                 if worker.device_lost(exc):
                     _report(job, line + LOST_DEVICE, trace)
                     return EXIT_DEVICE_LOST
                 _report(job, line, trace)
-            if failed:
+            if job_failed:
                 # out here the failed job's traceback, and with it the frames that held its
                 # optimizer state and activations, is gone: only now can their memory go back
                 _give_back_cached_memory()

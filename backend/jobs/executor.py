@@ -99,10 +99,9 @@ def stuck_line(pid: int) -> str:
     except OSError:
         wchan = ""
     where = f", waiting in {wchan}" if wchan and wchan != "0" else ""
-    kind = {"D": "uninterruptible sleep", "T": "stopped", "t": "traced"}.get(state, "")
-    return (f"process {pid} did not exit after SIGKILL: the kernel holds it (state {state}"
-            f"{' ' + kind if kind else ''}{where}), most often a GPU driver fault: see `nvidia-smi` "
-            "and `dmesg`")
+    kind = " uninterruptible sleep" if state == "D" else ""
+    return (f"process {pid} did not exit after SIGKILL: the kernel holds it (state {state}{kind}{where}), "
+            "most often a GPU driver fault: see `nvidia-smi` and `dmesg`")
 
 
 def worker_env(base: Mapping[str, str], slot: str | None) -> dict[str, str]:

@@ -518,6 +518,12 @@ class RayWorker:
             pass
 
 
+def _actor_id() -> int:
+    """An id for a worker or task actor in the place of a pid (the same id no list of local pids
+    shows, as before; a Ray worker is told from a local process by its start marker, RAY_TICKS)."""
+    return secrets.randbelow(2**31 - 2**20) + 2**20
+
+
 class RayTask:
     """The service's handle on a task's actor (`TaskActor`): `exit_code`, `terminate` and `kill`
     of the task's process, a local one once the actor has started it. Until then (Ray holds the
@@ -691,7 +697,7 @@ class RayExecutor:
         session = json.loads(Path(session_path).read_text(encoding="utf-8"))
         if "task" in session:
             return self._start_task(Path(session_path), session)
-        pid = secrets.randbelow(2**31 - 2**20) + 2**20  # an id no list of local pids shows
+        pid = _actor_id()
         name = ACTOR_NAME.format(pid=pid)
         actor = self._actor_class.options(
             name=name, namespace=self.namespace, lifetime="detached", max_restarts=0, **self.resources(session)
@@ -715,7 +721,7 @@ class RayExecutor:
             scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False), max_restarts=0,
             **self.task_resources(task, here),
         ).remote()
-        pid = secrets.randbelow(2**31 - 2**20) + 2**20  # an id no list of local pids shows
+        pid = _actor_id()
         return RayTask(actor, actor.start.remote(str(path)), pid)
 
     def task_resources(self, task: dict, node_id: str) -> dict[str, float]:

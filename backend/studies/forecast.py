@@ -427,37 +427,40 @@ def free_memory(base_spec: Mapping[str, Any], workspace=None) -> tuple[int | Non
         return None, "RAM"
 
 
-def service_view(workspace) -> tuple[list[int], list[str] | None]:
+def service_view(workspace, *, workers: bool = True) -> tuple[list[int], list[str] | None]:
     """(the pids of this workspace's running workers, the cards its job service schedules on)
     from the service if one runs (none is started for this); ([], None) where none answers.
 
-    The pids are what `free_memory` may count as free. The cards are the service's own
-    CUDA_VISIBLE_DEVICES entries, the ones `--device cuda:N` counts and its workers get: a
-    shell that sees other cards (another CUDA_VISIBLE_DEVICES) would otherwise check the wrong
-    card. None also in a worker (it sees its slot's card alone), from a service with no card
-    (the CPU, Ray's nodes) and from one too old to say."""
+    The pids are what `free_memory` may count as free (asked only with `workers`). The cards
+    are the service's own CUDA_VISIBLE_DEVICES entries, the ones `--device cuda:N` counts and
+    its workers get: a shell that sees other cards (another CUDA_VISIBLE_DEVICES) would
+    otherwise check the wrong card. None also in a worker (it sees its slot's card alone), from
+    a service with no card (the CPU, Ray's nodes) and from one too old to say."""
     from backend.core.errors import LtmError
     from backend.core.workspace import Workspace
     from backend.jobs.client import try_connect
 
+    in_worker = bool(os.environ.get(SLOT_ENV))
+    if in_worker and not workers:
+        return [], None  # nothing to ask
     try:
         client = try_connect(workspace if isinstance(workspace, Workspace) else Workspace(_root(workspace)))
         if client is None:
             return [], None
         with client:
-            pids = [int(w["pid"]) for w in client.call("workers")]
+            pids = [int(w["pid"]) for w in client.call("workers")] if workers else []
             try:
-                cards = client.call("cards")
+                cards = None if in_worker else client.call("cards")
             except LtmError:  # a service from before the `cards` request
                 cards = None
     except (LtmError, OSError, KeyError, TypeError, ValueError):
         return [], None
     usable = isinstance(cards, list) and cards and all(isinstance(c, str) for c in cards)
-    return pids, cards if usable and not os.environ.get(SLOT_ENV) else None
+    return pids, cards if usable else None
 
 
 def service_cards(workspace) -> list[str] | None:
-    return service_view(workspace)[1]
+    return service_view(workspace, workers=False)[1]
 
 
 def memory_fix(
