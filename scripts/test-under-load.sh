@@ -27,7 +27,7 @@ done
 echo "test-under-load: $hogs busy processes beside the suite (pids ${pids[*]})"
 
 start=$(date +%s)
-python -m pytest -q "$@"
+python -m pytest -q -n auto "$@"
 code=$?
 elapsed=$(( $(date +%s) - start ))
 stop_hogs

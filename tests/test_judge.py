@@ -14,6 +14,10 @@ import pytest
 from backend.compute import judge as judge_mod
 from backend.compute.judge import EndpointJudge, JudgeError, LocalJudge, judge_rows, rescore
 
+# Its module-scoped fixture is built once: the file's tests run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("judge")
+
 WORDS = "yes no lamp red glows green"  # with the specials and ? : . under 20 tokens: all in top_logprobs
 
 

@@ -12,6 +12,10 @@ import pytest
 from backend.core.errors import LtmError
 from backend.studies import memory_plan
 
+# Its module-scoped fixture is built once: the file's tests run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("memory_plan")
+
 # Llama-3-8B's config.json, the fields the plan reads
 LLAMA3_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
              "intermediate_size": 14336, "vocab_size": 128256, "tie_word_embeddings": False}

@@ -25,6 +25,10 @@ from backend.jobs.client import connect
 from backend.scoring import stats
 from backend.scoring.scenes import load_battery
 
+# Its module-scoped fixture is built once: the file's tests run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("properties")
+
 PATIENT = settings(deadline=timedelta(seconds=20), max_examples=60,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 

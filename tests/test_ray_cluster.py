@@ -26,7 +26,9 @@ from backend.jobs.store import Store
 from tests.conftest import REPO, WAIT, cli, wait_for, write_corpora
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# One simulated cluster at a time on the machine: both Ray files run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 BASE = {"base": "micro", "preset": "tiny", "quant": None, "trust_remote_code": False, "device": "cpu"}
 TRAIN = {"block_size": 64, "micro_batch": 8, "min_train_tokens": 0, "epochs": 1000, "max_steps": 30,

@@ -18,7 +18,9 @@ from backend.jobs.store import Store
 from tests.conftest import REPO, WAIT, wait_for
 
 ray = pytest.importorskip("ray")
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# One simulated cluster at a time on the machine: both Ray files run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.xdist_group("ray")]
 
 CARDS = ["90", "91"]  # CUDA shows no card for them: the tests' work stays on the CPU
 CALIBRATE = {"base": {"base": "micro", "preset": "tiny"}, "steps": 2,

@@ -15,6 +15,10 @@ from backend.compute.startup import needs_bitsandbytes, read_ahead, weight_files
 from backend.core.workspace import PROJECT_ROOT
 from benchmarks.hf_load import cached_share, set_cache
 
+# Its module-scoped fixture is built once: the file's tests run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("startup")
+
 
 def test_a_bases_weights_are_in_the_page_cache_after_reading_ahead(tmp_path):
     """The page cache is read with hf_load's probes (reads that may not wait for the disk)."""

@@ -17,6 +17,10 @@ from ltm_tui.studies import AttributionScreen, SearchScreen, SortTable
 from tests.conftest import TINY_RUN, cli, stop_service, write_corpora
 from tests.test_app import until
 
+# Its module-scoped fixture is built once: the file's tests run in one process (`-n auto`
+# with `--dist loadgroup`, pyproject.toml).
+pytestmark = pytest.mark.xdist_group("studies_ui")
+
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory):
