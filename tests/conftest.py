@@ -78,6 +78,39 @@ def stop_service(workspace: Path) -> None:
     wait_for(lambda: not process_alive(pid, None), what=f"the service of {workspace} to stop", poll=0.05)
 
 
+FREEZER = Path("/sys/fs/cgroup/freezer")
+
+
+class Freezer:
+    """A cgroup-v1 freezer group of this test's: a process frozen in it is held by the kernel
+    (state D), as a GPU driver that faulted holds a worker, and outlives SIGKILL until thawed."""
+
+    def __init__(self, group: Path) -> None:
+        self.group = group
+
+    def freeze(self, pid: int) -> None:
+        (self.group / "cgroup.procs").write_text(str(pid))
+        (self.group / "freezer.state").write_text("FROZEN")
+        wait_for(lambda: (self.group / "freezer.state").read_text().strip() == "FROZEN", what="the freezer")
+
+    def thaw(self) -> None:
+        (self.group / "freezer.state").write_text("THAWED")
+
+
+@pytest.fixture
+def freezer(tmp_path):
+    """A `Freezer`; afterwards thawed, and removed once the test has ended its processes."""
+    if not os.access(FREEZER, os.W_OK):
+        pytest.skip("needs a writable cgroup-v1 freezer (root) to make a process outlive SIGKILL")
+    group = FREEZER / f"ltm-test-{os.getpid()}-{tmp_path.name}"
+    group.mkdir()
+    yield Freezer(group)
+    (group / "freezer.state").write_text("THAWED")
+    wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), what="the freezer group emptied")
+    time.sleep(0.1)
+    group.rmdir()
+
+
 @pytest.fixture
 def tiny_battery(tmp_path: Path) -> Path:
     """Two batteries on the LOGIC_TEXT world: choice scenes and held-out perplexity."""

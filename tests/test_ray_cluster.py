@@ -19,7 +19,7 @@ from backend.core.events import read_events
 from backend.core.workspace import Workspace
 from backend.jobs.client import connect
 from backend.jobs.executor import process_alive
-from backend.jobs.manager import JobManager
+from backend.jobs.manager import JobManager, LiveWorker
 from backend.jobs.ray_executor import namespace_of
 from backend.jobs.settings import JobSettings
 from backend.jobs.store import Store
@@ -205,7 +205,9 @@ def test_jobs_spread_over_both_nodes_and_match_the_local_executor(cluster, tmp_p
     assert _rows(local.store) == [r for r in _rows(store, seed=0) if r[0] != "more.txt"]
 
 
-def test_cancel_on_a_remote_node_checkpoints_and_ends_the_actor(cluster, tmp_path):
+def _long_run_training(tmp_path: Path, cluster) -> tuple[JobManager, str, LiveWorker, list[dict]]:
+    """A manager on the cluster with one long run past its third step on a node: (the manager,
+    the run, its worker, the events seen so far)."""
     corpora, battery = write_corpora(tmp_path)
     manager = _manager(tmp_path, cluster)
     run_id = manager.submit([corpora / "logic.txt"], _settings(battery, LONG)).run_ids[0]
@@ -213,6 +215,12 @@ def test_cancel_on_a_remote_node_checkpoints_and_ends_the_actor(cluster, tmp_pat
     seen: list[dict] = []
     _until(manager, seen.append, lambda: len(_steps(run_dir, 0)) >= 3, "training on a node")
     (worker,) = manager.live.values()
+    return manager, run_id, worker, seen
+
+
+def test_cancel_on_a_remote_node_checkpoints_and_ends_the_actor(cluster, tmp_path):
+    manager, run_id, worker, seen = _long_run_training(tmp_path, cluster)
+    run_dir = manager.workspace.run_dir(run_id)
     scratch = Path(ray.get(worker.process.actor.where.remote())["scratch"])
 
     manager.cancel(run_id, seen.append)
@@ -227,6 +235,51 @@ def test_cancel_on_a_remote_node_checkpoints_and_ends_the_actor(cluster, tmp_pat
     with pytest.raises(ValueError):  # the detached actor is gone, with its scratch folder
         ray.get_actor(f"ltm-worker-{worker.pid}", namespace=manager.executor.namespace)
     assert not scratch.exists()
+
+
+def test_a_worker_stuck_on_its_node_keeps_that_node_and_the_queue_goes_on(cluster, tmp_path, freezer, monkeypatch):
+    """A worker the kernel holds on its node (a GPU driver fault leaves it in state D) outlives
+    SIGKILL there. Its actor used to be killed all the same, which gave the node's share back to
+    Ray for the next actor, onto the card the stuck process still holds. Now the run is settled
+    with the reason as the node reads it and queued again, and the actor stays, holding its
+    node's share, so the run starts again on the other node; `status` lists the worker, and a
+    restarted service keeps it. When the kernel lets go, the actor ends and the share is free."""
+    import time
+
+    from backend.jobs import executor
+    from backend.jobs.ray_executor import ACTOR_NAME
+
+    monkeypatch.setattr(executor, "KILL_WAIT_SECONDS", 0.5)
+    manager, run_id, worker, seen = _long_run_training(tmp_path, cluster)
+    stuck_on = worker.process.node
+    freezer.freeze(worker.process.node_pid)
+    # the stall watchdog asked it to stop long ago (a card that faulted stops the steps), and
+    # its grace is over
+    worker.stalled = "no sign of life from its worker for 30 min"
+    worker.stop_requested = time.monotonic() - 3600
+    manager.tick(seen.append)
+
+    first = manager.store.attempts(run_id)[0]
+    assert first["status"] == "interrupted"
+    assert "did not exit after SIGKILL" in first["error"] and "state D" in first["error"]
+    assert f"(on {os.uname().nodename})" in first["error"]  # read on its node
+    assert manager.store.get_run(run_id)["attempt"] == 1  # a hung run is queued again once
+    assert [e for e in seen if e.get("type") == "worker" and e.get("stuck")]
+    assert f"worker {worker.pid}" in manager.stuck_lines()[0]
+    name = ACTOR_NAME.format(pid=worker.pid)
+    ray.get_actor(name, namespace=manager.executor.namespace)  # still there, holding its share
+    again = _until(manager, seen.append, lambda: [w for w in manager.live.values() if w.process.node],
+                   "the run started again")[0]
+    assert again.process.node != stuck_on  # not beside the stuck process
+    restarted = JobManager(manager.workspace, manager.store, slots=manager.slots, executor=manager.executor)
+    assert f"worker {worker.pid}" in restarted.stuck_lines()[0] and "state D" in restarted.stuck_lines()[0]
+
+    manager.cancel(run_id, seen.append)
+    freezer.thaw()  # the kernel lets go: the SIGKILL takes effect
+    _until(manager, seen.append, lambda: not manager.stuck and not manager.live, "the stuck worker gone")
+    assert any(e.get("freed") for e in seen)
+    with pytest.raises(ValueError):  # its actor ended, and with it the node's share
+        ray.get_actor(name, namespace=manager.executor.namespace)
 
 
 def _panel_lines(nodes: list[dict], jobs: list[dict]) -> list[str]:

@@ -292,41 +292,25 @@ def test_a_loading_base_shows_signs_of_life_while_it_moves_bytes_and_none_when_i
     events.close()
 
 
-FREEZER = Path("/sys/fs/cgroup/freezer")
-
-
 @pytest.fixture
-def frozen(tmp_path):
-    """Start a process and freeze it in a cgroup-v1 freezer: the kernel then holds it, as a GPU
+def frozen(freezer):
+    """Start a process and freeze it (conftest's `freezer`): the kernel then holds it, as a GPU
     driver that faulted holds a worker (state D), and SIGKILL does not end it until it is thawed."""
     import subprocess
-    import time
 
-    if not os.access(FREEZER, os.W_OK):
-        pytest.skip("needs a writable cgroup-v1 freezer (root) to make a process outlive SIGKILL")
-    group = FREEZER / f"ltm-test-{os.getpid()}-{tmp_path.name}"
-    group.mkdir()
     procs = []
 
     def start():
         proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
         procs.append(proc)
-        (group / "cgroup.procs").write_text(str(proc.pid))
-        (group / "freezer.state").write_text("FROZEN")
-        wait_for(lambda: (group / "freezer.state").read_text().strip() == "FROZEN", what="the freezer")
+        freezer.freeze(proc.pid)
         return proc
 
-    def thaw():
-        (group / "freezer.state").write_text("THAWED")
-
-    yield start, thaw
-    thaw()
+    yield start, freezer.thaw
+    freezer.thaw()
     for proc in procs:
         proc.kill()
         proc.wait()
-    wait_for(lambda: not (group / "cgroup.procs").read_text().strip(), what="the freezer group emptied")
-    time.sleep(0.1)
-    group.rmdir()
 
 
 def test_a_worker_that_outlives_sigkill_frees_its_runs_and_holds_only_its_card(tmp_path, corpora, tiny_battery,

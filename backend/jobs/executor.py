@@ -33,6 +33,10 @@ class WorkerHandle(Protocol):
         kernel holds (a GPU driver fault) outlives SIGKILL, and `exit_code()` then stays None."""
         ...
 
+    def why_stuck(self) -> str:
+        """After a kill it outlived: why, in one line (the process, its state, where to look)."""
+        ...
+
 
 class Executor(Protocol):
     def start(self, session_path: Path, slot: str | None, *, tied: bool = False) -> WorkerHandle:
@@ -78,6 +82,10 @@ class LocalProcess:
                 self.wait(KILL_WAIT_SECONDS if wait is None else wait)
             except subprocess.TimeoutExpired:
                 pass  # stuck in the kernel: the caller sees `exit_code()` still None
+
+    def why_stuck(self) -> str:
+        """Why it outlived SIGKILL, in words (`stuck_line`)."""
+        return stuck_line(self.pid)
 
 
 # SIGKILL ends a process as soon as the kernel lets go of it: at once, or after its memory is

@@ -440,7 +440,7 @@ class JobManager:
         """A worker that outlived SIGKILL: its runs are settled now (a hung one's are queued again
         once, as `_settle` does for a stall), no later service adopts it for them, and its slot
         waits in `stuck` until the process is gone (a reboot, or the driver letting go)."""
-        line = stuck_line(worker.pid)
+        line = worker.process.why_stuck()
         reason = "; ".join(filter(None, [why or worker.stalled or "it was stopped", line]))
         self._pump(worker, on_event)
         self._settle(worker, on_event, reason=reason)
@@ -480,6 +480,7 @@ class JobManager:
                 continue
             if handle is not None:
                 slot = next((i for i, card in enumerate(self.slots) if card == entry.get("card")), len(self.slots))
+                handle.why_stuck()  # known as stuck: a Ray handle then only watches for the process to go
                 self.stuck[handle.pid] = LiveWorker(handle, Path("."), [], slot, adopted=True)
 
     def stuck_lines(self) -> list[str]:
@@ -488,7 +489,7 @@ class JobManager:
             name = self.slots[slot] if slot is not None and slot < len(self.slots) else None
             return f"card {name}" if name is not None else "the CPU slot"
 
-        lines = [f"worker {w.pid} ({card(w.slot)}): {stuck_line(w.pid)}" for w in list(self.stuck.values())]
+        lines = [f"worker {w.pid} ({card(w.slot)}): {w.process.why_stuck()}" for w in list(self.stuck.values())]
         return lines + [f"task {t.task_id} ({card(t.slot)}): {stuck_line(t.process.pid)}"
                         for t in list(self.tasks.stuck)]
 
@@ -579,7 +580,7 @@ class JobManager:
                 why = "worker died" if code is None else self._exit_reason(code)
                 self._settle(ghost, on_event, reason=f"{why} while no service watched it")
         sweep = getattr(self.executor, "sweep", None)
-        return sweep(set(self.live)) if sweep is not None else []
+        return sweep(set(self.live) | set(self.stuck)) if sweep is not None else []  # a stuck one's actor holds its share
 
     def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
         sync = getattr(worker.process, "sync", None)

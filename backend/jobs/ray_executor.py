@@ -45,7 +45,8 @@ from pathlib import Path
 from backend.core.devices import SLOT_ENV
 from backend.core.errors import LtmError
 from backend.core.workspace import model_folder
-from backend.jobs.executor import LocalExecutor, LocalProcess, own_session_tied_to_parent, worker_env
+from backend.jobs import executor as local_executor
+from backend.jobs.executor import LocalExecutor, LocalProcess, own_session_tied_to_parent, stuck_line, worker_env
 
 RAY_MISSING = 'the Ray executor needs ray: pip install -e ".[ray]"'
 # The start marker of a Ray worker in the `runs.worker_start` column: no /proc start time is
@@ -241,12 +242,32 @@ class SessionActor:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def close(self) -> None:
-        """The worker gone and the node's scratch folder removed (everything came back)."""
+    def reap(self, wait: float) -> str | None:
+        """SIGKILL to the worker, and up to `wait` seconds for it to go. None once it is gone;
+        else why not, read on this node (`executor.stuck_line`): a process the kernel holds (a
+        GPU driver fault) outlives SIGKILL, and this actor, alive, keeps holding its card."""
         self.signal(signal.SIGKILL)
-        if self.proc is not None:
-            self.proc.wait()
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.proc is None:
+            return None
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            return self.why_stuck()
+        return None
+
+    def why_stuck(self) -> str | None:
+        """Why the worker is still here after SIGKILL, naming this node; None once it is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None
+        return f"{stuck_line(self.proc.pid)} (on {os.uname().nodename})"
+
+    def close(self) -> str | None:
+        """The worker gone and the node's scratch folder removed (everything came back). A
+        worker stuck past SIGKILL keeps its scratch folder and its actor: the line says why."""
+        stuck = self.reap(local_executor.KILL_WAIT_SECONDS)
+        if stuck is None:
+            shutil.rmtree(self.root, ignore_errors=True)
+        return stuck
 
 
 _node_monitor = None  # on a node: one per Ray worker process, so NVML is initialised once there
@@ -335,6 +356,8 @@ class RayWorker:
         self.node: str | None = None  # "host (node id)" once the actor has started
         self.node_pid: int | None = None  # the worker process's pid on its node (NVML lists it)
         self.lost: str | None = None  # why the worker ended without an exit code of its own
+        self.stuck: str | None = None  # why the worker outlived SIGKILL on its node (`kill`)
+        self._look = None  # while stuck: the question in flight, is it still there?
         self._code: int | None = None
         self._have: dict[str, list] = {}
         self._pending = None  # the poll in flight
@@ -344,7 +367,10 @@ class RayWorker:
     # the WorkerHandle calls
 
     def exit_code(self) -> int | None:
-        self.sync()  # never waits: takes a poll's answer if one came (a stop awaits this too)
+        if self.stuck is not None and self._code is None:
+            self._watch_stuck()
+        else:
+            self.sync()  # never waits: takes a poll's answer if one came (a stop awaits this too)
         return self._code
 
     def terminate(self) -> None:
@@ -353,12 +379,18 @@ class RayWorker:
             self.actor.signal.remote(signal.SIGTERM)
 
     def kill(self) -> None:
-        """SIGKILL to the remote worker, what it wrote brought back, the actor ended."""
+        """SIGKILL to the remote worker, what it wrote brought back, the actor ended. A worker
+        that outlives SIGKILL on its node (the kernel holds it: a GPU driver fault) is left
+        with its actor, which keeps holding the node's card so Ray places no other work on it;
+        `exit_code()` stays None until the process is gone, then the actor ends."""
         if self._code is not None:
             return
         ray = import_ray()
         try:
-            ray.get(self.actor.signal.remote(signal.SIGKILL), timeout=SYNC_TIMEOUT)
+            wait = local_executor.KILL_WAIT_SECONDS  # read now: a test shortens it
+            self.stuck = ray.get(self.actor.reap.remote(wait), timeout=SYNC_TIMEOUT + wait)
+            if self.stuck is not None:
+                return
             deadline = time.monotonic() + SYNC_TIMEOUT
             while self._code is None and time.monotonic() < deadline:
                 self.sync(block=True)
@@ -367,6 +399,39 @@ class RayWorker:
         if self._code is None:
             self._code = -signal.SIGKILL
         self._close()
+
+    def why_stuck(self) -> str:
+        """Why the worker outlived SIGKILL, as its node read it (asked of the actor for one a
+        restarted service adopted from `stuck.json`). From here on this handle only watches for
+        the process to go (`exit_code`): what a stuck worker left on its node belongs to runs
+        already settled, and is never brought into their folders."""
+        if self.stuck is None:
+            try:
+                self.stuck = import_ray().get(self.actor.why_stuck.remote(), timeout=PROBE_TIMEOUT)
+            except Exception:  # noqa: BLE001 - an actor that cannot answer: the watch finds out
+                pass
+            self.stuck = self.stuck or f"worker {self.pid} on {self.node or 'a Ray node'} did not exit after SIGKILL"
+        return self.stuck
+
+    def _watch_stuck(self) -> None:
+        """Never waits: takes the answer of the last look (is the process still there?) and
+        sends the next. Once it is gone (or its actor is, with its node), the actor ends and
+        with it the card share it held."""
+        ray = import_ray()
+        if self._look is None:
+            self._look = self.actor.why_stuck.remote()
+            return
+        ready, _ = ray.wait([self._look], timeout=0)
+        if not ready:
+            return
+        try:
+            still = ray.get(self._look)
+        except ray.exceptions.RayError:
+            still = None  # the actor died, and the process with its node
+        self._look = None
+        if still is None:
+            self._code = -signal.SIGKILL
+            self._close()
 
     # the node's files
 
