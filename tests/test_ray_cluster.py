@@ -251,35 +251,49 @@ def test_a_worker_stuck_on_its_node_keeps_that_node_and_the_queue_goes_on(cluste
 
     monkeypatch.setattr(executor, "KILL_WAIT_SECONDS", 0.5)
     manager, run_id, worker, seen = _long_run_training(tmp_path, cluster)
-    stuck_on = worker.process.node
-    freezer.freeze(worker.process.node_pid)
-    # the stall watchdog asked it to stop long ago (a card that faulted stops the steps), and
-    # its grace is over
-    worker.stalled = "no sign of life from its worker for 30 min"
-    worker.stop_requested = time.monotonic() - 3600
-    manager.tick(seen.append)
-
-    first = manager.store.attempts(run_id)[0]
-    assert first["status"] == "interrupted"
-    assert "did not exit after SIGKILL" in first["error"] and "state D" in first["error"]
-    assert f"(on {os.uname().nodename})" in first["error"]  # read on its node
-    assert manager.store.get_run(run_id)["attempt"] == 1  # a hung run is queued again once
-    assert [e for e in seen if e.get("type") == "worker" and e.get("stuck")]
-    assert f"worker {worker.pid}" in manager.stuck_lines()[0]
     name = ACTOR_NAME.format(pid=worker.pid)
-    ray.get_actor(name, namespace=manager.executor.namespace)  # still there, holding its share
-    again = _until(manager, seen.append, lambda: [w for w in manager.live.values() if w.process.node],
-                   "the run started again")[0]
-    assert again.process.node != stuck_on  # not beside the stuck process
-    restarted = JobManager(manager.workspace, manager.store, slots=manager.slots, executor=manager.executor)
-    assert f"worker {worker.pid}" in restarted.stuck_lines()[0] and "state D" in restarted.stuck_lines()[0]
+    namespace = manager.executor.namespace
+    stuck_on = worker.process.node
+    scratch = Path(ray.get(worker.process.actor.where.remote())["scratch"])
+    freezer.freeze(worker.process.node_pid)
+    try:
+        # the stall watchdog asked it to stop long ago (a card that faulted stops the steps), and
+        # its grace is over
+        worker.stalled = "no sign of life from its worker for 30 min"
+        worker.stop_requested = time.monotonic() - 3600
+        manager.tick(seen.append)
 
-    manager.cancel(run_id, seen.append)
-    freezer.thaw()  # the kernel lets go: the SIGKILL takes effect
-    _until(manager, seen.append, lambda: not manager.stuck and not manager.live, "the stuck worker gone")
-    assert any(e.get("freed") for e in seen)
-    with pytest.raises(ValueError):  # its actor ended, and with it the node's share
-        ray.get_actor(name, namespace=manager.executor.namespace)
+        first = manager.store.attempts(run_id)[0]
+        assert first["status"] == "interrupted"
+        assert "did not exit after SIGKILL" in first["error"] and "state D" in first["error"]
+        assert f"(on {os.uname().nodename})" in first["error"]  # read on its node
+        assert manager.store.get_run(run_id)["attempt"] == 1  # a hung run is queued again once
+        assert [e for e in seen if e.get("type") == "worker" and e.get("stuck")]
+        assert f"worker {worker.pid}" in manager.stuck_lines()[0]
+        ray.get_actor(name, namespace=namespace)  # still there, holding its share
+        # what is left on its node belongs to the settled attempt: nothing more comes back
+        (scratch / "runs" / run_id / "late.json").write_text("{}")
+        again = _until(manager, seen.append, lambda: [w for w in manager.live.values() if w.process.node],
+                       "the run started again")[0]
+        assert again.process.node != stuck_on  # not beside the stuck process
+        assert manager.free_slots() == []  # one slot a share: the stuck actor's is held
+        assert not (manager.workspace.run_dir(run_id) / "late.json").exists()
+        # a restarted service keeps it (stuck.json), and does not end its actor with the idle ones
+        restarted = JobManager(manager.workspace, manager.store, slots=manager.slots, executor=manager.executor)
+        assert f"worker {worker.pid}" in restarted.stuck_lines()[0] and "state D" in restarted.stuck_lines()[0]
+        restarted.reattach(seen.append)
+        ray.get_actor(name, namespace=namespace)
+
+        manager.cancel(run_id, seen.append)
+        freezer.thaw()  # the kernel lets go: the SIGKILL takes effect
+        _until(manager, seen.append, lambda: not manager.stuck and not manager.live, "the stuck worker gone")
+        assert any(e.get("freed") for e in seen)
+        with pytest.raises(ValueError):  # its actor ended, and with it the node's share
+            ray.get_actor(name, namespace=namespace)
+    finally:  # a failure leaves no actor holding a node's CPU for the next tests
+        freezer.thaw()
+        for left in [*manager.live.values(), *manager.stuck.values()]:
+            ray.kill(left.process.actor, no_restart=True)
 
 
 def _panel_lines(nodes: list[dict], jobs: list[dict]) -> list[str]:

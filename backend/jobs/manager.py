@@ -89,7 +89,6 @@ class JobManager:
         # workers that outlived SIGKILL (the kernel holds them: a GPU driver fault), by pid: their
         # runs are settled, and a card's slot takes no new worker until its process is gone
         self.stuck: dict[int, LiveWorker] = {}
-        self._load_stuck()
         # a run whose worker was lost with its node (a cluster executor's handle says `lost`) is
         # queued again this many times by itself, resuming from its newest checkpoint
         self.max_retries = max_retries
@@ -98,6 +97,7 @@ class JobManager:
         self.tasks = Tasks(self.workspace, self.executor)  # calibrations and judges, in the same slots
         self.stall_seconds = float(os.environ.get(STALL_ENV) or STALL_SECONDS)
         self.tasks.stall_seconds = self.stall_seconds
+        self._load_stuck()  # after the tasks: a slot is picked among those free
 
     # -- queueing ---------------------------------------------------------------------------
 
@@ -240,6 +240,8 @@ class JobManager:
         held = {self.slots[w.slot] for w in self.stuck.values() if w.slot < len(self.slots)}  # a card gone: none
         held |= {t.card for t in self.tasks.stuck}
         used |= {i for i, card in enumerate(self.slots) if card is not None and card in held}
+        if getattr(self.executor, "stuck_keeps_slot", False):  # Ray: its actor holds the share
+            used |= {w.slot for w in self.stuck.values()}
         return [i for i in range(len(self.slots)) if i not in used]
 
     def cards(self) -> list[str]:
@@ -479,7 +481,8 @@ class JobManager:
             except (KeyError, TypeError, ValueError):
                 continue
             if handle is not None:
-                slot = next((i for i, card in enumerate(self.slots) if card == entry.get("card")), len(self.slots))
+                card = entry.get("card")  # None: the CPU slot, or one of Ray's shares
+                slot = self._slot_for(card) if card in self.slots else len(self.slots)  # a card gone: none
                 handle.why_stuck()  # known as stuck: a Ray handle then only watches for the process to go
                 self.stuck[handle.pid] = LiveWorker(handle, Path("."), [], slot, adopted=True)
 
@@ -580,7 +583,14 @@ class JobManager:
                 why = "worker died" if code is None else self._exit_reason(code)
                 self._settle(ghost, on_event, reason=f"{why} while no service watched it")
         sweep = getattr(self.executor, "sweep", None)
-        return sweep(set(self.live) | set(self.stuck)) if sweep is not None else []  # a stuck one's actor holds its share
+        if sweep is None:
+            return []
+        ended, stuck = sweep(set(self.live) | set(self.stuck))  # a stuck worker's actor holds its share
+        for handle in stuck:
+            self.stuck[handle.pid] = LiveWorker(handle, Path("."), [], self._slot_for(None), adopted=True)
+        if stuck:
+            self._save_stuck()
+        return ended
 
     def _pump(self, worker: LiveWorker, on_event: EventHook) -> None:
         sync = getattr(worker.process, "sync", None)

@@ -406,11 +406,12 @@ class RayWorker:
         the process to go (`exit_code`): what a stuck worker left on its node belongs to runs
         already settled, and is never brought into their folders."""
         if self.stuck is None:
+            where = self.node or "a Ray node"
             try:
-                self.stuck = import_ray().get(self.actor.why_stuck.remote(), timeout=PROBE_TIMEOUT)
+                line = import_ray().get(self.actor.why_stuck.remote(), timeout=PROBE_TIMEOUT)
+                self.stuck = line or f"worker {self.pid} on {where} did not exit after SIGKILL, and is gone now"
             except Exception:  # noqa: BLE001 - an actor that cannot answer: the watch finds out
-                pass
-            self.stuck = self.stuck or f"worker {self.pid} on {self.node or 'a Ray node'} did not exit after SIGKILL"
+                self.stuck = f"worker {self.pid} on {where} did not exit after SIGKILL (its node does not answer)"
         return self.stuck
 
     def _watch_stuck(self) -> None:
@@ -426,8 +427,11 @@ class RayWorker:
             return
         try:
             still = ray.get(self._look)
-        except ray.exceptions.RayError:
+        except ray.exceptions.ActorDiedError:
             still = None  # the actor died, and the process with its node
+        except ray.exceptions.RayError:
+            self._look = None  # out of reach for now (a network blip): asked again next tick
+            return
         self._look = None
         if still is None:
             self._code = -signal.SIGKILL
@@ -450,6 +454,8 @@ class RayWorker:
                 self.node, self.node_pid = _node_label(where), where.get("worker_pid")
                 self._started = None
             if self._pending is None:
+                if self.stuck is not None:
+                    return  # quarantined: nothing more is asked of its node (no jobs, no files)
                 self._pending = self._poll()
                 if not block:
                     return
@@ -463,7 +469,7 @@ class RayWorker:
             if answer["code"] is not None:
                 self._code = answer["code"]
                 self._close()
-            else:
+            elif self.stuck is None:
                 self._pending = self._poll()
         except ray.exceptions.RayError as exc:
             self._failed(exc)
@@ -567,16 +573,21 @@ class RayWorker:
         self._close()
 
     def _close(self) -> None:
+        """The actor ended, and with it its share of the node. One whose worker outlives
+        SIGKILL (`SessionActor.close` says so) is kept instead, and this handle watches it."""
         if self._closed:
             return
-        self._closed = True
-        self.executor.held.pop(self.pid, None)
         ray = import_ray()
         try:
             if self.lost is None:
-                ray.get(self.actor.close.remote(), timeout=SYNC_TIMEOUT)
+                stuck = ray.get(self.actor.close.remote(), timeout=SYNC_TIMEOUT + local_executor.KILL_WAIT_SECONDS)
+                if stuck is not None:
+                    self.stuck, self._code = stuck, None
+                    return
         except Exception:  # noqa: BLE001 - it is killed below either way
             pass
+        self._closed = True
+        self.executor.held.pop(self.pid, None)
         try:
             ray.kill(self.actor, no_restart=True)
         except Exception:  # noqa: BLE001 - already gone with its node
@@ -662,6 +673,10 @@ class RayTask:
 
 class RayExecutor:
     """Worker sessions as Ray actors, placed by the resources each asks for."""
+
+    # A slot is a share Ray places (`slots`), and a stuck worker's actor keeps its share: the
+    # manager keeps its slot too, or one session too many would wait on Ray for good.
+    stuck_keeps_slot = True
 
     def __init__(self, workspace_root: Path, address: str | None = "auto", *, slots_per_gpu: int = 1,
                  gpu_memory_gib: float | None = None) -> None:
@@ -821,12 +836,14 @@ class RayExecutor:
         self.held[pid] = set(where["runs"])
         return handle
 
-    def sweep(self, keep: set[int]) -> list[str]:
+    def sweep(self, keep: set[int]) -> tuple[list[str], list[RayWorker]]:
         """End this workspace's actors whose ids are not in `keep` (the workers a restarted service
         adopted): a session whose runs have all ended has nothing more to bring back, and its
-        actor would hold its CPU or GPU share until killed. Their names back."""
+        actor would hold its CPU or GPU share until killed. Their names back, and handles of
+        those whose worker outlived SIGKILL (kept, holding their share, for the manager's
+        `stuck`: a service that could not write `stuck.json` did not name them)."""
         ray = import_ray()
-        ended = []
+        ended, kept = [], []
         for entry in ray.util.list_named_actors(all_namespaces=True):
             name = entry["name"]
             if entry["namespace"] != self.namespace or not name.startswith(ACTOR_NAME.format(pid="")):
@@ -837,13 +854,19 @@ class RayExecutor:
                 actor = ray.get_actor(name, namespace=self.namespace)
             except ValueError:  # gone meanwhile
                 continue
-            try:
-                ray.get(actor.close.remote(), timeout=PROBE_TIMEOUT)  # its node's scratch folder too
+            try:  # its node's scratch folder too
+                stuck = ray.get(actor.close.remote(), timeout=PROBE_TIMEOUT + local_executor.KILL_WAIT_SECONDS)
             except Exception:  # noqa: BLE001 - killed below either way
-                pass
+                stuck = None
+            if stuck is not None:  # its worker outlived SIGKILL: the actor keeps its share
+                handle = self.adopt(int(name.rsplit("-", 1)[1]), RAY_TICKS)
+                if handle is not None:
+                    handle.stuck = stuck
+                    kept.append(handle)
+                    continue
             ray.kill(actor, no_restart=True)
             ended.append(name)
-        return ended
+        return ended, kept
 
     def scenes_payload(self, scenes: str) -> dict:
         path = Path(scenes)
