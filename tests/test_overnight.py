@@ -504,7 +504,10 @@ def test_a_kill_storm_ends_every_run_exactly_once(tmp_path, tiny_battery):
                 os.kill(c.call("ping")["pid"], signal.SIGKILL)
             kills["service"] += 1
         elif pids:
-            os.kill(rng.choice(pids), signal.SIGKILL)
+            try:
+                os.kill(rng.choice(pids), signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it ended between the listing and the kill (a busy machine reads late)
             kills["worker"] += 1
         time.sleep(rng.uniform(1.0, 3.0))
     client.kill()
