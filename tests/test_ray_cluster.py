@@ -269,7 +269,7 @@ def test_a_worker_stuck_on_its_node_keeps_that_node_and_the_queue_goes_on(cluste
         assert f"(on {os.uname().nodename})" in first["error"]  # read on its node
         assert manager.store.get_run(run_id)["attempt"] == 1  # a hung run is queued again once
         assert [e for e in seen if e.get("type") == "worker" and e.get("stuck")]
-        assert f"worker {worker.pid}" in manager.stuck_lines()[0]
+        assert f"worker {worker.pid} (a share Ray placed)" in manager.stuck_lines()[0]
         ray.get_actor(name, namespace=namespace)  # still there, holding its share
         # what is left on its node belongs to the settled attempt: nothing more comes back
         (scratch / "runs" / run_id / "late.json").write_text("{}")

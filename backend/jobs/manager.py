@@ -490,7 +490,9 @@ class JobManager:
         """One line per worker that outlived SIGKILL and is still there (for `status`)."""
         def card(slot: int | None) -> str:
             name = self.slots[slot] if slot is not None and slot < len(self.slots) else None
-            return f"card {name}" if name is not None else "the CPU slot"
+            if name is not None:
+                return f"card {name}"
+            return "a share Ray placed" if getattr(self.executor, "stuck_keeps_slot", False) else "the CPU slot"
 
         lines = [f"worker {w.pid} ({card(w.slot)}): {w.process.why_stuck()}" for w in list(self.stuck.values())]
         return lines + [f"task {t.task_id} ({card(t.slot)}): {stuck_line(t.process.pid)}"
