@@ -6,6 +6,11 @@
   runs changed their overall score (runs finishing overnight), sorted by overall as the dashboard
   opens, so the rows move; cursor, sort and scroll are kept. Goal < 100 ms.
 - `table_load_s_10k`: the first fill of that table (once per dashboard start).
+- `table_sort_vs_datatable`: the peer's median sort over ours, in the same run. The peer is
+  Textual's own `DataTable` as a competent user would sort it: the same 10,000 rows of the same
+  cells (`ResultsTable`'s, which render as one segment each), the same pinned first column and
+  zebra stripes, the same six columns in turn, each sorted by `DataTable.sort` with a key that
+  puts missing values last. It places no baselines on top, so it does a little less than ours.
 - `first_paint_ms`: from launching a Python process to the dashboard's first screen, headless,
   with an empty workspace; `ui_imports_torch` says whether torch got imported (it must not).
 """
@@ -92,6 +97,82 @@ async def _table_bench(n: int, repeats: int) -> dict:
     }
 
 
+SORT_KEYS = ["reasoning_depth", "corpus", "perplexity", "overall", "tokens", "consistency"]
+
+
+async def _ours_sorting(rows: list[dict], repeats: int) -> list[float]:
+    from textual.app import App
+
+    from ltm_tui.widgets import ResultsTable
+
+    class Bench(App):
+        def compose(self):
+            yield ResultsTable(id="results")
+
+    async with Bench().run_test(size=(120, 40)) as pilot:
+        table = pilot.app.query_one(ResultsTable)
+        table.set_rows(rows)
+        await pilot.pause()
+        table.move_cursor(row=500)
+        times = []
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            table.sort_by(SORT_KEYS[i % len(SORT_KEYS)])
+            await pilot.pause()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+async def _datatable_sorting(rows: list[dict], repeats: int) -> list[float]:
+    """The peer: Textual's DataTable holding the cells ResultsTable makes, sorted by DataTable.sort."""
+    from textual.app import App
+    from textual.widgets import DataTable
+
+    from ltm_tui.widgets import ResultsTable
+
+    maker = ResultsTable()  # only its cells and columns: the same text, styles and values
+    maker.rows_by_id = {r["run_id"]: r for r in rows}
+    maker.column_keys = [k for k, _ in maker.wanted_columns()]
+    maker.corpus_width = 16
+
+    class Bench(App):
+        def compose(self):
+            yield DataTable(cursor_type="row", zebra_stripes=True, fixed_columns=1)
+
+    async with Bench().run_test(size=(120, 40)) as pilot:
+        table = pilot.app.query_one(DataTable)
+        for key, label in maker.wanted_columns():
+            table.add_column(label, key=key, width=16 if key == "corpus" else None)
+        deltas = maker._deltas()
+        for r in rows:
+            table.add_row(*maker._cells(r, deltas.get(r["run_id"])), key=r["run_id"])
+        await pilot.pause()
+        table.move_cursor(row=500)
+        times, descending = [], {}
+        for i in range(repeats):
+            key = SORT_KEYS[i % len(SORT_KEYS)]
+            descending[key] = not descending.get(key, key == "corpus")
+            down = descending[key]
+            t0 = time.perf_counter()
+            # missing values last in both directions
+            table.sort(key, key=lambda c: ((c.value is not None) == down, c.value if c.value is not None else 0),
+                       reverse=down)
+            await pilot.pause()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+async def _sort_against_datatable(n: int, repeats: int) -> dict:
+    rows = synthetic_rows(n)
+    ours, peer = [], []
+    for _ in range(2):  # alternated, so that both see the same load
+        ours += await _ours_sorting(rows, repeats)
+        peer += await _datatable_sorting(rows, repeats)
+    ours_ms, peer_ms = statistics.median(ours) * 1000, statistics.median(peer) * 1000
+    return {"table_sort_vs_datatable": round(peer_ms / ours_ms, 2),
+            "table_sort_vs_datatable_ms": {"ours": round(ours_ms, 1), "datatable": round(peer_ms, 1)}}
+
+
 PAINT = r"""
 import sys, time, json
 from pathlib import Path
@@ -136,6 +217,7 @@ def first_paint(repeats: int) -> dict:
 
 def run(quick: bool) -> dict:
     out = asyncio.run(_table_bench(10_000, 6 if quick else 12))
+    out.update(asyncio.run(_sort_against_datatable(10_000, 6 if quick else 12)))
     out.update(first_paint(3 if quick else 5))
     return out
 

@@ -511,7 +511,8 @@ class LtmApp(App):
             self.push_screen(RunScreen(run_id, self.results_table.rows_by_id.get(run_id)))
 
     @on(ResultsTable.RowSelected)
-    def _row_selected(self, event: ResultsTable.RowSelected) -> None:
+    @on(QueueTable.RowSelected)
+    def _row_selected(self, event: ResultsTable.RowSelected | QueueTable.RowSelected) -> None:
         if isinstance(event.data_table, (QueueTable, ResultsTable)) and event.row_key is not None and self.link:
             self.push_screen(RunScreen(event.row_key.value, self.results_table.rows_by_id.get(event.row_key.value)))
 

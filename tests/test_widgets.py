@@ -99,22 +99,23 @@ def test_a_wider_value_in_place_widens_its_column():
 
     async def scenario():
         async with showing(rows, (240, 30)) as (table, pilot):  # the corpus column: up to a third
+            async def shown(run_id: str) -> str:
+                """The run's line as the table draws it, the cursor on it (so it is in view)."""
+                table.follow(run_id)
+                await pilot.pause()
+                return table.render_line(table.get_row_index(run_id) - round(table.scroll_y) + 1).text
+
+            # One reply at a time: a longer name lays the table out again, which would hide
+            # whether a number alone widens its column.
             fresh = [dict(r) for r in rows]
-            long_name = "a-much-longer-corpus-name-than-any-before.epub"
-            fresh[10]["corpus"] = long_name
             fresh[11]["tokens"] = 123_456_789_012
             table.set_rows(fresh)
-            await pilot.pause()
-
-            def shown(run_id: str, key: str) -> str:
-                col = table.get_column_index(key)
-                width = table.ordered_columns[col].get_render_width(table)
-                style = table._get_row_style(table.get_row_index(run_id), table.rich_style)
-                lines = table._render_cell(table.get_row_index(run_id), col, style, width)
-                return "".join(seg.text for seg in lines[0]).strip()
-
-            assert shown(fresh[10]["run_id"], "corpus") == f"{long_name} · s{fresh[10]['seed']}"
-            assert shown(fresh[11]["run_id"], "tokens") == "123,456,789,012"
+            assert " 123,456,789,012 " in await shown(fresh[11]["run_id"])
+            fresh = [dict(r) for r in fresh]
+            long_name = "a-much-longer-corpus-name-than-any-before.epub"
+            fresh[10]["corpus"] = long_name
+            table.set_rows(fresh)
+            assert f" {long_name} · s{fresh[10]['seed']} " in await shown(fresh[10]["run_id"])
 
     asyncio.run(scenario())
 
@@ -165,3 +166,66 @@ def test_a_fresh_reply_keeps_the_order_right_whether_or_not_rows_move():
                 assert table.selected_run() == chosen
 
     asyncio.run(scenario())
+
+
+def test_clicks_and_keys_land_on_the_rows_and_headers_drawn_there():
+    rows = rows_with_gaps(200)
+
+    async def scenario():
+        seen: list = []
+        app = Holder()
+        async with app.run_test(size=(90, 20), message_hook=seen.append) as pilot:
+            table = app.query_one(ResultsTable)
+            table.set_rows(rows)
+            table.focus()
+            await pilot.pause()
+
+            def header_x(label: str) -> int:
+                line = table.render_line(0).text
+                return line.index(f" {label} ") + 1
+
+            async def click_header(label: str) -> str:
+                seen.clear()
+                await pilot.click(ResultsTable, offset=(header_x(label), 0))
+                await pilot.pause()
+                clicked = {id(m): m.column_key.value for m in seen if isinstance(m, ResultsTable.HeaderSelected)}
+                assert len(clicked) == 1
+                return next(iter(clicked.values()))
+
+            assert await click_header("Δ base") == "delta"
+            await pilot.press(*["right"] * 40)  # the measures scroll sideways; the corpus stays
+            await pilot.pause()
+            assert table.scroll_x > 0 and "tokens" in table.render_line(0).text
+            assert await click_header("tokens") == "tokens"
+            assert await click_header("corpus") == "corpus"
+
+            # a click moves the cursor to the row drawn on that line; a second click opens it
+            line = 5
+            assert table.cursor_row != round(table.scroll_y) + line - 1
+            await pilot.click(ResultsTable, offset=(5, line))
+            await pilot.pause()
+            below = table.displayed()[round(table.scroll_y) + line - 1]
+            assert table.selected_run() == below
+            seen.clear()
+            await pilot.click(ResultsTable, offset=(5, line))
+            await pilot.pause()
+            selected = {id(m): m.row_key.value for m in seen if isinstance(m, ResultsTable.RowSelected)}
+            assert list(selected.values()) == [below]  # one message (the hook sees it at each node)
+
+            # keys: a page down moves a screenful, End the last run, which is drawn at the bottom
+            before = table.cursor_row
+            await pilot.press("pagedown")
+            await pilot.pause()
+            assert table.cursor_row == before + table.size.height - 2  # the lines below the header
+            await pilot.press("end")
+            await pilot.pause()
+            last = table.displayed()[-1]
+            assert table.selected_run() == last
+            bottom = table.render_line(table.size.height - 2).text  # the horizontal scrollbar below
+            assert rows_by_id(rows)[last]["corpus"] in bottom
+
+    asyncio.run(scenario())
+
+
+def rows_by_id(rows: list[dict]) -> dict[str, dict]:
+    return {r["run_id"]: r for r in rows}
