@@ -269,12 +269,14 @@ class Service:
             self.store.rescore_run(args["run_id"], args["scene_results"], args["scores"], args.get("overall"))
             return {"run_id": args["run_id"]}
         if op == "export":
+            order = {"sort": args.get("sort", "overall"), "descending": bool(args.get("descending", True)),
+                     "baselines_first": bool(args.get("baselines_first", False))}
             if args.get("path") == "-":  # the table itself, for the client to print
-                return {"csv": self.store.csv_text(sort=args.get("sort", "overall"))}
+                return {"csv": self.store.csv_text(**order)}
             mode = args.get("mode", 0o644)
             if not isinstance(mode, int) or not 0 <= mode <= 0o777:
                 raise JobError("export: mode is a file mode such as 420 (0o644)")
-            return str(self.store.export_csv(args["path"], sort=args.get("sort", "overall"), mode=mode))
+            return str(self.store.export_csv(args["path"], mode=mode, **order))
         if op == "cancel":
             with self.lock:
                 self.manager.cancel(args["run_id"], self.broadcast)

@@ -23,6 +23,7 @@ from textual.widgets import Footer, Header, Input, Label, Static
 from backend.core.devices import DeviceMonitor
 from backend.core.states import JobState
 from ltm_tui.link import Link
+from ltm_tui.report import baseline_for
 from ltm_tui.screens import (
     CompareScreen,
     ConfirmScreen,
@@ -266,11 +267,17 @@ class LtmApp(App):
         if self.link is None:
             return
         table = self.results_table
-        sort = table.sort_key if table.sort_key != "delta" else "overall"
         try:
-            rows = await self.link.call("results", sort=sort, descending=table.descending)
+            rows = await self.link.call("results", sort=table.sort_key, descending=table.descending)
         except LtmError as exc:
-            self.hint(Text(exc.one_line(), style="red"))
+            if table.sort_key == "overall":
+                self.hint(Text(exc.one_line(), style="red"))
+                return
+            # A sort the service does not know (a measure no run has any more, a hand-edited
+            # dashboard.json): the table falls back to overall rather than stay empty.
+            self.notify(f"cannot sort by {table.sort_key!r}: sorted by overall", severity="warning")
+            self.sort_results("overall", True)
+            self.refresh_results()
             return
         table.set_rows(rows)
         self._update_results_title()
@@ -496,10 +503,8 @@ class LtmApp(App):
             return
         other = self.compare_mark if self.compare_mark not in (None, run_id) else None
         if other is None:
-            row = table.rows_by_id[run_id]
-            other = next((k for k, r in table.rows_by_id.items() if r.get("kind") == "baseline"
-                          and (r["base"], r.get("preset"), r.get("seed")) == (row["base"], row.get("preset"), row.get("seed"))
-                          and k != run_id), None)
+            found = baseline_for(list(table.rows_by_id.values()), table.rows_by_id[run_id])
+            other = found["run_id"] if found else None
         if other is None:
             self.notify("nothing to compare with: mark a run with m, then press v on another", severity="warning")
             return
@@ -622,9 +627,9 @@ class LtmApp(App):
         if not path or self.link is None:
             return
         table = self.results_table
-        sort = table.sort_key if table.sort_key not in ("delta",) else "overall"
-        try:
-            written = await self.link.call("export", path=str(Path(path).expanduser().absolute()), sort=sort,
+        try:  # in the table's order: its column and direction, the baselines on top
+            written = await self.link.call("export", path=str(Path(path).expanduser().absolute()),
+                                          sort=table.sort_key, descending=table.descending, baselines_first=True,
                                           mode=self.file_mode)
         except LtmError as exc:
             self.notify(exc.one_line(), severity="error", timeout=10)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from rich.cells import cell_len, set_cell_size
@@ -159,9 +160,43 @@ def _fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def battery_name(scenes: str) -> str:
+    """The battery a run was scored on, as the tables name it: `built-in`, or the folder's or
+    file's name (`my-battery`, `logic.yaml` → `logic`)."""
+    from backend.core.workspace import default_scenes_dir
+
+    path = Path(scenes)
+    if path == default_scenes_dir():
+        return "built-in"
+    return path.stem if path.suffix in (".yaml", ".yml") else path.name
+
+
+def baseline_group(row: dict) -> tuple:
+    """What a run shares with the baseline it is measured against: the service's baseline key
+    (the base, the battery's content and the seed), or, for a row without one, its base, preset
+    and seed. Two batteries on one base have two baselines, and a run is measured against its own."""
+    key = row.get("baseline_key")
+    return (key,) if key else (row.get("base"), row.get("preset"), row.get("seed"))
+
+
+def sort_value(row: dict, key: str):
+    """The value a results row has for a sort key: one of its own fields, or a score."""
+    return row.get(key) if key in row and key != "scores" else (row.get("scores") or {}).get(key)
+
+
+def sorted_rows(rows: list[dict], key: str, descending: bool) -> list[dict]:
+    """Rows in the service's order: by the key in the direction asked, missing values last
+    either way, ties by run id."""
+    by_id = sorted(rows, key=lambda r: r["run_id"])
+    present = [r for r in by_id if sort_value(r, key) is not None]
+    present.sort(key=lambda r: sort_value(r, key), reverse=descending)  # stable: ties keep run id order
+    return present + [r for r in by_id if sort_value(r, key) is None]
+
+
 def baseline_for(rows: list[dict], row: dict) -> dict | None:
+    group = baseline_group(row)
     for r in rows:
-        if r.get("kind") == "baseline" and r["base"] == row["base"] and r.get("seed") == row.get("seed"):
+        if r.get("kind") == "baseline" and r.get("run_id") != row.get("run_id") and baseline_group(r) == group:
             return r
     return None
 
@@ -186,7 +221,7 @@ def sort_name(text: str) -> str:
     wanted = text.strip().lower()
     labels = {**{v.lower(): k for k, v in MEASURE_LABELS.items()},
               **{v.lower().rstrip("↓"): k for k, v in MEASURE_LABELS.items()},
-              "train s": "train_seconds"}
+              "train s": "train_seconds", "δ base": "delta"}  # Δ base, lowered
     return labels.get(wanted, text.strip())
 
 
@@ -292,6 +327,8 @@ def ranked_columns(rows: list[dict]) -> tuple[list[FitColumn], int]:
     ]
     if len({r["base"] for r in rows}) > 1:
         lead.append(FitColumn("base", [r["base"] for r in ordered], True))
+    if len({r.get("scenes") for r in rows if r.get("scenes")}) > 1:  # each run beside its own baseline's battery
+        lead.append(FitColumn("battery", [battery_name(r["scenes"]) if r.get("scenes") else "-" for r in ordered], True))
     if any(r["status"] != "done" for r in rows):
         lead.append(FitColumn("status", [r["status"] for r in ordered], left=True))
     lead += [FitColumn("overall", [fmt_interval(r.get("overall"), r.get("overall_interval"), 3) for r in ordered]),

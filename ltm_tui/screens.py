@@ -1001,8 +1001,9 @@ class CompareScreen(Screen):
         from ltm_tui.widgets import run_label
 
         row = self.rows.get(run_id)
-        if row is not None:
-            return run_label(row, mixed=True)
+        if row is not None:  # the battery named where the two runs were scored on different ones
+            pair = [self.rows.get(k) or {} for k in (self.run_a, self.run_b)]
+            return run_label(row, mixed=True, batteries=pair[0].get("scenes") != pair[1].get("scenes"))
         run = self.details[run_id]["run"]
         return (self.details[run_id].get("corpus") or {}).get("name") or run["kind"]
 

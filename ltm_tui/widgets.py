@@ -19,7 +19,15 @@ from backend.core.devices import DeviceMonitor, Snapshot, reading_of
 from backend.core.states import JobState
 from ltm_tui.bigtable import BigTable
 from ltm_tui.gpu import gib, sparkline
-from ltm_tui.report import MEASURE_LABELS, PERPLEXITY, fit_name, format_duration, measure_names
+from ltm_tui.report import (
+    MEASURE_LABELS,
+    PERPLEXITY,
+    baseline_group,
+    battery_name,
+    fit_name,
+    format_duration,
+    measure_names,
+)
 
 STATUS_STYLE = {
     "queued": "dim",
@@ -69,11 +77,11 @@ class Cell:
         return hash(self.text)
 
 
-def run_label(r: dict, mixed: bool = False) -> str:
+def run_label(r: dict, mixed: bool = False, batteries: bool = False) -> str:
     """A run as the tables name it, so that runs of different kinds never look alike: a
     baseline says which base it is; a run of a corpus set of an attribution study lists the
     files (`subset-03-a+b+c.corpora` reads `a+b+c (3 files)`); a search trial, a second seed and
-    (where the table mixes them) a preset or base are added after a `·`."""
+    (where the table mixes them) a preset or base, and the battery, are added after a `·`."""
     if r.get("kind") == "baseline":
         name = "baseline"
         mixed = True  # a baseline is nothing but its base: always say which
@@ -82,6 +90,8 @@ def run_label(r: dict, mixed: bool = False) -> str:
     extra = []
     if mixed:
         extra.append(r.get("preset") or _short_base(r.get("base") or ""))
+    if batteries and r.get("scenes"):
+        extra.append(battery_name(r["scenes"]))
     if r.get("seed"):
         extra.append(f"s{r['seed']}")
     if r.get("trial"):
@@ -514,7 +524,7 @@ class ResultsTable(BigTable):
         self.show_intervals = False
         self.corpus_width = 0
         self._longest: int | None = None  # the longest run name, in cells (None: measure again)
-        self._mixed = False  # runs of several bases or presets: each name says its own
+        self._mixed = (False, False)  # runs of several bases or presets, of several batteries: each name says its own
         self._kept_bases: set | None = None  # the baselines a filter keeps: those of the runs it shows
 
     # columns
@@ -554,7 +564,8 @@ class ResultsTable(BigTable):
         """Replace the data; the table changes only where the rows did."""
         previous = self._by_id
         self.rows_by_id = {r["run_id"]: r for r in rows}
-        mixed = len({(r.get("base"), r.get("preset")) for r in rows}) > 1
+        mixed = (len({(r.get("base"), r.get("preset")) for r in rows}) > 1,
+                 len({r.get("scenes") for r in rows if r.get("scenes")}) > 1)
         if mixed != self._mixed:
             self._mixed, self._shown, self._longest = mixed, {}, None
             self.clear()
@@ -602,14 +613,10 @@ class ResultsTable(BigTable):
             self.apply_order(keep)
 
     def _deltas(self) -> dict[str, float]:
-        base = {
-            (r["base"], r.get("seed")): r.get("overall")
-            for r in self.rows_by_id.values()
-            if r.get("kind") == "baseline"
-        }
+        base = {baseline_group(r): r.get("overall") for r in self.rows_by_id.values() if r.get("kind") == "baseline"}
         out = {}
         for r in self.rows_by_id.values():
-            ref = base.get((r["base"], r.get("seed")))
+            ref = base.get(baseline_group(r))
             if r.get("kind") != "baseline" and ref is not None and r.get("overall") is not None:
                 out[r["run_id"]] = r["overall"] - ref
         return out
@@ -646,7 +653,7 @@ class ResultsTable(BigTable):
         return cells
 
     def _label(self, r: dict) -> str:
-        return run_label(r, self._mixed)
+        return run_label(r, *self._mixed)
 
     def _found(self, r: dict) -> bool:
         needle = self.filter_text.lower()
@@ -657,15 +664,14 @@ class ResultsTable(BigTable):
     def _bases_shown(self) -> set | None:
         if not self.filter_text:
             return None
-        return {(r["base"], r.get("preset"), r.get("seed")) for r in self.rows_by_id.values()
-                if r.get("kind") != "baseline" and self._found(r)}
+        return {baseline_group(r) for r in self.rows_by_id.values() if r.get("kind") != "baseline" and self._found(r)}
 
     def _matches(self, r: dict) -> bool:
         """Whether the filter shows this row: a run it finds, and the baseline each such run is
         measured against (so its Δ base still has its reference on screen)."""
         if not self.filter_text:
             return True
-        if r.get("kind") == "baseline" and (r["base"], r.get("preset"), r.get("seed")) in (self._kept_bases or ()):
+        if r.get("kind") == "baseline" and baseline_group(r) in (self._kept_bases or ()):
             return True
         return self._found(r)
 
@@ -709,7 +715,9 @@ class ResultsTable(BigTable):
 
     def sort_by(self, key: str, descending: bool | None = None) -> None:
         if descending is None:
-            descending = not self.descending if key == self.sort_key else key not in ("corpus", "base", "status", PERPLEXITY)
+            # a first sort puts the best on top: names A→Z, a label ending in ↓ (lower is better) low→high
+            first = key in ("corpus", "base", "status") or MEASURE_LABELS.get(key, "").endswith("↓")
+            descending = not self.descending if key == self.sort_key else not first
         self.sort_key, self.descending = key, descending
         self.apply_order()
 

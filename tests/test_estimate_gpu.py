@@ -139,6 +139,26 @@ def test_card_names_match_loosely_as_people_and_nvml_write_them(name, card):
     assert gpu_projection.find_gpu(name).name == card
 
 
+@pytest.mark.parametrize("name", ["A10", "H20", "L40", "100", "RTX A1000", "RTX 6000", ""])
+def test_a_card_that_is_only_part_of_a_known_name_is_not_that_card(name, tmp_path):
+    # an A10 (24 GB) read as an A100 (80 GB) would be told that an 8B LoRA fits
+    base = _folder(tmp_path, "llama-3-8b", LLAMA3_8B)
+    out = cli("estimate", "--base", str(base), "--gpu", name, "--workspace", str(tmp_path / "ws"))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith(f"ltm-tui: usage: unknown --gpu {name!r}; known cards:")
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    # `ltm-tui estimate ... | head -1`: the reader is gone before the rows are written
+    base = _folder(tmp_path, "llama-3-8b", LLAMA3_8B)
+    proc = subprocess.Popen([sys.executable, "-m", "ltm_tui.cli", "estimate", "--base", str(base), "--gpu", "H200",
+                             "--workspace", str(tmp_path / "ws"), "--format", "json"],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == ""
+
+
 def test_an_unknown_card_or_a_missing_config_is_one_line(tmp_path):
     base = _folder(tmp_path, "llama-3-8b", LLAMA3_8B)
     out = cli("estimate", "--base", str(base), "--gpu", "V100", "--workspace", str(tmp_path / "ws"))

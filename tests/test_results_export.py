@@ -74,6 +74,60 @@ def test_results_csv_and_json_carry_the_same(workspace: Path):
     assert [float(exported["run-a"][k]) for k in ("overall_lo", "overall_hi")] == a["overall_interval"]
 
 
+@pytest.fixture
+def batteries(tmp_path: Path) -> Path:
+    """One base scored on two batteries (x, y): a baseline each, a run on x, two seeds of a run
+    on y and a run on y with another learning rate. Scene results make each run's depth."""
+    ws = tmp_path / "ws"
+    plan = [  # run_id, kind, battery, seed, lr, scenes right of 12
+        ("base-x", "baseline", "/b/x", 0, 0.001, 6), ("base-y", "baseline", "/b/y", 0, 0.001, 2),
+        ("base-y1", "baseline", "/b/y", 1, 0.001, 3),
+        ("x-s0", "adapter", "/b/x", 0, 0.001, 7), ("y-s0", "adapter", "/b/y", 0, 0.001, 5),
+        ("y-s1", "adapter", "/b/y", 1, 0.001, 9), ("y-lr", "adapter", "/b/y", 0, 0.01, 4),
+    ]
+    with Store(ws / "ltm.duckdb") as store:
+        for run_id, kind, battery, seed, lr, right in plan:
+            rows = [_choice(i, i < right) for i in range(12)]
+            scores = measures.score_run(rows)
+            settings = {"base": {"base": "micro", "preset": "tiny"}, "scenes": battery, "train": {"lr": lr},
+                        "lora": {}, "baseline_key": f"{battery}|{seed}"}
+            store.create_run(run_id, kind=kind, base="micro:tiny", settings=settings, seed=seed,
+                             corpus_path=None if kind == "baseline" else "/t/a.txt")
+            for state in ("starting", "training", "evaluating"):
+                store.transition(run_id, state)
+            store.ingest_result(run_id, {"scores": scores, "scene_results": rows,
+                                         "overall": measures.overall({k: v["value"] for k, v in scores.items()})})
+            store.transition(run_id, "done")
+    return ws
+
+
+def _json(*args: str) -> list[dict]:
+    out = cli(*args, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_sorting_by_the_gain_over_the_baseline_and_exporting_in_any_order(batteries: Path):
+    ws = ("--workspace", str(batteries))
+    # Δ base by its header: x-s0 +1/12 over base-x, y-s0 +3/12 over base-y, y-s1 +6/12 over base-y1
+    rows = _json("results", "--sort", "Δ base", *ws)
+    assert [r["run_id"] for r in rows][:4] == ["y-s1", "y-s0", "y-lr", "x-s0"]
+    table = cli("results", "--sort", "Δ base", "--asc", *ws).stdout
+    assert "battery" in table and " x " in table and " y " in table  # which battery each row is on
+    out = cli("export", "--csv", "-", "--sort", "depth", "--asc", *ws)  # a header, and a direction
+    assert out.returncode == 0, out.stderr
+    depth = [float(r["reasoning_depth"]) for r in csv.DictReader(io.StringIO(out.stdout))]
+    assert depth == sorted(depth)
+
+
+def test_pooled_seeds_are_runs_that_differ_by_their_seed_alone(batteries: Path):
+    rows = _json("results", "--pool-seeds", "--sort", "depth", "--asc", "--workspace", str(batteries))
+    groups = sorted(tuple(sorted(r["run_id"].split(","))) for r in rows)
+    assert groups == [("base-x",), ("base-y", "base-y1"), ("x-s0",), ("y-lr",), ("y-s0", "y-s1")]
+    depth = [r["scores"]["reasoning_depth"] for r in rows]
+    assert depth == sorted(depth)  # the order asked for
+
+
 # --- the ranked table fits the terminal ------------------------------------------------------
 
 RU = "Война и мир. Том первый. Часть вторая (издание 1869 года).fb2.txt"

@@ -67,6 +67,47 @@ def ranked(store: Store) -> Store:
     return store
 
 
+@pytest.fixture
+def two_batteries(store: Store) -> Store:
+    """One base scored on two batteries: two baselines, and runs measured against each."""
+    store.add_corpus(corpus_info(SHA_A, "/texts/alpha.txt"))
+    plan = [
+        # run_id, kind, battery, seed, lr, overall
+        ("base-x", "baseline", "/b/x", 0, 0.001, 0.50),
+        ("base-y", "baseline", "/b/y", 0, 0.001, 0.10),
+        ("x-s0", "adapter", "/b/x", 0, 0.001, 0.60),  # Δ +0.10 against base-x
+        ("y-s0", "adapter", "/b/y", 0, 0.001, 0.30),  # Δ +0.20 against base-y (−0.20 against base-x)
+        ("y-s1", "adapter", "/b/y", 1, 0.001, 0.35),  # no baseline for seed 1
+        ("y-lr", "adapter", "/b/y", 0, 0.01, 0.15),  # Δ +0.05
+    ]
+    for run_id, kind, battery, seed, lr, overall in plan:
+        settings = {"base": {"base": "micro"}, "scenes": battery, "train": {"lr": lr}, "lora": {},
+                    "baseline_key": f"{battery}|{seed}"}
+        store.create_run(run_id, kind=kind, base="micro", settings=settings, seed=seed,
+                         corpus_id=None if kind == "baseline" else SHA_A,
+                         corpus_path=None if kind == "baseline" else "/texts/alpha.txt")
+        run_to_evaluating(store, run_id)
+        store.ingest_result(run_id, {"overall": overall, "scores": {"depth": overall}})
+        store.transition(run_id, "done")
+    return store
+
+
+def test_a_run_is_measured_against_the_baseline_of_its_own_battery(two_batteries: Store):
+    rows = {r["run_id"]: r for r in two_batteries.results()}
+    assert rows["y-s0"]["baseline_key"] == rows["base-y"]["baseline_key"] != rows["base-x"]["baseline_key"]
+    assert rows["y-s0"]["settings_key"] == rows["y-s1"]["settings_key"]  # the seed alone differs
+    assert rows["y-lr"]["settings_key"] != rows["y-s0"]["settings_key"]
+    assert rows["y-s0"]["scenes"] == "/b/y"
+    # Δ base: the run's overall less its own baseline's; a baseline and a run without one last
+    order = [r["run_id"] for r in two_batteries.results(sort="delta")]
+    assert order == ["y-s0", "x-s0", "y-lr", "base-x", "base-y", "y-s1"]
+    order = [r["run_id"] for r in two_batteries.results(sort="delta", descending=False, baselines_first=True)]
+    assert order == ["base-x", "base-y", "y-lr", "x-s0", "y-s0", "y-s1"]
+    exported = list(csv.DictReader(two_batteries.csv_text(sort="delta", descending=False, baselines_first=True)
+                                   .splitlines()))
+    assert [r["run_id"] for r in exported] == order
+
+
 # --- migrations and opening ----------------------------------------------------------------
 
 

@@ -229,3 +229,46 @@ def test_clicks_and_keys_land_on_the_rows_and_headers_drawn_there():
 
 def rows_by_id(rows: list[dict]) -> dict[str, dict]:
     return {r["run_id"]: r for r in rows}
+
+
+def test_each_run_is_measured_against_its_own_batterys_baseline_in_any_order():
+    def row(run_id, kind, battery, overall):
+        return {"run_id": run_id, "kind": kind, "corpus": None if kind == "baseline" else f"{run_id}.md",
+                "base": "micro:tiny", "preset": "tiny", "seed": 0, "status": "done", "overall": overall,
+                "scores": {"reasoning_depth": overall}, "scenes": battery, "baseline_key": f"{battery}|0"}
+
+    rows = [row("base-x", "baseline", "/b/x", 0.50), row("base-y", "baseline", "/b/y", 0.10),
+            row("on-x", "adapter", "/b/x", 0.60), row("on-y", "adapter", "/b/y", 0.30)]
+
+    async def scenario():
+        for reply in (rows, rows[::-1]):  # the last baseline of a reply must not win
+            async with showing(reply, (160, 20)) as (table, pilot):
+                for descending in (True, False):
+                    table.sort_by("delta", descending)
+                    await pilot.pause()
+                    delta = {k: table.get_row(k)[table.column_keys.index("delta")].text for k in ("on-x", "on-y")}
+                    assert delta == {"on-x": "+0.100", "on-y": "+0.200"}
+                    assert table.displayed()[2:] == (["on-y", "on-x"] if descending else ["on-x", "on-y"])
+                # the names say which battery each run was scored on
+                assert table.get_row("on-x")[0].text.endswith("· x") and table.get_row("base-y")[0].text.endswith("· y")
+                table.set_filter("on-y")  # a filter keeps the baseline of the runs it finds, not the other
+                await pilot.pause()
+                assert table.displayed() == ["base-y", "on-y"]
+
+    asyncio.run(scenario())
+
+
+def test_a_first_sort_by_a_column_where_lower_is_better_puts_the_lowest_on_top():
+    rows = synthetic_rows(40)
+    for i, r in enumerate(rows):
+        r["scores"] = {**r["scores"], "forgetting": i / 10, "pressure_drop": (40 - i) / 10}
+
+    async def scenario():
+        async with showing(rows, (160, 20)) as (table, pilot):
+            for key in ("perplexity", "forgetting", "pressure_drop", "corpus"):
+                table.sort_by(key)
+                assert table.descending is False, key
+            table.sort_by("consistency")
+            assert table.descending is True
+
+    asyncio.run(scenario())

@@ -83,6 +83,10 @@ SORT_COLUMNS: dict[str, str] = {
     "weight_change": "p.weight_change",
     "attn_entropy_change": "p.attn_entropy_change",
     "drift_layer": "p.drift_layer",
+    # Δ base: the run's overall less its baseline's (same base, battery and seed); none for a baseline
+    "delta": ("CASE WHEN r.kind = 'baseline' THEN NULL ELSE r.overall - (SELECT max(b.overall) FROM runs b"
+              " WHERE b.kind = 'baseline' AND b.run_id <> r.run_id AND json_extract_string(b.settings, '$.baseline_key')"
+              " = json_extract_string(r.settings, '$.baseline_key')) END"),
 }
 
 RESULT_KEYS = (
@@ -93,6 +97,9 @@ RESULT_KEYS = (
     "trial",  # "study #n" for a search trial's run, else None
     "trial_state",  # that trial's Optuna state: RUNNING, COMPLETE, PRUNED or FAIL
     "attribution",  # the attribution study the run serves, else None
+    "baseline_key",  # runs and the baseline they are measured against share it (base, battery, seed)
+    "settings_key",  # runs that differ by their seed alone share it (base, battery, training)
+    "scenes",  # the battery folder or file the run was scored on
     "intervals",  # {measure: [lo, hi]}; filled after the SQL row, keep it last
 )
 
@@ -527,14 +534,16 @@ class Store:
         kind: str | None = None,
         status: str | None = None,
         limit: int | None = None,
+        baselines_first: bool = False,
     ) -> list[dict[str, Any]]:
         """The ranked table: one dict per run, keys as in RESULT_KEYS.
 
         `sort` is a column of SORT_COLUMNS or a measure name present in scores; NULLs sort
-        last either way and ties go by run_id.
+        last either way and ties go by run_id; `baselines_first` pins the baselines on top,
+        as the tables show them.
         """
         with self._read() as cur:
-            rows, score_map = self._results(cur, sort, descending, kind, status, limit)
+            rows, score_map = self._results(cur, sort, descending, kind, status, limit, baselines_first)
             intervals = self._intervals(cur, [r[0] for r in rows])
         out = []
         for row in rows:
@@ -553,6 +562,7 @@ class Store:
         kind: str | None,
         status: str | None,
         limit: int | None,
+        baselines_first: bool = False,
     ) -> tuple[list[tuple[Any, ...]], dict[str, dict[str, float | None]]]:
         present = [r[0] for r in cur.execute("SELECT DISTINCT measure FROM scores").fetchall()]
         params: list[Any] = []
@@ -581,13 +591,19 @@ class Store:
             " json_extract_string(r.settings, '$.base.preset'),"
             " (SELECT min(t.study || ' #' || t.number) FROM search_trials t WHERE t.run_id = r.run_id),"
             " (SELECT min(t.state) FROM search_trials t WHERE t.run_id = r.run_id),"
-            " (SELECT min(a.study_id) FROM attribution_runs a WHERE a.run_id = r.run_id)"
+            " (SELECT min(a.study_id) FROM attribution_runs a WHERE a.run_id = r.run_id),"
+            " json_extract_string(r.settings, '$.baseline_key'),"
+            " left(md5(concat_ws('|', json_extract(r.settings, '$.base')::VARCHAR,"
+            " json_extract(r.settings, '$.scenes')::VARCHAR, json_extract(r.settings, '$.train')::VARCHAR,"
+            " json_extract(r.settings, '$.lora')::VARCHAR)), 16),"
+            " json_extract_string(r.settings, '$.scenes')"
             " FROM runs r LEFT JOIN corpora c ON c.corpus_id = r.corpus_id"
             " LEFT JOIN probes p ON p.run_id = r.run_id" + join
         )
         if where:
             sql += " WHERE " + " AND ".join(where)
-        sql += f" ORDER BY {order_expr} {direction} NULLS LAST, r.run_id"
+        pin = "r.kind <> 'baseline', " if baselines_first else ""
+        sql += f" ORDER BY {pin}{order_expr} {direction} NULLS LAST, r.run_id"
         if limit is not None:
             if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
                 raise ValueError(f"limit must be a non-negative integer, not {limit!r}")
@@ -726,7 +742,7 @@ class Store:
 
     def export_csv(
         self, path: str | os.PathLike[str], *, sort: str = "overall", descending: bool = True,
-        mode: int = 0o644,
+        mode: int = 0o644, baselines_first: bool = False,
     ) -> Path:
         """Write the ranked table as CSV (atomically: temp file, then rename); returns the path.
 
@@ -744,7 +760,7 @@ class Store:
             raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-                self.write_csv(fh, sort=sort, descending=descending)
+                self.write_csv(fh, sort=sort, descending=descending, baselines_first=baselines_first)
             os.chmod(tmp, mode & 0o777)  # mkstemp made it 0600
             os.replace(tmp, target)
         except OSError as exc:
@@ -755,17 +771,17 @@ class Store:
             raise
         return target
 
-    def csv_text(self, *, sort: str = "overall", descending: bool = True) -> str:
+    def csv_text(self, *, sort: str = "overall", descending: bool = True, baselines_first: bool = False) -> str:
         """The exported table as text (`ltm-tui export --csv -` prints it)."""
         out = io.StringIO(newline="")
-        self.write_csv(out, sort=sort, descending=descending)
+        self.write_csv(out, sort=sort, descending=descending, baselines_first=baselines_first)
         return out.getvalue()
 
-    def write_csv(self, fh, *, sort: str = "overall", descending: bool = True) -> None:
+    def write_csv(self, fh, *, sort: str = "overall", descending: bool = True, baselines_first: bool = False) -> None:
         """The ranked table as CSV into an open text file: the fixed columns, each measure, the
         scenes passed, the probes' summary, then each score's 95% interval."""
         with self._read() as cur:
-            rows, score_map = self._results(cur, sort, descending, None, None, None)
+            rows, score_map = self._results(cur, sort, descending, None, None, None, baselines_first)
             intervals = self._intervals(cur, [r[0] for r in rows])
             measures = [r[0] for r in cur.execute(
                 "SELECT DISTINCT measure FROM scores ORDER BY measure").fetchall()]

@@ -70,26 +70,25 @@ ASSUMED_MFU = {"lora": 0.40, "4bit": 0.30}
 TARGET_SHARE = 0.9  # the share of the card's memory the plan may fill (memory_plan.choose)
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", text.lower())
+def _words(text: str) -> list[str]:
+    """A card's name as words: runs of letters and runs of digits, lower case (`A100-SXM4-40GB`
+    → a 100 sxm 4 40 gb), so that `RTX4090` and `rtx 4090` read alike."""
+    return re.findall(r"[a-z]+|[0-9]+", text.lower())
 
 
 def find_gpu(name: str) -> Card:
     """The card a name means: "RTX PRO 6000", "h100", "NVIDIA H100 80GB HBM3" (NVML's name),
-    "NVIDIA A100-SXM4-40GB", "rtx-4090". An alias matches when each of its words is in the name
-    (case, spaces and punctuation aside), the longest match wins; a short name matches a card
-    whose alias contains it. One clear line listing the known cards when none matches."""
-    wanted = _norm(name or "")
+    "NVIDIA A100-SXM4-40GB", "rtx-4090". An alias matches when each of its words is a word of
+    the name (case, spaces and punctuation aside); the longest match wins. A name that is only
+    part of an alias is not that card: an A10, an H20 or an L40 is another card than the A100,
+    H200 or L40S, with less memory or speed. One clear line listing the known cards when none
+    matches."""
+    wanted = set(_words(name or ""))
     best, score = None, 0
     for card in CARDS:
         for alias in card.aliases:
-            parts = [_norm(p) for p in alias.split()]
-            if all(p in wanted for p in parts):
-                hit = sum(map(len, parts))
-            elif len(wanted) >= 3 and wanted in "".join(parts):
-                hit = len(wanted)
-            else:
-                hit = 0
+            parts = _words(alias)
+            hit = sum(map(len, parts)) if parts and all(p in wanted for p in parts) else 0
             if hit > score:
                 best, score = card, hit
     if best is None:

@@ -17,7 +17,7 @@ import sys
 from typing import Sequence
 
 from ltm_tui.cli import attribute, estimate, evaluation, queue, run, search, web
-from ltm_tui.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_USAGE, add_dashboard_flags, add_workspace
+from ltm_tui.cli.common import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_dashboard_flags, add_workspace
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,13 +54,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "min_train_tokens": args.dash_min_train_tokens,
             }
             return run_app(args.workspace, {k: v for k, v in defaults.items() if v is not None}, args.dash_root)
-        return args.handler(args)
+        code = args.handler(args)
+        sys.stdout.flush()  # here, not at exit, so that a closed pipe is caught below
+        return code
     except LtmError as exc:
         print(f"ltm-tui: {exc.one_line()}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("ltm-tui: interrupted; `ltm-tui status` shows what was kept", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `ltm-tui results | head`: the reader has what it wanted
+        # Python flushes stdout again at exit and would complain to stderr; point it nowhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the last line of defence against a traceback
         if os.environ.get("LTM_DEBUG"):
             raise

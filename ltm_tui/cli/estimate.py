@@ -105,7 +105,7 @@ def cmd_estimate(args) -> int:
     from backend.studies import forecast
 
     pages = _pages(args.pages)
-    if args.gpu:
+    if args.gpu is not None:  # `--gpu ""` is an unknown card, not this machine
         return estimate_on_card(args, pages)
     if args.sample:
         for path in args.sample:

@@ -38,8 +38,11 @@ def add_parsers(sub) -> None:
     exp = sub.add_parser("export", help="write the results as CSV")
     exp.add_argument("--csv", default="ltm_results_table.csv", metavar="PATH",
                      help="a file or folder (default ltm_results_table.csv here); - prints it")
-    exp.add_argument("--sort", default="overall")
-    exp.set_defaults(handler=cmd_export)
+    exp.add_argument("--sort", default="overall", help="column or measure to sort by, or its header (default overall)")
+    order = exp.add_mutually_exclusive_group()
+    order.add_argument("--asc", dest="descending", action="store_false", help="ascending")
+    order.add_argument("--desc", dest="descending", action="store_true", help="descending (default)")
+    exp.set_defaults(descending=True, handler=cmd_export)
 
     st = sub.add_parser("status", help="the jobs and their states")
     st.add_argument("--format", choices=["table", "json"], default="table")
@@ -113,13 +116,21 @@ def cmd_results(args) -> int:
 
 
 def pool_seeds(args, rows: list[dict]) -> list[dict]:
-    """Finished runs of one corpus on one base, pooled over their seeds (backend.scoring.measures.pooled_scores)."""
+    """Finished runs that differ by their seed alone (one corpus, base, battery and training
+    settings; a baseline: one base and battery), pooled over their seeds
+    (backend.scoring.measures.pooled_scores), in the order asked for."""
     from backend.scoring.measures import overall, pooled_scores
+    from ltm_tui.report import sorted_rows
 
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        if r["status"] == "done":
-            groups.setdefault((r.get("corpus_path"), r["base"], r.get("kind")), []).append(r)
+        if r["status"] != "done":
+            continue
+        if r.get("kind") == "baseline":
+            key = ("baseline", r["base"], r.get("scenes"))
+        else:
+            key = (r.get("kind"), r.get("corpus_path"), r.get("settings_key") or r["base"])
+        groups.setdefault(key, []).append(r)
     found = scene_results(args, [r["run_id"] for members in groups.values() for r in members])
     out = []
     for members in groups.values():
@@ -134,25 +145,25 @@ def pool_seeds(args, rows: list[dict]) -> list[dict]:
             "scores": scores,
             "intervals": {k: [v["lo"], v["hi"]] for k, v in pooled.items() if v["lo"] is not None},
             "overall": overall(scores),
+            # pooled runs are measured against their pooled baseline (report.baseline_group)
+            "baseline_key": f"pooled {members[0]['base']} {members[0].get('scenes')}",
         })
-    return sorted(out, key=lambda r: (r["overall"] is None, -(r["overall"] or 0)))
+    return sorted_rows(out, args.sort, args.descending)
 
 
 def cmd_export(args) -> int:
     from backend.core.workspace import file_mode
+    from ltm_tui.report import sort_name
 
-    if args.csv == "-":  # to standard output, as `results --format csv` prints its own
-        out = ask(args, "export", lambda st: {"csv": st.csv_text(sort=args.sort)}, path="-", sort=args.sort)
-        sys.stdout.write(out["csv"])
-        return EXIT_OK
-    target = str(Path(args.csv).expanduser().absolute())
-    mode = file_mode()  # the service writes it; the file is the user's, with their usual mode
+    order = {"sort": sort_name(args.sort), "descending": args.descending}  # the table's header works too
     try:
-        path = ask(
-            args, "export",
-            lambda st: st.export_csv(target, sort=args.sort, mode=mode),
-            path=target, sort=args.sort, mode=mode,
-        )
+        if args.csv == "-":  # to standard output, as `results --format csv` prints its own
+            out = ask(args, "export", lambda st: {"csv": st.csv_text(**order)}, path="-", **order)
+            sys.stdout.write(out["csv"])
+            return EXIT_OK
+        target = str(Path(args.csv).expanduser().absolute())
+        mode = file_mode()  # the service writes it; the file is the user's, with their usual mode
+        path = ask(args, "export", lambda st: st.export_csv(target, mode=mode, **order), path=target, mode=mode, **order)
     except ValueError as exc:
         print(f"ltm-tui: {exc}", file=sys.stderr)
         return EXIT_USAGE
