@@ -248,6 +248,7 @@ class Service:
             return {
                 "run_ids": sub.run_ids,
                 "baseline_ids": sub.baseline_ids,
+                "new_baseline_ids": sub.new_baseline_ids,
                 "errors": [e.one_line() for e in sub.errors],
             }
         if op == "jobs":
@@ -398,6 +399,10 @@ class Service:
                     "corpus": Path(run["corpus_path"]).name if run.get("corpus_path") else None,
                     "kind": run["kind"],
                     "base": run["base"],
+                    # what tells two jobs of one corpus apart: the seed, the micro preset, the battery
+                    "seed": run.get("seed"),
+                    "preset": ((run.get("settings") or {}).get("base") or {}).get("preset"),
+                    "scenes": (run.get("settings") or {}).get("scenes"),
                     "status": run["status"],
                     "step": live.get("step", run.get("steps")),
                     "total": live.get("total"),

@@ -50,7 +50,8 @@ class LtmApp(App):
     BINDINGS = [
         Binding("a", "add", "Add corpora", tooltip="Open the file picker to queue corpora"),
         Binding("s", "cycle_sort", "Sort", tooltip="Sort the results by the next column (Shift+letter: by the "
-                "column whose name starts with it, e.g. Shift+O overall, Shift+P ppl)"),
+                "column whose name starts with it, e.g. Shift+O overall; again: the next such column, "
+                "Shift+P press then ppl)"),
         Binding("d", "toggle_direction", "Asc/desc", tooltip="Reverse the results' sort"),
         Binding("slash", "filter", "Filter", tooltip="Filter the results by corpus, base or status"),
         Binding("e", "export", "Export", tooltip="Write the results table to CSV"),
@@ -360,8 +361,8 @@ class LtmApp(App):
         for line in sub["errors"]:
             self.notify(line, severity="error", timeout=10)
         if sub["run_ids"]:
-            self.notify(f"queued {len(sub['run_ids'])} run(s)" +
-                        (f" and {len(sub['baseline_ids'])} baseline(s)" if sub["baseline_ids"] else ""))
+            new = sub.get("new_baseline_ids") or []  # a baseline already scored is not queued again
+            self.notify(f"queued {len(sub['run_ids'])} run(s)" + (f" and {len(new)} baseline(s)" if new else ""))
         self.refresh_all()
 
     @work(group="studies")

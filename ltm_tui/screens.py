@@ -1027,8 +1027,8 @@ class CompareScreen(Screen):
         for m in names:
             va = a["run"].get("overall") if m == "overall" else rows[0]["scores"].get(m)
             vb = b["run"].get("overall") if m == "overall" else rows[1]["scores"].get(m)
-            digits = 1 if m == "perplexity" else 3
-            lower = m in ("perplexity", "forgetting", "pressure_drop")
+            digits = 0 if m == "depth_max" else 1 if m == "perplexity" else 3  # d.max: a whole depth
+            lower = MEASURE_LABELS.get(m, "").endswith("↓")  # lower is better
             diff = None if va is None or vb is None else vb - va
             style = "" if not diff else ("green" if (diff > 0) != lower else "red")
             apart = _apart(ia.get(m), ib.get(m))

@@ -321,6 +321,7 @@ class QueueTable(RunTable):
         super().__init__(cursor_type="row", zebra_stripes=True, **kwargs)
         self.jobs: dict[str, dict] = {}
         self.widths: dict[str, int] = {}
+        self._mixed = (False, False)  # jobs of several bases or presets, of several batteries
 
     def on_mount(self) -> None:
         self._fit()
@@ -357,6 +358,8 @@ class QueueTable(RunTable):
         for j in order:  # what the events told since the last reply is kept until the service has it
             live = {k: v for k, v in old.get(j["run_id"], {}).items() if k in LIVE_KEYS and j.get(k) is None}
             self.jobs[j["run_id"]] = {**j, **(live if j["status"] == old.get(j["run_id"], {}).get("status") else {})}
+        self._mixed = (len({(j.get("base"), j.get("preset")) for j in self.jobs.values()}) > 1,
+                       len({j.get("scenes") for j in self.jobs.values() if j.get("scenes")}) > 1)
         keep = self.selected_run()
         wanted = list(self.jobs)
         cells = {run_id: self._cells(self.jobs[run_id]) for run_id in wanted}
@@ -410,7 +413,7 @@ class QueueTable(RunTable):
 
     def _cells(self, job: dict) -> list:
         status = job["status"]
-        label = job_label(job)
+        label = job_label(job, *self._mixed)
         if job.get("node"):  # a Ray cluster: the node it runs on, after its name
             label = f"{label} @ {job['node']}"
         total, step = job.get("total"), job.get("step")
@@ -451,11 +454,16 @@ class QueueTable(RunTable):
 LIVE_KEYS = ("step", "total", "loss", "tokens_per_s", "eta_s", "eval_done", "eval_total", "eval_eta_s")
 
 
-def job_label(job: dict) -> str:
-    """A job as the queue names it: its corpus, or `baseline` and its base."""
-    if job.get("kind") == "baseline":
-        return f"baseline {job['base']}"
-    return corpus_name(job.get("corpus"))
+def job_label(job: dict, mixed: bool = False, batteries: bool = False) -> str:
+    """A job as the queue names it: `baseline` and its base, or its corpus; then, as the results
+    name runs (`run_label`), what tells it from the queue's other jobs: its seed, and where the
+    queue mixes them its preset or base and its battery."""
+    if job.get("kind") != "baseline":
+        return run_label(job, mixed, batteries)
+    extra = [battery_name(job["scenes"])] if batteries and job.get("scenes") else []
+    if job.get("seed"):
+        extra.append(f"s{job['seed']}")
+    return " · ".join([f"baseline {job['base']}", *extra])
 
 
 def _text_width(cell) -> int:
@@ -645,7 +653,7 @@ class ResultsTable(BigTable):
                 cells.append(fixed[key])
             else:
                 v = scores.get(key)
-                text = _num(v, 1 if key == PERPLEXITY else 3)
+                text = _num(v, 0 if key == "depth_max" else 1 if key == PERPLEXITY else 3)  # d.max: a whole depth
                 ci = (r.get("intervals") or {}).get(key) if self.show_intervals else None
                 if ci and v is not None and None not in ci:
                     text += f" ±{(ci[1] - ci[0]) / 2:.{1 if key == PERPLEXITY else 2}f}"

@@ -92,7 +92,7 @@ def test_compare_and_weak_scenes(workspace: Path):
     text = cli("compare", "run-a", "run-b", "--workspace", str(workspace)).stdout
     assert "wrong → right: 4" in text and "McNemar p = 0.6875" in text
     missing = cli("compare", "run-a", "nope", "--workspace", str(workspace))
-    assert missing.returncode == 2 and "nope" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and missing.stderr.strip() == "ltm-tui: compare: no run nope; `ltm-tui status` lists them"
 
     weak = json.loads(cli("scenes", "weak", "--format", "json", "--workspace", str(workspace)).stdout)
     assert {w["scene_id"]: w["reasons"] for w in weak} == {"guess": ["no spread", "at chance"]}

@@ -272,3 +272,32 @@ def test_a_first_sort_by_a_column_where_lower_is_better_puts_the_lowest_on_top()
             assert table.descending is True
 
     asyncio.run(scenario())
+
+
+def test_the_queue_tells_apart_jobs_of_one_corpus():
+    from ltm_tui.widgets import QueueTable
+
+    def job(run_id, preset, seed, battery, kind="adapter"):
+        return {"run_id": run_id, "kind": kind, "corpus": None if kind == "baseline" else "story.md",
+                "base": f"micro:{preset}", "preset": preset, "seed": seed, "scenes": battery, "status": "queued"}
+
+    jobs = [job("a", "tiny", 0, "/b/x"), job("b", "small", 0, "/b/x"), job("c", "tiny", 1, "/b/x"),
+            job("d", "tiny", 0, "/b/y"), job("e", "tiny", 0, "/b/y", kind="baseline")]
+
+    class Queue(App):
+        def compose(self):
+            yield QueueTable(id="queue")
+
+    async def scenario():
+        async with Queue().run_test(size=(160, 20)) as pilot:
+            table = pilot.app.query_one(QueueTable)
+            table.set_jobs(jobs)
+            await pilot.pause()
+            names = [table.get_row(j["run_id"])[0].text for j in jobs]
+            assert len(set(names)) == len(names), names
+            assert names[4] == "baseline micro:tiny · y"
+            table.set_jobs(jobs[:1])  # alone in the queue, a job is its corpus's name
+            await pilot.pause()
+            assert table.get_row("a")[0].text == "story.md"
+
+    asyncio.run(scenario())

@@ -67,6 +67,16 @@ def test_sigterm_checkpoints_and_a_rerun_resumes(tmp_path, corpora, tiny_battery
     store.close()
 
 
+def test_a_second_batch_on_the_same_base_and_battery_reuses_its_baseline(tmp_path, corpora, tiny_battery):
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    first = manager.submit([corpora["logic"]], settings)
+    again = manager.submit([corpora["story"]], settings)
+    assert first.new_baseline_ids == first.baseline_ids and len(first.baseline_ids) == 1
+    assert again.baseline_ids == first.baseline_ids and again.new_baseline_ids == []  # nothing queued twice
+    assert sum(r["kind"] == "baseline" for r in store.list_runs()) == 1
+    store.close()
+
+
 @pytest.mark.slow
 def test_killed_worker_leaves_runs_interrupted_with_log_tail(tmp_path, corpora, tiny_battery):
     manager, store, settings = _manager(tmp_path, tiny_battery)

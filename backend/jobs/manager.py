@@ -45,8 +45,9 @@ STALL_ENV = "LTM_STALL_SECONDS"
 @dataclass
 class Submission:
     run_ids: list[str]
-    baseline_ids: list[str]
+    baseline_ids: list[str]  # the baseline each run is measured against, queued now or before
     errors: list[CorpusError]
+    new_baseline_ids: list[str] = field(default_factory=list)  # those queued by this submission
 
 
 Inspection = tuple[list, list[CorpusError]]  # (CorpusInfo of each good file, one error per bad one)
@@ -129,6 +130,7 @@ class JobManager:
         keys = {seed: settings.baseline_key(seed) for seed in seeds}
         run_ids = []
         with self.store.batch():
+            before = {r["run_id"] for r in self.store.list_runs() if r["kind"] == "baseline"} if infos else set()
             baselines = [self.ensure_baseline(settings, seed, keys[seed], priority) for seed in keys] if infos else []
             for info in infos:
                 corpus_id = self.store.add_corpus(info.to_dict())
@@ -146,7 +148,8 @@ class JobManager:
                         run_dir=str(self.workspace.run_dir(run_id)),
                     )
                     run_ids.append(run_id)
-        return Submission(run_ids, [b for b in baselines if b], list(errors))
+        found = [b for b in baselines if b]
+        return Submission(run_ids, found, list(errors), [b for b in found if b not in before])
 
     def settings_record(self, settings: JobSettings, baseline_key: str) -> dict:
         return {

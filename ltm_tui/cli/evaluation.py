@@ -50,9 +50,14 @@ def cmd_compare(args) -> int:
     from backend.scoring.stats import compare_runs
 
     found = scene_results(args, [args.run_a, args.run_b])
-    for run_id in (args.run_a, args.run_b):
-        if not found.get(run_id):
-            raise LtmError(f"run {run_id} has no scene results (is it done? `ltm-tui status` lists runs)", title="compare")
+    missing = [run_id for run_id in (args.run_a, args.run_b) if not found.get(run_id)]
+    if missing:
+        status = {j["run_id"]: j["status"] for j in ask(args, "jobs", lambda st: [], runs=missing)}
+        run_id = missing[0]
+        if run_id not in status:
+            raise LtmError(f"no run {run_id}; `ltm-tui status` lists them", title="compare")
+        raise LtmError(f"run {run_id} is {status[run_id]} and has no scene results to compare"
+                       f"{' yet' if status[run_id] != 'done' else ''}", title="compare")
     result = {"run_a": args.run_a, "run_b": args.run_b, **compare_runs(found[args.run_a], found[args.run_b])}
     if args.format == "json":
         print(json.dumps(result, ensure_ascii=False, indent=1))
