@@ -125,7 +125,7 @@ class Service:
         return fh
 
     def _bind(self) -> None:
-        path = self.workspace.socket_path
+        path = self.workspace.checked_socket_path()
         path.unlink(missing_ok=True)  # we hold the lock: any socket file left here is stale
         old = os.umask(0o177)  # the socket is born 0600: no window where others can connect
         try:
@@ -512,7 +512,8 @@ def _handler_for(service: Service):
 
         def _send(self, obj: dict) -> bool:
             try:
-                self.wfile.write((json.dumps(obj, ensure_ascii=False, default=str) + "\n").encode())
+                line = json.dumps(obj, ensure_ascii=False, default=str) + "\n"
+                self.wfile.write(line.encode("utf-8", "replace"))  # a lone surrogate (a bad file name) as "?"
                 self.wfile.flush()
                 return True
             except OSError:

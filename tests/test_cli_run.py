@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import TINY_RUN, cli, stop_service
+from tests.conftest import REPO, TINY_RUN, cli, stop_service
 
 TINY = TINY_RUN
 RESULT_KEYS = {"run_id", "corpus", "corpus_path", "base", "status", "pages", "tokens",
@@ -238,3 +238,48 @@ def test_follow_shows_training_and_evaluation_progress_in_80_columns():
         assert "120/400" in training and "loss 1.2346" in training and "ETA 1m20s" in training
         assert "evaluating" in evaluating and "12/40 scenes" in evaluating and "ETA 20s" in evaluating
         assert ("12,346 tok/s" in training) == (width == 140)
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--steps", "-5"], "--steps -5: give a whole number of at least 1"),
+    (["--block-size", "0"], "--block-size 0: give a whole number of at least 8"),
+    (["--micro-batch", "0"], "--micro-batch 0: give a whole number of at least 1"),
+    (["--grad-accum", "-1"], "--grad-accum -1: give a whole number of at least 1"),
+    (["--lr", "inf"], "--lr inf: give a positive number"),
+    (["--lr", "-1"], "--lr -1.0: give a positive number"),
+    (["--epochs", "nan"], "--epochs nan: give a positive number"),
+    (["--device", "bogus"], "--device 'bogus': give cpu, cuda or cuda:N"),
+    (["--seed", "-1"], "argument --seed: '-1': give a whole number from 0"),
+    (["--seeds", "0"], "argument --seeds: '0': give a whole number of at least 1"),
+    (["--priority", "99999999999999999999"], "argument --priority: '99999999999999999999': give a whole number"),
+])
+def test_a_number_out_of_its_range_is_one_line_before_anything_is_queued(tmp_path, flags, says):
+    book = tmp_path / "book.md"
+    book.write_text("Every rule has a reason. " * 40, encoding="utf-8")
+    ws = tmp_path / "ws"
+    out = cli("run", str(book), *flags, "--workspace", str(ws))
+    assert out.returncode == 2 and says in out.stderr and "Traceback" not in out.stderr
+    assert not (ws / "ltm.duckdb").exists()  # no service asked, nothing stored
+
+
+def test_an_empty_path_is_not_the_current_folder(tmp_path):
+    out = cli("run", "", "--workspace", str(tmp_path / "ws"), cwd=tmp_path)
+    assert out.returncode == 1 and not (tmp_path / "ws" / "ltm.duckdb").exists()
+    assert out.stderr.splitlines() == [
+        "ltm-tui: corpus: an empty path names no file (an unset shell variable?); give a file or folder",
+        "ltm-tui: no corpus could be read; nothing was queued"]
+
+
+def test_more_bad_input_is_one_line(tmp_path):
+    book = tmp_path / "book.md"
+    book.write_text("Every rule has a reason. " * 40, encoding="utf-8")
+    follow = cli("follow", "nope", "--workspace", str(tmp_path / "ws"))
+    assert follow.returncode == 2 and follow.stderr == "ltm-tui: no run nope; `ltm-tui status` lists them\n"
+    deep = tmp_path / ("d" * (120 - len(str(tmp_path))))  # WORKSPACE/service.sock over the kernel's 107 bytes
+    run = cli("run", str(book), "--workspace", str(deep))
+    assert run.returncode == 2 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines()[-1].startswith("ltm-tui: workspace: the workspace's path is too long")
+    checked = cli("scenes", "check", str(REPO / "scenes"), "--workspace", str(tmp_path / "ws"))
+    assert checked.returncode == 0, checked.stderr
+    port = cli("web", "--port", "99999", "--workspace", str(tmp_path / "ws"))
+    assert port.returncode == 2 and "'99999': give a whole number from 1 to 65535" in port.stderr

@@ -570,3 +570,40 @@ def test_a_text_file_without_a_suffix_is_a_corpus_in_its_encoding(tmp_path: Path
     assert info.encoding == "cp1251" and info.words == 40 * 5
     found, errors = expand_paths([tmp_path])
     assert found == [licence.resolve(), russian.resolve()] and not errors
+
+
+def test_names_that_cannot_stand_for_a_corpus_are_one_error_each_and_the_rest_go_on(tmp_path):
+    import os
+
+    from backend.jobs.protocol import request_line
+
+    good = tmp_path / "good.md"
+    good.write_text("Every rule has a reason. " * 20, encoding="utf-8")
+    folder = tmp_path / "books"
+    folder.mkdir()
+    (folder / "fine.txt").write_text("A fine text to read. " * 20, encoding="utf-8")
+    raw = os.fsencode(folder) + b"/\xcf\xf0\xe8\xe2\xe5\xf2.txt"  # "Привет" in cp1251: not UTF-8
+    with open(raw, "wb") as fh:
+        fh.write("Привет, мир. ".encode("cp1251") * 20)
+    pipe = tmp_path / "notes"  # no suffix: its format would be sniffed by reading it
+    os.mkfifo(pipe)
+    bad_name = os.fsdecode(raw)
+    found, errors = expand_paths([str(good), "", bad_name, str(folder), str(pipe)])
+    assert found == [good.resolve(), (folder / "fine.txt").resolve()]
+    lines = [e.one_line() for e in errors]
+    assert len(lines) == 4, lines  # "", the bad name given, the same name in the folder, the pipe
+    assert "an empty path names no file" in lines[0]
+    assert all("not valid UTF-8; rename it" in line for line in lines[1:3])
+    assert "notes is not a regular file" in lines[3]
+    # the request that carries such a name is ASCII, and the name comes back as it was
+    line = request_line(1, "submit", {"paths": [bad_name]})
+    assert json.loads(line.decode("ascii"))["args"]["paths"] == [bad_name]
+
+
+@pytest.mark.parametrize("declared", ["zlib", "hex", "base64", "rot13", "utf-16be"])
+def test_a_page_declaring_a_byte_codec_or_utf16_is_read_as_a_browser_reads_it(tmp_path, declared):
+    page = tmp_path / "page.html"
+    body = "<p>Каждое правило имеет причину. Every rule has a reason.</p>" * 5
+    page.write_bytes(f'<html><head><meta charset="{declared}"></head><body>{body}</body></html>'.encode("utf-8"))
+    text = "".join(iter_text(page))
+    assert "Каждое правило имеет причину." in text and "Every rule has a reason." in text

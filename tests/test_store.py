@@ -527,6 +527,39 @@ def test_export_csv_sort_and_folder_target(ranked: Store, tmp_path: Path):
     assert not (tmp_path / "x.csv").exists()
 
 
+def test_a_copy_under_another_name_keeps_each_runs_own_name(store: Store):
+    # corpora are keyed by content: the second name must not rename the first run
+    for run_id, path in (("run-a", "/texts/copyA.txt"), ("run-b", "/texts/copyB.txt")):
+        store.add_corpus(corpus_info(SHA_A, path))
+        store.create_run(run_id, kind="adapter", base="micro", settings={}, corpus_id=SHA_A, corpus_path=path)
+    rows = {r["run_id"]: r for r in store.results(sort="corpus", descending=False)}
+    assert (rows["run-a"]["corpus"], rows["run-b"]["corpus"]) == ("copyA.txt", "copyB.txt")
+    assert [r["run_id"] for r in store.results(sort="corpus", descending=True)] == ["run-b", "run-a"]
+
+
+def test_an_export_never_replaces_the_store_a_device_or_a_link(ranked: Store, tmp_path: Path):
+    db = Path(ranked.path)
+    for target in (db, db.with_name("service.pid")):  # the workspace's own files
+        if not target.exists():
+            target.write_text("123")
+        before = target.read_bytes()
+        with pytest.raises(StoreError, match="one of the workspace's own files"):
+            ranked.export_csv(target)
+        assert target.read_bytes() == before
+    fifo = tmp_path / "pipe.csv"
+    os.mkfifo(fifo)
+    with pytest.raises(StoreError, match="not a regular file"):
+        ranked.export_csv(fifo)
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    # a link is written through: the link stays a link, its target gets the table
+    real, link = tmp_path / "real.csv", tmp_path / "link.csv"
+    real.write_text("old")
+    link.symlink_to(real)
+    ranked.export_csv(link)
+    assert link.is_symlink() and real.read_text().startswith("run_id,")
+    assert ranked.results() and len(ranked.results()) == 4  # nothing stored was lost
+
+
 # --- threads -------------------------------------------------------------------------------
 
 

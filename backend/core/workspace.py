@@ -6,7 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from backend.core.errors import LtmError
+
 DEFAULT_WORKSPACE = "ltm-workspace"
+SOCKET_PATH_MAX = 107  # a Unix socket's address: sun_path is 108 bytes on Linux, one of them the NUL
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -84,6 +87,15 @@ class Workspace:
     @property
     def socket_path(self) -> Path:
         return self.root / "service.sock"
+
+    def checked_socket_path(self) -> Path:
+        """The socket's path, or one line saying the workspace's path is too long for one."""
+        size = len(os.fsencode(self.socket_path))
+        if size > SOCKET_PATH_MAX:
+            raise LtmError(f"the workspace's path is too long for its socket ({size} bytes for "
+                           f"{self.socket_path.name}, at most {SOCKET_PATH_MAX}); give a shorter --workspace, "
+                           "e.g. a symbolic link to this folder", title="workspace")
+        return self.socket_path
 
     @property
     def pid_path(self) -> Path:

@@ -135,6 +135,10 @@ def expand_paths(
 
     for raw in paths:
         shown = os.fspath(raw)
+        bad = unusable_name(shown)
+        if bad is not None:
+            errors.append(bad)
+            continue
         path = Path(shown).expanduser()
         if path.is_dir():
             files, walk_errors = _folder_files(path, shown)
@@ -147,15 +151,30 @@ def expand_paths(
                 add(file)
         elif not path.exists():
             errors.append(_missing(path, shown))
-        elif is_corpus_set(path) and path.is_file():
+        elif not path.is_file():  # before its format is sniffed: reading a pipe would wait forever
+            errors.append(CorpusError(f"{shown} is not a regular file"))
+        elif is_corpus_set(path):
             add(path.resolve())
         elif format_of(path) is None:
             errors.append(_unsupported(path, shown))
-        elif not path.is_file():
-            errors.append(CorpusError(f"{shown} is not a regular file"))
         else:
             add(path.resolve())
     return found, errors
+
+
+def unusable_name(shown: str) -> CorpusError | None:
+    """Why a path cannot stand for a corpus whatever the file holds: it is empty (an unset shell
+    variable would otherwise mean the current folder), or its name is not valid UTF-8 (a name
+    written in a legacy encoding: the store, the socket and the tables all speak UTF-8)."""
+    if not shown.strip():
+        return CorpusError("an empty path names no file (an unset shell variable?); give a file or folder")
+    try:
+        shown.encode("utf-8")
+    except UnicodeEncodeError:
+        readable = shown.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return CorpusError(f"{readable}: its name is not valid UTF-8; rename it "
+                           "(for a Cyrillic name: convmv -f cp1251 -t utf-8 --notest FILE)")
+    return None
 
 
 def iter_text(path: str | os.PathLike[str], chunk_chars: int = 1 << 20) -> Iterator[str]:
@@ -347,7 +366,11 @@ def _folder_files(folder: Path, shown: str) -> tuple[list[Path], list[CorpusErro
         for name in filenames:
             candidate = Path(dirpath, name)
             if not name.startswith(".") and candidate.is_file() and format_of(candidate):
-                files.append(candidate)
+                bad = unusable_name(str(candidate))
+                if bad is None:
+                    files.append(candidate)
+                else:
+                    errors.append(bad)
     files.sort(key=lambda p: p.relative_to(root).parts)
     return files, errors
 

@@ -11,6 +11,10 @@ from backend.core.errors import CorpusError
 from backend.ingest.textfiles import library_error, open_bytes
 
 _log = logging.getLogger(__name__)
+# pypdf tells its reader of every repair it makes ("EOF marker not found"); a file it cannot read
+# ends in one line of ours that names the file and the fix, so its own lines would only repeat
+# that, raw, on the user's terminal and in service.log.
+logging.getLogger("pypdf").setLevel(logging.CRITICAL)
 
 
 def pdf_chunks(path: Path, shown: str) -> Iterator[str]:

@@ -217,9 +217,13 @@ def _declared_charset(sample: bytes) -> str | None:
     label = (found.group(1) or found.group(2)).decode("ascii")
     try:
         name = codecs.lookup(label).name
+        "a".encode(name)  # a text encoding, not one of Python's byte codecs (zlib, hex, base64…)
     except LookupError:
         return None
-    # As browsers do (WHATWG encoding standard): latin-1 and ASCII labels mean windows-1252.
+    # As browsers do (WHATWG encoding standard): latin-1 and ASCII labels mean windows-1252, and
+    # a page that says UTF-16 in its own (ASCII-readable) bytes is not UTF-16: read it as UTF-8.
+    if name.startswith(("utf-16", "utf-32")):
+        return "utf-8"
     return "cp1252" if name in ("ascii", "iso8859-1", "latin-1") else name
 
 

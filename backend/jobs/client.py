@@ -92,6 +92,7 @@ def try_connect(workspace: Workspace) -> Client | None:
 
 
 def start_service(workspace: Workspace) -> subprocess.Popen:
+    workspace.checked_socket_path()  # a path too long for a socket is said here, not by a service that died
     workspace.ensure()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))

@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -62,6 +63,10 @@ def inspect_files(paths: Iterable[str | os.PathLike]) -> Inspection:
             infos.append(inspect_corpus(path))
         except CorpusError as exc:
             errors.append(exc)
+        except (OSError, ValueError, RuntimeError, zlib.error) as exc:  # a reader library's own failure
+            # one file that no reader foresaw must not stop the batch: its error names it
+            errors.append(CorpusError(f"{path} could not be read ({type(exc).__name__}: {exc}); "
+                                      "convert it to .txt or .md and queue that"))
     return infos, errors
 
 
@@ -263,6 +268,10 @@ class JobManager:
 
     def _check_card(self, device: str | None) -> None:
         card, cards = pinned_card(device), self.cards()
+        local = isinstance(self.executor, LocalExecutor)  # a Ray cluster's cards are on its nodes
+        if local and not cards and (device or "").strip().startswith("cuda"):
+            raise JobError(f"--device {device}: this machine shows no GPU (NVML finds none, or "
+                           "CUDA_VISIBLE_DEVICES hides them); leave --device out to train on the CPU")
         if card is not None and cards and card >= len(cards):
             raise JobError(f"--device {device}: this service has {len(cards)} card(s), cuda:0 to "
                            f"cuda:{len(cards) - 1}; pick one of those or leave --device out")

@@ -23,7 +23,9 @@ class ServiceError(LtmError):
 
 
 def request_line(rid: int, op: str, args: dict[str, Any]) -> bytes:
-    return (json.dumps({"id": rid, "op": op, "args": args}, ensure_ascii=False) + "\n").encode()
+    # ASCII: a file name that is not valid UTF-8 (a lone surrogate in Python) still travels, and
+    # the service names it in its one-line error rather than the request failing to encode
+    return (json.dumps({"id": rid, "op": op, "args": args}) + "\n").encode()
 
 
 def reply_result(raw: bytes, op: str, where: str) -> Any:

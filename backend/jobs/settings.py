@@ -10,6 +10,8 @@ job is queued with. The CLI, the dashboard and the studies build settings only t
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -85,6 +87,22 @@ class RunOptions:
         """The options a parsed command line carries (a command without a flag keeps its default)."""
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls) if getattr(ns, f.name, None) is not None})
 
+    def _check_numbers(self) -> None:
+        """Each number in its range, before anything is queued: a run of -5 steps would end
+        `done` with the base's scores, and a zero block size would fail in the worker."""
+        at_least = {"--steps": (self.steps, 1), "--min-train-tokens": (self.min_train_tokens, 1),
+                    "--block-size": (self.block_size, 8), "--micro-batch": (self.micro_batch, 1),
+                    "--grad-accum": (self.grad_accum, 1), "--lora-r": (self.lora_r, 1),
+                    "--lora-alpha": (self.lora_alpha, 1)}
+        for flag, (value, low) in at_least.items():
+            if value is not None and not (isinstance(value, int) and value >= low):
+                raise LtmError(f"{flag} {value!r}: give a whole number of at least {low}", title="usage")
+        for flag, value in (("--lr", self.lr), ("--epochs", self.epochs)):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise LtmError(f"{flag} {value!r}: give a positive number", title="usage")
+        if self.device is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", self.device.strip()):
+            raise LtmError(f"--device {self.device!r}: give cpu, cuda or cuda:N (or leave it out)", title="usage")
+
     def job_settings(self) -> JobSettings:
         from backend.core.config import LORA_DEFAULTS, MICRO_DEFAULTS, LoraSettings
         from backend.core.workspace import default_scenes_dir
@@ -102,6 +120,7 @@ class RunOptions:
                                    (self.kernels, KERNELS, "--kernels")):
             if value is not None and value not in known:
                 raise LtmError(f"unknown {flag} {value!r}; use one of {', '.join(known)}", title="usage")
+        self._check_numbers()
         scenes = Path(self.scenes).expanduser().resolve() if self.scenes else default_scenes_dir()
         if not scenes.exists():
             raise LtmError(f"{scenes}: no such battery folder; pass --scenes DIR", title="battery")

@@ -69,7 +69,9 @@ _RESULT_COLUMNS = ("tokens", "steps", "train_seconds", "eval_seconds", "final_lo
 # Sort name -> SQL expression over `runs r LEFT JOIN corpora c LEFT JOIN probes p`.
 SORT_COLUMNS: dict[str, str] = {
     "run_id": "r.run_id",
-    "corpus": "c.name",
+    # the run's own file name: corpora are keyed by content, and a copy under another name
+    # shares the row (its latest name) with every earlier run of the same bytes
+    "corpus": "coalesce(regexp_extract(r.corpus_path, '[^/]+$'), c.name)",
     "corpus_path": "r.corpus_path",
     "base": "r.base",
     "status": "r.status",
@@ -585,7 +587,7 @@ class Store:
             params.append(_state(status).value)
         direction = "DESC" if descending else "ASC"
         sql = (
-            "SELECT r.run_id, c.name, r.corpus_path, r.base, r.status, c.pages, r.tokens,"
+            f"SELECT r.run_id, {SORT_COLUMNS['corpus']}, r.corpus_path, r.base, r.status, c.pages, r.tokens,"
             " r.train_seconds, NULL, r.overall, r.kind, r.seed, r.error, r.created_at,"
             " p.weight_change, p.attn_entropy_change, p.drift_layer,"
             " json_extract_string(r.settings, '$.base.preset'),"
@@ -753,16 +755,17 @@ class Store:
         target = Path(path).expanduser()
         if target.is_dir():
             target = target / DEFAULT_CSV_NAME
+        real = self._export_target(target)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+            real.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{real.name}.", suffix=".tmp", dir=real.parent)
         except OSError as exc:
             raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
         try:
             with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
                 self.write_csv(fh, sort=sort, descending=descending, baselines_first=baselines_first)
             os.chmod(tmp, mode & 0o777)  # mkstemp made it 0600
-            os.replace(tmp, target)
+            os.replace(tmp, real)
         except OSError as exc:
             Path(tmp).unlink(missing_ok=True)
             raise StoreError(f"cannot write {target}: {exc.strerror}") from exc
@@ -776,6 +779,20 @@ class Store:
         out = io.StringIO(newline="")
         self.write_csv(out, sort=sort, descending=descending, baselines_first=baselines_first)
         return out.getvalue()
+
+    def _export_target(self, target: Path) -> Path:
+        """The file an export replaces: a symlink's target (the link stays), never a device, a
+        pipe or a socket (a rename would put a file in its place), and never one of the
+        workspace's own files (`--csv ltm.duckdb` would replace every result with a table)."""
+        real = target.resolve()
+        if real.exists() and not real.is_file():
+            raise StoreError(f"cannot write {target}: it is not a regular file; give a file or folder path")
+        if self.path != ":memory:" and real.exists() and real.suffix.lower() != ".csv":
+            workspace = Path(self.path).resolve().parent
+            if workspace in real.parents:
+                raise StoreError(f"cannot write {target}: it is one of the workspace's own files; "
+                                 "export to a .csv file or another folder")
+        return real
 
     def write_csv(self, fh, *, sort: str = "overall", descending: bool = True, baselines_first: bool = False) -> None:
         """The ranked table as CSV into an open text file: the fixed columns, each measure, the

@@ -96,7 +96,7 @@ def _pages(text: str) -> list[float]:
         pages = [float(p) for p in text.split(",") if p.strip()]
     except ValueError:
         pages = []
-    if not pages or any(p <= 0 for p in pages):
+    if not pages or any(not (0 < p < float("inf")) for p in pages):  # nan and inf too
         raise usage(f"--pages {text!r}: give positive numbers separated by commas, e.g. 1,10,100,1000")
     return pages
 
@@ -235,7 +235,7 @@ def forecast_before_queueing(ws, settings, files: list[str], budget_s: float = 5
             break
         try:
             words = inspect_corpus(path).words
-        except LtmError:
+        except (LtmError, OSError, ValueError, RuntimeError):  # the service names the file's trouble
             continue
         pred = forecast.predict(ws, base, train, max(1, int(words * per_word)))
         if pred is None:

@@ -24,6 +24,7 @@ def add_parsers(sub) -> None:
     chk = scs.add_parser("check", help="validate every battery in DIR and count scenes per measure and language")
     chk.add_argument("dir", metavar="DIR")
     chk.add_argument("--format", choices=["table", "json"], default="table")
+    add_workspace(chk)  # not used (a battery is checked where it lies): every command takes it
     weak = scs.add_parser("weak", help="scenes with no spread across runs, or at chance in every run")
     weak.add_argument("--format", choices=["table", "json"], default="table")
     add_workspace(weak)
@@ -32,6 +33,7 @@ def add_parsers(sub) -> None:
     imp.add_argument("-o", "--output", metavar="FILE", help="write the battery here (default: stdout)")
     imp.add_argument("--metric", help="the measure it feeds (default: the task's name as snake_case)")
     imp.add_argument("--limit", type=int, help="at most this many documents")
+    add_workspace(imp)  # not used, as for `scenes check`
 
     jd = sub.add_parser("judge", help="a second model grades the runs' generations on the scenes' rubrics")
     jd.set_defaults(handler=cmd_judge)

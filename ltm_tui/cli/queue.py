@@ -84,6 +84,12 @@ def add_parsers(sub) -> None:
 
 
 def cmd_follow(args) -> int:
+    if args.runs:  # a run that is not there is named, as cancel and retry name it
+        known = {j["run_id"] for j in ask(args, "jobs", lambda st: [], runs=args.runs)}
+        missing = [r for r in args.runs if r not in known]
+        if missing:
+            print(f"ltm-tui: no run {', '.join(missing)}; `ltm-tui status` lists them", file=sys.stderr)
+            return EXIT_USAGE
     states = follow(workspace(args), args.runs or None)
     return EXIT_OK if all(s == "done" for s in states.values()) else EXIT_FAILED
 

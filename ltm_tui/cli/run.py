@@ -35,6 +35,7 @@ def add_parser(sub):
 def cmd_run(args) -> int:
     from dataclasses import asdict
 
+    from backend.ingest.corpora import unusable_name
     from backend.jobs.client import connect
     from backend.scoring.measures import parse_weights
     from ltm_tui.cli.estimate import forecast_before_queueing
@@ -43,7 +44,16 @@ def cmd_run(args) -> int:
     settings = job_settings(args)
     ws = workspace(args)
     seeds = list(range(args.seed, args.seed + max(1, args.seeds)))
-    paths = [str(Path(p).expanduser().absolute()) for p in args.files]
+    paths = []
+    for given in args.files:  # an empty path ("$BOOK" unset) is not the current folder
+        bad = unusable_name(given)
+        if bad is not None:
+            print(f"ltm-tui: {bad.one_line()}", file=sys.stderr)
+        else:
+            paths.append(str(Path(given).expanduser().absolute()))
+    if not paths:
+        print("ltm-tui: no corpus could be read; nothing was queued", file=sys.stderr)
+        return EXIT_FAILED
     forecast_before_queueing(ws, settings, paths)  # time and memory per corpus, on stderr
     with connect(ws) as client:
         sub = client.call("submit", paths=paths, settings=asdict(settings), seeds=seeds, priority=args.priority)
