@@ -10,9 +10,9 @@ job is queued with. The CLI, the dashboard and the studies build settings only t
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
