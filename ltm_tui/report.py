@@ -236,8 +236,17 @@ def weights_line(rows: list[dict], weights: dict | None) -> str:
 
 
 def reweigh(rows: list[dict], weights: dict | None) -> list[dict]:
-    """Rows with `overall` recomputed under these weights and `overall_interval` added."""
+    """Rows with `overall` recomputed under these weights and `overall_interval` added. A weight
+    for a measure no row has (a typo: `dpeth=2`) is one line naming the measures there are."""
+    from backend.core.errors import LtmError
     from backend.scoring.measures import overall, overall_interval
+
+    present = {m for r in rows for m in (r.get("scores") or {})}
+    unknown = sorted(set(weights or {}) - present) if present else []
+    if unknown:
+        names = ", ".join(f"{MEASURE_LABELS.get(m, m)} ({m})" if m in MEASURE_LABELS else m for m in measure_names(rows))
+        raise LtmError(f"--weights: no run has a measure {', '.join(map(repr, unknown))}; the runs have {names}",
+                       title="usage")
 
     out = []
     for r in rows:

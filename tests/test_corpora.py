@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import subprocess
 import sys
 import tracemalloc
@@ -607,3 +608,49 @@ def test_a_page_declaring_a_byte_codec_or_utf16_is_read_as_a_browser_reads_it(tm
     page.write_bytes(f'<html><head><meta charset="{declared}"></head><body>{body}</body></html>'.encode("utf-8"))
     text = "".join(iter_text(page))
     assert "Каждое правило имеет причину." in text and "Every rule has a reason." in text
+
+
+def raw_epub(path: Path, chapter: bytes, extra: dict[str, bytes] | None = None) -> Path:
+    """An EPUB written by hand, its one chapter's bytes exactly as given (ebooklib would re-encode)."""
+    opf = (b'<?xml version="1.0" encoding="utf-8"?><package xmlns="http://www.idpf.org/2007/opf" version="3.0" '
+           b'unique-identifier="id"><metadata xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:identifier id="id">x'
+           b'</dc:identifier><dc:title>t</dc:title><dc:language>ru</dc:language></metadata><manifest>'
+           b'<item id="c1" href="c1.xhtml" media-type="application/xhtml+xml"/></manifest>'
+           b'<spine><itemref idref="c1"/></spine></package>')
+    container = (b'<?xml version="1.0"?><container version="1.0" xmlns="urn:oasis:names:tc:opendocument:xmlns:container">'
+                 b'<rootfiles><rootfile full-path="OEBPS/content.opf" media-type="application/oebps-package+xml"/>'
+                 b'</rootfiles></container>')
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("mimetype", "application/epub+zip")
+        z.writestr("META-INF/container.xml", container)
+        z.writestr("OEBPS/content.opf", opf)
+        z.writestr("OEBPS/c1.xhtml", chapter)
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return path
+
+
+def _encryption(uri: str, algorithm: str) -> bytes:
+    return (f'<encryption xmlns="urn:oasis:names:tc:opendocument:xmlns:container" '
+            f'xmlns:enc="http://www.w3.org/2001/04/xmlenc#"><enc:EncryptedData>'
+            f'<enc:EncryptionMethod Algorithm="{algorithm}"/><enc:CipherData>'
+            f'<enc:CipherReference URI="{uri}"/></enc:CipherData></enc:EncryptedData></encryption>').encode()
+
+
+def test_an_epub_chapter_in_a_legacy_encoding_is_read_as_its_declaration_says(tmp_path):
+    body = "<p>Привет, мир. Это глава книги.</p>" * 5
+    chapter = ('<?xml version="1.0" encoding="windows-1251"?><html xmlns="http://www.w3.org/1999/xhtml">'
+               f"<head><title>1</title></head><body>{body}</body></html>").encode("cp1251")
+    text = "".join(iter_text(raw_epub(tmp_path / "cp1251.epub", chapter)))
+    assert "Привет, мир. Это глава книги." in text and "\ufffd" not in text
+
+
+def test_a_drm_epub_is_refused_and_obfuscated_fonts_are_not_drm(tmp_path):
+    chapter = b'<html xmlns="http://www.w3.org/1999/xhtml"><body><p>' + b"Plain words here. " * 10 + b"</p></body></html>"
+    locked = raw_epub(tmp_path / "drm.epub", os.urandom(400),
+                      {"META-INF/encryption.xml": _encryption("OEBPS/c1.xhtml", "http://www.w3.org/2001/04/xmlenc#aes128-cbc")})
+    with pytest.raises(CorpusError, match="is DRM-protected: its text .* is encrypted; only a DRM-free copy"):
+        "".join(iter_text(locked))
+    fonts = raw_epub(tmp_path / "fonts.epub", chapter,
+                     {"META-INF/encryption.xml": _encryption("OEBPS/font.otf", "http://www.idpf.org/2008/embedding")})
+    assert "Plain words here." in "".join(iter_text(fonts))

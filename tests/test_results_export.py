@@ -120,6 +120,13 @@ def test_sorting_by_the_gain_over_the_baseline_and_exporting_in_any_order(batter
     assert depth == sorted(depth)
 
 
+def test_a_weight_for_a_measure_no_run_has_is_one_line(batteries: Path):
+    out = cli("results", "--weights", "dpeth=2", "--workspace", str(batteries))
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.startswith("ltm-tui: usage: --weights: no run has a measure 'dpeth'; the runs have depth")
+    assert cli("results", "--weights", "depth=2", "--workspace", str(batteries)).returncode == 0
+
+
 def test_pooled_seeds_are_runs_that_differ_by_their_seed_alone(batteries: Path):
     rows = _json("results", "--pool-seeds", "--sort", "depth", "--asc", "--workspace", str(batteries))
     groups = sorted(tuple(sorted(r["run_id"].split(","))) for r in rows)

@@ -55,6 +55,17 @@ def test_a_bad_space_is_one_line_naming_file_and_field(tmp_path, text, where, sa
     assert f"{path}:{where}" in line and says in line and "\n" not in line
 
 
+@pytest.mark.parametrize("data, says", [
+    (bytes(range(256)) * 4, "not a text file"),
+    (b"[" * 50_000 + b"]" * 50_000, "nested too deeply"),
+])
+def test_a_space_that_is_no_yaml_text_at_all_is_one_line(tmp_path, data, says):
+    path = tmp_path / "space.yaml"
+    path.write_bytes(data)
+    with pytest.raises(SpaceError, match=says):
+        load_space(path)
+
+
 def test_base_and_grid_checks_name_the_parameter(tmp_path):
     space = load_space(_space(tmp_path, "params: {lora_r: {choices: [4, 8]}, lr: {low: 1.0e-4, high: 1.0e-3, log: true}}\n"))
     with pytest.raises(SpaceError, match=r"params\.lora_r: LoRA settings apply to Hugging Face bases"):

@@ -11,6 +11,8 @@ from backend.core.errors import CorpusError
 from backend.ingest.textfiles import Reading, library_error, text_chunks
 
 _SKIPPED_TAGS = frozenset({"script", "style", "template"})
+# An e-book chapter's <title> is the book's or a label ("One"), not a line of the book.
+EBOOK_SKIPPED_TAGS = _SKIPPED_TAGS | {"title"}
 _PARAGRAPH_TAGS = frozenset(
     "address article aside blockquote body caption dd details dialog div dl dt fieldset "
     "figcaption figure footer form h1 h2 h3 h4 h5 h6 header hr html main nav ol p pre section "
@@ -28,8 +30,9 @@ class HtmlText(HTMLParser):
     a paragraph ("\\n\\n"), <br>, <li> and <tr> a line. Fed in chunks; ``take`` drains it.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, skipped: frozenset[str] = _SKIPPED_TAGS) -> None:
         super().__init__(convert_charrefs=True)
+        self._skipped = skipped  # elements whose text is not the reader's
         self._out: list[str] = []
         self._skip = 0  # depth inside script/style/template
         self._pre = 0  # depth inside <pre>
@@ -43,7 +46,7 @@ class HtmlText(HTMLParser):
         return text
 
     def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in _SKIPPED_TAGS:
+        if tag in self._skipped:
             self._skip += 1
             return
         self._mark(tag)
@@ -51,7 +54,7 @@ class HtmlText(HTMLParser):
             self._pre += 1
 
     def handle_endtag(self, tag: str) -> None:
-        if tag in _SKIPPED_TAGS:
+        if tag in self._skipped:
             self._skip = max(0, self._skip - 1)
             return
         if tag == "pre":

@@ -90,7 +90,7 @@ class RunOptions:
     def _check_numbers(self) -> None:
         """Each number in its range, before anything is queued: a run of -5 steps would end
         `done` with the base's scores, and a zero block size would fail in the worker."""
-        at_least = {"--steps": (self.steps, 1), "--min-train-tokens": (self.min_train_tokens, 1),
+        at_least = {"--steps": (self.steps, 1), "--min-train-tokens": (self.min_train_tokens, 0),
                     "--block-size": (self.block_size, 8), "--micro-batch": (self.micro_batch, 1),
                     "--grad-accum": (self.grad_accum, 1), "--lora-r": (self.lora_r, 1),
                     "--lora-alpha": (self.lora_alpha, 1)}

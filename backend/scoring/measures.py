@@ -424,8 +424,9 @@ def parse_weights(spec: str | None) -> dict[str, float]:
 
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-            raise WeightsError(f"{spec}: cannot read the weights file: {' '.join(str(exc).split())[:120]}") from None
+        except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
+            why = "nested too deeply" if isinstance(exc, RecursionError) else " ".join(str(exc).split())[:120]
+            raise WeightsError(f"{spec}: cannot read the weights file: {why}") from None
         if not isinstance(loaded, dict):
             raise WeightsError(f"{spec}: expected a mapping such as `reasoning_depth: 2`")
         pairs = [(str(k), v) for k, v in loaded.items()]

@@ -655,7 +655,7 @@ def import_lmeval(task_path: str | Path, *, metric: str | None = None, limit: in
             f"{name}: uses a YAML tag ({' '.join(str(exc.problem).split())[:60]}); only tasks written with "
             "fields and Jinja templates can be imported, not !function ones"
         ) from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, RecursionError) as exc:
         raise BatteryError(f"{name}: cannot read the task: {' '.join(str(exc).split())[:160]}") from None
     if not isinstance(task, dict):
         raise BatteryError(f"{name}: an lm-eval task is a mapping with task, dataset_path, doc_to_text, ...")

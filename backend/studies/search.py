@@ -133,8 +133,12 @@ def load_space(path: str | Path) -> Space:
         raise SpaceError(f"{shown}: no such file; --space takes a YAML file (docs/search.md)") from None
     except OSError as exc:
         raise SpaceError(f"{shown}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise SpaceError(f"{shown}: not a text file (not UTF-8); --space takes a YAML file (docs/search.md)") from None
     try:
         data = yaml.safe_load(text)
+    except RecursionError:
+        raise SpaceError(f"{shown}: nested too deeply to read; a space is a flat mapping (docs/search.md)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
