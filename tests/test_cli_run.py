@@ -279,6 +279,13 @@ def test_more_bad_input_is_one_line(tmp_path):
     run = cli("run", str(book), "--workspace", str(deep))
     assert run.returncode == 2 and "Traceback" not in run.stderr
     assert run.stderr.strip().splitlines()[-1].startswith("ltm-tui: workspace: the workspace's path is too long")
+    afile = tmp_path / "not-a-folder"
+    afile.write_text("x")
+    for command in (("results",), ("run", str(book))):
+        out = cli(*command, "--workspace", str(afile))
+        assert out.returncode == 2 and out.stderr == (
+            f"ltm-tui: workspace: {afile} is a file, not a workspace folder; give a folder to --workspace "
+            "(or LTM_WORKSPACE)\n")
     checked = cli("scenes", "check", str(REPO / "scenes"), "--workspace", str(tmp_path / "ws"))
     assert checked.returncode == 0, checked.stderr
     port = cli("web", "--port", "99999", "--workspace", str(tmp_path / "ws"))

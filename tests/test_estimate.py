@@ -254,6 +254,9 @@ def test_estimate_command_answers_in_json_then_from_the_cache(tmp_path, tiny_bat
     want = {"pages", "tokens", "load_seconds", "train_seconds", "eval_seconds", "total_seconds", "peak_memory_bytes"}
     for r in rows:
         assert want <= set(r) and r["source"] == "calibration" and r["peak_memory_bytes"] > 0
+        # the keys of a `--gpu` row too, the same numbers
+        assert r["peak_memory_gb"] == round(r["peak_memory_bytes"] / 1e9, 2) and r["total_s"] == round(r["total_seconds"], 1)
+        assert r["fits"] is (r["peak_memory_bytes"] <= r["free_memory_bytes"])
     assert rows[1]["tokens"] == pytest.approx(10 * rows[0]["tokens"], abs=10)
     assert rows[0]["trained_tokens"] == rows[1]["trained_tokens"]  # both under the 1.2M-token floor
 

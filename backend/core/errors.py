@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+# C0 controls and DEL as escapes; \t stays (it is one gap on the line)
+_VISIBLE = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}") for c in [*range(32), 127] if c != 9}
+
 
 class LtmError(Exception):
     """Base of every error ltm-tui reports to a user as one line, never a traceback."""
@@ -16,9 +19,11 @@ class LtmError(Exception):
     @property
     def message(self) -> str:
         """The message on one line: a newline inside it (a file name may hold one) is shown as
-        `\\n`, so one error is always one line of a log or a terminal."""
+        `\\n`, and any other control character (an escape sequence in a name would move the
+        terminal's cursor or clear it) as `\\x1b`, so one error is always one line of a log or
+        a terminal."""
         text = str(self.args[0]) if self.args else self.title
-        return text.replace("\r", "\\r").replace("\n", "\\n")
+        return text.translate(_VISIBLE)
 
     def one_line(self) -> str:
         return f"{self.title}: {self.message}"

@@ -49,7 +49,11 @@ class Workspace:
     @classmethod
     def resolve(cls, path: str | os.PathLike | None = None) -> "Workspace":
         chosen = path or os.environ.get("LTM_WORKSPACE") or DEFAULT_WORKSPACE
-        return cls(Path(chosen).expanduser().resolve())
+        root = Path(chosen).expanduser().resolve()
+        if root.exists() and not root.is_dir():  # else every command would find "no runs yet"
+            raise LtmError(f"{root} is a file, not a workspace folder; give a folder to --workspace "
+                           "(or LTM_WORKSPACE)", title="workspace")
+        return cls(root)
 
     def ensure(self) -> "Workspace":
         """Create the folders; the root is the user's alone (0700), or their group's too (0750)

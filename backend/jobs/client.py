@@ -93,6 +93,10 @@ def try_connect(workspace: Workspace) -> Client | None:
 
 def start_service(workspace: Workspace) -> subprocess.Popen:
     workspace.checked_socket_path()  # a path too long for a socket is said here, not by a service that died
+    if workspace.root.exists() and not os.access(workspace.root, os.W_OK | os.X_OK):
+        raise LtmError(f"{workspace.root} is not writable by you, and its service (which keeps the results) "
+                       "writes its socket and log there; ask its owner to run the command, or copy the folder",
+                       title="workspace")
     workspace.ensure()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))

@@ -137,8 +137,14 @@ def cmd_estimate(args) -> int:
     for p in pages:
         tokens = forecast.tokens_for_pages(ws, base, train, p)
         pred = forecast.predict(ws, base, train, tokens)
-        fix = forecast.memory_fix(pred["peak_memory_bytes"], free, base, train, where)
-        rows.append({"pages": p if p != int(p) else int(p), **pred, "free_memory_bytes": free, "memory_fix": fix})
+        peak = pred["peak_memory_bytes"]
+        fix = forecast.memory_fix(peak, free, base, train, where)
+        rows.append({"pages": p if p != int(p) else int(p), **pred, "free_memory_bytes": free, "memory_fix": fix,
+                     # the keys a row of `--gpu` has too, so that a script reads both alike
+                     # (`source` says what was measured here: calibration, runs or both)
+                     "peak_memory_gb": None if peak is None else round(peak / 1e9, 2),
+                     "fits": None if peak is None or free is None else peak <= free,
+                     "total_s": round(pred["total_seconds"], 1)})
     others = [g for g in groups
               if forecast.settings_key(g["base"], g["train"]) != forecast.settings_key(base, train)]
     if args.format == "json":
