@@ -654,3 +654,17 @@ def test_a_drm_epub_is_refused_and_obfuscated_fonts_are_not_drm(tmp_path):
     fonts = raw_epub(tmp_path / "fonts.epub", chapter,
                      {"META-INF/encryption.xml": _encryption("OEBPS/font.otf", "http://www.idpf.org/2008/embedding")})
     assert "Plain words here." in "".join(iter_text(fonts))
+
+
+def test_english_with_russian_names_in_cp1251_and_accented_latin_in_cp1252_each_read_right(tmp_path):
+    texts = {
+        "cp1251": "The elder Иван Петрович said that the village was quiet. " * 3
+                  + "Then Мария answered him. We walked home in the rain and talked about the harvest. " * 4,
+        "cp1252": "Le café était fermé; nous avons mangé une crème brûlée près de la fenêtre. Où était-il? " * 4
+                  + "Über die Brücke gingen wir, während die Kühe grasten. Schöne Grüße aus München. " * 4,
+    }
+    for encoding, text in texts.items():
+        path = tmp_path / f"{encoding}.txt"
+        path.write_bytes(text.encode(encoding))
+        assert inspect_corpus(path).encoding == encoding
+        assert read_all(path) == text

@@ -35,6 +35,8 @@ _BOMS: tuple[tuple[bytes, str], ...] = (
 _LEGACY_CYRILLIC = ("cp1251", "koi8-r", "cp866")
 _COMMON_RUSSIAN = "оеаинтсрвл"
 _MIN_RUSSIAN_SCORE = 0.2  # Russian prose scores about 0.6, accented French about 0.1
+_NON_ASCII_WORD = re.compile(r"(?<![A-Za-z])[^\W\d_A-Za-z]{2,}(?![A-Za-z])")  # a word of no ASCII letter
+_MIN_WORD_LETTERS = 20  # enough letters in such words to judge them alone
 _MAX_CONTROL_SHARE = 0.05  # more C0 control characters than this: a binary file
 _TEXT_CONTROLS = frozenset("\t\n\r\f\v\x1b")
 _NON_ASCII = re.compile(rb"[\x80-\xff]")
@@ -248,7 +250,15 @@ def _russian_score(text: str) -> float:
     non_ascii = len(text) - sum(map(str.isascii, text))
     symbols = non_ascii - sum(1 for ch in text if ch >= "\x80" and ch.isalpha())
     common = sum(text.count(ch) for ch in _COMMON_RUSSIAN)
-    return (common - symbols) / (letters + symbols)
+    score = (common - symbols) / (letters + symbols)
+    # English with Russian names or quotes: the ASCII letters would drown the Russian ones, so
+    # the words made only of non-ASCII letters are scored on their own. Accented Latin text
+    # read in a Cyrillic code page has no such words: its odd letters sit inside ASCII words.
+    words = "".join(_NON_ASCII_WORD.findall(text))
+    if len(words) >= _MIN_WORD_LETTERS:
+        in_words = sum(words.count(ch) for ch in _COMMON_RUSSIAN)
+        score = max(score, (in_words - symbols) / (len(words) + symbols))
+    return score
 
 
 def _guess_legacy(sample: bytes) -> str:
