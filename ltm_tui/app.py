@@ -657,8 +657,11 @@ class LtmApp(App):
                     ("Dashboard", list(self.BINDINGS)),
                     ("Queue panel", list(QueueTable.BINDINGS)),
                     ("Results table", list(ResultsTable.BINDINGS)),
-                    ("File picker", list(PickerScreen.BINDINGS) + list(CorpusTree.BINDINGS)),
+                    ("File picker", list(PickerScreen.BINDINGS) + list(CorpusTree.BINDINGS)
+                     + [Binding("enter", "", "Queue", tooltip="Queue this file (or the marked files): asks first")]),
                     ("Run detail", list(RunScreen.BINDINGS)),
+                    ("Comparison (v)", list(CompareScreen.BINDINGS)),
+                    ("Log (l)", list(LogScreen.BINDINGS)),
                     ("Attribution", list(AttributionScreen.BINDINGS) + list(SortTable.BINDINGS)),
                     ("Search", list(SearchScreen.BINDINGS) + list(SortTable.BINDINGS)),
                     ("Everywhere", [Binding("tab", "", "Next panel"), Binding("ctrl+p", "", "Command palette")]),

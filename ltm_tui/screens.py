@@ -153,6 +153,7 @@ class PickerScreen(Screen):
         self.forecasts: dict[Path, dict | None] = {}
         self._free = None  # (the settings, when, (free bytes, where)): see _free_memory
         self.calibrating = False
+        self._queue_when_read = False  # Enter on a file: the question waits for the files' reading
 
     def compose(self) -> ComposeResult:
         d = self.defaults
@@ -256,12 +257,17 @@ class PickerScreen(Screen):
             info = inspect_corpus(path).to_dict()
         except LtmError as exc:
             info = {"error": exc.one_line()}
+        except Exception as exc:  # noqa: BLE001 - a reader library's own failure: this file is unreadable, the picker stays
+            info = {"error": f"{path.name} could not be read ({type(exc).__name__}: {exc})"}
         self.app.call_from_thread(self._show_info, path, info)
 
     def _show_info(self, path: Path, info: dict) -> None:
         self.info[path] = info
         self._update_preview(path)
         self._show_total()
+        if self._queue_when_read and all(p in self.info for p in self.marked):
+            self._queue_when_read = False
+            self.action_queue()
 
     def _update_preview(self, path: Path) -> None:
         table = self.query_one("#marked", DataTable)
@@ -432,6 +438,11 @@ class PickerScreen(Screen):
         if not self.marked:
             self.toggle([event.path], mark=True)
             self.query_one("#tree", CorpusTree)._refresh_labels()
+        unread = [path for path in self.marked if path not in self.info]
+        if unread:  # the question shows the batch's time and memory: ask once the files are read
+            self._queue_when_read = True
+            self._hint(f"reading {unread[0].name}{' and more' if len(unread) > 1 else ''}…", "yellow")
+            return
         self.action_queue()
 
     @on(Input.Submitted, "#picker-settings Input")
@@ -900,13 +911,14 @@ def _f(value, digits: int = 1) -> str:
 HEAT = " ░▒▓█"
 
 
-def heatmap(title: str, grid: list[list[float]], *, signed: bool = False) -> Text:
-    """Rows of cells shaded by magnitude: one line a layer, one cell a head."""
+def heatmap(title: str, grid: list[list[float]], *, signed: bool = False, names: list[str] | None = None) -> Text:
+    """Rows of cells shaded by magnitude: one line a layer (`L0`: the first block, unless
+    `names` say otherwise), one cell a head."""
     flat = [abs(v) for row in grid for v in row if v is not None]
     top = max(flat) if flat else 0.0
     out = Text(f"{title} (max {top:.3g})\n", style="bold")
     for i, row in enumerate(grid):
-        out.append(f"L{i:<3}")
+        out.append(f"{names[i] if names else f'L{i}':<4}")
         for v in row:
             if v is None:
                 out.append("  ")
@@ -924,13 +936,18 @@ PROBE_LABELS = {
     "weight_rel_change": "weights moved, relative to the base's",
     "attn_entropy_change": "attention entropy change (nats, adapted − base)",
     "attn_js": "attention JS distance to the base",
-    "drift_layer": "layer that drifted most (lowest CKA)",
+    "drift_layer": "depth that drifted most (lowest CKA; 0 = embeddings, d = after L(d-1))",
     "min_cka": "lowest CKA with the base (1 = unchanged)",
     "mean_cka": "mean CKA with the base",
     "lens_layer_base": "layer where the answer settles: base",
     "lens_layer_adapter": "layer where the answer settles: adapted",
     "seconds": "seconds the probes took",
 }
+
+
+def depth_name(depth: int) -> str:
+    """A depth of the residual stream as the heatmaps name it: `emb`, then `>L0` (after block 0)…"""
+    return "emb" if depth == 0 else f">L{depth - 1}"
 
 
 def probe_view(probes: dict) -> Text:
@@ -948,8 +965,9 @@ def probe_view(probes: dict) -> Text:
         if attention.get(key):
             out.append_text(heatmap(title, attention[key], signed=signed))
     cka = probes.get("cka")
-    if cka:
-        out.append_text(heatmap("CKA with the base, per layer (1 = unchanged)", [[v] for v in cka]))
+    if cka:  # one value a depth: 0 the embeddings, d the output of block d-1 (the L of the rows above)
+        out.append_text(heatmap("CKA with the base, per depth (1 = unchanged)", [[v] for v in cka],
+                                names=[depth_name(d) for d in range(len(cka))]))
     return out
 
 

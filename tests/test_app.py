@@ -353,6 +353,24 @@ def test_the_picker_goes_to_any_folder_jumps_by_name_and_keeps_its_marks(tmp_pat
     run(scenario())
 
 
+def test_enter_on_a_file_asks_once_the_file_is_read(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "logic.txt").write_text(LOGIC_TEXT * 200, encoding="utf-8")
+
+    async def scenario():
+        app = LtmApp(str(tmp_path / "ws"), poll_seconds=0, defaults={"preset": "tiny"}, picker_root=str(folder))
+        async with app.run_test(size=(100, 30)) as pilot:
+            picker, tree = await open_picker(app, pilot)
+            await pilot.press("down", "enter")  # nothing marked: Enter marks this file and queues it
+            ask = await until(pilot, lambda: isinstance(app.screen, ConfirmScreen) and app.screen, what="the question")
+            assert folder / "logic.txt" in picker.info  # read before the question was put
+            assert ask.question == "Queue 1 run?" and "reading" not in str(ask.detail)
+            await pilot.press("n")
+
+    run(scenario())
+
+
 def test_an_attribution_study_and_a_search_start_from_the_picker(tmp_path):
     """Ctrl-T over two marked files starts an attribution study, Ctrl-O a search with a space
     file: both in the service, as `ltm-tui attribute` and `ltm-tui search` start them."""
