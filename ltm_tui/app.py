@@ -47,19 +47,20 @@ class LtmApp(App):
 
     CSS_PATH = "app.tcss"
     TITLE = "ltm-tui"
+    # In the footer's order: 80 columns over SSH show Help and the everyday keys; the rest are in it.
     BINDINGS = [
-        Binding("a", "add", "Add corpora", tooltip="Open the file picker to queue corpora"),
+        Binding("question_mark", "help", "Help", tooltip="Every key"),
+        Binding("a", "add", "Add", tooltip="Open the file picker to queue corpora"),
         Binding("s", "cycle_sort", "Sort", tooltip="Sort the results by the next column (Shift+letter: by the "
                 "column whose name starts with it, e.g. Shift+O overall; again: the next such column, "
                 "Shift+P press then ppl)"),
         Binding("d", "toggle_direction", "Asc/desc", tooltip="Reverse the results' sort"),
         Binding("slash", "filter", "Filter", tooltip="Filter the results by corpus, base or status"),
-        Binding("e", "export", "Export", tooltip="Write the results table to CSV"),
         Binding("f", "attribution", "Files", show=False, tooltip="Which file makes the difference (attribution)"),
         Binding("o", "search", "Search", show=False, tooltip="Searches over settings: trials and the best"),
-        Binding("question_mark", "help", "Help", tooltip="Every key"),
         Binding("r", "refresh", "Refresh", show=False, tooltip="Read the queue and the results again"),
         Binding("v", "compare", "Compare", tooltip="Compare the selected run with its baseline or a marked run"),
+        Binding("e", "export", "Export", tooltip="Write the results table to CSV"),
         Binding("m", "mark_compare", "Mark", show=False, tooltip="Mark the selected run for a comparison (v)"),
         Binding("escape", "clear_filter", "Clear filter", show=False, tooltip="Clear the results' filter"),
         Binding("q", "quit", "Quit", tooltip="Quit the dashboard (the jobs go on in the service)"),
@@ -306,8 +307,8 @@ class LtmApp(App):
         table = self.results_table
         if not table.rows_by_id:
             return Text("No runs yet: press a to pick corpora (or run `ltm-tui run FILE...`).", style="yellow")
-        return Text("a add · Enter opens a run · s/d, Shift+letter or a header click sorts · / filter · v compare · "
-                    "? keys and columns", style="dim")
+        return Text("? keys and columns · a add · Enter opens a run · s/d, Shift+letter or a header click sorts · "
+                    "/ filter · v compare", style="dim")
 
     def hint(self, text: Text | str) -> None:
         self.hint_box.update(text)
