@@ -112,6 +112,20 @@ def freezer(tmp_path):
 
 
 @pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 64 KiB file system of its own (tmpfs): what a full disk does, for real."""
+    import subprocess
+
+    folder = tmp_path / "full"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip("needs to mount a small tmpfs (root) to fill a disk")
+    yield folder
+    subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
 def tiny_battery(tmp_path: Path) -> Path:
     """Two batteries on the LOGIC_TEXT world: choice scenes and held-out perplexity."""
     return write_tiny_battery(tmp_path / "battery")

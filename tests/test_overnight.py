@@ -196,6 +196,51 @@ def test_cancel_during_evaluation_stores_no_result_and_the_worker_goes_on(tmp_pa
     assert story["worker_pid"] == job["pid"]  # the same worker went on
 
 
+@pytest.mark.slow
+def test_stop_all_stops_the_workers_a_stopped_service_left_behind(tmp_path, corpora, tiny_battery):
+    """`stop` lets the workers go on; `stop --all` later, with no service running, still stops
+    them (a service adopts them, then stops them with itself), each saving a checkpoint."""
+    ws = Workspace(tmp_path / "ws")
+    endless = _start_run(ws, corpora["logic"], scenes=tiny_battery, extra=ENDLESS)
+    worker_pid = _training(ws, "logic.txt")["pid"]
+    _stop(ws)
+    assert process_alive(worker_pid, None)  # `stop` leaves the workers training
+    out = cli("stop", "--all", "--workspace", str(ws.root))
+    assert out.returncode == 0 and "and its workers" in out.stdout, out.stdout + out.stderr
+    wait_for(lambda: not process_alive(worker_pid, None), what="the worker to stop")
+    endless.kill()
+    with Store(ws.root / "ltm.duckdb") as store:
+        run = next(r for r in store.list_runs() if r["kind"] == "adapter")
+    assert run["status"] not in ("training", "starting", "evaluating")
+    assert list((ws.run_dir(run["run_id"]) / "checkpoints").glob("step-*"))  # a retry resumes from here
+
+
+@pytest.mark.slow
+def test_a_run_queued_again_after_its_worker_hung_is_followed_to_its_end(tmp_path, corpora, tiny_battery):
+    """A worker that stops answering (frozen here with SIGSTOP) is stopped after the stall limit
+    and its run queued again by itself; `ltm-tui run` says so and follows it to `done`, instead of
+    reporting the run as over at `interrupted`."""
+    ws = Workspace(tmp_path / "ws")
+    longer = [*QUICK[:2], "--steps", "150", *QUICK[4:]]
+    client = subprocess.Popen(
+        [sys.executable, "-m", "ltm_tui.cli", "run", str(corpora["logic"]), "--scenes", str(tiny_battery),
+         "--workspace", str(ws.root), *longer],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), "LTM_STALL_SECONDS": "10"},
+    )
+    pid = _training(ws, "logic.txt")["pid"]
+    os.kill(pid, signal.SIGSTOP)  # the stall limit, then the stop's grace, then SIGKILL
+    try:
+        out, err = client.communicate(timeout=6 * WAIT)
+    finally:
+        if process_alive(pid, None):
+            os.kill(pid, signal.SIGKILL)
+    assert client.returncode == 0, err
+    assert "queued again by itself" in err and "no sign of life" in err
+    assert _jobs(ws)["logic.txt"]["status"] == "done"
+    _stop(ws)
+
+
 # --- a killed service ------------------------------------------------------------------------------
 
 

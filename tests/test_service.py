@@ -17,7 +17,7 @@ from backend.core.workspace import Workspace
 from backend.jobs.client import connect
 from backend.jobs.executor import process_alive
 from backend.jobs.store import Store
-from tests.conftest import REPO, WAIT, cli, exit_code, wait_for
+from tests.conftest import REPO, WAIT, cli, exit_code, stop_service, wait_for
 
 # Long enough to be killed mid-training, short enough for CI.
 SLOW = ["--preset", "tiny", "--steps", "200", "--block-size", "64", "--micro-batch", "8",
@@ -147,6 +147,33 @@ def test_two_clients_share_one_service_and_a_second_service_refuses(tmp_path):
     assert "a service already runs on" in second.stderr and "Traceback" not in second.stderr
     mode = stat.S_IMODE(os.stat(ws.socket_path).st_mode)
     assert mode == 0o600
+
+
+def test_clients_starting_the_service_at_the_same_moment_all_reach_the_one_that_won(tmp_path):
+    """Each client that finds no service starts one; one wins the workspace's lock, and the
+    others' clients wait for its socket (it may still be opening the store) instead of failing."""
+    import threading
+
+    ws = Workspace(tmp_path / "ws")
+    for _ in range(3):
+        pids, errors = [], []
+        go = threading.Barrier(3)
+
+        def client() -> None:
+            go.wait()
+            try:
+                with connect(ws) as c:
+                    pids.append(c.call("ping")["pid"])
+            except Exception as exc:  # noqa: BLE001 - collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=client) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=WAIT)
+        assert not errors and len(pids) == 3 and len(set(pids)) == 1, (errors, pids)
+        stop_service(ws.root)
 
 
 @pytest.mark.slow

@@ -454,3 +454,17 @@ def test_worker_goes_on_after_out_of_memory_and_says_so(tmp_path, monkeypatch, c
     errors = [e["message"] for e in events if e["type"] == "error"]
     assert len(errors) == 1 and errors[0].startswith("out of memory: a step does not fit even at micro-batch 1")
     store.close()
+
+
+def test_a_checkpoint_on_a_full_disk_says_so_and_leaves_no_half_checkpoint(full_disk):
+    from backend.compute.train import save_checkpoint
+    from backend.core.errors import describe
+
+    model = torch.nn.Linear(256, 256)  # 256 KiB of weights on a 64 KiB disk
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    with pytest.raises(Exception) as info:
+        save_checkpoint(model, optimizer, scheduler, 200, TrainConfig(), full_disk / "checkpoints")
+    said = describe(info.value)  # safetensors' own error, around ENOSPC
+    assert said.startswith("disk full while writing") and said.endswith("free space and retry"), said
+    assert list((full_disk / "checkpoints").iterdir()) == []  # the space back for the next try

@@ -209,14 +209,19 @@ def test_a_worker_silent_past_the_stall_limit_is_stopped_and_its_run_queued_agai
         manager._settle(worker, said.append)
         run = store.get_run(run_id)
         assert run["status"] == "queued" and run["attempt"] == 1  # queued again by itself
+        # followers (`ltm-tui run`, `follow`) are told the run is not over
+        ended = [e for e in said if e.get("type") == "state" and e["status"] == "interrupted"]
+        assert [e.get("requeued") for e in ended] == [True]
         first = store.attempts(run_id)[0]
         assert first["status"] == "interrupted" and "no sign of life" in first["error"]
         # once: a second hang of the same run leaves it interrupted, for the user to look at
         store.transition(run_id, JobState.STARTING)
         again = LiveWorker(LocalProcess(hung.pid, process_start_ticks(hung.pid), hung), tmp_path / "session.json",
                            [run_id], 0, stalled="no sign of life")
+        said.clear()
         manager._settle(again, said.append)
         assert store.get_run(run_id)["status"] == "interrupted"
+        assert [e.get("requeued") for e in said if e.get("type") == "state"] == [None]  # this time it is over
     finally:
         if hung.poll() is None:
             hung.kill()

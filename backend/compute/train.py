@@ -145,22 +145,26 @@ def save_checkpoint(
     tmp = ckpt_dir / f".step-{step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    weights = {n: p.detach().to("cpu").contiguous() for n, p in _trainable(model).items()}
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "step": step,
-            "elapsed": elapsed,
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "torch_rng": torch.get_rng_state(),
-            # the training device's generator too (dropout draws on the GPU), so a run resumed on
-            # CUDA continues the same random sequence; None on the CPU
-            "cuda_rng": _cuda_rng(model),
-        },
-        tmp / "optimizer.pt",
-    )
-    (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    try:
+        weights = {n: p.detach().to("cpu").contiguous() for n, p in _trainable(model).items()}
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "step": step,
+                "elapsed": elapsed,
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                # the training device's generator too (dropout draws on the GPU), so a run resumed
+                # on CUDA continues the same random sequence; None on the CPU
+                "cuda_rng": _cuda_rng(model),
+            },
+            tmp / "optimizer.pt",
+        )
+        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk leaves no half checkpoint, and its space back
+        raise
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     kept = sorted(ckpt_dir.glob("step-*"))

@@ -73,5 +73,7 @@ def describe(exc: BaseException) -> str:
         return "out of memory: use --quant 4bit, a smaller micro preset, or a smaller micro_batch"
     if isinstance(exc, OSError) and exc.errno == 28:
         return f"disk full while writing {exc.filename or 'the run folder'}: free space and retry"
+    if "No space left on device" in str(exc):  # a library's own error around ENOSPC (safetensors, torch)
+        return "disk full while writing the run folder: free space and retry"
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     return f"{type(exc).__name__}: {text}"[:300]

@@ -131,10 +131,24 @@ def connect(workspace: Workspace, *, start: bool = True) -> Client:
             client = try_connect(workspace)  # another client may have started one just now
             if client is not None:
                 return client
+            if _other_service(workspace, proc.pid):
+                time.sleep(0.1)  # it holds the lock and is still opening the store: wait for its socket
+                continue
             tail = workspace.log_path.read_text(errors="replace").strip().splitlines()[-1:] if workspace.log_path.exists() else []
             raise ServiceError(f"the service did not start (exit {code}): {' '.join(tail)}")
         time.sleep(0.1)
     raise ServiceError(f"the service did not answer within {START_TIMEOUT:.0f}s; see {workspace.log_path}")
+
+
+def _other_service(workspace: Workspace, mine: int) -> bool:
+    """Whether another live process than ours wrote the service's pid file (it won the lock)."""
+    from backend.jobs.executor import process_alive
+
+    try:
+        pid = int(workspace.pid_path.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return pid != mine and process_alive(pid, None)
 
 
 def run_task(workspace: Workspace, kind: str, say: Callable[[str], None], **args: Any) -> dict:

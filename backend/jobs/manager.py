@@ -689,8 +689,11 @@ class JobManager:
             message = f"{why}; last log: {tail}" if tail else why
             target = JobState.FAILED if state is JobState.QUEUED else JobState.INTERRUPTED
             self.store.transition(run_id, target, error=message)
-            on_event({"type": "state", "run_id": run_id, "status": target.value, "error": message})
-            if lost and target is JobState.INTERRUPTED and self.auto_retries.get(run_id, 0) < self.max_retries:
+            again = lost and target is JobState.INTERRUPTED and self.auto_retries.get(run_id, 0) < self.max_retries
+            # `requeued`: a follower keeps following, the run is not over (`ltm-tui run`, `follow`)
+            on_event({"type": "state", "run_id": run_id, "status": target.value, "error": message,
+                      **({"requeued": True} if again else {})})
+            if again:
                 self.auto_retries[run_id] = self.auto_retries.get(run_id, 0) + 1
                 self.retry(run_id, on_event)  # another node resumes it from its newest checkpoint
 

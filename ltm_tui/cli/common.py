@@ -183,6 +183,12 @@ def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, s
                 if event.get("type") == "service" and event.get("status") == "stopped":
                     raise LtmError("the service stopped; `ltm-tui status` shows where the jobs are", title="service")
                 if event.get("run_id") in states:
+                    if event.get("type") == "state" and event.get("requeued"):
+                        # a hung worker or a lost node: the run is queued again by itself and
+                        # resumes from its newest checkpoint; it is not over
+                        print(f"ltm-tui: {event['run_id']} {event['status']} ({event.get('error') or '?'}); "
+                              "queued again by itself, it resumes from its newest checkpoint", file=sys.stderr)
+                        continue
                     if event.get("type") == "state":
                         states[event["run_id"]] = event["status"]
                     progress.on_event(event)

@@ -320,14 +320,18 @@ def probe_lines(p: dict) -> list[str]:
 def cmd_stop(args) -> int:
     import time
 
-    from backend.jobs.client import try_connect
+    from backend.jobs.client import connect, try_connect
     from backend.jobs.executor import process_alive
 
     ws = workspace(args)
     client = try_connect(ws)
     if client is None:
-        print(f"no service runs on {ws.root}")
-        return EXIT_OK
+        if not (args.all and ws.db_path.exists()):
+            print(f"no service runs on {ws.root}")
+            return EXIT_OK
+        # Workers outlive their service (a `stop`, a kill): a new service adopts them first,
+        # then stops them with itself, each saving a checkpoint.
+        client = connect(ws)
     with client:
         pid = client.call("stop", workers=args.all)["pid"]
     deadline = time.monotonic() + 60
