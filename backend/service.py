@@ -140,28 +140,39 @@ class Service:
             for name in self.manager.reattach(self.broadcast):
                 self.log(f"ended {name}: a worker no run needs any more (its service had left)")
         self.searches.resume_all()
+        # One tick before the first answer: it replays the adopted workers' events, so the first
+        # `status` after a restart shows where they are now, not where their logs begin.
+        busy = self._tick()
         threading.Thread(target=self.server.serve_forever, name="socket", daemon=True).start()
         self.log(f"serving {self.workspace.root} on {self.workspace.socket_path} (pid {os.getpid()})")
         try:
             while not self.stopping.is_set():
-                try:
-                    with self.lock:
-                        self.manager.tick(self.broadcast)
-                        busy = not self.manager.idle() or self.searches.busy()
-                    self.trouble = None
-                except Exception as exc:  # noqa: BLE001 - a full disk or a bug must not end the queue
-                    self._in_trouble(exc)
+                if busy is None:  # in trouble: wait, then try again
                     self.stopping.wait(TROUBLE_PAUSE_SECONDS)
-                    continue
-                if busy or self.subscribers:
-                    self._last_busy = time.monotonic()
-                elif self.idle_exit and time.monotonic() - self._last_busy > self.idle_exit:
-                    self.log(f"idle for {self.idle_exit:.0f}s: exiting")
-                    break
-                self.stopping.wait(TICK_SECONDS)
+                else:
+                    if busy or self.subscribers:
+                        self._last_busy = time.monotonic()
+                    elif self.idle_exit and time.monotonic() - self._last_busy > self.idle_exit:
+                        self.log(f"idle for {self.idle_exit:.0f}s: exiting")
+                        break
+                    self.stopping.wait(TICK_SECONDS)
+                if not self.stopping.is_set():
+                    busy = self._tick()
         finally:
             self.shutdown()
         return 0
+
+    def _tick(self) -> bool | None:
+        """One pass of the scheduler: whether work goes on, or None when it failed (in trouble)."""
+        try:
+            with self.lock:
+                self.manager.tick(self.broadcast)
+                busy = not self.manager.idle() or self.searches.busy()
+            self.trouble = None
+            return busy
+        except Exception as exc:  # noqa: BLE001 - a full disk or a bug must not end the queue
+            self._in_trouble(exc)
+            return None
 
     def shutdown(self) -> None:
         self.searches.stop_all()  # first: their loops use the store and the manager

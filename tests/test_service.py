@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from backend.core.events import read_events
 from backend.core.workspace import Workspace
 from backend.jobs.client import connect
 from backend.jobs.executor import process_alive
@@ -106,10 +107,14 @@ def test_killed_service_leaves_workers_running_and_a_new_one_reattaches(tmp_path
     client_proc.kill()
 
     # any client starts a new service, which adopts the live worker and ingests its result once
+    logged = [e["step"] for e in read_events(ws.run_dir(job["run_id"]) / "events.jsonl", 0)[0]
+              if e.get("type") == "progress"]
     again = _job(ws, "logic.txt")
     assert again["status"] in ("training", "evaluating", "done")
     if again["status"] != "done":
         assert again["pid"] == job["pid"]  # adopted: the same process, not a new worker
+    if again["status"] == "training":  # its first answer is where the worker is, not where its log begins
+        assert (again["step"] or 0) >= max(logged), (again["step"], logged)
     assert cli("follow", "--workspace", str(ws.root)).returncode == 0
     with connect(ws) as client:
         rows = [r for r in client.call("results") if r["corpus"] == "logic.txt"]

@@ -168,6 +168,9 @@ def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, s
     stream = events.subscribe()  # subscribe first, then read states: no change falls between
     with connect(ws) as client:
         jobs = client.call("jobs", runs=run_ids)
+        trouble = client.call("ping").get("trouble")
+    if trouble:  # the queue stands still until it is mended: say so rather than wait in silence
+        print(f"ltm-tui: service: {trouble}", file=sys.stderr)
     if run_ids is None:
         jobs = [j for j in jobs if not ended(j["status"])]
         if not jobs:
@@ -182,6 +185,8 @@ def follow(ws, run_ids: list[str] | None, *, quiet: bool = False) -> dict[str, s
                 event = next(stream)
                 if event.get("type") == "service" and event.get("status") == "stopped":
                     raise LtmError("the service stopped; `ltm-tui status` shows where the jobs are", title="service")
+                if event.get("type") == "service" and event.get("status") == "trouble":
+                    print(f"ltm-tui: service: {event.get('message')}", file=sys.stderr)
                 if event.get("run_id") in states:
                     if event.get("type") == "state" and event.get("requeued"):
                         # a hung worker or a lost node: the run is queued again by itself and
