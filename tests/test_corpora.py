@@ -668,3 +668,24 @@ def test_english_with_russian_names_in_cp1251_and_accented_latin_in_cp1252_each_
         path.write_bytes(text.encode(encoding))
         assert inspect_corpus(path).encoding == encoding
         assert read_all(path) == text
+
+
+def test_a_files_content_id_is_the_sha256_it_was_queued_with(tmp_path):
+    from backend.ingest.corpora import content_id, write_corpus_set
+
+    text = tmp_path / "ru.txt"
+    text.write_bytes(b"\xef\xbb\xbf" + RUSSIAN.encode("utf-8"))  # a BOM, which the hash counts too
+    legacy = tmp_path / "cp.txt"
+    legacy.write_bytes(RUSSIAN.encode("cp1251"))
+    page = tmp_path / "page.html"
+    page.write_text(f"<p>{RUSSIAN}</p>", encoding="utf-8")
+    pdf = tmp_path / "doc.pdf"
+    pdf.write_bytes(make_pdf(["First page of the document.", "Second page."]))
+    book = make_epub(tmp_path / "book.epub")
+    files = [text, legacy, page, pdf, book]
+    both = write_corpus_set(tmp_path / "both.corpora", files)
+    for path in [*files, both]:
+        assert content_id(path) == inspect_corpus(path).sha256, path.name
+    before = content_id(both)
+    legacy.write_bytes(RUSSIAN.upper().encode("cp1251"))  # a member edited: the set is other text
+    assert content_id(both) != before

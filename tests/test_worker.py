@@ -78,6 +78,22 @@ def test_a_second_batch_on_the_same_base_and_battery_reuses_its_baseline(tmp_pat
 
 
 @pytest.mark.slow
+def test_a_corpus_edited_after_queueing_is_not_trained_under_its_old_name(tmp_path, corpora, tiny_battery):
+    """The run's row holds what was read at queueing (pages, words, the id other runs of the
+    same text are found by): a file changed since then fails its run with one line, not trained."""
+    manager, store, settings = _manager(tmp_path, tiny_battery)
+    book = tmp_path / "book.txt"
+    book.write_text(corpora["logic"].read_text(encoding="utf-8"), encoding="utf-8")
+    run_id = manager.submit([book], settings).run_ids[0]
+    book.write_text(corpora["story"].read_text(encoding="utf-8") * 3, encoding="utf-8")  # edited while queued
+    manager.run_queue()
+    run = store.get_run(run_id)
+    assert run["status"] == "failed" and "changed since it was queued; queue it again" in run["error"]
+    assert not (Path(run["run_dir"]) / "tokens.bin").exists()
+    store.close()
+
+
+@pytest.mark.slow
 def test_killed_worker_leaves_runs_interrupted_with_log_tail(tmp_path, corpora, tiny_battery):
     manager, store, settings = _manager(tmp_path, tiny_battery)
     sub = manager.submit([corpora["logic"]], settings)

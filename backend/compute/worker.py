@@ -336,12 +336,19 @@ class Worker:
         return peft_base(model)
 
     def _tokenize(self, job: dict, tok, run_dir: Path, log) -> int:
-        from backend.ingest.corpora import iter_documents
+        from backend.core.errors import CorpusError
+        from backend.ingest.corpora import content_id, iter_documents
         from backend.ingest.packing import TOKEN_DTYPE, tokenize_documents
 
         path = run_dir / "tokens.bin"
         if path.exists():  # a resumed run trains on exactly the tokens it started with
             return path.stat().st_size // TOKEN_DTYPE().itemsize
+        queued = job.get("sha256")
+        if queued and content_id(job["corpus_path"]) != queued:
+            # its row (pages, words, the id other runs of the same text are found by) describes
+            # what was read at queueing; training on other text would pair those with this run
+            raise CorpusError(f"{job['corpus_path']} changed since it was queued; queue it again "
+                              "(`ltm-tui run FILE`) to train on what it holds now")
         t0 = time.perf_counter()
         # a corpus set's files are documents of their own: each ends with EOS, and training keeps
         # one from attending to another (packing.model_inputs)

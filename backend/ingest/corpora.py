@@ -314,6 +314,18 @@ def inspect_cached(member: Path) -> CorpusInfo:
     return info
 
 
+def content_id(path: str | os.PathLike[str]) -> str:
+    """The `sha256` `inspect_corpus` gives this file (or corpus set) now, from its bytes alone:
+    a worker checks that what it trains on is what was queued."""
+    shown = os.fspath(path)
+    if is_corpus_set(shown):
+        return corpus_set_id([content_id(m) for m in read_corpus_set(shown)])
+    reading = Reading()
+    _hash_file(Path(shown).expanduser(), shown, reading)
+    assert reading.hasher is not None
+    return reading.hasher.hexdigest()
+
+
 def corpus_set_id(member_hashes: Iterable[str]) -> str:
     """A set's id (its `sha256`): a hash of its members' hashes, in the set's order."""
     digest = hashlib.sha256(b"ltm-tui corpus set\n")

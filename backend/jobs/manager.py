@@ -534,6 +534,7 @@ class JobManager:
                     "run_id": r["run_id"],
                     "kind": r["kind"],
                     "corpus_path": r["corpus_path"],
+                    "sha256": r["corpus_id"],  # what was read when it was queued
                     "run_dir": r["run_dir"],
                     "seed": r["seed"],
                     "attempt": r["attempt"],
