@@ -71,7 +71,8 @@ SORT_COLUMNS: dict[str, str] = {
     "run_id": "r.run_id",
     # the run's own file name: corpora are keyed by content, and a copy under another name
     # shares the row (its latest name) with every earlier run of the same bytes
-    "corpus": "coalesce(regexp_extract(r.corpus_path, '[^/]+$'), c.name)",
+    "corpus": "CASE WHEN r.corpus_path IS NULL OR c.path = r.corpus_path THEN c.name"
+              " ELSE regexp_extract(r.corpus_path, '[^/]+$') END",
     "corpus_path": "r.corpus_path",
     "base": "r.base",
     "status": "r.status",

@@ -236,9 +236,15 @@ def finished_runs(workspace) -> list[dict]:
         changed = True
     if changed or set(fresh) != set(index):
         try:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
+            # written by a client too (`run`'s forecast), whose umask is the user's: private as
+            # the service's own files are, so the runs' times stay the user's
+            from backend.core.workspace import folder_mode, shared_workspace
+
+            index_path.parent.mkdir(mode=folder_mode(), parents=True, exist_ok=True)
             tmp = index_path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(fresh), encoding="utf-8")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640 if shared_workspace() else 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(fresh))
             tmp.replace(index_path)
         except OSError:
             pass  # a read-only workspace still forecasts, it only re-reads next time

@@ -88,28 +88,13 @@ def battery_flag(text: str = "battery folder or file (default: the built-in scen
     return p
 
 
-def whole(low: int, high: int | None = None):
-    """An argparse type: a whole number from `low` (to `high`), or one line saying so."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < low or (high is not None and value > high):
-            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
-            raise argparse.ArgumentTypeError(f"{text!r}: give a whole number {span}")
-        return value
-    return parse
-
-
 def queue_flags(*, seeds: bool = True) -> argparse.ArgumentParser:
     """How the runs are queued and followed."""
     p = _parent()
-    p.add_argument("--seed", type=whole(0, 2**32 - 1), default=0, help="first seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
     if seeds:
-        p.add_argument("--seeds", type=whole(1), default=1, help="repeats with seeds seed..seed+N-1 (default 1)")
-    p.add_argument("--priority", type=whole(-1_000_000, 1_000_000), default=0,
-                   help="higher runs first (default 0; FIFO within a priority)")
+        p.add_argument("--seeds", type=int, default=1, help="repeats with seeds seed..seed+N-1 (default 1)")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0; FIFO within a priority)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -124,6 +109,12 @@ def job_settings(args):
     """The batch's settings from the parsed run flags, checked (one line for the first problem)."""
     from backend.jobs.settings import RunOptions
 
+    for flag, value, low, high in (("--seed", getattr(args, "seed", None), 0, 2**32 - 1),
+                                   ("--seeds", getattr(args, "seeds", None), 1, None),
+                                   ("--priority", getattr(args, "priority", None), -1_000_000, 1_000_000)):
+        if value is not None and (value < low or (high is not None and value > high)):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            raise usage(f"{flag} {value}: give a whole number {span}")
     return RunOptions.from_namespace(args).job_settings()
 
 

@@ -205,10 +205,21 @@ def cmd_status(args) -> int:
     return EXIT_OK
 
 
+def _existing(args):
+    """The workspace, when it holds runs: a mistyped --workspace must not become a new one with
+    a service of its own, only to answer that the run is not there."""
+    from backend.core.errors import JobError
+
+    ws = workspace(args)
+    if not ws.db_path.exists():
+        raise JobError(f"no run {args.run_id!r} in {ws.root}: it holds no runs (is --workspace right?)")
+    return ws
+
+
 def cmd_cancel(args) -> int:
     from backend.jobs.client import connect
 
-    with connect(workspace(args)) as client:
+    with connect(_existing(args)) as client:
         client.call("cancel", run_id=args.run_id)
     print(f"cancelled {args.run_id}")
     return EXIT_OK
@@ -217,7 +228,7 @@ def cmd_cancel(args) -> int:
 def cmd_retry(args) -> int:
     from backend.jobs.client import connect
 
-    with connect(workspace(args)) as client:
+    with connect(_existing(args)) as client:
         client.call("retry", run_id=args.run_id)
     print(f"queued {args.run_id} again; it resumes from its newest checkpoint (ltm-tui follow shows it)")
     return EXIT_OK
