@@ -43,6 +43,7 @@ from backend.jobs.store import Store
 
 TICK_SECONDS = 0.25
 TROUBLE_PAUSE_SECONDS = 2.0  # after a failed tick (a full disk), before the next try
+PROGRESS_TAIL_BYTES = 64 * 1024  # the end of an adopted run's events file, for its newest progress
 # The longest request line read: a submit of thousands of paths or a judge's rescore fits; a line
 # past this is refused and its connection closed, so no client can make the service hold more.
 MAX_REQUEST_BYTES = 8 << 20
@@ -139,11 +140,10 @@ class Service:
         with self.lock:
             for name in self.manager.reattach(self.broadcast):
                 self.log(f"ended {name}: a worker no run needs any more (its service had left)")
+            self._seed_progress()
         self.searches.resume_all()
-        # One tick before the first answer: it replays the adopted workers' events, so the first
-        # `status` after a restart shows where they are now, not where their logs begin.
-        busy = self._tick()
         threading.Thread(target=self.server.serve_forever, name="socket", daemon=True).start()
+        busy = self._tick()
         self.log(f"serving {self.workspace.root} on {self.workspace.socket_path} (pid {os.getpid()})")
         try:
             while not self.stopping.is_set():
@@ -161,6 +161,23 @@ class Service:
         finally:
             self.shutdown()
         return 0
+
+    def _seed_progress(self) -> None:
+        """Each adopted run's newest progress, read from the end of its events file: the ticks
+        replay the file from its start (a night of events can take minutes to apply), and until
+        they are through, the first `status` after a restart would show where its log begins."""
+        for worker in self.manager.live.values():
+            for run_id in worker.run_ids:
+                attempt = self.store.get_run(run_id).get("attempt")
+                tail = read_tail(self.workspace.run_dir(run_id) / "events.jsonl", PROGRESS_TAIL_BYTES)
+                for line in reversed(tail.splitlines()[1:] or tail.splitlines()):  # the first may be cut
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if event.get("type") == "progress" and event.get("attempt", attempt) == attempt:
+                        self.progress[run_id] = {**event, "run_id": run_id}
+                        break
 
     def _tick(self) -> bool | None:
         """One pass of the scheduler: whether work goes on, or None when it failed (in trouble)."""
@@ -216,7 +233,10 @@ class Service:
 
     def broadcast(self, event: dict) -> None:
         if event.get("type") == "progress":
-            self.progress[event["run_id"]] = event
+            old = self.progress.get(event["run_id"])
+            # a replay after a restart goes through a run's old steps again: the newest stays
+            if not (old and old.get("attempt") == event.get("attempt") and (event.get("step") or 0) < (old.get("step") or 0)):
+                self.progress[event["run_id"]] = event
         elif event.get("type") == "worker" and (line := event.get("stuck") or event.get("freed")):
             self.log(line)  # a worker the kernel holds (a GPU driver fault) belongs in service.log
         for q in list(self.subscribers):
@@ -576,6 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=EXECUTORS, help="where workers run (default: LTM_EXECUTOR, "
                         "else the workspace's last choice, else local)")
     parser.add_argument("--address", help="the Ray cluster: auto or HOST:PORT (default RAY_ADDRESS, else auto)")
+    parser.add_argument("--adopt-only", action="store_true",
+                        help="adopt and watch the workers there are, start none (`ltm-tui stop --all` uses it)")
     parser.add_argument("--max-retries", type=int, default=1,
                         help="times a run whose node was lost, or whose worker hung, is queued again by itself (default 1)")
     args = parser.parse_args(argv)
@@ -587,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
     except LtmError as exc:
         print(f"ltm-tui: {exc.one_line()}", file=sys.stderr)
         return 2
+    service.manager.adopt_only = args.adopt_only
 
     def on_term(signum, frame):  # noqa: ARG001
         service.stopping.set()

@@ -272,7 +272,7 @@ class LtmApp(App):
         try:
             rows = await self.link.call("results", sort=table.sort_key, descending=table.descending)
         except LtmError as exc:
-            if table.sort_key == "overall":
+            if table.sort_key == "overall" or "cannot sort by" not in str(exc):  # a stopped service, say
                 self.hint(Text(exc.one_line(), style="red"))
                 return
             # A sort the service does not know (a measure no run has any more, a hand-edited

@@ -200,8 +200,8 @@ class BigTable(ScrollView, can_focus=True):
         if key in self.rows:
             raise KeyError(f"a row keyed {key!r} is already in the table")
         cells_ = list(cells) + [""] * (len(self.ordered_columns) - len(cells))
+        order = self._order  # rows removed before leave first: a key removed and added again is one row
         self.rows[key] = cells_
-        order = self._order
         order.append(key)
         if self._position is not None:
             self._position[key] = len(order) - 1

@@ -185,20 +185,35 @@ def sort_value(row: dict, key: str):
 
 
 def sorted_rows(rows: list[dict], key: str, descending: bool) -> list[dict]:
-    """Rows in the service's order: by the key in the direction asked, missing values last
-    either way, ties by run id."""
+    """Rows in the service's order: by the key in the direction asked (`delta`: overall less the
+    baseline's), missing values last either way, ties by run id."""
+    if key == "delta":
+        value = {r["run_id"]: _gain(rows, r) for r in rows}
+    else:
+        value = {r["run_id"]: sort_value(r, key) for r in rows}
     by_id = sorted(rows, key=lambda r: r["run_id"])
-    present = [r for r in by_id if sort_value(r, key) is not None]
-    present.sort(key=lambda r: sort_value(r, key), reverse=descending)  # stable: ties keep run id order
-    return present + [r for r in by_id if sort_value(r, key) is None]
+    present = [r for r in by_id if value[r["run_id"]] is not None]
+    present.sort(key=lambda r: value[r["run_id"]], reverse=descending)  # stable: ties keep run id order
+    return present + [r for r in by_id if value[r["run_id"]] is None]
+
+
+def _gain(rows: list[dict], row: dict) -> float | None:
+    """A run's overall less its baseline's, or None (a baseline, or a side without a score)."""
+    ref = None if row.get("kind") == "baseline" else baseline_for(rows, row)
+    if ref is None or row.get("overall") is None or ref.get("overall") is None:
+        return None
+    return row["overall"] - ref["overall"]
 
 
 def baseline_for(rows: list[dict], row: dict) -> dict | None:
+    """The baseline a run is measured against: of its group's, the scored one with the highest
+    overall (as the service's `delta` sort picks it; a failed baseline beside the one that
+    replaced it has none), else any of them."""
     group = baseline_group(row)
-    for r in rows:
-        if r.get("kind") == "baseline" and r.get("run_id") != row.get("run_id") and baseline_group(r) == group:
-            return r
-    return None
+    found = [r for r in rows if r.get("kind") == "baseline" and r.get("run_id") != row.get("run_id")
+             and baseline_group(r) == group]
+    scored = [r for r in found if r.get("overall") is not None]
+    return max(scored, key=lambda r: r["overall"]) if scored else (found[0] if found else None)
 
 
 # Short headers so the ranked table fits 80 columns over SSH.
@@ -374,10 +389,8 @@ def _at_least(console: Console, width: int) -> Console:
 
 
 def _delta(rows: list[dict], row: dict) -> str:
-    ref = None if row.get("kind") == "baseline" else baseline_for(rows, row)
-    if ref is None or row.get("overall") is None or ref.get("overall") is None:
-        return "-"
-    return f"{row['overall'] - ref['overall']:+.3f}"
+    gain = _gain(rows, row)
+    return "-" if gain is None else f"{gain:+.3f}"
 
 
 def print_ranked(

@@ -568,8 +568,10 @@ class ResultsTable(BigTable):
 
     # rows
 
-    def set_rows(self, rows: list[dict]) -> None:
-        """Replace the data; the table changes only where the rows did."""
+    def set_rows(self, rows: list[dict], keep: str | None = None) -> None:
+        """Replace the data; the table changes only where the rows did, and the cursor stays on
+        its run (`keep`, by default the one it is on now)."""
+        keep = keep or self.selected_run()  # before a rebuild (a new measure, a wider name) moves the cursor
         previous = self._by_id
         self.rows_by_id = {r["run_id"]: r for r in rows}
         mixed = (len({(r.get("base"), r.get("preset")) for r in rows}) > 1,
@@ -585,7 +587,6 @@ class ResultsTable(BigTable):
         if not same_runs:
             self._longest = None
         self._sync_columns()
-        keep = self.selected_run()
         deltas = self._deltas()
         visible = {r["run_id"]: r for r in rows if self._matches(r)}
         moved = False  # whether the order can have changed: a row came, went or changed its sort value
@@ -615,13 +616,17 @@ class ResultsTable(BigTable):
         if longer > (self._longest or 0):  # a run renamed in place: the pinned column may widen
             self._longest = longer
             if self._corpus_width() != self.corpus_width:
-                self.set_rows(rows)
+                self.set_rows(rows, keep)
                 return
         if moved:
             self.apply_order(keep)
 
     def _deltas(self) -> dict[str, float]:
-        base = {baseline_group(r): r.get("overall") for r in self.rows_by_id.values() if r.get("kind") == "baseline"}
+        base: dict = {}  # a group's baseline: the best scored one (a failed one beside its replacement has none)
+        for r in self.rows_by_id.values():
+            if r.get("kind") == "baseline" and r.get("overall") is not None:
+                group = baseline_group(r)
+                base[group] = max(base.get(group, r["overall"]), r["overall"])
         out = {}
         for r in self.rows_by_id.values():
             ref = base.get(baseline_group(r))

@@ -203,16 +203,25 @@ def test_stop_all_stops_the_workers_a_stopped_service_left_behind(tmp_path, corp
     ws = Workspace(tmp_path / "ws")
     endless = _start_run(ws, corpora["logic"], scenes=tiny_battery, extra=ENDLESS)
     worker_pid = _training(ws, "logic.txt")["pid"]
+    # another base waits for the one slot: the service that stops the workers must not start it
+    other = _start_run(ws, corpora["story"], scenes=tiny_battery, extra=[*ENDLESS[:1], "small", *ENDLESS[2:]])
+    wait_for(lambda: _jobs(ws).get("story.txt", {}).get("status") == "queued", what="story.txt queued")
     _stop(ws)
     assert process_alive(worker_pid, None)  # `stop` leaves the workers training
     out = cli("stop", "--all", "--workspace", str(ws.root))
     assert out.returncode == 0 and "and its workers" in out.stdout, out.stdout + out.stderr
     wait_for(lambda: not process_alive(worker_pid, None), what="the worker to stop")
     endless.kill()
+    other.kill()
+    wait_for(lambda: not ws.socket_path.exists(), what="that service stopped")
+    # again, with the slot free and a run queued: still nothing is started only to be stopped
+    assert cli("stop", "--all", "--workspace", str(ws.root)).returncode == 0
+    wait_for(lambda: not ws.socket_path.exists(), what="the second service stopped")
     with Store(ws.root / "ltm.duckdb") as store:
-        run = next(r for r in store.list_runs() if r["kind"] == "adapter")
-    assert run["status"] not in ("training", "starting", "evaluating")
-    assert list((ws.run_dir(run["run_id"]) / "checkpoints").glob("step-*"))  # a retry resumes from here
+        runs = {Path(r["corpus_path"]).name: r for r in store.list_runs() if r["kind"] == "adapter"}
+    assert runs["logic.txt"]["status"] not in ("training", "starting", "evaluating")
+    assert list((ws.run_dir(runs["logic.txt"]["run_id"]) / "checkpoints").glob("step-*"))  # a retry resumes here
+    assert runs["story.txt"]["status"] == "queued" and runs["story.txt"]["worker_pid"] is None  # never started
 
 
 @pytest.mark.slow

@@ -133,6 +133,9 @@ def test_pooled_seeds_are_runs_that_differ_by_their_seed_alone(batteries: Path):
     assert groups == [("base-x",), ("base-y", "base-y1"), ("x-s0",), ("y-lr",), ("y-s0", "y-s1")]
     depth = [r["scores"]["reasoning_depth"] for r in rows]
     assert depth == sorted(depth)  # the order asked for
+    by_gain = _json("results", "--pool-seeds", "--sort", "Δ base", "--workspace", str(batteries))
+    # y-s0+y-s1 pool to 7/12 against base-y+base-y1's 2.5/12; x-s0 7/12 against 6/12; y-lr 4/12 against 2.5/12
+    assert [sorted(r["run_id"].split(",")) for r in by_gain][:3] == [["y-s0", "y-s1"], ["y-lr"], ["x-s0"]]
 
 
 # --- the ranked table fits the terminal ------------------------------------------------------

@@ -546,6 +546,10 @@ def test_an_export_never_replaces_the_store_a_device_or_a_link(ranked: Store, tm
         with pytest.raises(StoreError, match="one of the workspace's own files"):
             ranked.export_csv(target)
         assert target.read_bytes() == before
+    loop = tmp_path / "loop.csv"
+    loop.symlink_to(loop)
+    with pytest.raises(StoreError, match="cannot write .*loop.csv"):
+        ranked.export_csv(loop)
     fifo = tmp_path / "pipe.csv"
     os.mkfifo(fifo)
     with pytest.raises(StoreError, match="not a regular file"):

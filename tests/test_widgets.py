@@ -301,3 +301,64 @@ def test_the_queue_tells_apart_jobs_of_one_corpus():
             assert table.get_row("a")[0].text == "story.md"
 
     asyncio.run(scenario())
+
+
+def test_a_failed_baseline_beside_its_replacement_takes_no_runs_delta():
+    def row(run_id, kind, overall, status="done"):
+        return {"run_id": run_id, "kind": kind, "corpus": None if kind == "baseline" else f"{run_id}.md",
+                "base": "micro:tiny", "preset": "tiny", "seed": 0, "status": status, "overall": overall,
+                "scores": {} if overall is None else {"reasoning_depth": overall}, "baseline_key": "k"}
+
+    rows = [row("base-failed", "baseline", None, "failed"), row("base-done", "baseline", 0.25), row("run", "adapter", 0.5)]
+
+    async def scenario():
+        for reply in (rows, rows[::-1]):
+            async with showing(reply, (160, 20)) as (table, pilot):
+                for descending in (True, False):  # whichever baseline comes last in the order
+                    table.sort_by("overall", descending)
+                    await pilot.pause()
+                    assert table.get_row("run")[table.column_keys.index("delta")].text == "+0.250"
+
+    asyncio.run(scenario())
+    from ltm_tui.report import baseline_for
+
+    assert baseline_for(rows, rows[2])["run_id"] == baseline_for(rows[::-1], rows[2])["run_id"] == "base-done"
+
+
+def test_a_cursor_stays_on_its_run_when_a_new_measure_rebuilds_the_table():
+    rows = rows_with_gaps(60)
+
+    async def scenario():
+        async with showing(rows, (160, 30)) as (table, pilot):
+            table.move_cursor(row=20)
+            await pilot.pause()
+            chosen = table.selected_run()
+            fresh = [dict(r) for r in rows]
+            fresh[7]["scores"] = {**fresh[7]["scores"], "style": 0.5}  # a battery's own measure: a new column
+            table.set_rows(fresh)
+            await pilot.pause()
+            assert "style" in table.column_keys and table.selected_run() == chosen
+
+    asyncio.run(scenario())
+
+
+def test_a_row_removed_and_added_again_is_one_row():
+    from ltm_tui.bigtable import BigTable
+
+    class Bare(App):
+        def compose(self):
+            yield BigTable()
+
+    async def scenario():
+        async with Bare().run_test(size=(60, 10)) as pilot:
+            table = pilot.app.query_one(BigTable)
+            table.add_column("name", key="name")
+            for key in "abc":
+                table.add_row(key, key=key)
+            table.remove_row("a")
+            table.add_row("a again", key="a")
+            await pilot.pause()
+            assert table.displayed() == ["b", "c", "a"] and table.row_count == 3
+            assert [table.render_line(y).text.strip() for y in (1, 2, 3, 4)] == ["b", "c", "a again", ""]
+
+    asyncio.run(scenario())

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-# C0 controls and DEL as escapes; \t stays (it is one gap on the line)
-_VISIBLE = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}") for c in [*range(32), 127] if c != 9}
+# control characters as escapes; \t stays (it is one gap on the line)
+_VISIBLE = {c: ("\\n" if c == 10 else "\\r" if c == 13 else f"\\x{c:02x}")
+            for c in [*range(32), *range(127, 160)] if c != 9}  # C0, DEL and C1 (U+009B starts a CSI)
 
 
 class LtmError(Exception):

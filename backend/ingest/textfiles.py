@@ -220,7 +220,7 @@ def _declared_charset(sample: bytes) -> str | None:
     try:
         name = codecs.lookup(label).name
         "a".encode(name)  # a text encoding, not one of Python's byte codecs (zlib, hex, base64…)
-    except LookupError:
+    except (LookupError, UnicodeError):  # ("undefined" is a codec that refuses everything)
         return None
     # As browsers do (WHATWG encoding standard): latin-1 and ASCII labels mean windows-1252, and
     # a page that says UTF-16 in its own (ASCII-readable) bytes is not UTF-16: read it as UTF-8.

@@ -91,7 +91,7 @@ def try_connect(workspace: Workspace) -> Client | None:
     return client
 
 
-def start_service(workspace: Workspace) -> subprocess.Popen:
+def start_service(workspace: Workspace, adopt_only: bool = False) -> subprocess.Popen:
     workspace.checked_socket_path()  # a path too long for a socket is said here, not by a service that died
     if workspace.root.exists() and not os.access(workspace.root, os.W_OK | os.X_OK):
         raise LtmError(f"{workspace.root} is not writable by you, and its service (which keeps the results) "
@@ -104,7 +104,7 @@ def start_service(workspace: Workspace) -> subprocess.Popen:
     with workspace.open_log() as log:
         return subprocess.Popen(
             [sys.executable, "-m", "backend.service", "--workspace", str(workspace.root),
-             "--idle-exit", str(ON_DEMAND_IDLE_EXIT)],
+             "--idle-exit", str(ON_DEMAND_IDLE_EXIT), *(["--adopt-only"] if adopt_only else [])],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -113,14 +113,15 @@ def start_service(workspace: Workspace) -> subprocess.Popen:
         )
 
 
-def connect(workspace: Workspace, *, start: bool = True) -> Client:
-    """The running service's client; starts the service first when none answers."""
+def connect(workspace: Workspace, *, start: bool = True, adopt_only: bool = False) -> Client:
+    """The running service's client; starts the service first when none answers (`adopt_only`:
+    one that adopts the workers there are and starts none)."""
     client = try_connect(workspace)
     if client is not None:
         return client
     if not start:
         raise ServiceError(f"no service runs on {workspace.root}; `ltm-tui serve` starts one")
-    proc = start_service(workspace)
+    proc = start_service(workspace, adopt_only)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         client = try_connect(workspace)

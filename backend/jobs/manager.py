@@ -88,6 +88,7 @@ class JobManager:
         self.workspace = workspace.ensure()
         self.store = store
         self.executor = executor or LocalExecutor()
+        self.adopt_only = False  # watch and settle the workers there are; start none (`stop --all`)
         self.slots = slots if slots is not None else detect_slots()
         # how long a worker that finished its jobs waits for more on the same base (warm worker)
         self.linger = linger
@@ -307,6 +308,8 @@ class JobManager:
                 on_event({"type": "worker", "pid": worker.pid, "runs": [],
                           "freed": f"stuck worker {worker.pid} is gone at last: its slot takes work again"})
         self.tasks.tick(self._task_result, on_event)
+        if self.adopt_only:  # a service started to stop what an earlier one left: it starts nothing
+            return
         free = self.free_slots()
         waiting = self.tasks.waiting()
         for task in waiting:  # a task is short: it takes a free slot before the queue's runs

@@ -785,7 +785,10 @@ class Store:
         """The file an export replaces: a symlink's target (the link stays), never a device, a
         pipe or a socket (a rename would put a file in its place), and never one of the
         workspace's own files (`--csv ltm.duckdb` would replace every result with a table)."""
-        real = target.resolve()
+        try:
+            real = target.resolve()
+        except (RuntimeError, OSError) as exc:  # a loop of symbolic links
+            raise StoreError(f"cannot write {target}: {exc}; give a file or folder path") from None
         if real.exists() and not real.is_file():
             raise StoreError(f"cannot write {target}: it is not a regular file; give a file or folder path")
         if self.path != ":memory:" and real.exists() and real.suffix.lower() != ".csv":

@@ -340,9 +340,10 @@ def cmd_stop(args) -> int:
         if not (args.all and ws.db_path.exists()):
             print(f"no service runs on {ws.root}")
             return EXIT_OK
-        # Workers outlive their service (a `stop`, a kill): a new service adopts them first,
-        # then stops them with itself, each saving a checkpoint.
-        client = connect(ws)
+        # Workers outlive their service (a `stop`, a kill): a service that adopts them and
+        # starts nothing (no worker for the queued runs, only to stop it) stops them with itself,
+        # each saving a checkpoint.
+        client = connect(ws, adopt_only=True)
     with client:
         pid = client.call("stop", workers=args.all)["pid"]
     deadline = time.monotonic() + 60

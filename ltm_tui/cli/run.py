@@ -35,6 +35,7 @@ def add_parser(sub):
 def cmd_run(args) -> int:
     from dataclasses import asdict
 
+    from backend.core.errors import LtmError
     from backend.ingest.corpora import unusable_name
     from backend.jobs.client import connect
     from backend.scoring.measures import parse_weights
@@ -67,6 +68,11 @@ def cmd_run(args) -> int:
     with connect(ws) as client:
         rows = [r for r in client.call("results") if r["run_id"] in mine]
     weights = parse_weights(args.weights)
+    try:
+        reweigh(rows, weights)  # a weight for a measure no run has: said, not a night's table lost
+    except LtmError as exc:
+        print(f"ltm-tui: {exc.one_line()}; the table below is weighted as usual", file=sys.stderr)
+        weights = {}
     if args.format == "json":
         # as `results --format json`: intervals per measure and overall_interval per row
         print(json.dumps(reweigh(rows, weights), ensure_ascii=False, indent=1))
