@@ -180,9 +180,6 @@ class BigTable(ScrollView, can_focus=True):
     def column(self, key: str) -> Column:
         return self.ordered_columns[self._column_index[key]]
 
-    def get_column_index(self, key: str) -> int:
-        return self._column_index[key]
-
     # rows
 
     @property
@@ -237,9 +234,6 @@ class BigTable(ScrollView, can_focus=True):
         if self._position is None:
             self._position = {k: i for i, k in enumerate(self._order)}
         return self._position[key]
-
-    def row_key_at(self, index: int) -> str:
-        return self._order[index]
 
     def displayed(self) -> list[str]:
         """Row keys as the table shows them, top to bottom."""
