@@ -61,6 +61,29 @@ def names(app: LtmApp) -> list[str]:
 # --- results ---------------------------------------------------------------------------------
 
 
+def test_a_kept_sort_the_service_does_not_know_falls_back_to_overall(finished, tmp_path):
+    """A hand-edited dashboard.json (or a measure no run has any more) must not leave the table
+    empty: the dashboard says so, sorts by overall, and keeps that for the next time."""
+    import shutil
+
+    stop_service(finished.ws)  # a copy of the database is taken while nothing writes it
+    ws = tmp_path / "ws"
+    shutil.copytree(finished.ws, ws, ignore=shutil.ignore_patterns("service.*"))
+    (ws / "dashboard.json").write_text(json.dumps({"sort": "bogus", "descending": False, "filter": "",
+                                                   "intervals": False}))
+
+    async def scenario():
+        app = LtmApp(str(ws), poll_seconds=0)
+        async with app.run_test(size=(120, 30)) as pilot:
+            table = app.query_one(ResultsTable)
+            await until(pilot, lambda: table.row_count == 3, what="the rows, sorted by overall")
+            assert (table.sort_key, table.descending) == ("overall", True)
+        stop_service(ws)
+
+    run(scenario())
+    assert json.loads((ws / "dashboard.json").read_text())["sort"] == "overall"
+
+
 def test_results_sort_by_key_and_header_with_the_baseline_pinned(finished):
     sql_order = [r["corpus"] for r in results_json(finished.ws, "--sort", "perplexity", "--asc")]
 
