@@ -12,6 +12,7 @@ passes says what was awaited. Tests never assert an elapsed time: timings are be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import textwrap
@@ -111,18 +112,28 @@ def freezer(tmp_path):
     group.rmdir()
 
 
-@pytest.fixture
-def full_disk(tmp_path):
-    """A folder on a 64 KiB file system of its own (tmpfs): what a full disk does, for real."""
+@contextlib.contextmanager
+def small_tmpfs(folder: Path, size: str):
+    """A file system of `size` (tmpfs) at `folder`, to fill for real; skips the test where this
+    process may not mount one (not root)."""
     import subprocess
 
-    folder = tmp_path / "full"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(folder)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip("needs to mount a small tmpfs (root) to fill a disk")
-    yield folder
-    subprocess.run(["umount", "-l", str(folder)], check=True)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"filling a disk needs a small tmpfs, which this process may not mount: {done.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+@pytest.fixture
+def full_disk(tmp_path):
+    """A folder on a 64 KiB file system of its own: what a full disk does to one write."""
+    with small_tmpfs(tmp_path / "full", "64k") as folder:
+        yield folder
 
 
 @pytest.fixture

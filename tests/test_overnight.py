@@ -458,21 +458,13 @@ def test_a_corpus_name_with_markup_is_shown_as_typed(tmp_path):
 @pytest.fixture
 def small_disk(tmp_path):
     """A 64 MiB tmpfs to fill up; skipped where this process may not mount one."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        from tests.conftest import stop_service
+    from tests.conftest import small_tmpfs, stop_service
 
-        stop_service(mount / "ws")
-        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+    with small_tmpfs(tmp_path / "disk", "64m") as mount:
+        try:
+            yield mount
+        finally:
+            stop_service(mount / "ws")
 
 
 def _fill(folder: Path) -> Path:
